@@ -1,0 +1,362 @@
+"""The one small interface the agents talk to: chat messages in, text out.
+
+A backend is any object with a ``name`` and a ``complete`` method (see :class:`Backend`).
+Implementations:
+
+* :class:`ScriptedBackend` (here): replays given replies, for tests and demos;
+* :class:`duet.agents.openai_backend.OpenAIBackend`: any OpenAI-compatible server (vLLM, SGLang);
+* ``duet.agents.local_backend``: duet's own runtime on a checkpoint (plugged in through the registry).
+
+Contract of ``complete(messages, *, stop, max_tokens, temperature, seed, on_text, cancel)``:
+
+* ``messages`` are ``{"role": "system" | "user" | "assistant", "content": str}`` dicts. When the last
+  message has role ``"assistant"`` it is a *partial* reply to continue: the backend generates text
+  that follows it, inside the same assistant turn (it does not close the turn or open a new one).
+* Generation stops at end-of-turn / EOS, at ``max_tokens`` generated tokens, or at the first of the
+  ``stop`` strings. The returned ``Completion.text`` never contains the stop string;
+  ``Completion.stop_string`` says which one matched (``None`` when none did).
+* ``finish_reason`` is one of :data:`FINISH_REASONS`: ``"stop"`` (a stop string matched),
+  ``"eos"`` (the model ended its turn), ``"length"`` (``max_tokens`` reached) or ``"cancelled"``
+  (``cancel`` was set; ``text`` holds what was generated so far).
+* A reasoning model's thinking (``<think>...</think>`` or a server's ``reasoning_content``) goes to
+  ``Completion.reasoning``, never to ``text``.
+* ``on_text`` receives the answer text as it is generated, in order, in pieces whose concatenation is
+  ``text`` (stop strings are never streamed). ``cancel`` is checked between pieces.
+* Failures (unreachable server, HTTP error, timeout, no model) raise :class:`BackendError` with a
+  one-line message. Nothing else should escape; the dialogue still guards against it.
+
+``make_backend(spec)`` builds a backend from a string: ``scripted:<replies.json>``,
+``openai:<base_url>[#<model>]``, ``local:<checkpoint dir>``; :func:`register_backend` adds kinds.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import re
+import threading
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol, Union, runtime_checkable
+
+Message = dict[str, str]
+"""A chat message: ``{"role": "system" | "user" | "assistant", "content": str}``."""
+
+TextCallback = Callable[[str], None]
+
+FINISH_REASONS = ("stop", "eos", "length", "cancelled")
+"""Why a completion ended: stop string matched, end of turn, max_tokens reached, cancel set."""
+
+
+class BackendError(Exception):
+    """A backend failed (unreachable, HTTP error, timeout, bad reply). ``str(error)`` is one line."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(one_line(message))
+
+
+def one_line(text: str, limit: int = 300) -> str:
+    """Collapse ``text`` to a single line of at most ``limit`` characters."""
+    line = " ".join(str(text).split())
+    return line if len(line) <= limit else line[: limit - 3] + "..."
+
+
+@dataclass
+class Completion:
+    """What one ``complete`` call produced."""
+
+    text: str
+    reasoning: str = ""
+    finish_reason: str = "eos"
+    stop_string: str | None = None
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    seconds: float = 0.0
+
+
+@runtime_checkable
+class Backend(Protocol):
+    """What the agents need from a model. ``name`` identifies the model in logs and transcripts."""
+
+    name: str
+
+    def complete(
+        self,
+        messages: Sequence[Message],
+        *,
+        stop: Sequence[str] = (),
+        max_tokens: int = 512,
+        temperature: float = 0.0,
+        seed: int | None = None,
+        on_text: TextCallback | None = None,
+        cancel: threading.Event | None = None,
+    ) -> Completion:
+        """Generate the assistant's reply to ``messages`` (or continue a partial last assistant message)."""
+        ...
+
+
+def is_continuation(messages: Sequence[Message]) -> bool:
+    """True when the last message is a partial assistant reply that the backend must continue."""
+    return bool(messages) and messages[-1].get("role") == "assistant"
+
+
+class StreamCutter:
+    """Accumulates streamed text and cuts it at the first stop string.
+
+    ``feed(piece)`` forwards safe text to ``on_text``, holding back a tail that could be the start of a
+    stop string, and returns True once a stop string has been seen (the caller should stop reading).
+    ``finish()`` flushes what was held back. ``text`` never includes the stop string.
+    """
+
+    def __init__(self, stop: Sequence[str] = (), on_text: TextCallback | None = None) -> None:
+        self.stops = [s for s in stop if s]
+        self.on_text = on_text
+        self.text = ""
+        self.stop_string: str | None = None
+        self._sent = 0
+        self._hold = max((len(s) for s in self.stops), default=1) - 1
+
+    def feed(self, piece: str) -> bool:
+        """Add generated text; return True when a stop string has matched."""
+        if self.stop_string is not None or not piece:
+            return self.stop_string is not None
+        start = max(0, len(self.text) - self._hold)
+        self.text += piece
+        hits = [(self.text.find(s, start), s) for s in self.stops]
+        hits = [(i, s) for i, s in hits if i >= 0]
+        if hits:
+            index, self.stop_string = min(hits)
+            self.text = self.text[:index]
+            self._emit(len(self.text))
+            return True
+        self._emit(len(self.text) - self._hold)
+        return False
+
+    def finish(self) -> str:
+        """Flush held-back text and return the whole text."""
+        self._emit(len(self.text))
+        return self.text
+
+    def _emit(self, upto: int) -> None:
+        if upto > self._sent:
+            if self.on_text is not None:
+                self.on_text(self.text[self._sent : upto])
+            self._sent = upto
+
+
+_TOKEN = re.compile(r"\s*\S+")
+
+
+def count_tokens(text: str) -> int:
+    """A model-free token estimate: whitespace-separated pieces (used by the scripted backend)."""
+    return len(_TOKEN.findall(text))
+
+
+@dataclass
+class Call:
+    """One recorded ``ScriptedBackend.complete`` call (for assertions in tests)."""
+
+    messages: list[Message]
+    stop: list[str]
+    max_tokens: int
+    temperature: float
+    seed: int | None
+
+
+Reply = Union[str, BaseException]
+ReplySource = Union[Sequence[Reply], Callable[[list[Message]], Reply]]
+
+_OUTPUT_FENCE_END = re.compile(r"^[ \t]*```[ \t]*$\n?", re.MULTILINE)
+
+
+@dataclass
+class ScriptedBackend:
+    """A backend that replays scripted replies, honouring stop strings like a real model.
+
+    A reply is a whole assistant turn as one string. When it contains a stop string (the solver stops
+    at "```output"), the call returns the text before it with ``finish_reason="stop"``; the next call
+    that *continues* the partial assistant message skips the scripted output block (from the stop
+    string to its closing fence line, so placeholder outputs in scripts are ignored: duet inserts the
+    real ones) and serves the rest, up to the next stop string. A reply that is an exception instance
+    is raised instead (e.g. ``BackendError("down")``).
+
+    Replies are chosen per new turn (a call whose last message is not an assistant message): first the
+    ``match`` table (key: substring, else regex, searched in the last user message), then ``replies``
+    in order (a sequence) or ``replies(messages)`` (a callable). Running out raises BackendError.
+
+    ``delay`` waits that many seconds before each reply (checking ``cancel``); with ``timeout`` set and
+    ``delay > timeout`` it waits ``timeout`` seconds and raises BackendError, like a server timing out.
+    Tokens are whitespace-separated pieces; ``on_text`` receives one piece at a time.
+    """
+
+    replies: ReplySource = ()
+    match: Mapping[str, Reply] | None = None
+    name: str = "scripted"
+    delay: float = 0.0
+    timeout: float | None = None
+    calls: list[Call] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        self._next = 0
+        self._pending: str | None = None  # rest of the reply being served, after a stop string
+
+    def complete(
+        self,
+        messages: Sequence[Message],
+        *,
+        stop: Sequence[str] = (),
+        max_tokens: int = 512,
+        temperature: float = 0.0,
+        seed: int | None = None,
+        on_text: TextCallback | None = None,
+        cancel: threading.Event | None = None,
+    ) -> Completion:
+        """Serve the next piece of the scripted reply (see the class docstring)."""
+        started = time.perf_counter()
+        messages = [dict(m) for m in messages]
+        self.calls.append(Call(messages, list(stop), max_tokens, temperature, seed))
+        if self.delay > 0 and self._wait(cancel):
+            return Completion("", finish_reason="cancelled", seconds=time.perf_counter() - started)
+        if is_continuation(messages):
+            source = self._skip_output_block(self._pending or "")
+        else:
+            source = self._choose(messages)
+        self._pending = None
+        cutter = StreamCutter(stop)
+        cutter.feed(source)
+        body = cutter.text
+        finish = "stop" if cutter.stop_string is not None else "eos"
+        if cutter.stop_string is not None:
+            self._pending = source[len(body) :]
+        pieces = _TOKEN.findall(body)
+        if len(pieces) > max_tokens:
+            pieces, finish, self._pending = pieces[:max_tokens], "length", None
+            cutter.stop_string = None
+        text = ""
+        for piece in pieces:
+            if cancel is not None and cancel.is_set():
+                finish, self._pending, cutter.stop_string = "cancelled", None, None
+                break
+            text += piece
+            if on_text is not None:
+                on_text(piece)
+        if finish in ("stop", "eos") and len(text) < len(body):  # trailing whitespace of the body
+            tail = body[len(text) :]
+            text += tail
+            if on_text is not None:
+                on_text(tail)
+        prompt_tokens = sum(count_tokens(m.get("content", "")) for m in messages)
+        return Completion(
+            text=text,
+            finish_reason=finish,
+            stop_string=cutter.stop_string,
+            prompt_tokens=prompt_tokens,
+            completion_tokens=len(pieces) if finish != "cancelled" else count_tokens(text),
+            seconds=time.perf_counter() - started,
+        )
+
+    def _choose(self, messages: list[Message]) -> str:
+        reply: Reply | None = None
+        last_user = next((m["content"] for m in reversed(messages) if m.get("role") == "user"), "")
+        for key, value in (self.match or {}).items():
+            if key in last_user or _safe_search(key, last_user):
+                reply = value
+                break
+        if reply is None:
+            if callable(self.replies):
+                reply = self.replies(messages)
+            elif self._next < len(self.replies):
+                reply = self.replies[self._next]
+                self._next += 1
+            else:
+                raise BackendError(f"{self.name}: no scripted reply left (served {self._next})")
+        if isinstance(reply, BaseException):
+            raise reply
+        return str(reply)
+
+    @staticmethod
+    def _skip_output_block(rest: str) -> str:
+        found = _OUTPUT_FENCE_END.search(rest)
+        return rest[found.end() :] if found else ""
+
+    def _wait(self, cancel: threading.Event | None) -> bool:
+        """Sleep ``delay`` (or ``timeout``, then raise); True when cancelled meanwhile."""
+        wait = self.delay if self.timeout is None else min(self.delay, self.timeout)
+        if (cancel or threading.Event()).wait(wait):
+            return True
+        if self.timeout is not None and self.delay > self.timeout:
+            raise BackendError(f"{self.name}: no reply within {self.timeout:g} s")
+        return False
+
+
+def _safe_search(pattern: str, text: str) -> bool:
+    try:
+        return re.search(pattern, text, re.DOTALL) is not None
+    except re.error:
+        return False
+
+
+# ---------------------------------------------------------------------------------------------
+# Registry and factory
+
+BackendFactory = Callable[..., Backend]
+"""``factory(argument: str, **options) -> Backend``; ``argument`` is the spec after ``kind:``."""
+
+_REGISTRY: dict[str, BackendFactory | str] = {
+    "scripted": "duet.agents.backends:scripted_from_spec",
+    "openai": "duet.agents.openai_backend:from_spec",
+    "local": "duet.agents.local_backend:from_spec",
+}
+
+
+def register_backend(kind: str, factory: BackendFactory | str) -> None:
+    """Register a backend kind: a factory, or ``"module:function"`` imported on first use."""
+    _REGISTRY[kind] = factory
+
+
+def backend_kinds() -> list[str]:
+    """The registered backend kinds, e.g. ``["local", "openai", "scripted"]``."""
+    return sorted(_REGISTRY)
+
+
+def make_backend(spec: str, **options: Any) -> Backend:
+    """Build a backend from ``"kind:argument"``, e.g. ``"openai:http://127.0.0.1:8000/v1#deepseek-r1"``.
+
+    Raises BackendError (one line) for an unknown kind or a factory that fails.
+    """
+    kind, sep, argument = spec.partition(":")
+    if not sep or kind not in _REGISTRY:
+        kinds = ", ".join(f"{k}:..." for k in backend_kinds())
+        raise BackendError(f"unknown backend {spec!r}; use one of: {kinds}")
+    factory = _REGISTRY[kind]
+    if isinstance(factory, str):
+        module_name, _, attr = factory.partition(":")
+        try:
+            factory = getattr(importlib.import_module(module_name), attr)
+        except (ImportError, AttributeError) as error:
+            raise BackendError(f"backend {kind!r} is not available: {error}") from error
+    try:
+        return factory(argument, **options)
+    except BackendError:
+        raise
+    except Exception as error:  # turned into a one-line error for the CLI
+        raise BackendError(f"cannot create backend {spec!r}: {type(error).__name__}: {error}") from error
+
+
+def scripted_from_spec(argument: str, **options: Any) -> ScriptedBackend:
+    """``scripted:<file.json>``: a JSON list of replies, or ``{"replies": [...], "match": {...}}``."""
+    path = Path(argument)
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except OSError as error:
+        raise BackendError(f"cannot read scripted replies {path}: {error.strerror or error}") from error
+    except json.JSONDecodeError as error:
+        raise BackendError(f"{path}: not valid JSON: {error}") from error
+    if isinstance(data, list):
+        data = {"replies": data}
+    if not isinstance(data, dict) or not all(isinstance(r, str) for r in data.get("replies", [])):
+        raise BackendError(f"{path}: expected a list of strings or {{'replies': [...], 'match': {{...}}}}")
+    options.setdefault("name", f"scripted:{path.name}")
+    return ScriptedBackend(replies=list(data.get("replies", [])), match=data.get("match"), **options)
