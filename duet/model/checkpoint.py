@@ -1,0 +1,278 @@
+"""Load and save DeepSeek-V3-family checkpoints in the Hugging Face layout.
+
+A checkpoint directory holds `config.json`, `model.safetensors` or shards listed in
+`model.safetensors.index.json`, and tokenizer files. The model is built on the meta device,
+allocated once, and filled tensor by tensor from memory-mapped safetensors, so the weights never
+sit in memory twice. FP8 weights (float8_e4m3fn with a `weight_scale_inv` per 128x128 block) are
+dequantised block-wise while loading.
+
+Checkpoint names map onto `duet.model.model.Transformer` names:
+    model.embed_tokens.weight                  -> embed_tokens.weight
+    model.layers.{i}.*            (i < L)      -> layers.{i}.*
+    model.layers.{L+k}.*                       -> mtp.{k}.*   (Multi-Token Prediction modules)
+    model.layers.{i}.mlp.experts.{e}.gate_proj.weight -> layers.{i}.mlp.experts.gate_proj[e]
+    model.norm.weight, lm_head.weight          -> norm.weight, lm_head.weight
+The MTP modules' copies of the embedding and output head (`model.layers.{L+k}.embed_tokens`,
+`.shared_head.head`) are shared with the main model: they are written on save and not read back.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+from torch import Tensor
+
+from duet import kernels
+from duet.errors import CheckpointError, ConfigError
+from duet.model.config import ModelArgs
+from duet.model.model import Transformer
+
+CONFIG_FILE = "config.json"
+WEIGHTS_FILE = "model.safetensors"
+INDEX_FILE = "model.safetensors.index.json"
+_EXPERT = re.compile(r"^(layers\.\d+\.mlp\.experts|mtp\.\d+\.mlp\.experts)\.(gate_proj|up_proj|down_proj)$")
+
+
+def load_config(path: str | Path) -> ModelArgs:
+    """Read and validate `config.json` of a checkpoint directory."""
+    directory = _checkpoint_dir(path)
+    config_path = directory / CONFIG_FILE
+    if not config_path.is_file():
+        raise CheckpointError(f"{directory}: no {CONFIG_FILE}; is this a Hugging Face checkpoint directory?")
+    try:
+        cfg = json.loads(config_path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{config_path}: not valid JSON ({e})") from None
+    if not isinstance(cfg, dict):
+        raise CheckpointError(f"{config_path}: expected a JSON object")
+    try:
+        return ModelArgs.from_hf_config(cfg)
+    except ConfigError as e:
+        raise ConfigError(f"{directory}/{e}") from None
+
+
+def load_model(path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
+               mtp: bool = True) -> Transformer:
+    """Load a checkpoint directory into a `Transformer` in eval mode.
+
+    `forward(input_ids [B, S])` returns logits [B, S, vocab]. MTP modules are loaded when the
+    checkpoint has them (and `mtp` is True). Raises CheckpointError / ConfigError with one line.
+    """
+    directory = _checkpoint_dir(path)
+    args = load_config(directory)
+    tensors = _TensorIndex(directory)
+    n_mtp = _count_mtp_layers(tensors, args) if mtp else 0
+    with torch.device("meta"):
+        model = Transformer(args, dtype=dtype, n_mtp=n_mtp)
+    model.to_empty(device=device)
+    _fill(model, tensors, dtype)
+    model.eval()
+    model.checkpoint_path = str(directory)  # type: ignore[attr-defined]
+    return model
+
+
+def save_model(model: Transformer, path: str | Path, max_shard_bytes: int = 2 * 1024**3) -> Path:
+    """Write `model` as a Hugging Face checkpoint (config.json + safetensors, sharded when large)."""
+    directory = Path(path)
+    directory.mkdir(parents=True, exist_ok=True)
+    args = model.args
+    cfg = args.to_hf_config()
+    cfg["num_nextn_predict_layers"] = len(model.mtp)
+    cfg["torch_dtype"] = str(model.embed_tokens.weight.dtype).removeprefix("torch.")
+    cfg.pop("quantization_config", None)  # duet saves dequantised weights
+    state = dict(_checkpoint_tensors(model))
+    shards = _split(state, max_shard_bytes)
+    for stale in [directory / WEIGHTS_FILE, directory / INDEX_FILE, *directory.glob("model-*-of-*.safetensors")]:
+        stale.unlink(missing_ok=True)
+    if len(shards) == 1:
+        save_file(shards[0], directory / WEIGHTS_FILE, metadata={"format": "pt"})
+    else:
+        weight_map = {}
+        for i, shard in enumerate(shards):
+            name = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+            save_file(shard, directory / name, metadata={"format": "pt"})
+            weight_map.update({k: name for k in shard})
+        total = sum(t.numel() * t.element_size() for t in state.values())
+        index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
+        (directory / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n")
+    (directory / CONFIG_FILE).write_text(json.dumps(cfg, indent=2) + "\n")
+    return directory
+
+
+def count_parameters(model: Transformer, include_mtp: bool = True) -> int:
+    """Distinct parameters (tied weights counted once)."""
+    seen = {id(p): p for name, p in model.named_parameters() if include_mtp or not name.startswith("mtp.")}
+    return sum(p.numel() for p in seen.values())
+
+
+# ----------------------------------------------------------------------------- name mapping
+
+
+def checkpoint_name(model_name: str, n_layers: int) -> str:
+    """The checkpoint key of a Transformer parameter/buffer name (experts excluded)."""
+    if model_name == "lm_head.weight":
+        return model_name
+    match = re.match(r"^mtp\.(\d+)\.(.*)$", model_name)
+    if match:
+        return f"model.layers.{n_layers + int(match.group(1))}.{match.group(2)}"
+    return f"model.{model_name}"
+
+
+def _checkpoint_tensors(model: Transformer) -> Iterator[tuple[str, Tensor]]:
+    """(checkpoint key, tensor) for every weight of the model in the HF layout, experts unstacked."""
+    n_layers = len(model.layers)
+    # named_parameters() lists a shared tensor once, under its first name: a tied lm_head and the
+    # MTP modules' shared head are skipped here. Every tensor is copied, since safetensors refuses
+    # tensors that share storage (the experts are views of one stacked parameter).
+    for name, tensor in [*model.named_parameters(), *model.named_buffers()]:
+        expert = _EXPERT.match(name)
+        if expert:
+            prefix = checkpoint_name(expert.group(1), n_layers)
+            for e in range(tensor.shape[0]):
+                yield f"{prefix}.{e}.{expert.group(2)}.weight", _copy_out(tensor[e])
+        else:
+            yield checkpoint_name(name, n_layers), _copy_out(tensor)
+    for k in range(len(model.mtp)):
+        # The V3 layout stores the MTP module's embedding and head as its own tensors.
+        prefix = f"model.layers.{n_layers + k}"
+        yield f"{prefix}.embed_tokens.weight", _copy_out(model.embed_tokens.weight)
+        yield f"{prefix}.shared_head.head.weight", _copy_out(model.lm_head.weight)
+
+
+def _copy_out(t: Tensor) -> Tensor:
+    return t.detach().to("cpu", copy=True).contiguous()
+
+
+def _split(state: dict[str, Tensor], max_bytes: int) -> list[dict[str, Tensor]]:
+    shards: list[dict[str, Tensor]] = [{}]
+    size = 0
+    for key, tensor in state.items():
+        nbytes = tensor.numel() * tensor.element_size()
+        if shards[-1] and size + nbytes > max_bytes:
+            shards.append({})
+            size = 0
+        shards[-1][key] = tensor
+        size += nbytes
+    return shards
+
+
+# ----------------------------------------------------------------------------- reading
+
+
+def _checkpoint_dir(path: str | Path) -> Path:
+    directory = Path(path).expanduser()
+    if not directory.exists():
+        raise CheckpointError(f"{directory}: no such checkpoint directory")
+    if not directory.is_dir():
+        raise CheckpointError(f"{directory}: not a directory (give the checkpoint folder, not a file)")
+    return directory
+
+
+@dataclass
+class _TensorIndex:
+    """Which safetensors file holds each key, with lazily opened memory-mapped handles."""
+
+    directory: Path
+
+    def __post_init__(self) -> None:
+        index_path = self.directory / INDEX_FILE
+        single = self.directory / WEIGHTS_FILE
+        self.files: dict[str, Path] = {}
+        if index_path.is_file():
+            try:
+                weight_map = json.loads(index_path.read_text())["weight_map"]
+            except (json.JSONDecodeError, KeyError, TypeError) as e:
+                raise CheckpointError(f"{index_path}: not a valid safetensors index ({e})") from None
+            for key, file in weight_map.items():
+                self.files[key] = self.directory / file
+            for file in set(self.files.values()):
+                if not file.is_file():
+                    raise CheckpointError(f"{self.directory}: shard {file.name} listed in {INDEX_FILE} is missing")
+        elif single.is_file():
+            for key in self._open(single).keys():
+                self.files[key] = single
+        else:
+            raise CheckpointError(f"{self.directory}: no {WEIGHTS_FILE} or {INDEX_FILE} (the weights are missing)")
+        self._handles: dict[Path, object] = {}
+
+    def _open(self, file: Path):
+        handles = getattr(self, "_handles", {})
+        if file not in handles:
+            try:
+                handles[file] = safe_open(str(file), framework="pt", device="cpu")
+            except (SafetensorError, OSError, ValueError) as e:
+                raise CheckpointError(f"{file}: corrupt or truncated safetensors file ({e})") from None
+            self._handles = handles
+        return handles[file]
+
+    def __contains__(self, key: str) -> bool:
+        return key in self.files
+
+    def keys(self) -> list[str]:
+        return list(self.files)
+
+    def get(self, key: str) -> Tensor:
+        file = self.files.get(key)
+        if file is None:
+            raise CheckpointError(f"{self.directory}: tensor {key} is missing from the checkpoint")
+        try:
+            return self._open(file).get_tensor(key)
+        except (SafetensorError, OSError, ValueError, RuntimeError) as e:
+            raise CheckpointError(f"{file}: cannot read tensor {key}: corrupt or truncated file ({e})") from None
+
+
+def _count_mtp_layers(tensors: _TensorIndex, args: ModelArgs) -> int:
+    """How many of the config's MTP modules the checkpoint really stores (transformers drops them)."""
+    n = 0
+    while n < args.num_nextn_predict_layers and any(
+        k.startswith(f"model.layers.{args.num_hidden_layers + n}.") for k in tensors.keys()
+    ):
+        n += 1
+    return n
+
+
+def _read(tensors: _TensorIndex, key: str, block_size: int | None, dtype: torch.dtype) -> Tensor:
+    """A checkpoint tensor in `dtype`, dequantising FP8 block-scaled weights."""
+    t = tensors.get(key)
+    if t.dtype == torch.float8_e4m3fn:
+        scale_key = key.removesuffix(".weight") + ".weight_scale_inv"
+        if scale_key not in tensors:
+            raise CheckpointError(f"{tensors.directory}: FP8 tensor {key} has no {scale_key}")
+        return kernels.weight_dequant(t, tensors.get(scale_key).float(), block_size or 128, dtype=dtype)
+    return t
+
+
+def _fill(model: Transformer, tensors: _TensorIndex, dtype: torch.dtype) -> None:
+    """Copy every checkpoint tensor into the model's freshly allocated parameters and buffers."""
+    n_layers = len(model.layers)
+    block = model.args.fp8_block_size
+    targets = dict(model.named_parameters())
+    targets.update(dict(model.named_buffers()))
+    with torch.no_grad():
+        for name, param in targets.items():  # shared tensors (tied heads) appear once
+            expert = _EXPERT.match(name)
+            if expert:
+                prefix = checkpoint_name(expert.group(1), n_layers)
+                for e in range(param.shape[0]):
+                    key = f"{prefix}.{e}.{expert.group(2)}.weight"
+                    _copy(param[e], _read(tensors, key, block, dtype), key, tensors)
+                continue
+            key = checkpoint_name(name, n_layers)
+            if name == "lm_head.weight" and key not in tensors and model.args.tie_word_embeddings:
+                continue
+            _copy(param, _read(tensors, key, block, dtype), key, tensors)
+
+
+def _copy(target: Tensor, source: Tensor, key: str, tensors: _TensorIndex) -> None:
+    if tuple(source.shape) != tuple(target.shape):
+        raise CheckpointError(
+            f"{tensors.directory}: tensor {key} has shape {list(source.shape)}, expected {list(target.shape)}"
+        )
+    target.copy_(source)

@@ -1,0 +1,65 @@
+"""Tiny random DeepSeek-V3-family checkpoints for tests, made with transformers or with duet itself."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+TINY_V3 = dict(
+    vocab_size=97, hidden_size=32, intermediate_size=48, moe_intermediate_size=16, num_hidden_layers=3,
+    num_attention_heads=4, num_key_value_heads=4, n_shared_experts=1, n_routed_experts=8, num_experts_per_tok=2,
+    n_group=4, topk_group=2, first_k_dense_replace=1, q_lora_rank=16, kv_lora_rank=12, qk_nope_head_dim=8,
+    qk_rope_head_dim=4, v_head_dim=6, routed_scaling_factor=2.5, max_position_embeddings=512,
+    num_nextn_predict_layers=0, bos_token_id=0, eos_token_id=1, pad_token_id=None,
+)
+YARN = {"type": "yarn", "factor": 4.0, "original_max_position_embeddings": 32, "beta_fast": 32, "beta_slow": 1,
+        "mscale": 1.0, "mscale_all_dim": 1.0}
+
+
+def randomize_(model: torch.nn.Module, seed: int = 0, bias_scale: float = 0.3) -> None:
+    """Give every weight a scale that makes logits and routing decisions clearly distinct.
+
+    transformers initialises with std 0.02, which leaves near-uniform logits; a meaningful parity
+    test needs weights of order 1/sqrt(fan_in), RMSNorm gains away from 1, and a non-zero
+    `e_score_correction_bias` so the bias visibly changes which experts are chosen.
+    """
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("norm.weight"):
+                p.copy_(1 + 0.2 * torch.randn(p.shape, generator=g))
+            else:
+                fan_in = p.shape[-1]
+                p.copy_(torch.randn(p.shape, generator=g) / fan_in**0.5)
+        for name, b in model.named_buffers():
+            if name.endswith("e_score_correction_bias"):
+                b.copy_(bias_scale * torch.randn(b.shape, generator=g))
+
+
+def make_hf_checkpoint(path: Path, seed: int = 0, **overrides) -> Path:
+    """Save a random transformers DeepseekV3ForCausalLM to `path` (no MTP: transformers has none)."""
+    from transformers import DeepseekV3Config, DeepseekV3ForCausalLM
+
+    torch.manual_seed(seed)
+    cfg = DeepseekV3Config(**{**TINY_V3, **overrides})
+    model = DeepseekV3ForCausalLM(cfg).eval()
+    randomize_(model, seed)
+    model.save_pretrained(path)
+    return path
+
+
+def make_duet_checkpoint(path: Path, seed: int = 0, n_mtp: int = 1, **overrides) -> Path:
+    """Save a random duet Transformer (with `n_mtp` MTP modules) in the HF layout."""
+    from duet.model import ModelArgs, Transformer, save_model
+
+    fields = {**TINY_V3, **overrides}
+    for key in ("num_key_value_heads", "pad_token_id"):
+        fields.pop(key, None)
+    fields["num_nextn_predict_layers"] = n_mtp
+    args = ModelArgs(**fields)
+    args.validate()
+    model = Transformer(args)
+    randomize_(model, seed)
+    save_model(model, path)
+    return path
