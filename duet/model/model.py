@@ -26,10 +26,10 @@ from duet.model.config import ModelArgs, yarn_mscale
 class RMSNorm(nn.Module):
     """Root-mean-square norm computed in fp32, as DeepSeek and transformers do."""
 
-    def __init__(self, dim: int, eps: float = 1e-6):
+    def __init__(self, dim: int, eps: float = 1e-6, dtype: torch.dtype | None = None):
         super().__init__()
         self.eps = eps
-        self.weight = nn.Parameter(torch.ones(dim))
+        self.weight = nn.Parameter(torch.ones(dim, dtype=dtype))
 
     def forward(self, x: Tensor) -> Tensor:
         dtype = x.dtype
@@ -162,10 +162,10 @@ class MLA(nn.Module):
             self.q_proj = nn.Linear(d, self.n_heads * qk_dim, bias=False, dtype=dtype)
         else:
             self.q_a_proj = nn.Linear(d, args.q_lora_rank, bias=False, dtype=dtype)
-            self.q_a_layernorm = RMSNorm(args.q_lora_rank, args.rms_norm_eps)
+            self.q_a_layernorm = RMSNorm(args.q_lora_rank, args.rms_norm_eps, dtype)
             self.q_b_proj = nn.Linear(args.q_lora_rank, self.n_heads * qk_dim, bias=False, dtype=dtype)
         self.kv_a_proj_with_mqa = nn.Linear(d, self.kv_rank + self.rope_dim, bias=False, dtype=dtype)
-        self.kv_a_layernorm = RMSNorm(self.kv_rank, args.rms_norm_eps)
+        self.kv_a_layernorm = RMSNorm(self.kv_rank, args.rms_norm_eps, dtype)
         self.kv_b_proj = nn.Linear(self.kv_rank, self.n_heads * (self.nope_dim + self.v_dim), bias=False, dtype=dtype)
         self.o_proj = nn.Linear(self.n_heads * self.v_dim, d, bias=False, dtype=dtype)
 
@@ -323,9 +323,9 @@ class Block(nn.Module):
     def __init__(self, args: ModelArgs, layer_id: int, dtype: torch.dtype | None = None):
         super().__init__()
         self.layer_id = layer_id
-        self.input_layernorm = RMSNorm(args.hidden_size, args.rms_norm_eps)
+        self.input_layernorm = RMSNorm(args.hidden_size, args.rms_norm_eps, dtype)
         self.self_attn = MLA(args, dtype)
-        self.post_attention_layernorm = RMSNorm(args.hidden_size, args.rms_norm_eps)
+        self.post_attention_layernorm = RMSNorm(args.hidden_size, args.rms_norm_eps, dtype)
         if args.is_moe_layer(layer_id):
             self.mlp: nn.Module = MoE(args, dtype)
         else:
@@ -341,7 +341,7 @@ class SharedHead(nn.Module):
 
     def __init__(self, args: ModelArgs, head: nn.Linear):
         super().__init__()
-        self.norm = RMSNorm(args.hidden_size, args.rms_norm_eps)
+        self.norm = RMSNorm(args.hidden_size, args.rms_norm_eps, head.weight.dtype)
         self.head = head
 
     def forward(self, h: Tensor) -> Tensor:
@@ -362,8 +362,8 @@ class MTPLayer(Block):
     def __init__(self, args: ModelArgs, layer_id: int, embed: nn.Embedding, head: nn.Linear,
                  dtype: torch.dtype | None = None):
         super().__init__(args, layer_id, dtype)
-        self.enorm = RMSNorm(args.hidden_size, args.rms_norm_eps)
-        self.hnorm = RMSNorm(args.hidden_size, args.rms_norm_eps)
+        self.enorm = RMSNorm(args.hidden_size, args.rms_norm_eps, dtype)
+        self.hnorm = RMSNorm(args.hidden_size, args.rms_norm_eps, dtype)
         self.eh_proj = nn.Linear(2 * args.hidden_size, args.hidden_size, bias=False, dtype=dtype)
         self.shared_head = SharedHead(args, head)
         self._embed = [embed]  # a list, so the shared embedding is not registered twice
@@ -389,7 +389,7 @@ class Transformer(nn.Module):
         self.args = args
         self.embed_tokens = nn.Embedding(args.vocab_size, args.hidden_size, dtype=dtype)
         self.layers = nn.ModuleList(Block(args, i, dtype) for i in range(args.num_hidden_layers))
-        self.norm = RMSNorm(args.hidden_size, args.rms_norm_eps)
+        self.norm = RMSNorm(args.hidden_size, args.rms_norm_eps, dtype)
         self.lm_head = nn.Linear(args.hidden_size, args.vocab_size, bias=False, dtype=dtype)
         if args.tie_word_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
