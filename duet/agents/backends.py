@@ -134,6 +134,10 @@ class StreamCutter:
         self._emit(len(self.text) - self._hold)
         return False
 
+    def reset(self) -> None:
+        """Forget the text so far (it turned out not to be answer text, e.g. reasoning)."""
+        self.text, self._sent = "", 0
+
     def finish(self) -> str:
         """Flush held-back text and return the whole text."""
         self._emit(len(self.text))

@@ -165,7 +165,8 @@ class _Run:
     """The state of one ``Dialogue.run`` (rounds, turns, tokens)."""
 
     def __init__(self, dialogue: Dialogue, options: TurnOptions, question: str, critic_question: str) -> None:
-        self.d, self.options, self.question, self.critic_question = dialogue, options, question, critic_question
+        self.d, self.options = dialogue, options
+        self.question, self.critic_question = question, critic_question
         self.turns: list[Turn] = []
         self.used = 0
         self.solutions: list[str] = []

@@ -29,7 +29,9 @@ class Solver:
         """Forget the conversation (the next :meth:`solve` starts a new one)."""
         self.conversation = []
 
-    def solve(self, question: str, options: TurnOptions, *, round: int = 1, budget: int | None = None) -> Turn:
+    def solve(
+        self, question: str, options: TurnOptions, *, round: int = 1, budget: int | None = None
+    ) -> Turn:
         """Answer ``question``: a new conversation, or a follow-up in the current one."""
         task = "follow_up" if self.conversation else "solve"
         if not self.conversation:

@@ -1,0 +1,300 @@
+"""The OpenAI-compatible client against a real HTTP server on loopback, started by the test."""
+
+from __future__ import annotations
+
+import json
+import socket
+import threading
+import time
+from collections.abc import Callable, Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+
+import pytest
+
+from duet.agents.backends import BackendError, ScriptedBackend, make_backend
+from duet.agents.openai_backend import OpenAIBackend, ThinkSplitter, normalize_base_url
+from duet.agents.protocol import STOP
+
+USER = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "What is 2+2?"}]
+
+Responder = Callable[[BaseHTTPRequestHandler, dict[str, Any]], None]
+
+
+class FakeServer:
+    """A tiny OpenAI-compatible server: records requests, answers with ``respond``."""
+
+    def __init__(self) -> None:
+        self.requests: list[dict[str, Any]] = []
+        self.respond: Responder = lambda h, body: sse(h, [content_chunk("hi"), finish_chunk("stop")])
+        self.url = ""
+
+
+class _Quiet(ThreadingHTTPServer):
+    daemon_threads = True
+    block_on_close = False
+
+    def handle_error(self, request: Any, client_address: Any) -> None:  # client hung up: expected
+        pass
+
+
+@pytest.fixture
+def server() -> Iterator[FakeServer]:
+    state = FakeServer()
+
+    class Handler(BaseHTTPRequestHandler):
+        def log_message(self, *args: Any) -> None:
+            pass
+
+        def do_GET(self) -> None:
+            payload = json.dumps({"object": "list", "data": [{"id": "served-model"}]}).encode()
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.end_headers()
+            self.wfile.write(payload)
+
+        def do_POST(self) -> None:
+            body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+            state.requests.append({"path": self.path, "headers": dict(self.headers), "body": body})
+            state.respond(self, body)
+
+    httpd = _Quiet(("127.0.0.1", 0), Handler)
+    threading.Thread(target=httpd.serve_forever, kwargs={"poll_interval": 0.02}, daemon=True).start()
+    state.url = f"http://127.0.0.1:{httpd.server_address[1]}/v1"
+    yield state
+    httpd.shutdown()
+    httpd.server_close()
+
+
+def sse(handler: BaseHTTPRequestHandler, chunks: list[Any], *, done: bool = True, delay: float = 0.0) -> None:
+    """Write ``chunks`` as Server-Sent Events (dicts as JSON, strings as raw lines)."""
+    handler.send_response(200)
+    handler.send_header("Content-Type", "text/event-stream")
+    handler.end_headers()
+    for chunk in chunks:
+        line = chunk if isinstance(chunk, str) else "data: " + json.dumps(chunk)
+        handler.wfile.write((line + "\n\n").encode())
+        handler.wfile.flush()
+        time.sleep(delay)
+    if done:
+        handler.wfile.write(b"data: [DONE]\n\n")
+
+
+def content_chunk(text: str = "", reasoning: str | None = None) -> dict[str, Any]:
+    delta: dict[str, Any] = {"content": text}
+    if reasoning is not None:
+        delta = {"reasoning_content": reasoning, "content": None}
+    return {"choices": [{"index": 0, "delta": delta, "finish_reason": None}]}
+
+
+def finish_chunk(reason: str, stop_reason: Any = None) -> dict[str, Any]:
+    return {"choices": [{"index": 0, "delta": {}, "finish_reason": reason, "stop_reason": stop_reason}]}
+
+
+def scripted_responder(backend: ScriptedBackend) -> Responder:
+    """Serve a ScriptedBackend like vLLM does: word chunks, stop strings applied, stop_reason, usage."""
+
+    def respond(handler: BaseHTTPRequestHandler, body: dict[str, Any]) -> None:
+        pieces: list[str] = []
+        done = backend.complete(
+            body["messages"], stop=body.get("stop", []), max_tokens=body["max_tokens"], on_text=pieces.append
+        )
+        reason = "length" if done.finish_reason == "length" else "stop"
+        usage = {"prompt_tokens": done.prompt_tokens, "completion_tokens": done.completion_tokens}
+        chunks = [content_chunk(p) for p in pieces]
+        chunks += [finish_chunk(reason, done.stop_string), {"choices": [], "usage": usage}]
+        sse(handler, chunks)
+
+    return respond
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def test_streams_text_and_sends_the_request_fields(server, monkeypatch):
+    monkeypatch.setenv("DUET_API_KEY", "sekret")
+    server.respond = lambda h, body: sse(
+        h,
+        [
+            content_chunk("The answer"),
+            content_chunk(" is 4."),
+            finish_chunk("stop"),
+            {"choices": [], "usage": {"prompt_tokens": 11, "completion_tokens": 5}},
+        ],
+    )
+    streamed: list[str] = []
+    backend = OpenAIBackend(server.url, "m1")
+    done = backend.complete(
+        USER, stop=[STOP], max_tokens=64, temperature=0.3, seed=7, on_text=streamed.append
+    )
+    assert (done.text, done.finish_reason, done.stop_string) == ("The answer is 4.", "eos", None)
+    assert (done.prompt_tokens, done.completion_tokens) == (11, 5)
+    assert "".join(streamed) == done.text and len(streamed) >= 2
+    request = server.requests[0]
+    assert request["path"] == "/v1/chat/completions"
+    assert request["headers"]["Authorization"] == "Bearer sekret"
+    body = request["body"]
+    assert body["model"] == "m1" and body["messages"] == USER and body["stream"] is True
+    assert (body["stop"], body["max_tokens"], body["temperature"], body["seed"]) == ([STOP], 64, 0.3, 7)
+    assert "continue_final_message" not in body
+    assert backend.name == "m1"
+
+
+def test_continuing_a_partial_assistant_message(server):
+    solution = "Step.\n```python\nprint(4)\n```\n```output\n4\n```\n"
+    partial = [*USER, {"role": "assistant", "content": solution}]
+    OpenAIBackend(server.url, "m1").complete(partial)
+    body = server.requests[0]["body"]
+    assert body["continue_final_message"] is True and body["add_generation_prompt"] is False
+    assert body["messages"][-1] == partial[-1]
+
+
+def test_reasoning_is_kept_apart_from_the_answer(server):
+    server.respond = lambda h, body: sse(
+        h,
+        [
+            content_chunk(reasoning="Let me think. "),
+            content_chunk(reasoning="2+2=4."),
+            content_chunk("<thi"),
+            content_chunk("nk>more thought</th"),
+            content_chunk("ink>\\boxed{4}"),
+            finish_chunk("stop"),
+        ],
+    )
+    streamed: list[str] = []
+    done = OpenAIBackend(server.url, "r1").complete(USER, on_text=streamed.append)
+    assert done.text == "\\boxed{4}"
+    assert done.reasoning == "Let me think. 2+2=4.more thought"
+    assert "".join(streamed) == "\\boxed{4}"
+
+
+def test_r1_template_without_opening_think_tag(server):
+    chunks = [content_chunk("hmm, 4.\n</think>\n\nIt is \\boxed{4}."), finish_chunk("stop")]
+    server.respond = lambda h, body: sse(h, chunks)
+    done = OpenAIBackend(server.url, "r1").complete(USER)
+    assert done.text == "\n\nIt is \\boxed{4}." and done.reasoning == "hmm, 4.\n"
+
+
+def test_think_splitter_holds_partial_tags():
+    splitter = ThinkSplitter()
+    parts = splitter.feed("a <") + splitter.feed("think>b</think") + splitter.feed(">c <x <")
+    parts += splitter.flush()
+    assert parts == [("text", "a "), ("reasoning", "b"), ("text", "c <x "), ("text", "<")]
+
+
+def test_stop_string_reported_by_server(server):
+    chunks = [content_chunk("```python\nx=1\n```\n"), finish_chunk("stop", STOP)]
+    server.respond = lambda h, body: sse(h, chunks)
+    done = OpenAIBackend(server.url, "m").complete(USER, stop=[STOP])
+    assert (done.text, done.finish_reason, done.stop_string) == ("```python\nx=1\n```\n", "stop", STOP)
+
+
+def test_stop_string_enforced_client_side_when_the_server_ignores_it(server):
+    pieces = ["code\n```", "out", "put\n42 (invented)"]
+    server.respond = lambda h, body: sse(h, [*map(content_chunk, pieces), finish_chunk("stop")])
+    streamed: list[str] = []
+    done = OpenAIBackend(server.url, "m").complete(USER, stop=[STOP], on_text=streamed.append)
+    assert (done.text, done.finish_reason, done.stop_string) == ("code\n", "stop", STOP)
+    assert "".join(streamed) == "code\n"
+
+
+def test_length_finish(server):
+    server.respond = lambda h, body: sse(h, [content_chunk("one two"), finish_chunk("length")])
+    assert OpenAIBackend(server.url, "m").complete(USER, max_tokens=2).finish_reason == "length"
+
+
+def test_model_resolved_from_the_server(server):
+    backend = make_backend(f"openai:{server.url}")
+    assert backend.name == server.url
+    backend.complete(USER)
+    assert server.requests[0]["body"]["model"] == "served-model" and backend.name == "served-model"
+    assert make_backend("openai:127.0.0.1:9#m").base_url == "http://127.0.0.1:9/v1"
+
+
+def test_base_url_normalisation():
+    assert normalize_base_url("http://h:8000/") == "http://h:8000/v1"
+    assert normalize_base_url("https://h/v1/") == "https://h/v1"
+    with pytest.raises(BackendError, match="not an http"):
+        OpenAIBackend("ftp://h/v1", "m")
+
+
+def test_http_error_is_one_line(server):
+    def respond(handler: BaseHTTPRequestHandler, body: dict[str, Any]) -> None:
+        payload = json.dumps({"error": {"message": "The model `m` does not exist.\nSee docs."}}).encode()
+        handler.send_response(404)
+        handler.send_header("Content-Type", "application/json")
+        handler.end_headers()
+        handler.wfile.write(payload)
+
+    server.respond = respond
+    with pytest.raises(BackendError) as error:
+        OpenAIBackend(server.url, "m").complete(USER)
+    assert str(error.value) == f"{server.url}: HTTP 404: The model `m` does not exist. See docs."
+
+
+def test_connection_refused_is_one_line():
+    url = f"http://127.0.0.1:{free_port()}/v1"
+    with pytest.raises(BackendError) as error:
+        OpenAIBackend(url, "m", timeout=2).complete(USER)
+    assert str(error.value) == f"cannot reach {url}: connection refused"
+
+
+def test_timeout_is_one_line(server):
+    server.respond = lambda h, body: time.sleep(1.5)
+    started = time.perf_counter()
+    with pytest.raises(BackendError) as error:
+        OpenAIBackend(server.url, "m", timeout=0.2).complete(USER)
+    assert str(error.value) == f"{server.url}: no response within 0.2 s"
+    assert time.perf_counter() - started < 1.2
+
+
+def test_stream_cut_short_and_error_chunks(server):
+    server.respond = lambda h, body: sse(h, [content_chunk("half")], done=False)
+    with pytest.raises(BackendError, match="closed the stream before finishing"):
+        OpenAIBackend(server.url, "m").complete(USER)
+    server.respond = lambda h, body: sse(h, [{"error": {"message": "out of memory"}}])
+    with pytest.raises(BackendError, match="out of memory"):
+        OpenAIBackend(server.url, "m").complete(USER)
+    server.respond = lambda h, body: sse(h, ["data: {broken"])
+    with pytest.raises(BackendError, match="unreadable reply"):
+        OpenAIBackend(server.url, "m").complete(USER)
+
+
+def test_cancel_stops_reading(server):
+    server.respond = lambda h, body: sse(h, [content_chunk(f"w{i} ") for i in range(50)], delay=0.02)
+    cancel = threading.Event()
+
+    def on_text(piece: str) -> None:
+        if piece.startswith("w2"):
+            cancel.set()
+
+    done = OpenAIBackend(server.url, "m").complete(USER, on_text=on_text, cancel=cancel)
+    assert done.finish_reason == "cancelled" and done.text.startswith("w0 w1 w2") and "w40" not in done.text
+
+
+def test_non_streaming_json_reply_is_accepted(server):
+    def respond(handler: BaseHTTPRequestHandler, body: dict[str, Any]) -> None:
+        message = {"content": "4", "reasoning_content": "add"}
+        payload = {"choices": [{"message": message, "finish_reason": "stop"}]}
+        handler.send_response(200)
+        handler.send_header("Content-Type", "application/json")
+        handler.end_headers()
+        handler.wfile.write(json.dumps(payload).encode())
+
+    server.respond = respond
+    done = OpenAIBackend(server.url, "m").complete(USER)
+    assert (done.text, done.reasoning, done.finish_reason) == ("4", "add", "eos")
+
+
+def test_scripted_responder_serves_a_tool_loop_like_vllm(server):
+    server.respond = scripted_responder(
+        ScriptedBackend(["Add.\n```python\nprint(2+2)\n```\n```output\n4\n```\n\\boxed{4}"])
+    )
+    backend = OpenAIBackend(server.url, "m")
+    first = backend.complete(USER, stop=[STOP])
+    assert (first.text, first.finish_reason) == ("Add.\n```python\nprint(2+2)\n```\n", "stop")
+    second = backend.complete([*USER, {"role": "assistant", "content": first.text + "```output\n4\n```\n"}])
+    assert (second.text, second.finish_reason) == ("\\boxed{4}", "eos")
