@@ -133,9 +133,7 @@ def extract_boxed(text: str) -> str | None:
 
 
 _GSM_RE = re.compile(r"####\s*([^\n]*)")
-_PHRASE_RE = re.compile(
-    r"(?i)\b(?:final\s+answer|the\s+answer|answer)\b\s*(?:is\b\s*:?|:|=)\s*(?:\*\*)?\s*(?P<ans>[^\n]*)"
-)
+_PHRASE_RE = re.compile(r"(?i)\b(?:final\s+answer|the\s+answer|answer)\b\s*(?:is\b\s*:?|:|=)")
 
 
 def _trim_phrase_answer(ans: str) -> str:
@@ -168,7 +166,8 @@ def extract_answer(text: str) -> str | None:
         if gsm:
             return gsm[-1]
         for m in reversed(list(_PHRASE_RE.finditer(text))):
-            ans = _trim_phrase_answer(m.group("ans"))
+            line_end = text.find("\n", m.end())
+            ans = _trim_phrase_answer(text[m.end() : None if line_end < 0 else line_end])
             if ans:
                 return ans
     except Exception:  # pragma: no cover - defensive: extraction must never raise
@@ -273,6 +272,7 @@ def _clean(s: str) -> str:
     s = _SPACES_RE.sub(" ", s)
     s = re.sub(r"[\u20ac\u00a3\u00a5\u20b9]|\\euro(?![a-zA-Z])|\\pounds(?![a-zA-Z])", " ", s)
     s = " ".join(s.split())
+    s = re.sub(r"^([+-]) (?=[\d.])", r"\1", s)  # "- 5" (from "-$5") -> "-5"
     s = s.strip("\"'`")
     s = s.rstrip(".;, ").strip()
     return s
@@ -409,7 +409,7 @@ _GLUED_UNITS = frozenset(
 _SPACED_SINGLE_UNITS = frozenset("m g s h l k".split())
 _UNIT_TAIL_RE = re.compile(
     r"^(?P<head>.*?[\d)}\]!])(?P<sep>\s*)"
-    r"(?P<unit>[A-Za-z][A-Za-z.]*(?:\^\s*\{?-?\d+\}?|[\s/-]+[A-Za-z][A-Za-z.]*)*)$"
+    r"(?P<unit>[A-Za-z][A-Za-z.]*(?:\s*\^\s*\{?-?\d+\}?|[\s/-]+[A-Za-z][A-Za-z.]*)*)$"
 )
 
 
@@ -814,7 +814,7 @@ def _expression(s: str) -> Any | None:
 _YES = frozenset({"yes", "true"})
 _NO = frozenset({"no", "false"})
 _ASSIGN_RE = re.compile(r"^[A-Za-z](?:_\{?[A-Za-z0-9]+\}?)?\s*(?:=|\\in(?![a-zA-Z]))\s*(?=\S)")
-_THOUSANDS_RE = re.compile(r"(?<![\d.,])\d{1,3}(?:,\d{3})+(?![\d,])")
+_THOUSANDS_RE = re.compile(r"(?<![\d.,])\d{1,3}(?:,\d{3})+(?!\d|,\d)")
 _CLOSERS = {")": "(", "]": "[", "}": "{"}
 
 
