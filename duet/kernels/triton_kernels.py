@@ -2,8 +2,10 @@
 
 Importing this module imports Triton; :mod:`duet.kernels` does so lazily, only when a Triton kernel is
 about to run.  Triton decides between compiling for the GPU and running its Python interpreter when
-``@triton.jit`` decorates a function, i.e. when *this module* is imported (not when ``triton`` is):
-:data:`INTERPRET` records which mode the kernels below were built in.
+``@triton.jit`` decorates a function: for Triton's own library (``tl.max``, ``tl.sum``...) that is when
+``triton`` is first imported, for the kernels below when this module is imported.  So
+``TRITON_INTERPRET=1`` must be in the environment before the first ``import triton`` of the process;
+:data:`INTERPRET` records the mode, and importing this module raises ImportError if the two disagree.
 
 Running under ``TRITON_INTERPRET=1`` (how the CPU tests check these kernels) needs two workarounds,
 because the interpreter (Triton 3.x) gets some conversions wrong that the GPU gets right:
@@ -88,8 +90,15 @@ def _dot(a, b, acc, UPCAST: tl.constexpr, IEEE: tl.constexpr):
         return tl.dot(a, b, acc)
 
 
-# Triton made its interpret-or-compile decision when it decorated the functions above.
+# Triton made its interpret-or-compile decision when it decorated the functions above.  Its own
+# library functions (tl.max, tl.sum, ...) were decorated when triton.language was first imported; if
+# TRITON_INTERPRET changed in between, kernels would fail deep inside Triton, so refuse here instead.
 INTERPRET = type(_store).__name__ == "InterpretedFunction"
+if INTERPRET != (type(tl.max).__name__ == "InterpretedFunction"):
+    raise ImportError(
+        "TRITON_INTERPRET changed after Triton was imported: set TRITON_INTERPRET=1 before the first "
+        "`import triton` in this process (or run the interpreter in a fresh process)"
+    )
 
 
 def _out_arg(t: Tensor) -> tuple[Tensor, int]:
@@ -545,7 +554,9 @@ def _mla_combine_kernel(o_part_ptr, lse_ptr, out_ptr, R, num_splits,
 
 def _mla_configs() -> list:
     shapes = [(16, 32, 4, 2), (32, 32, 4, 2), (32, 64, 8, 2), (64, 32, 8, 1), (16, 64, 4, 2)]
-    return [triton.Config({"BLOCK_H": bh, "BLOCK_T": bt}, num_warps=w, num_stages=s) for bh, bt, w, s in shapes]
+    return [
+        triton.Config({"BLOCK_H": bh, "BLOCK_T": bt}, num_warps=w, num_stages=s) for bh, bt, w, s in shapes
+    ]
 
 
 _mla_decode_tuned = triton.autotune(configs=_mla_configs(), key=["S", "H", "R", "P", "num_splits"])(
