@@ -298,3 +298,21 @@ def test_scripted_responder_serves_a_tool_loop_like_vllm(server):
     assert (first.text, first.finish_reason) == ("Add.\n```python\nprint(2+2)\n```\n", "stop")
     second = backend.complete([*USER, {"role": "assistant", "content": first.text + "```output\n4\n```\n"}])
     assert (second.text, second.finish_reason) == ("\\boxed{4}", "eos")
+
+
+def test_a_full_dialogue_on_the_server(server):
+    pytest.importorskip("duet.agents.sandbox")  # TEMPORARY until the sandbox lands
+    from duet.agents.dialogue import DialogueConfig, run_dialogue
+
+    solver_script = "Multiply.\n```python\nx = 6 * 7\nx\n```\n```output\n?\n```\nSo \\boxed{42}."
+    critic_script = "Check.\n```python\nprint(42 / 7)\n```\n```output\n?\n```\nVERDICT: AGREE\n\\boxed{42}"
+    server.respond = scripted_responder(ScriptedBackend([solver_script], match={"Solution:": critic_script}))
+    backend = OpenAIBackend(server.url, "served-model")
+    result = run_dialogue("What is 6 times 7?", backend, config=DialogueConfig(max_tokens=200))
+    assert (result.stop_reason, result.answer, result.agreed) == ("agreed", "42", True)
+    assert [s.output for t in result.turns for s in t.steps] == ["42", "6.0"]
+    bodies = [r["body"] for r in server.requests]
+    assert len(bodies) == 4 and all(b["stop"] == [STOP] for b in bodies)
+    assert [b.get("continue_final_message", False) for b in bodies] == [False, True, False, True]
+    assert bodies[1]["messages"][-1]["content"].endswith("x\n```\n```output\n42\n```\n")
+    assert result.prompt_tokens > 0 and result.completion_tokens > 0
