@@ -95,6 +95,7 @@ def test_parse_verdict_lenient_and_deterministic():
     verdict = parse_verdict("VERDICT: DISAGREE: 23 + 48 is 71, not 73.")
     assert (verdict.kind, verdict.reason) == ("disagree", "23 + 48 is 71, not 73.")
     assert parse_verdict("verdict disagree - wrong units").reason == "wrong units"
+    assert parse_verdict("VERDICT: DISAGREE: it is 71. \\boxed{71}").reason == "it is 71."
     assert parse_verdict("**Verdict:** Agree").kind == "agree"
     assert parse_verdict("VERDICT:DISAGREE").reason == ""
     assert parse_verdict("VERDICT: AGREE\nthen\nVERDICT: DISAGREE: no").kind == "disagree"  # the last one

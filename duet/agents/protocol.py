@@ -212,6 +212,9 @@ _VERDICT = re.compile(
 )
 
 
+_BOXED_IN_REASON = re.compile(r"\\boxed\{[^{}]*\}")
+
+
 @dataclass
 class Verdict:
     """A critic's verdict: ``kind`` is "agree", "disagree" or "none"; ``reason`` one line or ""."""
@@ -225,6 +228,6 @@ def parse_verdict(text: str) -> Verdict:
     for line in reversed(prose(text).splitlines()):
         found = _VERDICT.match(line.strip())
         if found:
-            reason = found.group("reason").strip().strip("*_").strip()
+            reason = _BOXED_IN_REASON.sub("", found.group("reason")).strip().strip("*_").strip()
             return Verdict(DISAGREE if found.group(1) else AGREE, reason)
     return Verdict(NO_VERDICT)
