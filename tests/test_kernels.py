@@ -427,3 +427,30 @@ def test_import_is_lazy_and_forced_triton_fails_cleanly():
     proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.strip() == "ok"
+
+
+# ==================================================================================== benchmark
+
+
+BENCH = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks", "kernels.py")
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-CUDA exit")
+def test_benchmark_without_cuda_exits_with_one_line():
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    proc = subprocess.run([sys.executable, BENCH], env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 1
+    assert proc.stdout == ""
+    assert proc.stderr.strip().count("\n") == 0 and "needs CUDA" in proc.stderr
+
+
+@pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton is not installed")
+def test_benchmark_smoke_on_cpu():
+    """The whole benchmark script on tiny shapes through the interpreter, its correctness checks included."""
+    env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "DUET_KERNELS")}
+    proc = subprocess.run([sys.executable, BENCH, "--smoke"], env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    for kernel in ("act_quant", "weight_dequant", "fp8_gemm", "fused_moe", "mla_decode"):
+        assert kernel in proc.stdout
+    assert "FAIL" not in proc.stdout and proc.stdout.count("ok (") == 8, proc.stdout
