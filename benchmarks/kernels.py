@@ -77,6 +77,7 @@ class Row:
 class Report:
     rows: list[Row] = field(default_factory=list)
     targets: list[tuple[str, bool | None, str]] = field(default_factory=list)
+    edge: list[tuple[str, float, float]] = field(default_factory=list)  # (case, error, tolerance)
 
 
 def peaks_for(name: str, args) -> tuple[float | None, float | None, float | None]:
@@ -255,6 +256,70 @@ def case_mla(report: Report, peaks, rep: int) -> None:
                                        f"{100 * frac:.0f}%"))
 
 
+def edge_checks(report: Report) -> None:
+    """The unit tests' awkward cases, on this device's compiled kernels: sizes that are not multiples of
+    the blocks, a single token, experts without tokens, ragged and tiny lengths, NaN cache padding, one
+    and several KV splits, strided cache views, S > 1."""
+    from duet.kernels import reference as ref
+    from duet.kernels import triton_kernels as tk
+
+    g = torch.Generator(device=DEV).manual_seed(3)
+
+    def rn(*shape, dtype=torch.float32, scale=1.0):
+        return (torch.randn(*shape, device=DEV, generator=g) * scale).to(dtype)
+
+    def add(name, out, expect, tol):
+        report.edge.append((name, rel_err(out, expect) if out.numel() else 0.0, tol))
+
+    if DEV != "cuda" or torch.cuda.get_device_capability() >= (8, 9):
+        for shape in ((5, 300), (1, 1), (17, 130)):
+            x = rn(*shape, scale=3.0)
+            y, sc = tk.act_quant(x)
+            yr, sr = ref.act_quant(x)
+            differ = float((y.view(torch.uint8) != yr.view(torch.uint8)).float().mean())
+            report.edge.append((f"act_quant {shape} (fraction of fp8 bytes differing)", differ, 0.0))
+            add(f"act_quant scales {shape}", sc, sr, 1e-6)
+        w = rn(200, 300, scale=40.0).clamp(-448, 448).to(torch.float8_e4m3fn)
+        ws = torch.rand(2, 3, device=DEV, generator=g) + 0.1
+        for dt in (torch.float32, torch.bfloat16):
+            add(f"weight_dequant 200x300 {dt}", tk.weight_dequant(w, ws, dtype=dt),
+                ref.weight_dequant(w, ws, dtype=dt), 0.0)
+        for ashape, n in (((5, 300), 150), ((2, 3, 256), 130)):
+            a, a_s = ref.act_quant(rn(*ashape))
+            b = rn(n, ashape[-1], scale=40.0).clamp(-448, 448).to(torch.float8_e4m3fn)
+            b_s = torch.rand(-(-n // 128), -(-ashape[-1] // 128), device=DEV, generator=g) * 1e-2
+            add(f"fp8_gemm {ashape}x{n}", tk.fp8_gemm(a, a_s, b, b_s, torch.float32),
+                ref.fp8_gemm(a, a_s, b, b_s, torch.float32), 1e-5)
+
+    for T, E, k, used, dt in ((1, 8, 6, 8, torch.bfloat16), (7, 8, 2, 5, torch.float32),
+                              (40, 4, 3, 4, torch.bfloat16)):
+        D, I = 96, 80
+        x = rn(T, D, dtype=dt)
+        wg, wu = rn(E, I, D, dtype=dt, scale=D**-0.5), rn(E, I, D, dtype=dt, scale=D**-0.5)
+        wd = rn(E, D, I, dtype=dt, scale=I**-0.5)
+        ids = torch.stack([torch.randperm(used, device=DEV, generator=g)[:k] for _ in range(T)])
+        tw = torch.rand(T, k, device=DEV, generator=g)
+        tol = 1e-5 if dt == torch.float32 else 2e-2
+        add(f"fused_moe T={T} E={E} top{k} (experts>={used} idle) {str(dt)[6:]}",
+            tk.fused_moe(x, wg, wu, wd, ids, tw), ref.fused_moe(x, wg, wu, wd, ids, tw), tol)
+
+    for S, H, R, lengths, splits, dt in ((1, 4, 32, [70, 1, 33], 1, torch.float32),
+                                        (1, 4, 32, [70, 1, 33], 3, torch.float32),
+                                        (3, 3, 40, [70, 3, 17], None, torch.bfloat16),
+                                        (2, 16, 512, [5], 4, torch.bfloat16)):
+        B, P, T = len(lengths), 64, 70
+        q, qp = rn(B, S, H, R, dtype=dt), rn(B, S, H, P, dtype=dt)
+        buf = rn(B, T, R + P, dtype=dt)
+        for b, n in enumerate(lengths):
+            buf[b, n:] = float("nan")
+        kv, kp = buf[..., :R], buf[..., R:]  # strided views of one cache
+        lens = torch.tensor(lengths, device=DEV)
+        tol = 1e-4 if dt == torch.float32 else 2e-2
+        add(f"mla_decode S={S} H={H} R={R} lengths={lengths} splits={splits} {str(dt)[6:]}",
+            tk.mla_decode(q, qp, kv, kp, lens, 0.1, num_splits=splits),
+            ref.mla_decode(q, qp, kv, kp, lens, 0.1), tol)
+
+
 # ------------------------------------------------------------------------------------------ output
 
 
@@ -295,7 +360,13 @@ def render(report: Report, device: str, peaks, elapsed: float) -> None:
         print(" | ".join(headers))
         for line in lines:
             print(" | ".join(line))
-    print("\nTargets:")
+    if report.edge:
+        bad = [(n, e, t) for n, e, t in report.edge if not e <= t]
+        print(f"\nEdge-case correctness (compiled kernels vs reference): {len(report.edge) - len(bad)}"
+              f"/{len(report.edge)} ok")
+        for n, e, t in bad:
+            print(f"  FAIL {n}: error {e:.2e} > tolerance {t:.0e}")
+    print("\nTargets:" if DEV == "cuda" else "\nTargets (not meaningful with --smoke):")
     for name, ok, value in report.targets:
         verdict = "n/a" if ok is None else ("PASS" if ok else "MISS")
         print(f"  [{verdict}] {name}: {value}")
@@ -323,6 +394,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--peak-bf16", type=float, help="override the bf16 dense TFLOP/s peak")
     parser.add_argument("--peak-fp8", type=float, help="override the fp8 dense TFLOP/s peak")
     parser.add_argument("--peak-hbm", type=float, help="override the HBM bandwidth peak in TB/s")
+    parser.add_argument("--no-edge", action="store_true", help="skip the edge-case correctness checks")
     parser.add_argument("--smoke", action="store_true",
                         help="no GPU needed: run this script on tiny shapes on the CPU with "
                              "TRITON_INTERPRET=1 (checks the script and the kernels, not their speed)")
@@ -363,6 +435,8 @@ def run(args, device: str, cap: tuple[int, int], peaks) -> int:
     report = Report()
     start = time.time()
     torch.manual_seed(0)
+    if not args.no_edge:
+        edge_checks(report)
     if "fp8" in wanted:
         if cap < (8, 9):
             report.targets.append(("fp8 kernels", None, f"need compute capability >= 8.9, have {cap}"))

@@ -396,6 +396,24 @@ def test_dispatch_invalid_value(monkeypatch):
         K.weight_dequant(rand_fp8(4, 4), torch.ones(1, 1))
 
 
+def test_dispatch_fp8_kernels_need_sm89(monkeypatch):
+    """On a CUDA device without FP8 (e.g. an A100), auto keeps the FP8 kernels on torch, forced fails."""
+
+    class FakeCudaTensor:
+        is_cuda = True
+        device = torch.device("cuda", 0)
+
+    monkeypatch.setattr(K, "_triton_import_error", lambda: None)
+    monkeypatch.setattr(K, "_fp8_capable", lambda tensor: False)
+    t = FakeCudaTensor()
+    monkeypatch.setenv(K.ENV_VAR, "auto")
+    assert K.backend_for(t, "fused_moe") == "triton" and K.backend_for(t) == "triton"
+    assert all(K.backend_for(t, name) == "torch" for name in K.FP8_KERNELS)
+    monkeypatch.setenv(K.ENV_VAR, "triton")
+    with pytest.raises(RuntimeError, match="FP8"):
+        K.backend_for(t, "fp8_gemm")
+
+
 def test_dispatch_forced_triton(tk, monkeypatch):
     monkeypatch.setenv(K.ENV_VAR, "triton")
     x = randn(3, 200, seed=13)
@@ -444,6 +462,7 @@ def test_benchmark_without_cuda_exits_with_one_line():
     assert proc.stderr.strip().count("\n") == 0 and "needs CUDA" in proc.stderr
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton is not installed")
 def test_benchmark_smoke_on_cpu():
     """The whole benchmark script on tiny shapes through the interpreter, its correctness checks included."""
@@ -454,3 +473,4 @@ def test_benchmark_smoke_on_cpu():
     for kernel in ("act_quant", "weight_dequant", "fp8_gemm", "fused_moe", "mla_decode"):
         assert kernel in proc.stdout
     assert "FAIL" not in proc.stdout and proc.stdout.count("ok (") == 8, proc.stdout
+    assert "Edge-case correctness (compiled kernels vs reference): 17/17 ok" in proc.stdout, proc.stdout

@@ -32,6 +32,7 @@ BACKENDS = ("auto", "triton", "torch")
 __all__ = [
     "ENV_VAR",
     "BACKENDS",
+    "FP8_KERNELS",
     "act_quant",
     "weight_dequant",
     "fp8_gemm",
@@ -75,12 +76,27 @@ def _interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0").strip().lower() in ("1", "true", "yes", "on")
 
 
-def backend_for(tensor: Tensor | None = None) -> str:
-    """``"triton"`` or ``"torch"``: the backend a kernel called on ``tensor`` would use now.
+# Kernels that use FP8 (e4m3) in Triton need compute capability 8.9+ (Ada, Hopper, Blackwell).
+FP8_KERNELS = frozenset({"act_quant", "weight_dequant", "fp8_gemm"})
 
-    With ``DUET_KERNELS=auto`` Triton is chosen only for CUDA tensors and only if Triton imports.  With
-    ``DUET_KERNELS=triton`` Triton is forced; if it cannot import, this raises a RuntimeError saying why.
-    ``tensor=None`` asks about the default CUDA device when there is one.
+
+def _fp8_capable(tensor: Tensor | None) -> bool:
+    if tensor is not None and not tensor.is_cuda:
+        return True  # the interpreter
+    if not torch.cuda.is_available():
+        return True
+    device = tensor.device if tensor is not None else None
+    return torch.cuda.get_device_capability(device) >= (8, 9)
+
+
+def backend_for(tensor: Tensor | None = None, kernel: str | None = None) -> str:
+    """``"triton"`` or ``"torch"``: the backend ``kernel`` (any kernel when None) called on ``tensor``
+    would use now.
+
+    With ``DUET_KERNELS=auto`` Triton is chosen only for CUDA tensors, only if Triton imports, and for the
+    FP8 kernels only on compute capability 8.9+.  With ``DUET_KERNELS=triton`` Triton is forced; if it
+    cannot run, this raises a RuntimeError saying why.  ``tensor=None`` asks about the default CUDA
+    device when there is one.
     """
     req = requested_backend()
     if req == "torch":
@@ -94,9 +110,11 @@ def backend_for(tensor: Tensor | None = None) -> str:
                 f"{ENV_VAR}=triton with a tensor on {tensor.device.type}: Triton needs CUDA, "
                 "or TRITON_INTERPRET=1 set before Triton is first imported"
             )
+        if kernel in FP8_KERNELS and not _fp8_capable(tensor):
+            raise RuntimeError(f"{ENV_VAR}=triton: the Triton {kernel} needs FP8 (compute capability 8.9+)")
         return "triton"
     on_cuda = tensor.is_cuda if tensor is not None else torch.cuda.is_available()
-    if on_cuda and _triton_import_error() is None:
+    if on_cuda and _triton_import_error() is None and (kernel not in FP8_KERNELS or _fp8_capable(tensor)):
         return "triton"
     return "torch"
 
@@ -124,7 +142,7 @@ def describe() -> str:
 
 
 def _impl(name: str, tensor: Tensor) -> Any:
-    if backend_for(tensor) == "triton":
+    if backend_for(tensor, name) == "triton":
         from . import triton_kernels
 
         return getattr(triton_kernels, name)
