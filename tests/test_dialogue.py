@@ -14,8 +14,6 @@ from duet.agents.events import EVENT_KINDS, Event
 from duet.agents.protocol import NO_CODE, STEP_LIMIT_NOTE, STOP
 from duet.agents.transcript import DialogueResult
 
-pytest.importorskip("duet.agents.sandbox")  # TEMPORARY until the sandbox lands: these tests use the real one
-
 QUESTION = "A baker has 23 loaves and bakes 4 trays of 12 more. How many loaves does he have?"
 
 RIGHT = """Count the baked loaves, then add the 23.

@@ -301,7 +301,6 @@ def test_scripted_responder_serves_a_tool_loop_like_vllm(server):
 
 
 def test_a_full_dialogue_on_the_server(server):
-    pytest.importorskip("duet.agents.sandbox")  # TEMPORARY until the sandbox lands
     from duet.agents.dialogue import DialogueConfig, run_dialogue
 
     solver_script = "Multiply.\n```python\nx = 6 * 7\nx\n```\n```output\n?\n```\nSo \\boxed{42}."
