@@ -74,6 +74,10 @@ def test_format_output_error_is_trimmed_to_the_last_frame():
     timeout = "TimeoutError: cell ran longer than 5 s"
     assert trim_traceback("", timeout) == timeout
     assert trim_traceback("", None) == "Error"
+    note = "[sandbox] a fresh session started: the previous one ended; variables are gone.\n"
+    assert format_output("", note, "timed out after 5 s", ok=False, state_lost=True) == (
+        f"{STATE_LOST_NOTE}\ntimed out after 5 s"
+    )
 
 
 def test_format_output_caps_long_output_keeping_head_and_tail():

@@ -133,8 +133,12 @@ def output_block(content: str) -> str:
 
 
 def trim_traceback(stderr: str, error: str | None) -> str:
-    """The few lines of a traceback a model needs: last frame, its code line, the one-line error."""
-    lines = [ln.rstrip() for ln in stderr.rstrip().splitlines() if ln.strip()]
+    """The few lines of a traceback a model needs: last frame, its code line, the one-line error.
+
+    Lines the sandbox adds about itself (``[sandbox] ...``) are dropped: a restart is said once, by
+    :data:`STATE_LOST_NOTE`.
+    """
+    lines = [ln.rstrip() for ln in stderr.splitlines() if ln.strip() and not ln.startswith("[sandbox]")]
     frames = [i for i, ln in enumerate(lines) if ln.lstrip().startswith('File "')]
     tail = lines[frames[-1] :] if frames else lines[-TRACEBACK_LINES:]
     tail = [ln for ln in tail if set(ln.strip()) - set("^~ ")]  # drop the caret markers
