@@ -10,6 +10,7 @@ from duet.agents.protocol import (
     extract_boxed_fallback,
     extract_final_answer,
     find_code_blocks,
+    format_cell,
     format_output,
     output_block,
     parse_verdict,
@@ -55,8 +56,10 @@ def test_boxed_fallback_balances_braces():
     assert extract_boxed_fallback(r"\boxed{unclosed") is None
 
 
-def test_output_block_exact_text():
+def test_output_block_and_cell_exact_text():
     assert output_block("4") == "```output\n4\n```\n"
+    cell = format_cell("Add.", "print(2 + 2)", "4")
+    assert cell == "Add.\n```python\nprint(2 + 2)\n```\n```output\n4\n```\n"
 
 
 def test_format_output_plain_empty_and_state_lost():

@@ -132,6 +132,12 @@ def output_block(content: str) -> str:
     return f"{OUTPUT_OPEN}{content}\n{FENCE_CLOSE}\n"
 
 
+def format_cell(step: str, code: str, output: str) -> str:
+    """One whole step as it appears in an assistant message (for building training data):
+    ``<step>\n```python\n<code>\n```\n```output\n<output>\n```\n``."""
+    return f"{step}\n{CODE_FENCES[0]}\n{code}\n{FENCE_CLOSE}\n{output_block(output)}"
+
+
 def trim_traceback(stderr: str, error: str | None) -> str:
     """The few lines of a traceback a model needs: last frame, its code line, the one-line error.
 
