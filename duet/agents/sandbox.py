@@ -45,6 +45,7 @@ import json
 import os
 import queue
 import secrets
+import select
 import selectors
 import shutil
 import signal
@@ -249,9 +250,20 @@ def _bwrap_argv(bwrap: str) -> list[str]:
     for path in worker.ETC_FILES:
         if os.path.exists(path):
             argv += ["--ro-bind", path, path]
+    created: set[str] = set()
     for root in worker.python_roots():
-        if root != "/usr" and not root.startswith("/usr/"):
-            argv += ["--ro-bind", root, root]
+        if root == "/usr" or root.startswith("/usr/"):
+            continue
+        # Parents bwrap would create copy restrictive host modes (/root is 0700): make them
+        # traversable so a session's unprivileged uid reaches the interpreter (needs bwrap >= 0.5).
+        parent, parents = os.path.dirname(root), []
+        while parent not in ("/", "") and parent not in created:
+            parents.append(parent)
+            parent = os.path.dirname(parent)
+        for path in reversed(parents):
+            argv += ["--perms", "0755", "--dir", path]
+            created.add(path)
+        argv += ["--ro-bind", root, root]
     for path in _WORKER_PATHS:
         argv += ["--ro-bind", path, f"{worker.SANDBOX_DIR}/{os.path.basename(path)}"]
     argv += ["--chdir", "/tmp"]
@@ -535,8 +547,7 @@ class _Session:
                 self.report = report
 
     def check_alive(self) -> bool:
-        ready, _, _ = _select([self.status], 0)
-        if ready:
+        if _readable([self.status], 0):
             self.read_status()
         return not self.gone and self.report is None
 
@@ -556,8 +567,7 @@ class _Session:
             left = deadline - time.monotonic()
             if left <= 0:
                 return False
-            ready, _, _ = _select([self.status], left)
-            if ready:
+            if _readable([self.status], left):
                 self.read_status()
         return True
 
@@ -596,12 +606,12 @@ class _Session:
                     pass
 
 
-def _select(fds: list[int], timeout: float) -> tuple[list, list, list]:
-    with selectors.DefaultSelector() as sel:
-        for fd in fds:
-            sel.register(fd, selectors.EVENT_READ)
-        ready = [key.fd for key, _ in sel.select(timeout)]
-    return ready, [], []
+def _readable(fds: list[int], timeout: float) -> list[int]:
+    """The fds among `fds` that are readable (or hung up) within `timeout` seconds."""
+    poller = select.poll()
+    for fd in fds:
+        poller.register(fd, select.POLLIN)
+    return [fd for fd, _ in poller.poll(max(0.0, timeout) * 1000)]
 
 
 def _format_size(limit: int) -> str:
@@ -749,7 +759,7 @@ class Sandbox:
         deadline = time.monotonic() + _SESSION_START_TIMEOUT
         session.ctrl.setblocking(False)
         while time.monotonic() < deadline:
-            ready, _, _ = _select([session.ctrl.fileno(), session.status], deadline - time.monotonic())
+            ready = _readable([session.ctrl.fileno(), session.status], deadline - time.monotonic())
             if session.status in ready:
                 session.read_status()
             if session.ctrl.fileno() in ready:
@@ -810,7 +820,10 @@ class Sandbox:
             return result
 
     def _exchange(self, session: _Session, code: str) -> tuple[RunResult, bool]:
-        """Send one run, drain both output pipes while waiting, enforce the deadline."""
+        """Send one run, drain both output pipes while waiting, enforce the deadline.
+
+        Returns the result and whether the session is over (died, or ended itself after a MemoryError).
+        """
         sentinel = secrets.token_hex(16)
         marker = b"\x00" + sentinel.encode() + b"\x00"
         out = _Collector(self.output_limit, marker)
@@ -884,7 +897,7 @@ class Sandbox:
                 error = f"output truncated at {_format_size(self.output_limit)}"
         result = RunResult(stdout=out.text(), stderr=err.text(), error=error, ok=ok, seconds=seconds,
                            truncated=truncated)
-        return result, died
+        return result, died or bool((reply or {}).get("session_ends"))
 
     @staticmethod
     def _drain(fd: int, collector: _Collector, sel: selectors.BaseSelector) -> None:
@@ -907,8 +920,7 @@ class Sandbox:
         """After the session is gone: take what is still in the pipe (bounded; writers are dead)."""
         deadline = time.monotonic() + 1.0
         while not collector.eof and time.monotonic() < deadline:
-            ready, _, _ = _select([fd], deadline - time.monotonic())
-            if not ready:
+            if not _readable([fd], deadline - time.monotonic()):
                 break
             try:
                 chunk = os.read(fd, 1 << 16)

@@ -839,6 +839,8 @@ class _Repl:
             sentinel = b"\x00" + str(request.get("sentinel", "")).encode() + b"\x00"
             reply["sentinels"] = [self._write_all(fd, sentinel) for fd in (1, 2)]
             send_frame(_CTRL_FD, reply)
+            if reply["session_ends"]:
+                os._exit(0)
 
     def run(self, code: str, timeout: float) -> dict:
         self.cells += 1
@@ -854,7 +856,8 @@ class _Repl:
                 exec(compiled, self.namespace)
         except BaseException as exc:  # noqa: BLE001 - everything the cell raises is the cell's result
             error, kind = self._report(exc)
-        return {"ok": error is None, "error": error, "kind": kind,
+        # Out of memory, the session's state is suspect and likely still huge: start afresh.
+        return {"ok": error is None, "error": error, "kind": kind, "session_ends": kind == "memory",
                 "truncated": [self.stdout.truncated, self.stderr.truncated]}
 
     @staticmethod
