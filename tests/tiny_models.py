@@ -63,3 +63,27 @@ def make_duet_checkpoint(path: Path, seed: int = 0, n_mtp: int = 1, **overrides)
     randomize_(model, seed)
     save_model(model, path)
     return path
+
+
+CORPUS = [
+    "Tom has 12 apples and buys 35 more. How many apples does he have now?",
+    "```python\nprint(12 + 35)\n```\n```output\n47\n```\nThe answer is \\boxed{47}.",
+    "A café sells crêpes for 3 euros; naïve coöperation, 日本語のテキスト, emoji 🙂 and ünïcödé.",
+    "VERDICT: AGREE. The computation checks out.",
+]
+
+
+def make_tokenizer(vocab_size: int = 320):
+    """duet's own BPE tokenizer, trained on a few lines (with multi-byte characters)."""
+    from duet.train.tokenizer import train_tokenizer
+
+    return train_tokenizer(CORPUS * 20, vocab_size=vocab_size, min_frequency=1)
+
+
+def make_engine_checkpoint(path: Path, seed: int = 0, n_mtp: int = 1, **overrides) -> Path:
+    """A random duet model with MTP plus a real trained tokenizer and chat template."""
+    tok = make_tokenizer()
+    fields = {"vocab_size": len(tok), "eos_token_id": tok.eos_token_id, "bos_token_id": tok.bos_token_id, **overrides}
+    make_duet_checkpoint(path, seed=seed, n_mtp=n_mtp, **fields)
+    tok.save_pretrained(path)
+    return path

@@ -1,0 +1,1 @@
+"""Training duet's embedded default model: tokenizer, data, and the training loop."""

@@ -1,0 +1,224 @@
+"""The generation engine: exactness of greedy and MTP decoding, sampling statistics, batching, streaming."""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+import torch
+
+from duet.engine import Engine, SamplingParams
+from duet.engine.detokenize import TextStream
+from duet.engine.sampling import accept_draft, probabilities
+from tests.tiny_models import make_engine_checkpoint, make_tokenizer
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory):
+    return make_engine_checkpoint(tmp_path_factory.mktemp("engine"), seed=11)
+
+
+@pytest.fixture(scope="module")
+def engine(ckpt):
+    return Engine.load(ckpt, max_batch=3)
+
+
+@pytest.fixture(scope="module")
+def plain(ckpt):
+    return Engine.load(ckpt, max_batch=3, use_mtp=False)
+
+
+PROMPTS = ["Tom has 12 apples", "A café", "```python\nprint(", "VERDICT:", "How many apples does he have now? " * 3]
+
+
+@torch.no_grad()
+def reference_greedy(model, prompt: list[int], n: int) -> list[int]:
+    """Greedy decoding by full forward passes, no cache at all."""
+    ids = list(prompt)
+    for _ in range(n):
+        ids.append(int(model(torch.tensor([ids]))[0, -1].argmax()))
+    return ids[len(prompt):]
+
+
+def test_greedy_equals_uncached_reference(plain):
+    prompt = plain.encode(PROMPTS[0])
+    params = SamplingParams(max_new_tokens=24, stop_at_eos=False)
+    [result] = plain.generate([prompt], params)
+    assert result.token_ids == reference_greedy(plain.model, prompt, 24)
+    assert result.finish_reason == "length" and result.completion_tokens == 24
+
+
+def test_mtp_greedy_is_token_for_token_plain_greedy(engine, plain):
+    """Five prompts of different lengths through 3 rows: continuous batching with refills."""
+    params = SamplingParams(max_new_tokens=40, stop_at_eos=False)
+    with_mtp = engine.generate(PROMPTS, params)
+    without = plain.generate(PROMPTS, params)
+    for a, b in zip(with_mtp, without, strict=True):
+        assert a.token_ids == b.token_ids
+        assert a.text == b.text
+    assert sum(r.drafted for r in with_mtp) > 0
+    assert all(r.drafted == 0 for r in without)
+    # fewer main-model passes than tokens whenever a draft was accepted
+    for r in with_mtp:
+        assert r.forward_passes == r.completion_tokens - r.accepted
+
+
+def test_batched_equals_one_at_a_time(plain):
+    params = SamplingParams(max_new_tokens=16, stop_at_eos=False)
+    together = plain.generate(PROMPTS, params)
+    for prompt, result in zip(PROMPTS, together, strict=True):
+        assert plain.generate([prompt], params)[0].token_ids == result.token_ids
+
+
+def test_seeded_sampling_is_reproducible(engine):
+    params = [SamplingParams(max_new_tokens=20, temperature=1.0, top_p=0.9, top_k=50, seed=s, stop_at_eos=False)
+              for s in (1, 1, 2)]
+    a, b, c = engine.generate([PROMPTS[0]] * 3, params)
+    assert a.token_ids == b.token_ids
+    assert a.token_ids != c.token_ids
+    # batching does not change a seeded row
+    [alone] = engine.generate([PROMPTS[0]], params[0])
+    assert alone.token_ids == a.token_ids
+
+
+def test_stop_strings_cut_text_and_stream_matches(plain):
+    params = SamplingParams(max_new_tokens=60, stop_at_eos=False)
+    [free] = plain.generate([PROMPTS[2]], params)
+    assert len(free.text) > 8
+    stop = free.text[5:8]
+    chunks: list[str] = []
+    [cut] = plain.generate([PROMPTS[2]], SamplingParams(max_new_tokens=60, stop=[stop], stop_at_eos=False),
+                           on_text=lambda i, t: chunks.append(t))
+    assert cut.finish_reason == "stop" and cut.stop_string == stop
+    assert cut.text == free.text[: free.text.find(stop)]
+    assert "".join(chunks) == cut.text
+
+
+def test_eos_ends_a_row_without_the_eos_token(plain):
+    params = SamplingParams(max_new_tokens=20, stop_at_eos=False)
+    [free] = plain.generate([PROMPTS[1]], params)
+    eos = free.token_ids[4]
+    first = free.token_ids.index(eos)
+    saved = plain.eos_ids
+    plain.eos_ids = {eos}
+    try:
+        [stopped] = plain.generate([PROMPTS[1]], SamplingParams(max_new_tokens=20))
+    finally:
+        plain.eos_ids = saved
+    assert stopped.finish_reason == "eos"
+    assert stopped.token_ids == free.token_ids[:first]
+
+
+def test_streaming_is_multibyte_safe():
+    tok = make_tokenizer()
+    text = "A café, 日本語 and 🙂 ünïcödé."
+    ids = tok(text, add_special_tokens=False)["input_ids"]
+    assert len(ids) > len(text) // 3
+    stream, chunks = TextStream(tok), []
+    for t in ids:
+        delta, _ = stream.add([t])
+        chunks.append(delta)
+    chunks.append(stream.finish())
+    assert all("\ufffd" not in c for c in chunks)
+    assert "".join(chunks) == text
+
+
+def test_stream_holds_back_a_possible_stop_string():
+    tok = make_tokenizer()
+    stream = TextStream(tok, stop=["```output"])
+    released = ""
+    for t in tok("x = 1\n```output\n1", add_special_tokens=False)["input_ids"]:
+        delta, stopped = stream.add([t])
+        released += delta
+        if stopped:
+            break
+    assert stopped and released == "x = 1\n" and stream.text == "x = 1\n"
+
+
+def test_streamed_text_equals_result_text(engine):
+    chunks: dict[int, list[str]] = {0: [], 1: []}
+    params = SamplingParams(max_new_tokens=30, temperature=0.8, seed=3, stop_at_eos=False)
+    results = engine.generate(PROMPTS[:2], params, on_text=lambda i, t: chunks[i].append(t))
+    for i, r in enumerate(results):
+        assert "".join(chunks[i]) == r.text
+
+
+def test_cancel_stops_generation(plain):
+    cancel = threading.Event()
+    seen = []
+
+    def on_text(i, t):
+        seen.append(t)
+        if len(seen) >= 3:
+            cancel.set()
+
+    [r] = plain.generate([PROMPTS[0]], SamplingParams(max_new_tokens=200, stop_at_eos=False), on_text, cancel)
+    assert r.finish_reason == "cancelled" and r.completion_tokens < 200
+
+
+def test_chat_template_and_continuation(engine):
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "2+2?"}]
+    opened = engine.tokenizer.decode(engine.encode_chat(messages))
+    assert opened.endswith("<|assistant|>")
+    partial = messages + [{"role": "assistant", "content": "Let me compute"}]
+    continued = engine.tokenizer.decode(engine.encode_chat(partial))
+    assert continued.endswith("<|assistant|>Let me compute")
+
+
+def test_context_limits(ckpt):
+    small = Engine.load(ckpt, max_seq_len=16, use_mtp=False)
+    with pytest.raises(ValueError, match="context holds 16"):
+        small.generate([list(range(3, 30))], SamplingParams(max_new_tokens=4))
+    [r] = small.generate([list(range(3, 10))], SamplingParams(max_new_tokens=100, stop_at_eos=False))
+    assert r.finish_reason == "length" and r.prompt_tokens + r.completion_tokens <= 16
+
+
+# ----------------------------------------------------------------------------- speculative sampling statistics
+
+
+def test_accept_draft_preserves_the_target_distribution():
+    """Emitted tokens follow p exactly whatever the draft distribution q (tiny vocabulary, many samples)."""
+    g = torch.Generator().manual_seed(0)
+    params = SamplingParams(temperature=1.0)
+    p_logits = torch.tensor([2.0, 1.0, 0.5, -1.0, 0.0])
+    q_logits = torch.tensor([-1.0, 2.0, 0.0, 1.5, -0.5])
+    p, q = probabilities(p_logits, params), probabilities(q_logits, params)
+    n = 20000
+    counts = torch.zeros(5)
+    accepted = 0
+    for _ in range(n):
+        d = int(torch.multinomial(q, 1, generator=g))
+        ok, t = accept_draft(p_logits, q_logits, d, params, g)
+        accepted += ok
+        counts[t] += 1
+    empirical = counts / n
+    assert (empirical - p).abs().max() < 0.015
+    expected_acceptance = torch.minimum(p, q).sum()
+    assert abs(accepted / n - expected_acceptance) < 0.015
+    # with q the emitted distribution would have been visibly different
+    assert (q - p).abs().max() > 0.2
+
+
+@torch.no_grad()
+def test_mtp_sampling_matches_exact_distribution_end_to_end(tmp_path):
+    """The second generated token (the first that goes through draft acceptance) is distributed as the
+    exact model marginal sum_t1 p(t1) p(t2 | t1), computed by full forward passes. A 4-token model
+    vocabulary keeps the exact distribution small and gives the random MTP drafts real overlap."""
+    ckpt = make_engine_checkpoint(tmp_path, seed=5, vocab_size=4, num_hidden_layers=1)
+    eng = Engine.load(ckpt, max_batch=64)
+    params = SamplingParams(max_new_tokens=2, temperature=1.0, stop_at_eos=False)
+    prompt = [1, 3, 0, 2]
+    model = eng.model
+    p1 = probabilities(model(torch.tensor([prompt]))[0, -1], params)
+    exact = torch.zeros_like(p1)
+    for t1 in p1.nonzero().flatten().tolist():
+        exact += p1[t1] * probabilities(model(torch.tensor([prompt + [t1]]))[0, -1], params)
+    n = 800
+    results = eng.generate([prompt] * n, [SamplingParams(**{**params.__dict__, "seed": s}) for s in range(n)])
+    counts = torch.zeros_like(exact)
+    for r in results:
+        counts[r.token_ids[1]] += 1
+    tv = 0.5 * (counts / n - exact).abs().sum()
+    accepted = sum(r.accepted for r in results)
+    assert 0 < accepted < n, "both acceptance and rejection must occur for this test to mean something"
+    assert tv < 0.07, f"total variation {tv:.3f}"
