@@ -412,10 +412,15 @@ def _arg_lo(i: int) -> int:
     return 16 + 8 * i  # low 32 bits of seccomp_data.args[i] (little-endian): int-typed args live there
 
 
-def build_seccomp_filter(protected_pids: Iterable[int] = (), *, deny_kill_all: bool = True) -> bytes:
+def build_seccomp_filter(
+    protected_pids: Iterable[int] = (), *, deny_kill_all: bool = True, unix_sockets: bool = True
+) -> bytes:
     """The seccomp BPF program (an array of struct sock_filter) for a session.
 
-    EPERM for SECCOMP_DENIED, for sockets other than AF_UNIX, for clone() with namespace flags,
+    EPERM for SECCOMP_DENIED, for sockets other than AF_UNIX (any socket() at all unless
+    `unix_sockets`: Landlock cannot stop connect() to an existing named socket such as
+    /run/docker.sock, so without a private filesystem view only socketpair() stays allowed),
+    for clone() with namespace flags,
     for TIOCSTI/TIOCLINUX and odd personalities, and for signals, pidfds and prlimit aimed at
     `protected_pids` (and at -1 when `deny_kill_all`). Comparisons look only at the low 32 bits
     where the kernel reads an int, so garbage in the high bits cannot slip past a 64-bit match.
@@ -461,7 +466,11 @@ def build_seccomp_filter(protected_pids: Iterable[int] = (), *, deny_kill_all: b
         ins(_RET_K, 0, 0, _RET_ALLOW)
         ins(_RET_K, 0, 0, eperm)
 
-    allow_only("socket", 0, (_AF_UNIX,))  # no AF_INET/INET6/PACKET/NETLINK...: no network at all
+    if unix_sockets:
+        allow_only("socket", 0, (_AF_UNIX,))  # no AF_INET/INET6/PACKET/NETLINK...: no network at all
+    else:
+        ins(_JEQ_K, 0, 1, nr["socket"])
+        ins(_RET_K, 0, 0, eperm)
     allow_only("socketpair", 0, (_AF_UNIX,))
     allow_only("personality", 0, _PERSONALITY_OK)
     deny_values("ioctl", 1, (_TIOCSTI, _TIOCLINUX))  # no typing into a terminal we might share
@@ -487,9 +496,11 @@ class _SockFprog(ctypes.Structure):
     _fields_ = [("len", ctypes.c_ushort), ("filter", ctypes.c_void_p)]
 
 
-def install_seccomp(protected_pids: Iterable[int] = (), *, deny_kill_all: bool = True) -> None:
+def install_seccomp(
+    protected_pids: Iterable[int] = (), *, deny_kill_all: bool = True, unix_sockets: bool = True
+) -> None:
     """Install build_seccomp_filter() on the calling thread and its future children (irreversible)."""
-    program = build_seccomp_filter(protected_pids, deny_kill_all=deny_kill_all)
+    program = build_seccomp_filter(protected_pids, deny_kill_all=deny_kill_all, unix_sockets=unix_sockets)
     buf = ctypes.create_string_buffer(program, len(program))
     fprog = _SockFprog(len(program) // 8, ctypes.cast(buf, ctypes.c_void_p).value)
     set_no_new_privs()

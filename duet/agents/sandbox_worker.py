@@ -237,7 +237,7 @@ def _session_plan(options: dict, env: dict, request: dict, session_uid: int) -> 
     confined = mode != "none"
     root = env["euid"] == 0
     pidns = mode == "bwrap"
-    drop_uid = confined and root and layers.get("uid", True)
+    drop_uid = confined and root and iso.IS_LINUX and layers.get("uid", True)
     landlock_abi = env["landlock_abi"] if confined and mode in ("bwrap", "landlock") else 0
     landlock = landlock_abi > 0 and layers.get("landlock", True)
     seccomp = confined and mode in ("bwrap", "landlock") and env["seccomp"] and layers.get("seccomp", True)
@@ -644,7 +644,7 @@ def _confine(plan: dict, workdir: str, protected: list[int]) -> dict:
         applied["layers"].append("landlock")
     if plan["seccomp"]:
         # kill(-1) stays allowed only where it is confined to this session anyway.
-        iso.install_seccomp(protected, deny_kill_all=plan["sweep"] != "kill-all")
+        iso.install_seccomp(protected, deny_kill_all=plan["sweep"] != "kill-all", unix_sockets=plan["pidns"])
         applied["layers"].append("seccomp")
     return applied
 
@@ -753,6 +753,7 @@ class _CappedStream(io.TextIOBase):
         if not isinstance(s, str):
             raise TypeError(f"write() argument must be str, not {type(s).__name__}")
         n = len(s)
+        self.buffer.flush()  # keep the order of bytes and text writes
         room = self._limit + 1 - self.written  # one past the cap, so the host sees the overflow
         if room <= 0:
             self.truncated = True
@@ -767,6 +768,7 @@ class _CappedStream(io.TextIOBase):
         return n
 
     def flush(self) -> None:
+        self.buffer.flush()  # bytes the cell wrote to sys.stdout.buffer
         if self._pending:
             data = "".join(self._pending).encode("utf-8", "backslashreplace")
             self._pending, self._pending_len = [], 0
