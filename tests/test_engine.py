@@ -222,3 +222,14 @@ def test_mtp_sampling_matches_exact_distribution_end_to_end(tmp_path):
     accepted = sum(r.accepted for r in results)
     assert 0 < accepted < n, "both acceptance and rejection must occur for this test to mean something"
     assert tv < 0.07, f"total variation {tv:.3f}"
+
+
+def test_concurrent_callers_share_the_batch(plain):
+    """Threads submitting at once (as eval's dialogues do) get the same results as one at a time."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    params = SamplingParams(max_new_tokens=12, stop_at_eos=False)
+    expected = [plain.submit(p, params).token_ids for p in PROMPTS]
+    with ThreadPoolExecutor(len(PROMPTS)) as pool:
+        got = list(pool.map(lambda p: plain.submit(p, params).token_ids, PROMPTS))
+    assert got == expected

@@ -10,10 +10,14 @@ row, then decodes together with the others, one token per step (or, with MTP, up
 
 When a row finishes (EOS, a stop string, max_new_tokens, or the cache is full), the last active
 row moves into its place, so active rows stay contiguous and the next request takes the freed row.
+
+The loop runs in one background thread. `generate` and `submit` may be called from many threads
+at once (the dialogues of `duet eval`): their requests join the same batch.
 """
 
 from __future__ import annotations
 
+import functools
 import threading
 import time
 from collections import deque
@@ -38,7 +42,7 @@ class GenerationResult:
 
     text: str
     token_ids: list[int]
-    finish_reason: str  # "eos" | "stop" (a stop string) | "length" | "cancelled"
+    finish_reason: str  # "eos" | "stop" (a stop string) | "length" | "cancelled" | "error"
     stop_string: str | None = None
     prompt_tokens: int = 0
     completion_tokens: int = 0
@@ -46,22 +50,27 @@ class GenerationResult:
     drafted: int = 0  # MTP draft tokens proposed
     accepted: int = 0  # ... and accepted by the main model
     seconds: float = 0.0
+    error: str | None = None  # what went wrong when finish_reason is "error"
 
 
 @dataclass
 class _Request:
-    index: int
     prompt: list[int]
     params: SamplingParams
     stream: TextStream
     generator: torch.Generator | None
     max_new: int
+    on_text: Callable[[str], None] | None = None
+    cancel: threading.Event | None = None
+    done: threading.Event = field(default_factory=threading.Event)
+    result: GenerationResult | None = None
     started: float = field(default_factory=time.perf_counter)
     out: list[int] = field(default_factory=list)
     forward_passes: int = 0
     drafted: int = 0
     accepted: int = 0
     finish_reason: str | None = None
+    error: str | None = None
 
 
 @dataclass
@@ -89,7 +98,11 @@ class Engine:
         self.dtype = model.embed_tokens.weight.dtype
         self.eos_ids = _eos_ids(model, tokenizer)
         self.cache: KVCache | None = None
-        self._active: list[_Row] = []
+        self._active: list[_Row] = []  # rows 0..len-1 of the cache, in order
+        self._queue: deque[_Request] = deque()
+        self._lock = threading.Lock()
+        self._wakeup = threading.Condition(self._lock)
+        self._worker: threading.Thread | None = None
 
     @classmethod
     def load(cls, path: str | Path, device: str = "cpu", dtype: torch.dtype = torch.float32,
@@ -119,63 +132,103 @@ class Engine:
 
     # ------------------------------------------------------------------ generation
 
-    @torch.inference_mode()
     def generate(self, prompts: Sequence[str | list[int]], params: SamplingParams | Sequence[SamplingParams],
                  on_text: TextCallback | None = None, cancel: threading.Event | None = None) -> list[GenerationResult]:
         """Complete every prompt; rows refill from the queue as others finish. Results keep prompt order."""
         plist = list(params) if isinstance(params, Sequence) else [params] * len(prompts)
         if len(plist) != len(prompts):
             raise ValueError(f"{len(prompts)} prompts but {len(plist)} sampling params")
-        requests = [self._request(i, p, sp) for i, (p, sp) in enumerate(zip(prompts, plist, strict=True))]
-        self._reserve(requests)
-        queue, done = deque(requests), []
-        self._active = []
-        while queue or self._active:
-            if cancel is not None and cancel.is_set():
-                for r in [row.req for row in self._active] + list(queue):
-                    r.finish_reason = "cancelled"
-                done += [row.req for row in self._active] + list(queue)
-                queue.clear()
-                self._active = []
-                break
-            while queue and len(self._active) < self.max_batch:
-                self._admit(queue.popleft(), on_text)
-            self._step(on_text)
-            done += self._retire()
-        return [self._result(r) for r in sorted(done, key=lambda r: r.index)]
+        requests = [self._request(p, sp, None if on_text is None else functools.partial(on_text, i), cancel)
+                    for i, (p, sp) in enumerate(zip(prompts, plist, strict=True))]
+        self.start()._enqueue(requests)
+        for r in requests:
+            r.done.wait()
+        return [r.result for r in requests]
 
-    def _request(self, index: int, prompt: str | list[int], params: SamplingParams) -> _Request:
+    def submit(self, prompt: str | list[int], params: SamplingParams, on_text: Callable[[str], None] | None = None,
+               cancel: threading.Event | None = None) -> GenerationResult:
+        """Generate one completion; safe from many threads at once, whose requests are decoded together
+        (continuous batching across callers, e.g. many dialogues in `duet eval`)."""
+        return self.generate([prompt], [params], None if on_text is None else (lambda _, t: on_text(t)), cancel)[0]
+
+    def start(self) -> Engine:
+        """Start the background thread that runs the decoding loop (done on first use)."""
+        with self._lock:
+            if self._worker is None:
+                self._worker = threading.Thread(target=self._run, name="duet-engine", daemon=True)
+                self._worker.start()
+        return self
+
+    # ------------------------------------------------------------------ the loop
+
+    def _enqueue(self, requests: list[_Request]) -> None:
+        with self._lock:
+            self._queue.extend(requests)
+            self._wakeup.notify_all()
+
+    @torch.inference_mode()
+    def _run(self) -> None:
+        """The decoding loop: admit waiting requests into free rows, step, retire; sleep when idle."""
+        while True:
+            with self._lock:
+                while not self._queue and not self._active:
+                    self._wakeup.wait()
+                admitted = []
+                while self._queue and len(self._active) + len(admitted) < self.max_batch:
+                    admitted.append(self._queue.popleft())
+            try:
+                for req in admitted:
+                    self._admit(req)
+                for row in self._active:
+                    if row.req.cancel is not None and row.req.cancel.is_set():
+                        row.req.finish_reason = "cancelled"
+                self._step()
+            except Exception as e:  # fail the requests in flight, never the loop or the waiting callers
+                failed = [row.req for row in self._active] + [r for r in admitted if not r.done.is_set()]
+                for req in failed:
+                    if req.finish_reason is None:
+                        req.finish_reason, req.error = "error", f"{type(e).__name__}: {e}"
+                self._active = []
+                for req in failed:
+                    if not req.done.is_set():
+                        self._finish(req)
+                continue
+            self._retire()
+
+    def _request(self, prompt: str | list[int], params: SamplingParams, on_text: Callable[[str], None] | None,
+                 cancel: threading.Event | None) -> _Request:
         ids = self.encode(prompt) if isinstance(prompt, str) else list(prompt)
         if not ids:
-            raise ValueError(f"prompt {index} is empty")
+            raise ValueError("the prompt is empty")
         room = self.max_seq_len - len(ids) - 1  # one slot for the draft token verified with the last one
         if room < 1:
-            raise ValueError(f"prompt {index} has {len(ids)} tokens; the context holds {self.max_seq_len}")
+            raise ValueError(f"the prompt has {len(ids)} tokens; the context holds {self.max_seq_len}")
         generator = None
         if params.seed is not None:
             generator = torch.Generator(device=self.device).manual_seed(params.seed)
-        return _Request(index, ids, params, TextStream(self.tokenizer, list(params.stop)), generator,
-                        max_new=min(params.max_new_tokens, room))
+        return _Request(ids, params, TextStream(self.tokenizer, list(params.stop)), generator,
+                        max_new=min(params.max_new_tokens, room), on_text=on_text, cancel=cancel)
 
-    def _reserve(self, requests: list[_Request]) -> None:
-        """Allocate (or grow) the cache for the longest request and the batch size."""
-        need_len = max((len(r.prompt) + r.max_new + 2 for r in requests), default=1)
-        need_len = min(need_len, self.max_seq_len + 1)
-        rows = min(self.max_batch, max(len(requests), 1))
+    def _reserve(self, need_len: int) -> None:
+        """Make sure the cache has `max_batch` rows of at least `need_len` positions, keeping its contents."""
         c = self.cache
-        if c is None or c.batch_size < rows or c.max_seq_len < need_len:
-            rows = max(rows, c.batch_size if c else 0)
-            need_len = max(need_len, c.max_seq_len if c else 0)
-            self.cache = None  # free the old one first
-            self.cache = KVCache(self.model.args, self.model.n_cache_layers, rows, need_len, self.device, self.dtype)
+        if c is not None and c.max_seq_len >= need_len:
+            return
+        length = min(max(need_len, 2 * c.max_seq_len if c else 256), self.max_seq_len + 1)
+        grown = KVCache(self.model.args, self.model.n_cache_layers, self.max_batch, length, self.device, self.dtype)
+        if c is not None:
+            grown.kv[:, :, : c.max_seq_len] = c.kv
+            grown.pe[:, :, : c.max_seq_len] = c.pe
+        self.cache = grown
 
     def _view(self, rows: slice, start: list[int]) -> CacheView:
         return CacheView(self.cache, rows, torch.tensor(start, device=self.device))
 
-    def _admit(self, req: _Request, on_text: TextCallback | None) -> None:
+    def _admit(self, req: _Request) -> None:
         """Prefill a request alone into the next free row and sample its first token."""
         i = len(self._active)
         n = len(req.prompt)
+        self._reserve(n + req.max_new + 2)
         ids = torch.tensor([req.prompt], device=self.device)
         h = self.model.hidden(ids, self._view(slice(i, i + 1), [0]))
         req.forward_passes += 1
@@ -185,7 +238,7 @@ class Engine:
         if first is None:
             req.finish_reason = "length"
             return
-        if self._emit(row, [first], on_text) or not self.use_mtp:
+        if self._emit(row, [first]) or not self.use_mtp:
             return
         next_ids = torch.tensor([req.prompt[1:] + [first]], device=self.device)
         mtp_logits, _ = self.model.mtp_logits(0, h, next_ids, self._view(slice(i, i + 1), [0]))
@@ -195,12 +248,12 @@ class Engine:
         row.draft_logits = logits
         row.draft = draft_token(logits, row.req.params, row.req.generator)
 
-    def _step(self, on_text: TextCallback | None) -> None:
+    def _step(self) -> None:
         live = [row for row in self._active if row.req.finish_reason is None]
         if len(live) != len(self._active) or not live:
-            return  # rows that finished at admission are retired first
+            return  # rows that finished (at admission, or cancelled) are retired first
         if self.use_mtp:
-            self._speculative_step(on_text)
+            self._speculative_step()
             return
         rows = slice(0, len(self._active))
         tokens = torch.tensor([[row.last] for row in self._active], device=self.device)
@@ -209,9 +262,9 @@ class Engine:
             row.req.forward_passes += 1
             row.length += 1
             row.last = sample(logits[i, 0], row.req.params, row.req.generator)
-            self._emit(row, [row.last], on_text)
+            self._emit(row, [row.last])
 
-    def _speculative_step(self, on_text: TextCallback | None) -> None:
+    def _speculative_step(self) -> None:
         """Verify every row's draft in one forward pass, then draft again with the MTP module."""
         active = self._active
         rows = slice(0, len(active))
@@ -237,14 +290,14 @@ class Engine:
             # whose cache entry is overwritten next step before anyone reads it.
             next_ids.append(emitted if accepted else [token, token])
             pick.append(1 if accepted else 0)
-            self._emit(row, emitted, on_text)
+            self._emit(row, emitted)
         mtp_logits, _ = self.model.mtp_logits(0, h, torch.tensor(next_ids, device=self.device),
                                               self._view(rows, start))
         for i, row in enumerate(active):
             if row.req.finish_reason is None:
                 self._set_draft(row, mtp_logits[i, pick[i]])
 
-    def _emit(self, row: _Row, tokens: list[int], on_text: TextCallback | None) -> bool:
+    def _emit(self, row: _Row, tokens: list[int]) -> bool:
         """Hand new tokens to the request; returns True when it finished."""
         req = row.req
         for t in tokens:
@@ -253,28 +306,23 @@ class Engine:
                 break
             req.out.append(t)
             delta, stopped = req.stream.add([t])
-            if delta and on_text:
-                on_text(req.index, delta)
+            if delta and req.on_text:
+                req.on_text(delta)
             if stopped:
                 req.finish_reason = "stop"
                 break
             if len(req.out) >= req.max_new:
                 req.finish_reason = "length"
                 break
-        if req.finish_reason and req.finish_reason != "stop":
-            rest = req.stream.finish()
-            if rest and on_text:
-                on_text(req.index, rest)
         return req.finish_reason is not None
 
-    def _retire(self) -> list[_Request]:
+    def _retire(self) -> None:
         """Remove finished rows, moving the last active row into each freed cache row."""
-        finished = []
         for i in reversed(range(len(self._active))):
             row = self._active[i]
             if row.req.finish_reason is None:
                 continue
-            finished.append(row.req)
+            self._finish(row.req)
             last = len(self._active) - 1
             if i != last:
                 moved = self._active[last]
@@ -283,15 +331,20 @@ class Engine:
                 self.cache.pe[:, i, :n] = self.cache.pe[:, last, :n]
                 self._active[i] = moved
             self._active.pop()
-        return finished
 
-    def _result(self, req: _Request) -> GenerationResult:
-        return GenerationResult(
+    def _finish(self, req: _Request) -> None:
+        """Flush the stream, record the result and wake the caller."""
+        if req.finish_reason != "stop":
+            rest = req.stream.finish()
+            if rest and req.on_text:
+                req.on_text(rest)
+        req.result = GenerationResult(
             text=req.stream.text, token_ids=req.out, finish_reason=req.finish_reason or "length",
             stop_string=req.stream.stop_string, prompt_tokens=len(req.prompt), completion_tokens=len(req.out),
             forward_passes=req.forward_passes, drafted=req.drafted, accepted=req.accepted,
-            seconds=time.perf_counter() - req.started,
+            seconds=time.perf_counter() - req.started, error=req.error,
         )
+        req.done.set()
 
 
 def load_tokenizer(path: str | Path):

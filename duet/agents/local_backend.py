@@ -1,0 +1,75 @@
+"""The local backend: duet's own engine on a checkpoint, through the checkpoint's chat template.
+
+`make_backend("local:<checkpoint dir>")` builds one; an empty directory means the embedded default
+model. Many dialogues may call one backend from many threads: the engine decodes their requests
+together in one batch.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from duet.agents.backends import BackendError, Completion, Message, TextCallback
+
+_ENGINES: dict[tuple, Any] = {}
+_ENGINES_LOCK = threading.Lock()
+
+
+class LocalBackend:
+    """A `Backend` over a `duet.engine.Engine`."""
+
+    def __init__(self, engine: Any, name: str):
+        self.engine = engine
+        self.name = name
+
+    @classmethod
+    def load(cls, path: str | Path | None = None, *, device: str = "cpu", dtype: str = "float32",
+             mtp: bool = True, max_batch: int = 8, max_seq_len: int | None = None) -> LocalBackend:
+        """Load (or reuse, when solver and critic share a checkpoint) the engine for `path`."""
+        import torch
+
+        from duet.engine import Engine
+        from duet.errors import DuetError
+        from duet.model.embedded import default_model_path
+
+        torch_dtype = getattr(torch, _DTYPE_ALIASES.get(dtype, dtype), None)
+        if not isinstance(torch_dtype, torch.dtype) or not torch_dtype.is_floating_point:
+            raise BackendError(f"dtype {dtype!r} is not supported; use float32, bfloat16 or float16")
+        try:
+            directory = Path(path).expanduser() if path else default_model_path()
+            key = (str(directory.resolve()), device, torch_dtype, mtp, max_batch, max_seq_len)
+            with _ENGINES_LOCK:
+                if key not in _ENGINES:
+                    _ENGINES[key] = Engine.load(directory, device=device, dtype=torch_dtype, use_mtp=mtp,
+                                                max_batch=max_batch, max_seq_len=max_seq_len)
+        except DuetError as e:
+            raise BackendError(str(e)) from None
+        return cls(_ENGINES[key], name=f"local:{directory.name}")
+
+    def complete(self, messages: Sequence[Message], *, stop: Sequence[str] = (), max_tokens: int = 512,
+                 temperature: float = 0.0, seed: int | None = None, on_text: TextCallback | None = None,
+                 cancel: threading.Event | None = None) -> Completion:
+        from duet.engine import SamplingParams
+
+        try:
+            prompt = self.engine.encode_chat(messages)
+            params = SamplingParams(max_new_tokens=max_tokens, temperature=temperature, seed=seed, stop=list(stop))
+            r = self.engine.submit(prompt, params, on_text=on_text, cancel=cancel)
+        except ValueError as e:  # the prompt does not fit the context, bad sampling values
+            raise BackendError(f"{self.name}: {e}") from None
+        if r.finish_reason == "error":
+            raise BackendError(f"{self.name}: generation failed ({r.error})")
+        return Completion(text=r.text, finish_reason=r.finish_reason, stop_string=r.stop_string,
+                          prompt_tokens=r.prompt_tokens, completion_tokens=r.completion_tokens, seconds=r.seconds)
+
+
+_DTYPE_ALIASES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
+
+
+def from_spec(argument: str, **options: Any) -> LocalBackend:
+    """`local:<dir>` (empty: the embedded default model). Options: device, dtype, mtp, max_batch, max_seq_len."""
+    known = {k: v for k, v in options.items() if k in ("device", "dtype", "mtp", "max_batch", "max_seq_len")}
+    return LocalBackend.load(argument or None, **known)
