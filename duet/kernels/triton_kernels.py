@@ -23,6 +23,7 @@ dots run as usual.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 
 import torch
@@ -123,15 +124,7 @@ def _check_device(*tensors: Tensor) -> None:
 
 
 def _device_guard(t: Tensor):
-    return torch.cuda.device(t.device) if t.is_cuda else _nullcontext()
-
-
-class _nullcontext:
-    def __enter__(self):
-        return None
-
-    def __exit__(self, *exc):
-        return False
+    return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
 
 
 def _is_pow2(n: int) -> bool:
