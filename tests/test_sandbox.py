@@ -639,3 +639,53 @@ def test_fork_servers_are_shared_and_restarted_when_they_die():
     with Sandbox(timeout=5, isolation="rlimits") as fresh:
         assert fresh.run("1 + 1").stdout == "2\n"
         assert sandbox_module._servers["rlimits"] is not server
+
+
+def test_functions_defined_in_cells_pickle_like_in_a_script():
+    """The cells share a real __main__ module, so pickle and multiprocessing find their functions."""
+    with Sandbox(timeout=10) as sb:
+        r = sb.run("import pickle\ndef double(x):\n    return 2 * x\npickle.loads(pickle.dumps(double)) is double")
+        assert r.stdout == "True\n", r
+
+
+@needs_bwrap
+def test_multiprocessing_works_inside_bwrap():
+    """Each bwrap session has a private /dev/shm, so multiprocessing's semaphores work there."""
+    with Sandbox(timeout=20, isolation="bwrap") as sb:
+        r = sb.run("from concurrent.futures import ProcessPoolExecutor\ndef sq(x):\n    return x * x\n"
+                   "with ProcessPoolExecutor(2) as ex:\n    print(list(ex.map(sq, range(5))))")
+        assert r.stdout == "[0, 1, 4, 9, 16]\n", r
+
+
+@needs_proc
+@pytest.mark.parametrize("mode", ALL_MODES)
+def test_the_worker_holds_only_its_own_file_descriptors(mode):
+    """Nothing of the fork server (its channel to the host) or of other sessions leaks into a session."""
+    with Sandbox(timeout=5, isolation=mode) as sb:
+        r = sb.run("import os\nsorted(int(fd) for fd in os.listdir('/proc/self/fd'))")
+        assert r.stdout == "[0, 1, 2, 3, 4, 5, 6]\n", r  # 6 is listdir's own
+
+
+def test_close_from_another_thread_ends_a_running_cell():
+    sb = Sandbox(timeout=60)
+    sb.start()
+    outcome: list[object] = []
+
+    def run() -> None:
+        try:
+            outcome.append(sb.run("while True:\n    pass"))
+        except SandboxError as e:
+            outcome.append(e)
+
+    runner = threading.Thread(target=run)
+    runner.start()
+    deadline = time.monotonic() + 10
+    while sb._lock.acquire(blocking=False):  # wait until the run holds the sandbox
+        sb._lock.release()
+        assert time.monotonic() < deadline
+        time.sleep(0.001)
+    started = time.monotonic()
+    sb.close()
+    runner.join(10)
+    assert time.monotonic() - started < 5
+    assert isinstance(outcome[0], RunResult) and outcome[0].error == "the sandbox was closed during the run"

@@ -40,6 +40,7 @@ import struct
 import sys
 import tempfile
 import traceback
+import types
 
 if __package__:
     from . import sandbox_isolation as iso
@@ -54,6 +55,9 @@ SANDBOX_DIR = "/opt/duet-sandbox"  # where bubblewrap binds this file and sandbo
 SESSION_CPU_BUDGET_S = 3600  # hard RLIMIT_CPU per session; the per-run soft limit is re-armed each run
 SESSION_UID_BASE, SESSION_UID_SPAN = 1_500_000_000, 400_000_000  # as root: one unprivileged uid per session
 EXIT_SETUP_FAILED = 70
+
+# The worker's own references: a cell that monkey-patches os._exit cannot keep the worker alive.
+_hard_exit = os._exit
 
 # W's file descriptors: stdin /dev/null, 1/2 the run's output pipes, 3 control socket,
 # 4/5 private copies of the output pipes, restored on 1/2 after every run.
@@ -122,8 +126,12 @@ def serve(options: dict) -> None:
         iso.set_parent_death_signal(signal.SIGKILL)
         iso.prctl(iso.PR_SET_DUMPABLE, 0)  # sessions cannot read our memory through /proc
     for name in PRELOAD:
-        __import__(name)
-    _warm_sympy()
+        try:
+            __import__(name)
+        except ImportError:
+            pass  # an interpreter without sympy still gets a working, if colder, sandbox
+    if "sympy" in sys.modules:
+        _warm_sympy()
     tempfile.tempdir = None
     gc.collect()
     gc.freeze()  # keep forked sessions from dirtying the shared heap on their first collection
@@ -222,12 +230,14 @@ def _read_paths() -> list[str]:
 
 
 # ------------------------------------------------------------------------------------ session: supervisor
-class _Terminate(Exception):
-    """Raised by our SIGTERM handler: the host wants this session gone."""
-
-
-def _raise_terminate(signum: int, frame: object) -> None:
-    raise _Terminate()
+def _termination_pipe() -> int:
+    """Make SIGTERM (the host ending the session) readable on a pipe, instead of an exception that
+    could land anywhere: returns the read end, for _watch_child to poll."""
+    read, write = os.pipe()
+    os.set_blocking(write, False)
+    signal.set_wakeup_fd(write, warn_on_full_buffer=False)
+    signal.signal(signal.SIGTERM, lambda signum, frame: None)  # the wakeup byte is what matters
+    return read
 
 
 def _session_plan(options: dict, env: dict, request: dict, session_uid: int) -> dict:
@@ -277,8 +287,8 @@ def _session_supervisor(options: dict, env: dict, request: dict, fds: list[int],
         os.setsid()
         signal.signal(signal.SIGCHLD, signal.SIG_DFL)
         signal.signal(signal.SIGINT, signal.SIG_IGN)
-        signal.signal(signal.SIGTERM, _raise_terminate)
         _close_fds_except({0, ctrl, out, err, status})
+        terminate = _termination_pipe()
         plan = _session_plan(options, env, request, session_uid)
         if iso.IS_LINUX:
             iso.set_process_name("duet-session")
@@ -297,7 +307,9 @@ def _session_supervisor(options: dict, env: dict, request: dict, fds: list[int],
         plan["workdir"] = workdir
         child = _fork_tied()
         if child == 0:
+            signal.set_wakeup_fd(-1)
             signal.signal(signal.SIGTERM, signal.SIG_DFL)
+            os.close(terminate)
             if plan["pidns"]:
                 _session_init(plan, ctrl, out, err, status)
             else:
@@ -306,13 +318,12 @@ def _session_supervisor(options: dict, env: dict, request: dict, fds: list[int],
         plan["worker_pid"] = child
         for fd in (ctrl, out, err):
             os.close(fd)
-        wait_status, usage, reason = _watch_child(child, status)
-        if not plan["pidns"]:
-            _write_status(status, _exit_report(wait_status, usage, reason))
-            signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        wait_status, usage, reason = _watch_child(child, status, terminate)
+        if not plan["pidns"]:  # (with a PID namespace, I reports and the kernel does the cleanup)
             signal.alarm(20)  # cleanup must never hang the session's end
             _kill_descendants(plan)
             _remove_tree(workdir)
+            _write_status(status, _exit_report(wait_status, usage, reason))
     except BaseException as e:  # noqa: BLE001 - report anything, then exit without Python's shutdown
         _write_status(status, {"error": f"session supervisor: {type(e).__name__}: {e}"})
         code = EXIT_SETUP_FAILED
@@ -341,7 +352,11 @@ def _enter_session_namespaces(plan: dict) -> None:
         flags |= iso.CLONE_NEWUSER  # unprivileged: gives us the right to mount, and a per-session NPROC count
     iso.unshare(flags)
     if plan["userns"]:
+        # Our /proc/self files belong to root while we are non-dumpable (inherited from the fork
+        # server), so the id maps could not be written: dumpable just for this.
+        iso.prctl(iso.PR_SET_DUMPABLE, 1)
         iso.map_own_ids_in_new_userns(uid, gid)
+        iso.prctl(iso.PR_SET_DUMPABLE, 0)
     iso.mount("none", "/", None, iso.MS_REC | iso.MS_PRIVATE)
     disk_mb = int(plan["limits"].get("disk_mb", 128))
     owner = f"uid={plan['uid']},gid={plan['gid']}"
@@ -406,46 +421,41 @@ def _fork_tied() -> int:
     return pid
 
 
-def _watch_child(pid: int, status: int) -> tuple[int | None, object, str]:
-    """Wait for `pid`; kill it when we get SIGTERM or the host goes away (status pipe lost its reader)."""
+def _watch_child(pid: int, status: int, terminate: int | None = None) -> tuple[int | None, object, str]:
+    """Wait for `pid` to exit; kill it first when `terminate` becomes readable (the host's SIGTERM)
+    or the host goes away (the status pipe lost its reader). Returns (wait status, rusage, reason)."""
     reason = "exited"
     pidfd = None
+    if iso.IS_LINUX:
+        try:
+            pidfd = iso.pidfd_open(pid)
+        except OSError:
+            pidfd = None
+    poller = select.poll()
+    poller.register(status, 0)  # POLLERR arrives when the host's end is closed
+    if terminate is not None:
+        poller.register(terminate, select.POLLIN)
+    if pidfd is not None:
+        poller.register(pidfd, select.POLLIN)
     try:
-        if iso.IS_LINUX:
-            try:
-                pidfd = iso.pidfd_open(pid)
-            except OSError:
-                pidfd = None
-        poller = select.poll()
-        poller.register(status, 0)  # POLLERR arrives when the host end is closed
-        if pidfd is not None:
-            poller.register(pidfd, select.POLLIN)
-        while True:
-            for fd, _ev in poller.poll(None if pidfd is not None else 200):
+        while reason == "exited":
+            for fd, _ev in poller.poll(None if pidfd is not None else 200):  # no pidfd: poll wait4 (macOS)
                 if fd == status:
                     reason = "host gone"
-                    raise _Terminate()
+                elif fd == terminate:
+                    reason = "killed"
             done, wait_status, usage = os.wait4(pid, os.WNOHANG)
             if done:
-                return wait_status, usage, reason
-    except _Terminate:
-        signal.signal(signal.SIGTERM, signal.SIG_IGN)
-        reason = "killed" if reason == "exited" else reason
+                return wait_status, usage, "exited"
+        _ignore_errors(os.kill, pid, signal.SIGKILL)
         try:
-            os.kill(pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
+            _, wait_status, usage = os.wait4(pid, 0)
+        except ChildProcessError:
+            return None, None, reason
+        return wait_status, usage, reason
     finally:
         if pidfd is not None:
             os.close(pidfd)
-    while True:
-        try:
-            _, wait_status, usage = os.wait4(pid, 0)
-            return wait_status, usage, reason
-        except ChildProcessError:
-            return None, None, reason
-        except _Terminate:
-            continue
 
 
 def _exit_report(wait_status: int | None, usage: object, reason: str) -> dict:
@@ -462,13 +472,22 @@ def _exit_report(wait_status: int | None, usage: object, reason: str) -> dict:
 
 
 def _kill_descendants(plan: dict, *, self_is_worker: bool = False) -> None:
-    """SIGKILL every process this session started (except the caller), then reap them all."""
+    """SIGKILL every process this session started (except the caller), then reap them all.
+
+    The caller is a subreaper (C or W), so every orphan of the session ends up as its child.
+    """
     how = plan["sweep"]
-    if how == "kill-all":
-        if not self_is_worker and plan["drop_uid"]:
-            os.setgroups([])
-            os.setresgid(plan["gid"], plan["gid"], plan["gid"])
-            os.setresuid(plan["uid"], plan["uid"], plan["uid"])  # now kill(-1) reaches only the session's uid
+    if how == "kill-all" and plan["drop_uid"] and not self_is_worker:
+        helper = os.fork()  # C stays root (to remove the work dir); a helper takes the session's uid
+        if helper == 0:
+            try:
+                os.setgroups([])
+                os.setresgid(plan["gid"], plan["gid"], plan["gid"])
+                os.setresuid(plan["uid"], plan["uid"], plan["uid"])  # kill(-1) now reaches only the session
+                _ignore_errors(os.kill, -1, signal.SIGKILL)
+            finally:
+                os._exit(0)
+    elif how == "kill-all":
         _ignore_errors(os.kill, -1, signal.SIGKILL)
     elif how == "proc-scan":
         for _ in range(100):
@@ -572,8 +591,11 @@ def _worker(plan: dict, ctrl: int, out: int, err: int, status: int) -> None:
         try:
             send_frame(ctrl_fd, {"hello": False, "error": f"{type(e).__name__}: {e}"})
         finally:
-            os._exit(EXIT_SETUP_FAILED)
-    repl.serve()
+            _hard_exit(EXIT_SETUP_FAILED)
+    try:
+        repl.serve()
+    finally:
+        _hard_exit(0)  # never fall back into the supervisor's or the fork server's code
 
 
 def _arrange_fds(ctrl: int, out: int, err: int) -> None:
@@ -810,7 +832,11 @@ class _Repl:
     def __init__(self, plan: dict) -> None:
         self.plan = plan
         self.limits = plan["limits"]
-        self.namespace: dict = {"__name__": "__main__", "__builtins__": builtins, "__doc__": None}
+        # A real __main__ module, so pickle (and multiprocessing) find functions defined in cells.
+        main = types.ModuleType("__main__")
+        main.__builtins__ = builtins
+        sys.modules["__main__"] = main
+        self.namespace: dict = main.__dict__
         self.cells = 0
         limit = int(self.limits["output_limit"])
         self.stdout = _CappedStream(1, limit, "<stdout>")
@@ -832,17 +858,20 @@ class _Repl:
             except (OSError, ValueError):
                 got = None
             if got is None:
-                os._exit(0)  # host closed the session: no atexit, no __del__, no lingering threads
+                _hard_exit(0)  # host closed the session: no atexit, no __del__, no lingering threads
             request, _ = got
             if not isinstance(request, dict) or request.get("op") != "run":
-                os._exit(0)
+                _hard_exit(0)
             reply = self.run(str(request.get("code", "")), float(request.get("timeout", 5)))
             self._after_run()
             sentinel = b"\x00" + str(request.get("sentinel", "")).encode() + b"\x00"
             reply["sentinels"] = [self._write_all(fd, sentinel) for fd in (1, 2)]
-            send_frame(_CTRL_FD, reply)
+            try:
+                send_frame(_CTRL_FD, reply)
+            except (OSError, TypeError, ValueError):
+                _hard_exit(0)  # the cell broke our channel (closed fd 3, say): this session is over
             if reply["session_ends"]:
-                os._exit(0)
+                _hard_exit(0)
 
     def run(self, code: str, timeout: float) -> dict:
         self.cells += 1
@@ -963,10 +992,10 @@ def probe(mode: str) -> dict:
     if pid == 0:
         os.close(read)
         try:
-            plan = {"userns": os.geteuid() != 0, "limits": {"disk_mb": 1},
-                    "uid": SESSION_UID_BASE, "gid": SESSION_UID_BASE}
-            if not plan["userns"]:
-                plan["uid"] = plan["gid"] = SESSION_UID_BASE
+            root = os.geteuid() == 0
+            plan = {"userns": not root, "limits": {"disk_mb": 1},
+                    "uid": SESSION_UID_BASE if root else os.geteuid(),
+                    "gid": SESSION_UID_BASE if root else os.getegid()}
             _enter_session_namespaces(plan)
             child = os.fork()
             if child == 0:
