@@ -689,3 +689,19 @@ def test_close_from_another_thread_ends_a_running_cell():
     runner.join(10)
     assert time.monotonic() - started < 5
     assert isinstance(outcome[0], RunResult) and outcome[0].error == "the sandbox was closed during the run"
+
+
+@pytest.mark.parametrize("garbage", [
+    "struct.pack('!I', 2**31) + b'x' * 100_000",  # claims a 2 GB frame: the host must not buffer it
+    "struct.pack('!I', 100_000) + b'[' * 100_000",  # nests too deep to decode
+], ids=["huge-frame", "deep-json"])
+def test_garbage_on_the_control_socket_is_contained(garbage):
+    """The cell can write to the worker's control socket; the host treats what comes from it as
+    untrusted: bounded frames, replies matched to the run, errors one line."""
+    with Sandbox(timeout=5) as sb:
+        r = sb.run(f"import os, struct\nos.write(3, {garbage})")
+        assert (r.ok, r.error) == (False, "the session broke the sandbox protocol")
+        assert_recovers(sb, state_lost=True)
+        forged = "json.dumps({'ok': True, 'error': 'forged', 'run': 'guess'}).encode()"
+        r = sb.run(f"import json, os, struct\nb = {forged}\nos.write(3, struct.pack('!I', len(b)) + b)\n1 / 0")
+        assert r.error == "ZeroDivisionError: division by zero"  # the forged reply was not taken

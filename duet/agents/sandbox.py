@@ -437,22 +437,44 @@ def _recv_frame(sock: socket.socket, deadline: float) -> tuple[object, list[int]
     return json.loads(body), fds
 
 
+class _ProtocolError(Exception):
+    """The worker sent something that is not a valid frame (the code in it can write to its socket)."""
+
+
 class _FrameBuffer:
-    """Collects frames from a non-blocking stream."""
+    """Collects frames from a non-blocking stream written by the worker, which is not trusted: a
+    frame may not exceed `max_size` and must decode to a JSON object."""
 
-    def __init__(self) -> None:
+    def __init__(self, max_size: int = 1 << 20) -> None:
         self.data = b""
+        self.max_size = max_size
 
-    def feed(self, chunk: bytes) -> list[object]:
+    def feed(self, chunk: bytes) -> list[dict]:
         self.data += chunk
         frames = []
         while len(self.data) >= 4:
             (size,) = struct.unpack("!I", self.data[:4])
+            if size > self.max_size:
+                raise _ProtocolError(f"frame of {size} bytes")
             if len(self.data) < 4 + size:
                 break
-            frames.append(json.loads(self.data[4:4 + size]))
+            try:
+                frame = json.loads(self.data[4:4 + size])
+            except (ValueError, RecursionError) as e:
+                raise _ProtocolError(str(e)) from None
+            if not isinstance(frame, dict):
+                raise _ProtocolError("frame is not an object")
+            frames.append(frame)
             self.data = self.data[4 + size:]
         return frames
+
+
+def _one_line(value: object, limit: int = 500) -> str | None:
+    """An error string from the worker, made safe to show: one line, bounded length."""
+    if value is None:
+        return None
+    text = " ".join(str(value).split())
+    return text if len(text) <= limit else text[:limit - 3] + "..."
 
 
 class _Collector:
@@ -769,11 +791,14 @@ class Sandbox:
                     chunk = None
                 if chunk == b"":
                     break
-                for frame in frames.feed(chunk or b""):
-                    if isinstance(frame, dict) and frame.get("hello"):
+                try:
+                    received = frames.feed(chunk or b"")
+                except _ProtocolError as e:
+                    raise SandboxError(f"sandbox session failed to start: bad hello ({e})") from None
+                for frame in received:
+                    if frame.get("hello"):
                         return frame
-                    if isinstance(frame, dict):
-                        raise SandboxError(f"sandbox session failed to start: {frame.get('error')}")
+                    raise SandboxError(f"sandbox session failed to start: {_one_line(frame.get('error'))}")
             if session.gone:
                 break
         session.wait_gone(0.5)
@@ -830,7 +855,7 @@ class Sandbox:
         err = _Collector(self.output_limit, marker)
         frames = _FrameBuffer()
         reply: dict | None = None
-        timed_out = False
+        timed_out = broken = False
         start = time.monotonic()
         deadline = start + self.timeout
         request = _encode_frame({"op": "run", "code": code, "timeout": self.timeout, "sentinel": sentinel})
@@ -872,27 +897,32 @@ class Sandbox:
                             sel.unregister(session.ctrl.fileno())
                             session.wait_gone(_KILL_GRACE)  # the worker is exiting: collect its report
                             continue
-                        for frame in frames.feed(chunk):
-                            if isinstance(frame, dict) and "ok" in frame:
-                                reply = frame
+                        try:
+                            # only the reply to *this* run counts (the cell itself can write to fd 3)
+                            reply = next((f for f in frames.feed(chunk) if f.get("run") == sentinel), reply)
+                        except _ProtocolError:
+                            broken = True
                     else:
                         self._drain(key.fd, key.data, sel)
+                if broken:
+                    reply = None
+                    break
+        seconds = time.monotonic() - start
         died = timed_out or reply is None
         if died:
             session.terminate()  # kills and reaps everything the session started
             for fd, collector in ((session.out, out), (session.err, err)):
                 self._drain_rest(fd, collector)
-        seconds = time.monotonic() - start
         for collector in (out, err):
             collector.finish()
         truncated = out.truncated or err.truncated or any((reply or {}).get("truncated", []))
         if died:
-            error = self._death_reason(session, timed_out)
+            error = "the session broke the sandbox protocol" if broken else self._death_reason(session, timed_out)
             ok = False
         else:
             assert reply is not None
             ok = bool(reply.get("ok"))
-            error = reply.get("error")
+            error = _one_line(reply.get("error"))
             if error is None and truncated:
                 error = f"output truncated at {_format_size(self.output_limit)}"
         result = RunResult(stdout=out.text(), stderr=err.text(), error=error, ok=ok, seconds=seconds,

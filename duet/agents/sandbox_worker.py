@@ -864,8 +864,9 @@ class _Repl:
                 _hard_exit(0)
             reply = self.run(str(request.get("code", "")), float(request.get("timeout", 5)))
             self._after_run()
-            sentinel = b"\x00" + str(request.get("sentinel", "")).encode() + b"\x00"
-            reply["sentinels"] = [self._write_all(fd, sentinel) for fd in (1, 2)]
+            nonce = str(request.get("sentinel", ""))
+            reply["run"] = nonce
+            reply["sentinels"] = [self._write_all(fd, b"\x00" + nonce.encode() + b"\x00") for fd in (1, 2)]
             try:
                 send_frame(_CTRL_FD, reply)
             except (OSError, TypeError, ValueError):
