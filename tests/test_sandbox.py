@@ -705,3 +705,21 @@ def test_garbage_on_the_control_socket_is_contained(garbage):
         forged = "json.dumps({'ok': True, 'error': 'forged', 'run': 'guess'}).encode()"
         r = sb.run(f"import json, os, struct\nb = {forged}\nos.write(3, struct.pack('!I', len(b)) + b)\n1 / 0")
         assert r.error == "ZeroDivisionError: division by zero"  # the forged reply was not taken
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork")
+def test_a_forked_host_process_gets_its_own_sessions():
+    """Batch evaluation may fork the host: the child must not talk over the parent's sockets."""
+    with Sandbox(timeout=10, isolation="rlimits") as sb:
+        sb.run("owner = 'parent'")
+        pid = os.fork()
+        if pid == 0:  # the child: inherited sandbox starts afresh, the parent's session untouched
+            try:
+                r = sb.run("print(globals().get('owner'))")
+                fresh = Sandbox(timeout=10, isolation="rlimits").run("print('child')")
+                os._exit(0 if (r.stdout, fresh.stdout) == ("None\n", "child\n") else 1)
+            except BaseException:
+                os._exit(2)
+        _, status = os.waitpid(pid, 0)
+        assert os.waitstatus_to_exitcode(status) == 0
+        assert sb.run("owner").stdout == "'parent'\n"

@@ -186,6 +186,8 @@ def describe_isolation() -> list[dict]:
         process = "separate -I process, empty env, temp work dir, rlimits, deadline, group kill, 64 KB output caps"
         if info["root"]:
             process += "; as root each session gets its own unprivileged uid"
+        else:
+            process += "; alone it does not stop reading your files or signalling your processes"
     elif info["posix"]:
         process = ("separate process, empty env, temp work dir, CPU/file/process rlimits, deadline, output caps; "
                    "NOT isolated: memory limit, filesystem, network")
@@ -403,6 +405,19 @@ def shutdown_servers() -> None:
 
 
 atexit.register(shutdown_servers)
+
+
+def _forget_after_fork() -> None:
+    """In a forked child of the host, the parent's servers and spawner thread are not ours to use."""
+    global _servers_lock, _spawner, _probe_lock
+    _servers.clear()  # their channels are shared with the parent: never talk on them (or close them)
+    _servers_lock = threading.Lock()
+    _probe_lock = threading.Lock()
+    _spawner = _Spawner()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_forget_after_fork)
 
 
 # -------------------------------------------------------------------------------------------- framing
@@ -697,6 +712,7 @@ class Sandbox:
         self._session: _Session | None = None
         self._lost: str | None = None  # why the previous session died, until a run reports it
         self._closed = False
+        self._pid = os.getpid()
 
     # -- lifecycle --------------------------------------------------------------------------------
     def __enter__(self) -> Sandbox:
@@ -707,11 +723,12 @@ class Sandbox:
 
     def __del__(self) -> None:
         session = getattr(self, "_session", None)
-        if session is not None and not session.closed:
+        if session is not None and not session.closed and getattr(self, "_pid", None) == os.getpid():
             session.close_fds()  # an idle worker exits on EOF; its supervisor cleans up
 
     def start(self) -> None:
         """Start the session now instead of on the first run."""
+        self._adopt_after_fork()
         with self._lock:
             self._check_open()
             if self._session is None:
@@ -719,6 +736,7 @@ class Sandbox:
 
     def restart(self) -> None:
         """Replace the session with a fresh one (all state is dropped, on purpose: not reported as lost)."""
+        self._adopt_after_fork()
         with self._lock:
             self._check_open()
             self._end_session()
@@ -727,6 +745,7 @@ class Sandbox:
 
     def close(self) -> None:
         """End the session and remove its work dir. Safe to call twice, and from another thread."""
+        self._adopt_after_fork()
         self._closed = True
         if not self._lock.acquire(blocking=False):
             session = self._session
@@ -750,9 +769,16 @@ class Sandbox:
         session = self._session
         return dict(session.hello) if session else {}
 
+    def _adopt_after_fork(self) -> None:
+        """In a forked copy of the owning process, leave the session (and the lock, which another
+        thread may have held at the fork) to the parent, and start afresh."""
+        if self._pid != os.getpid():
+            self._pid, self._lock, self._session, self._lost = os.getpid(), threading.RLock(), None, None
+
     def _check_open(self) -> None:
         if self._closed:
             raise SandboxError("the sandbox is closed")
+
 
     def _start_session(self) -> None:
         request = {"op": "spawn", "limits": self._limits, "layers": self._layers}
@@ -815,6 +841,7 @@ class Sandbox:
         """Run `code` in the session (started on demand); never raises for errors in the code itself."""
         if not isinstance(code, str):
             raise TypeError("code must be a str")
+        self._adopt_after_fork()
         with self._lock:
             self._check_open()
             if self._session is not None and not self._session.check_alive():
