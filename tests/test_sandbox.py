@@ -636,9 +636,12 @@ def test_fork_servers_are_shared_and_restarted_when_they_die():
         server.process.kill()
         server.process.wait()
         assert sb.run("print('still')").stdout == "still\n"  # a running session outlives its server
-    with Sandbox(timeout=5, isolation="rlimits") as fresh:
-        assert fresh.run("1 + 1").stdout == "2\n"
-        assert sandbox_module._servers["rlimits"] is not server
+        with Sandbox(timeout=5, isolation="rlimits") as fresh:
+            assert fresh.run("1 + 1").stdout == "2\n"
+            assert sandbox_module._servers["rlimits"] is not server
+        # replacing the dead server did not pull the old session's work dir from under it
+        assert sb.run("open('after.txt', 'w').write('ok')").stdout == "2\n"
+    assert not os.path.exists(server.base_dir)  # the last one out removed the old server's dir
 
 
 def test_functions_defined_in_cells_pickle_like_in_a_script():

@@ -374,8 +374,8 @@ class _ForkServer:
         self._remove_base_dir()
 
     def _remove_base_dir(self) -> None:
-        if self.base_dir and os.path.isdir(self.base_dir):
-            worker._remove_tree(self.base_dir)
+        # Only if empty: sessions can outlive their server, and their work dirs live in here.
+        worker._remove_if_empty(self.base_dir)
 
 
 _servers: dict[str, _ForkServer] = {}
@@ -631,6 +631,8 @@ class _Session:
         base = self.server.base_dir
         if base and isinstance(workdir, str) and os.path.dirname(workdir) == base and os.path.isdir(workdir):
             worker._remove_tree(workdir)  # the supervisor normally did this; it may have been SIGKILLed
+        if base and not self.server.alive():
+            worker._remove_if_empty(base)
 
     def close_fds(self) -> None:
         self.closed = True

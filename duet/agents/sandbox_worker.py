@@ -26,6 +26,7 @@ import ast
 import builtins
 import ctypes
 import errno
+import fcntl
 import gc
 import io
 import json
@@ -144,6 +145,7 @@ def serve(options: dict) -> None:
         except (OSError, ValueError):
             got = None
         if got is None:
+            _remove_if_empty(options.get("base_dir"))  # else the last session supervisor removes it
             os._exit(0)
         request, fds = got
         if not isinstance(request, dict) or request.get("op") != "spawn" or len(fds) != 4:
@@ -275,6 +277,7 @@ def _session_plan(options: dict, env: dict, request: dict, session_uid: int) -> 
         "sweep": sweep,
         "limits": request.get("limits", {}),
         "base_dir": options.get("base_dir"),
+        "server_pid": env["pid"],
         "read_paths": env["read_paths"],
     }
 
@@ -323,6 +326,8 @@ def _session_supervisor(options: dict, env: dict, request: dict, fds: list[int],
             signal.alarm(20)  # cleanup must never hang the session's end
             _kill_descendants(plan)
             _remove_tree(workdir)
+            if os.getppid() != plan["server_pid"]:  # the fork server is gone: the last one out tidies up
+                _remove_if_empty(plan["base_dir"])
             _write_status(status, _exit_report(wait_status, usage, reason))
     except BaseException as e:  # noqa: BLE001 - report anything, then exit without Python's shutdown
         _write_status(status, {"error": f"session supervisor: {type(e).__name__}: {e}"})
@@ -544,6 +549,15 @@ def _descendants(root: int) -> list[int]:
     return found
 
 
+def _remove_if_empty(path: str | None) -> None:
+    """rmdir: succeeds only once no session's work dir is left in it, so it is safe to race."""
+    if path:
+        try:
+            os.rmdir(path)
+        except OSError:
+            pass
+
+
 def _remove_tree(path: str) -> None:
     """Remove a session's work dir, even where the code made parts of it unreadable."""
     def fix_and_retry(func, p, _exc):
@@ -601,12 +615,10 @@ def _worker(plan: dict, ctrl: int, out: int, err: int, status: int) -> None:
 def _arrange_fds(ctrl: int, out: int, err: int) -> None:
     """stdin = /dev/null, 1/2 = the output pipes, 3 = control, 4/5 = spare copies of 1/2."""
     devnull = os.open(os.devnull, os.O_RDONLY)
-    moved = [os.dup(fd) for fd in (devnull, out, err, ctrl, out, err)]
+    # Copies above the targets first, so no dup2 below overwrites a source it still needs.
+    moved = [fcntl.fcntl(fd, fcntl.F_DUPFD_CLOEXEC, 10) for fd in (devnull, out, err, ctrl, out, err)]
     for target, fd in enumerate(moved):
-        os.dup2(fd, target, inheritable=target <= 2)
-    for fd in {devnull, out, err, ctrl, *moved}:
-        if fd > _SAVED_ERR_FD:
-            os.close(fd)
+        os.dup2(fd, target, inheritable=target <= 2)  # 3..5 stay close-on-exec: not for subprocesses
     _close_fds_except({0, 1, 2, _CTRL_FD, _SAVED_OUT_FD, _SAVED_ERR_FD})
 
 
