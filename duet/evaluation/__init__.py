@@ -1,0 +1,12 @@
+"""Scripted batch evaluation: ``duet eval`` runs the dialogue over a dataset and reports the numbers.
+
+Modules (none imports torch at module level):
+
+* :mod:`~duet.evaluation.datasets`: JSONL / JSON / CSV loaders, malformed-row reports, selection.
+* :mod:`~duet.evaluation.modes`: the ablation modes and how one problem is run in each.
+* :mod:`~duet.evaluation.results`: the crash-safe ``results.jsonl`` (append + fsync, torn-line repair).
+* :mod:`~duet.evaluation.runner`: run directories, config identity, resume, the thread pool.
+* :mod:`~duet.evaluation.stats`: Wilson intervals, paired and unpaired differences, McNemar.
+* :mod:`~duet.evaluation.report`: per-mode summaries, rich tables, ``duet eval report``.
+* :mod:`~duet.evaluation.cli`: the typer app ``eval_app`` mounted as ``duet eval``.
+"""

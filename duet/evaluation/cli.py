@@ -1,0 +1,190 @@
+"""``duet eval``: the command group (mounted by duet/cli.py as ``app.add_typer(eval_app, name="eval")``).
+
+* ``duet eval DATA [OPTIONS]`` (the same as ``duet eval run DATA [OPTIONS]``): run or resume an evaluation.
+* ``duet eval report RUN [RUN ...]``: runs side by side, differences with intervals, flipped problems.
+
+A first argument that is not a subcommand name is taken as DATA for ``run`` (a data file literally named
+``report`` or ``run`` needs ``duet eval run ./report``). Nothing here imports torch at module level; the
+local backend loads it when the run starts. Errors are one line (``error: ...``, exit status 1);
+an interrupted run exits with 130 and resumes when run again.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Any
+
+import click
+import typer
+from typer.core import TyperGroup
+
+
+class _DefaultRunGroup(TyperGroup):
+    """A group whose unknown first argument is the DATA of the ``run`` subcommand."""
+
+    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+        if args and args[0] not in self.commands and args[0] not in ("--help", "-h"):
+            args = ["run", *args]
+        return super().parse_args(ctx, args)
+
+
+eval_app = typer.Typer(
+    cls=_DefaultRunGroup,
+    help=(
+        "Evaluate the dialogue on a dataset: `duet eval DATA [OPTIONS]` (same as `duet eval run`), "
+        "and compare runs with `duet eval report RUN [RUN ...]`."
+    ),
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+
+
+def _fail(message: str, code: int = 1) -> typer.Exit:
+    typer.echo(f"error: {message}", err=True)
+    return typer.Exit(code)
+
+
+def _consoles() -> tuple[Any, Any]:
+    from rich.console import Console
+
+    out = Console(width=None if sys.stdout.isatty() else 160)
+    err = Console(stderr=True)
+    return out, err
+
+
+@eval_app.command("run", no_args_is_help=True)
+def run_command(
+    data: Path = typer.Argument(..., help="JSONL (GSM8K style), JSON array (SVAMP style) or CSV (MAWPS style).",
+                                show_default=False),
+    out: Path = typer.Option(None, "--out", "-o", help="Run directory (default: runs/eval/<data>-<config hash>); "
+                             "running again into it resumes.", show_default=False),
+    backend: str = typer.Option("local:", "--backend", "-b", help="Solver (and critic) backend: local:[DIR] "
+                                "(empty: the embedded model), openai:URL[#MODEL], scripted:FILE.json."),
+    critic_backend: str = typer.Option(None, "--critic-backend", help="A separate backend for the critic.",
+                                       show_default=False),
+    modes: str = typer.Option("solver+critic", "--modes", "-m", help="Comma-separated: solver+critic, solver-only, "
+                              "no-code, no-code+critic, self-consistency@K."),
+    question_field: str = typer.Option(None, "--question-field", help="Question field/column (default: question, "
+                                       "Question, problem; Body is prepended when present).", show_default=False),
+    answer_field: str = typer.Option(None, "--answer-field", help="Gold answer field/column (default: answer, "
+                                     "Answer, solution; GSM8K '#### N' is reduced to N).", show_default=False),
+    id_field: str = typer.Option(None, "--id-field", help="Id field/column (default: the line number, or the "
+                                 "position in a JSON array).", show_default=False),
+    data_format: str = typer.Option(None, "--format", help="jsonl, json, csv or tsv (default: from the extension).",
+                                    show_default=False),
+    limit: int = typer.Option(None, "--limit", "-n", help="Evaluate the first N problems (after --shuffle).",
+                              show_default=False),
+    shuffle: bool = typer.Option(False, "--shuffle", help="Shuffle the problems with --seed before --limit."),
+    seed: int = typer.Option(0, "--seed", help="Seed for --shuffle and for sampling (per problem and sample)."),
+    shard: str = typer.Option(None, "--shard", help="Run shard i/n of the selection (1-based, round-robin), "
+                              "e.g. 2/4 on the second of four machines.", show_default=False),
+    strict: bool = typer.Option(False, "--strict", help="Stop before any work if a row is malformed "
+                                "(default: skip it with a warning)."),
+    concurrency: int = typer.Option(None, "--concurrency", "-j", help="Problems in flight at once (default: 8, "
+                                    "16 for openai:). On local: the engine's batch size.", show_default=False),
+    max_rounds: int = typer.Option(3, "--max-rounds", help="Solver turns checked by the critic, at most."),
+    max_steps: int = typer.Option(8, "--max-steps", help="Code cells per turn."),
+    max_tokens: int = typer.Option(1024, "--max-tokens", help="Generated tokens per turn."),
+    token_budget: int = typer.Option(None, "--token-budget", help="Generated tokens per dialogue (default: none).",
+                                     show_default=False),
+    temperature: float = typer.Option(0.0, "--temperature", help="Sampling temperature of the dialogue modes."),
+    sc_temperature: float = typer.Option(0.7, "--sc-temperature", help="Temperature of self-consistency samples."),
+    sandbox_timeout: float = typer.Option(5.0, "--sandbox-timeout", help="Seconds per code cell."),
+    sandbox_memory: int = typer.Option(1024, "--sandbox-memory", help="Sandbox memory limit, MiB."),
+    sandbox_isolation: str = typer.Option(None, "--sandbox-isolation", help="auto, bwrap, landlock, rlimits or "
+                                          "none.", show_default=False),
+    prompt_dir: Path = typer.Option(None, "--prompt-dir", help="Directory of prompt templates overriding the "
+                                    "built-in ones.", show_default=False),
+    device: str = typer.Option(None, "--device", help="local: torch device (cpu, cuda, cuda:1).",
+                               show_default=False),
+    dtype: str = typer.Option(None, "--dtype", help="local: float32, bfloat16 or float16.", show_default=False),
+    backend_option: list[str] = typer.Option(None, "--backend-option", "-O", help="KEY=VALUE passed to the "
+                                             "backend (repeatable), e.g. -O timeout=120, -O mtp=false.",
+                                             show_default=False),
+    retry_errors: bool = typer.Option(False, "--retry-errors", help="On resume, run again the problems that "
+                                      "ended in a backend, sandbox or evaluation error."),
+    no_progress: bool = typer.Option(False, "--no-progress", help="No progress bar (a line every ~10% instead)."),
+) -> None:
+    """Run (or resume) an evaluation of DATA; prints a summary table per mode."""
+    from duet.agents.dialogue import DialogueConfig
+    from duet.errors import DuetError
+    from duet.evaluation.datasets import Fields
+    from duet.evaluation.report import print_summary
+    from duet.evaluation.runner import EvalOptions, parse_backend_options, run_eval
+
+    stdout, stderr = _consoles()
+    try:
+        options = EvalOptions(
+            data=data, out=out, backend=backend, critic_backend=critic_backend, modes=modes,
+            fields=Fields(question_field, answer_field, id_field), format=data_format, limit=limit,
+            shuffle=shuffle, seed=seed, shard=shard, strict=strict, concurrency=concurrency,
+            dialogue=DialogueConfig(max_rounds=max_rounds, max_steps=max_steps, max_tokens=max_tokens,
+                                    token_budget=token_budget, temperature=temperature, seed=seed,
+                                    sandbox_timeout=sandbox_timeout, sandbox_memory_mb=sandbox_memory,
+                                    sandbox_isolation=sandbox_isolation, prompt_dir=prompt_dir),
+            sc_temperature=sc_temperature, device=device, dtype=dtype,
+            backend_options=parse_backend_options(backend_option or []), retry_errors=retry_errors,
+        )
+        _check_numbers(options)
+        live = stderr.is_terminal and not no_progress
+        outcome = run_eval(options, say=lambda line: typer.echo(line, err=True), live=live, console=stderr)
+    except DuetError as error:
+        raise _fail(str(error)) from None
+    print_summary(outcome.summary, stdout)
+    stdout.print(f"results: {outcome.run_dir / 'results.jsonl'}  summary: {outcome.run_dir / 'summary.json'}")
+    if outcome.interrupted:
+        typer.echo(f"interrupted after {outcome.completed} new result(s); run the same command again to resume",
+                   err=True)
+        raise typer.Exit(130)
+
+
+def _check_numbers(options: Any) -> None:
+    from duet.errors import DuetError
+
+    cfg = options.dialogue
+    for name, value, low in (("--max-rounds", cfg.max_rounds, 1), ("--max-steps", cfg.max_steps, 0),
+                             ("--max-tokens", cfg.max_tokens, 1), ("--sandbox-memory", cfg.sandbox_memory_mb, 32)):
+        if value < low:
+            raise DuetError(f"{name} must be >= {low}")
+    if cfg.token_budget is not None and cfg.token_budget < 1:
+        raise DuetError("--token-budget must be >= 1")
+    if cfg.temperature < 0 or options.sc_temperature < 0:
+        raise DuetError("temperatures must be >= 0")
+    if not cfg.sandbox_timeout > 0:
+        raise DuetError("--sandbox-timeout must be > 0")
+
+
+@eval_app.command("report", no_args_is_help=True)
+def report_command(
+    runs: list[Path] = typer.Argument(..., help="Run directories of `duet eval`.", show_default=False),
+    baseline: str = typer.Option(None, "--baseline", help="The system the others are compared with: a mode "
+                                 "(one run) or RUN/MODE (default: the first).", show_default=False),
+    merge: bool = typer.Option(False, "--merge", help="Treat the runs as one (e.g. the shards of one run)."),
+    flips: int = typer.Option(20, "--flips", help="Flipped problems to list per comparison (0: none)."),
+    json_out: Path = typer.Option(None, "--json", help="Also write the whole report as JSON to this file.",
+                                  show_default=False),
+) -> None:
+    """Compare runs: modes side by side, differences with 95% intervals (paired by problem id), flips."""
+    from duet.errors import DuetError
+    from duet.evaluation.report import build_report, print_report
+    from duet.evaluation.results import write_json_atomic
+
+    stdout, _ = _consoles()
+    try:
+        report = build_report(runs, merge=merge, baseline=baseline)
+    except DuetError as error:
+        raise _fail(str(error)) from None
+    print_report(report, stdout, flips=flips)
+    if json_out is not None:
+        write_json_atomic(json_out, report, indent=2, sync=False)
+
+
+def main() -> None:
+    """``python -m duet.evaluation.cli`` (the same as ``duet eval``)."""
+    eval_app(prog_name="duet eval")
+
+
+if __name__ == "__main__":
+    main()

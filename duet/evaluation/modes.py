@@ -1,0 +1,260 @@
+r"""Evaluation modes (``--modes``): what runs on each problem, and the record it leaves.
+
+=======================  ==========================================================================
+mode                     what runs
+=======================  ==========================================================================
+``solver+critic``        the full dialogue (solve, critique, revise ... up to ``--max-rounds``)
+``solver-only``          one solver turn, no critic
+``no-code``              one solver turn *without the sandbox*: the solver is told to answer in words,
+                         and a code block it writes anyway is not executed (its output block says
+                         :data:`NO_CODE_MESSAGE`), so no code ever runs
+``no-code+critic``       the dialogue with neither agent running code
+``self-consistency@k``   k solver-only samples at ``--sc-temperature`` with distinct seeds; the answer is
+                         the majority over equivalent answers (ties: the answer sampled first)
+=======================  ==========================================================================
+
+Aliases: ``solver`` = solver-only, ``critic`` / ``dialogue`` = solver+critic, ``sc@k`` =
+self-consistency@k.
+
+Seeds: each problem gets its own seed derived from ``--seed`` and its id (sample ``i`` of
+self-consistency from ``--seed``, the id and ``i``), so a resumed run samples exactly what an
+uninterrupted one would, and solver-only and solver+critic see the same first solver turn.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+from types import SimpleNamespace
+from typing import Any
+
+from duet.agents.backends import Backend
+from duet.agents.dialogue import DialogueConfig, run_dialogue
+from duet.agents.transcript import DialogueResult
+from duet.errors import DuetError
+from duet.evaluation.datasets import Problem
+from duet.prompts import Prompts
+
+NO_CODE_MESSAGE = r"code execution is disabled in this mode: reason in words and write \boxed{answer}"
+NO_CODE_SOLVER_SYSTEM = (
+    "Solve the problem step by step in words. No code will be run, so do every calculation yourself, "
+    "carefully, and check the result another way. Write the final answer as \\boxed{answer}."
+)
+NO_CODE_CRITIC_SYSTEM = (
+    "Check another solver's solution. Do not trust it: recompute the result yourself, in words (no code will "
+    "be run), substitute the answer back, and check units and what the question asks. End with one line: "
+    "VERDICT: AGREE, or VERDICT: DISAGREE: <the reason>. Then write your own answer as \\boxed{answer} if you "
+    "have one."
+)
+FAILED = ("backend_error", "sandbox_error", "error")
+"""Stop reasons that count as errors in the summary (``error``: duet eval itself failed on the problem)."""
+
+_ALIASES = {"solver": "solver-only", "critic": "solver+critic", "dialogue": "solver+critic"}
+_BASE = {
+    "solver+critic": (True, True),
+    "solver-only": (False, True),
+    "no-code": (False, False),
+    "no-code+critic": (True, False),
+}
+_SC = re.compile(r"(?:self-consistency|sc)@(\d+)")
+
+
+@dataclass(frozen=True)
+class Mode:
+    """A canonical mode: ``critic`` (the critic runs), ``code`` (the sandbox runs), ``samples`` (k)."""
+
+    name: str
+    critic: bool
+    code: bool = True
+    samples: int = 1
+
+    @property
+    def voting(self) -> bool:
+        return self.name.startswith("self-consistency@")
+
+
+def mode_names() -> str:
+    return ", ".join([*_BASE, "self-consistency@k"])
+
+
+def parse_mode(text: str) -> Mode:
+    """One mode name (or alias) -> Mode; DuetError for an unknown one."""
+    name = _ALIASES.get(text.strip().lower(), text.strip().lower())
+    if name in _BASE:
+        critic, code = _BASE[name]
+        return Mode(name, critic, code)
+    found = _SC.fullmatch(name)
+    if found:
+        k = int(found.group(1))
+        if not 1 <= k <= 64:
+            raise DuetError(f"mode {text!r}: k must be between 1 and 64")
+        return Mode(f"self-consistency@{k}", critic=False, code=True, samples=k)
+    raise DuetError(f"unknown mode {text!r}; use one or more of: {mode_names()} (comma-separated)")
+
+
+def parse_modes(text: str) -> list[Mode]:
+    """``"solver-only,solver+critic"`` -> modes in order; duplicates and an empty list are errors."""
+    modes = [parse_mode(part) for part in text.split(",") if part.strip()]
+    if not modes:
+        raise DuetError(f"--modes is empty; use one or more of: {mode_names()}")
+    names = [m.name for m in modes]
+    dupes = sorted({n for n in names if names.count(n) > 1})
+    if dupes:
+        raise DuetError(f"--modes lists {', '.join(dupes)} twice")
+    return modes
+
+
+class NoCodeSandbox:
+    """A sandbox session that runs nothing: every cell's output block says :data:`NO_CODE_MESSAGE`."""
+
+    def __enter__(self) -> NoCodeSandbox:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        return None
+
+    def run(self, code: str) -> Any:
+        return SimpleNamespace(stdout="", stderr="", error=NO_CODE_MESSAGE, ok=False, seconds=0.0,
+                               state_lost=False, truncated=False)
+
+
+def no_code_prompts(prompts: Prompts) -> Prompts:
+    """``prompts`` with system messages that ask for an answer in words (see :data:`NO_CODE_SOLVER_SYSTEM`)."""
+    return replace(prompts, solver_system=NO_CODE_SOLVER_SYSTEM, critic_system=NO_CODE_CRITIC_SYSTEM)
+
+
+def derive_seed(*parts: object) -> int:
+    """A 31-bit seed from ``parts`` (stable across runs and machines)."""
+    digest = hashlib.sha256(":".join(str(p) for p in parts).encode()).digest()
+    return int.from_bytes(digest[:4], "big") & 0x7FFFFFFF
+
+
+def equivalent(a: str | None, b: str | None) -> bool:
+    """``duet.agents.answers.equivalent``, False for a missing answer and on any failure."""
+    if a is None or b is None:
+        return False
+    try:
+        from duet.agents.answers import equivalent as same
+
+        return bool(same(a, b))
+    except Exception:
+        return False
+
+
+def normalized(answer: str | None) -> str | None:
+    if answer is None:
+        return None
+    try:
+        from duet.agents.answers import normalize
+
+        return normalize(answer)
+    except Exception:
+        return " ".join(answer.split())
+
+
+def majority(answers: list[str | None]) -> tuple[str | None, list[dict[str, Any]]]:
+    """The most frequent answer up to equivalence (ties: sampled first), and the vote counts."""
+    groups: list[dict[str, Any]] = []
+    for answer in answers:
+        if answer is None:
+            continue
+        for group in groups:
+            if equivalent(group["answer"], answer):
+                group["count"] += 1
+                break
+        else:
+            groups.append({"answer": answer, "normalized": normalized(answer), "count": 1})
+    ranked = sorted(groups, key=lambda g: -g["count"])  # stable: ties keep the order of first appearance
+    return (ranked[0]["answer"] if ranked else None), ranked
+
+
+@dataclass
+class Context:
+    """What every problem of a run shares."""
+
+    solver: Callable[[], Backend]  # a backend for one dialogue (shared, or a fresh scripted one)
+    critic: Callable[[], Backend | None]
+    config: DialogueConfig
+    prompts: Prompts
+    seed: int = 0
+    sc_temperature: float = 0.7
+    cancel: threading.Event | None = None
+
+
+class Interrupted(Exception):
+    """The run was cancelled while this problem was in flight: it is not recorded."""
+
+
+def run_problem(problem: Problem, mode: Mode, ctx: Context) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Run ``problem`` in ``mode``; returns (record without ``transcript``/timing keys, transcript).
+
+    Raises :class:`Interrupted` when cancelled; other failures are the caller's to record.
+    """
+    prompts = ctx.prompts if mode.code else no_code_prompts(ctx.prompts)
+    sandbox = None if mode.code else NoCodeSandbox
+    results: list[DialogueResult] = []
+    for i in range(mode.samples):
+        if mode.voting:
+            seed = derive_seed(ctx.seed, problem.id, "sample", i)
+            config = replace(ctx.config, critic=False, temperature=ctx.sc_temperature, seed=seed)
+        else:
+            config = replace(ctx.config, critic=mode.critic, seed=derive_seed(ctx.seed, problem.id))
+        solver = ctx.solver()
+        critic = ctx.critic() if mode.critic else None
+        result = run_dialogue(problem.question, solver, critic, config, cancel=ctx.cancel, prompts=prompts,
+                              sandbox_factory=sandbox)
+        if result.stop_reason == "interrupted" or (ctx.cancel is not None and ctx.cancel.is_set()):
+            raise Interrupted(problem.id)
+        results.append(result)
+    record = _record(problem, mode, results)
+    transcript = {"version": 1, "id": problem.id, "mode": mode.name, "question": problem.question,
+                  "gold": problem.gold, "dialogues": [r.to_dict() for r in results]}
+    return record, transcript
+
+
+def _record(problem: Problem, mode: Mode, results: list[DialogueResult]) -> dict[str, Any]:
+    tokens = {"prompt": sum(r.prompt_tokens for r in results),
+              "completion": sum(r.completion_tokens for r in results)}
+    record: dict[str, Any] = {"id": problem.id, "mode": mode.name, "question": problem.question, "gold": problem.gold}
+    if mode.voting:
+        answers = [r.answer for r in results]
+        prediction, votes = majority(answers)
+        failures = [r for r in results if r.stop_reason in FAILED]
+        if prediction is not None:
+            stop = "majority_vote"
+        elif failures and len(failures) == len(results):
+            stop = failures[0].stop_reason
+        else:
+            stop = "no_answer"
+        errors = [r.error for r in results if r.error]
+        record.update(prediction=prediction, agreed=None, rounds=sum(r.rounds for r in results) / len(results),
+                      stop_reason=stop, error=errors[0] if errors and prediction is None else None,
+                      samples=answers, votes=[{"answer": v["answer"], "count": v["count"]} for v in votes])
+    else:
+        (r,) = results
+        record.update(prediction=r.answer, agreed=r.agreed if mode.critic else None, rounds=r.rounds,
+                      stop_reason=r.stop_reason, error=r.error)
+        if mode.critic:
+            first = next((t for t in r.solver_turns if t.round == 1), None)
+            record["first_prediction"] = first.answer if first is not None else None
+            record["first_correct"] = equivalent(record["first_prediction"], problem.gold)
+    record["correct"] = equivalent(record["prediction"], problem.gold)
+    record["tokens"] = tokens
+    record["seconds"] = round(sum(r.seconds for r in results), 4)
+    return record
+
+
+def error_record(problem: Problem, mode: Mode, error: BaseException) -> dict[str, Any]:
+    """The record of a problem on which duet eval itself failed (the run goes on)."""
+    return {"id": problem.id, "mode": mode.name, "question": problem.question, "gold": problem.gold,
+            "prediction": None, "correct": False, "agreed": None, "rounds": 0, "stop_reason": "error",
+            "error": f"{type(error).__name__}: {error}"[:300], "tokens": {"prompt": 0, "completion": 0},
+            "seconds": 0.0}
+
+
+def now() -> float:
+    return time.time()

@@ -1,0 +1,351 @@
+"""Numbers from results: per-mode summaries, comparisons between modes and runs, and their rich tables.
+
+Per mode (``summary.json`` -> ``modes`` -> name):
+
+==========================  =======================================================================
+``n``, ``correct``          problems with a record, and how many were answered correctly
+``accuracy``, ``ci95``      correct / n (errors count as wrong), Wilson 95% interval
+``errors``                  records whose stop reason is backend_error, sandbox_error or error
+``no_answer``               records without a prediction
+``stop_reasons``            counts per stop reason
+``agreed``                  dialogues where the critic agreed (None for modes without a critic)
+``agreement_rate``          agreed / n
+``accuracy_agreed``         {n, correct, accuracy, ci95} over the agreed records (``_not_agreed``: the rest)
+``round1``                  critic modes: accuracy of the solver's first answer, and the paired difference
+                            final - round 1 with its 95% interval, ``fixed`` and ``broken`` counts:
+                            what the critic bought
+``mean_rounds``             mean solver turns (self-consistency: per sample)
+``prompt_tokens`` ...       ``completion_tokens``; ``wall_seconds`` is the union of the records' running
+                            intervals, so concurrency and pauses between resumed invocations are handled
+``tokens_per_second``       completion tokens / wall seconds
+``problems_per_minute``     n / wall minutes; ``mean_seconds``: mean latency of one problem
+==========================  =======================================================================
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from duet.errors import DuetError
+from duet.evaluation.modes import FAILED
+from duet.evaluation.results import read_records
+from duet.evaluation.stats import paired_difference, unpaired_difference, wilson
+
+
+def _rate(correct: int, n: int) -> dict[str, Any]:
+    ci = wilson(correct, n)
+    return {"n": n, "correct": correct, "accuracy": correct / n if n else None, "ci95": list(ci) if ci else None}
+
+
+def wall_seconds(records: list[dict[str, Any]]) -> float:
+    """Length of the union of the records' [started, finished] intervals (sum of ``seconds`` without them)."""
+    spans = sorted((r["started"], r["finished"]) for r in records
+                   if isinstance(r.get("started"), (int, float)) and isinstance(r.get("finished"), (int, float)))
+    if not spans:
+        return float(sum(r.get("seconds") or 0.0 for r in records))
+    total, (start, end) = 0.0, spans[0]
+    for s, e in spans[1:]:
+        if s > end:
+            total += end - start
+            start, end = s, e
+        else:
+            end = max(end, e)
+    return total + end - start
+
+
+def mode_stats(records: list[dict[str, Any]]) -> dict[str, Any]:
+    """The numbers of one mode (see the module docstring)."""
+    n = len(records)
+    correct = sum(1 for r in records if r.get("correct"))
+    stats: dict[str, Any] = _rate(correct, n)
+    stops: dict[str, int] = {}
+    for r in records:
+        stops[str(r.get("stop_reason"))] = stops.get(str(r.get("stop_reason")), 0) + 1
+    stats["errors"] = sum(1 for r in records if r.get("stop_reason") in FAILED)
+    stats["no_answer"] = sum(1 for r in records if r.get("prediction") in (None, ""))
+    stats["stop_reasons"] = dict(sorted(stops.items(), key=lambda kv: -kv[1]))
+    with_critic = [r for r in records if r.get("agreed") is not None]
+    if with_critic:
+        agreed = [r for r in with_critic if r["agreed"]]
+        other = [r for r in with_critic if not r["agreed"]]
+        stats["agreed"] = len(agreed)
+        stats["agreement_rate"] = len(agreed) / len(with_critic)
+        stats["accuracy_agreed"] = _rate(sum(1 for r in agreed if r.get("correct")), len(agreed))
+        stats["accuracy_not_agreed"] = _rate(sum(1 for r in other if r.get("correct")), len(other))
+    else:
+        stats["agreed"] = stats["agreement_rate"] = stats["accuracy_agreed"] = stats["accuracy_not_agreed"] = None
+    first = [r for r in records if "first_correct" in r]
+    if first:
+        diff = paired_difference([bool(r["first_correct"]) for r in first], [bool(r.get("correct")) for r in first])
+        stats["round1"] = {**_rate(sum(1 for r in first if r["first_correct"]), len(first)),
+                           "difference": diff.to_dict() if diff else None}
+    else:
+        stats["round1"] = None
+    rounds = [r.get("rounds") for r in records if isinstance(r.get("rounds"), (int, float))]
+    stats["mean_rounds"] = sum(rounds) / len(rounds) if rounds else None
+    tokens = [r.get("tokens") or {} for r in records]
+    stats["prompt_tokens"] = sum(int(t.get("prompt", 0) or 0) for t in tokens)
+    stats["completion_tokens"] = sum(int(t.get("completion", 0) or 0) for t in tokens)
+    wall = wall_seconds(records)
+    stats["wall_seconds"] = round(wall, 3)
+    stats["mean_seconds"] = sum(r.get("seconds") or 0.0 for r in records) / n if n else None
+    stats["tokens_per_second"] = stats["completion_tokens"] / wall if wall > 0 else None
+    stats["problems_per_minute"] = n / wall * 60 if wall > 0 else None
+    return stats
+
+
+def group_by_mode(records: list[dict[str, Any]], order: list[str] | None = None) -> dict[str, list[dict[str, Any]]]:
+    """Records per mode: modes of ``order`` first, then others in order of first appearance."""
+    groups: dict[str, list[dict[str, Any]]] = {m: [] for m in order or []}
+    for r in records:
+        groups.setdefault(r["mode"], []).append(r)
+    return {m: rs for m, rs in groups.items() if rs}
+
+
+def compare(a: list[dict[str, Any]], b: list[dict[str, Any]]) -> dict[str, Any]:
+    """B vs A: paired by id when they share problems (else unpaired), with the problems that flipped."""
+    by_id_a = {r["id"]: r for r in a}
+    common = [r for r in b if r["id"] in by_id_a]
+    flips = []
+    if common:
+        outcome_a = [bool(by_id_a[r["id"]].get("correct")) for r in common]
+        outcome_b = [bool(r.get("correct")) for r in common]
+        diff = paired_difference(outcome_a, outcome_b)
+        for r, x, y in zip(common, outcome_a, outcome_b, strict=True):
+            if x != y:
+                flips.append({"id": r["id"], "change": "fixed" if y else "broken", "question": r.get("question"),
+                              "gold": r.get("gold"), "a": by_id_a[r["id"]].get("prediction"),
+                              "b": r.get("prediction")})
+    else:
+        diff = unpaired_difference(sum(1 for r in a if r.get("correct")), len(a),
+                                   sum(1 for r in b if r.get("correct")), len(b))
+    return {"difference": diff.to_dict() if diff else None, "flips": flips}
+
+
+def summarize(records: list[dict[str, Any]], *, run_dir: Path | None = None, config: dict[str, Any] | None = None,
+              mode_order: list[str] | None = None) -> dict[str, Any]:
+    """``summary.json``: per-mode numbers, and each mode against the first (paired by id)."""
+    groups = group_by_mode(records, mode_order)
+    names = list(groups)
+    comparisons = []
+    for name in names[1:]:
+        result = compare(groups[names[0]], groups[name])
+        comparisons.append({"a": names[0], "b": name, "difference": result["difference"],
+                            "flipped": [f["id"] for f in result["flips"]]})
+    return {
+        "run": str(run_dir) if run_dir else None,
+        "updated": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "data": (config or {}).get("data", {}).get("path"),
+        "models": {k: (v or {}).get("spec") for k, v in ((config or {}).get("model") or {}).items()},
+        "records": len(records),
+        "modes": {name: mode_stats(rs) for name, rs in groups.items()},
+        "comparisons": comparisons,
+    }
+
+
+# ---------------------------------------------------------------------------------------------------
+# Formatting
+
+
+def pct(x: float | None) -> str:
+    return "-" if x is None else f"{100 * x:.1f}%"
+
+
+def ci_text(ci: list[float] | tuple[float, float] | None) -> str:
+    return "" if not ci else f"[{100 * ci[0]:.1f}, {100 * ci[1]:.1f}]"
+
+
+def signed(x: float) -> str:
+    return f"{100 * x:+.1f} pts"
+
+
+def _num(x: float | None, fmt: str = "{:.1f}") -> str:
+    return "-" if x is None else fmt.format(x)
+
+
+def _acc_cell(rate: dict[str, Any] | None) -> str:
+    if not rate or not rate["n"]:
+        return "-"
+    return f"{pct(rate['accuracy'])} (n={rate['n']})"
+
+
+def summary_table(modes: dict[str, dict[str, Any]], title: str = "duet eval") -> Any:
+    """The rich table: one row per mode (or per run/mode in a report)."""
+    from rich.table import Table
+
+    table = Table(title=title, title_justify="left")
+    for name, justify in [("mode", "left"), ("n", "right"), ("accuracy", "right"), ("95% CI", "right"),
+                          ("agree", "right"), ("acc | agree", "right"), ("acc | disagree", "right"),
+                          ("rounds", "right"), ("tok/s", "right"), ("prob/min", "right"), ("errors", "right")]:
+        table.add_column(name, justify=justify, no_wrap=name != "mode")
+    for name, s in modes.items():
+        table.add_row(name, str(s["n"]), pct(s["accuracy"]), ci_text(s["ci95"]), pct(s["agreement_rate"]),
+                      _acc_cell(s["accuracy_agreed"]), _acc_cell(s["accuracy_not_agreed"]),
+                      _num(s["mean_rounds"], "{:.2f}"), _num(s["tokens_per_second"]),
+                      _num(s["problems_per_minute"]), str(s["errors"]))
+    return table
+
+
+def critic_table(modes: dict[str, dict[str, Any]]) -> Any | None:
+    """What the critic bought: the solver's first answer vs the final one, paired per problem."""
+    from rich.table import Table
+
+    rows = [(name, s) for name, s in modes.items() if s.get("round1") and s["round1"].get("difference")]
+    if not rows:
+        return None
+    table = Table(title="What the critic bought (final answer vs the solver's first)", title_justify="left")
+    for name in ("mode", "round-1 acc", "final acc", "difference", "95% CI", "fixed", "broken", "p"):
+        table.add_column(name, justify="left" if name == "mode" else "right")
+    for name, s in rows:
+        d = s["round1"]["difference"]
+        table.add_row(name, pct(s["round1"]["accuracy"]), pct(s["accuracy"]), signed(d["difference"]),
+                      _ci_pts(d), str(d["fixed"]), str(d["broken"]), _num(d["p_value"], "{:.3f}"))
+    return table
+
+
+def _ci_pts(d: dict[str, Any]) -> str:
+    return f"[{100 * d['low']:+.1f}, {100 * d['high']:+.1f}]"
+
+
+def differences_table(comparisons: list[dict[str, Any]], title: str = "Differences (B - A)") -> Any | None:
+    from rich.table import Table
+
+    rows = [c for c in comparisons if c.get("difference")]
+    if not rows:
+        return None
+    table = Table(title=title, title_justify="left")
+    for name in ("A", "B", "n", "acc A", "acc B", "B - A", "95% CI", "fixed", "broken", "p", "paired"):
+        table.add_column(name, justify="left" if name in ("A", "B") else "right")
+    for c in rows:
+        d = c["difference"]
+        paired = d["paired"]
+        table.add_row(c["a"], c["b"], str(d["n"]), pct(d["accuracy_a"]), pct(d["accuracy_b"]),
+                      signed(d["difference"]), _ci_pts(d), str(d["fixed"]) if paired else "-",
+                      str(d["broken"]) if paired else "-", _num(d["p_value"], "{:.3f}") if paired else "-",
+                      "yes" if paired else "no")
+    return table
+
+
+def flips_table(a: str, b: str, flips: list[dict[str, Any]], limit: int) -> Any | None:
+    from rich.table import Table
+
+    if not flips or limit <= 0:
+        return None
+    more = f" (showing {limit} of {len(flips)})" if len(flips) > limit else ""
+    table = Table(title=f"Flipped: {a} -> {b}{more}", title_justify="left")
+    for name in ("id", "change", "gold", a, b, "question"):
+        table.add_column(name, overflow="fold" if name == "question" else "ellipsis",
+                         max_width=60 if name == "question" else 24)
+    for f in flips[:limit]:
+        question = " ".join(str(f.get("question") or "").split())
+        table.add_row(str(f["id"]), f["change"], str(f.get("gold")), str(f.get("a")), str(f.get("b")),
+                      question[:120] + ("…" if len(question) > 120 else ""))
+    return table
+
+
+def print_summary(summary: dict[str, Any], console: Any) -> None:
+    """The tables printed at the end of ``duet eval``."""
+    console.print(summary_table(summary["modes"], title=f"duet eval: {summary.get('run')}"))
+    for table in (critic_table(summary["modes"]), differences_table(summary["comparisons"])):
+        if table is not None:
+            console.print(table)
+
+
+# ---------------------------------------------------------------------------------------------------
+# duet eval report
+
+
+@dataclass
+class Run:
+    """A run directory as read by the report."""
+
+    path: Path
+    label: str
+    config: dict[str, Any]
+    records: list[dict[str, Any]]
+    notes: list[str] = field(default_factory=list)
+
+
+def load_run(path: str | Path) -> Run:
+    path = Path(path)
+    if not path.is_dir():
+        raise DuetError(f"{path}: no such run directory")
+    results = path / "results.jsonl"
+    if not results.exists():
+        raise DuetError(f"{path}: not a duet eval run (no results.jsonl)")
+    loaded = read_records(results)
+    notes = []
+    if loaded.torn_bytes:
+        notes.append(f"{results}: a torn last line was ignored (the run was interrupted or is still going)")
+    if loaded.bad_lines:
+        notes.append(f"{results}: ignored invalid line(s) {', '.join(map(str, loaded.bad_lines[:5]))}")
+    if loaded.duplicates:
+        notes.append(f"{results}: {loaded.duplicates} repeated record(s) ignored")
+    try:
+        config = json.loads((path / "config.json").read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError):
+        config = {}
+    return Run(path, path.name or str(path), config, loaded.records, notes)
+
+
+def build_report(paths: list[str | Path], *, merge: bool = False, baseline: str | None = None) -> dict[str, Any]:
+    """Systems (run x mode) side by side, each against the baseline (the first unless named)."""
+    runs = [load_run(p) for p in paths]
+    notes = [n for r in runs for n in r.notes]
+    labels = [r.label for r in runs]
+    for i, run in enumerate(runs):  # make labels unique
+        if labels.count(run.label) > 1:
+            run.label = f"{run.label}#{i + 1}"
+    systems: dict[str, list[dict[str, Any]]] = {}
+    if merge:
+        seen: set[tuple[str, str]] = set()
+        merged = []
+        for run in runs:
+            for r in run.records:
+                if (r["id"], r["mode"]) in seen:
+                    notes.append(f"{run.path}: ({r['id']}, {r['mode']}) is in an earlier run too; the first is kept")
+                    continue
+                seen.add((r["id"], r["mode"]))
+                merged.append(r)
+        order = [m for run in runs for m in run.config.get("modes", [])]
+        systems = dict(group_by_mode(merged, list(dict.fromkeys(order))))
+    else:
+        for run in runs:
+            for mode, records in group_by_mode(run.records, run.config.get("modes")).items():
+                systems[mode if len(runs) == 1 else f"{run.label}/{mode}"] = records
+    if not systems:
+        raise DuetError("no records in " + ", ".join(str(p) for p in paths))
+    names = list(systems)
+    base = baseline or names[0]
+    if base not in systems:
+        raise DuetError(f"--baseline {base!r} is not one of: {', '.join(names)}")
+    comparisons = []
+    for name in names:
+        if name == base:
+            continue
+        result = compare(systems[base], systems[name])
+        comparisons.append({"a": base, "b": name, **result})
+    return {"runs": [str(r.path) for r in runs], "baseline": base, "notes": notes,
+            "systems": {name: mode_stats(rs) for name, rs in systems.items()}, "comparisons": comparisons}
+
+
+def print_report(report: dict[str, Any], console: Any, *, flips: int = 20) -> None:
+    for note in report["notes"]:
+        console.print(f"[yellow]note:[/] {note}")
+    console.print(summary_table(report["systems"], title="duet eval report"))
+    critic = critic_table(report["systems"])
+    if critic is not None:
+        console.print(critic)
+    diffs = differences_table(report["comparisons"], title=f"Differences against {report['baseline']} (B - A)")
+    if diffs is not None:
+        console.print(diffs)
+    for c in report["comparisons"]:
+        table = flips_table(c["a"], c["b"], c["flips"], flips)
+        if table is not None:
+            console.print(table)
+        elif c.get("difference") and c["difference"]["paired"] and flips > 0:
+            console.print(f"No problem flipped between {c['a']} and {c['b']}.")
