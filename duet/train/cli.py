@@ -1,0 +1,36 @@
+"""The `duet train` command (mounted by duet.cli; also `python -m duet.train`)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+
+
+def train_command(
+    out: Path = typer.Option(Path("runs/embedded"), "--out", help="Run directory (resumes when it holds a run)."),
+    data: Path = typer.Option(Path("../shared/data"), "--data", help="Folder with gsm8k/ and mawps_asdiv_a/."),
+    steps: int = typer.Option(2400, help="Optimizer steps."),
+    batch_size: int = typer.Option(12, help="Sequences per step."),
+    seq_len: int = typer.Option(512, help="Tokens per packed sequence."),
+    lr: float = typer.Option(2e-3, help="Peak learning rate (warmup, then cosine to 10%)."),
+    mtp_lambda: float = typer.Option(0.3, help="Weight of the MTP loss."),
+    bias_gamma: float = typer.Option(1e-3, help="Step of the auxiliary-loss-free routing-bias update."),
+    seed: int = typer.Option(0, help="Seed of weights and data."),
+    save_every: int = typer.Option(100, help="Checkpoint every N steps."),
+    threads: int = typer.Option(0, help="torch threads (0: default)."),
+    bf16: bool = typer.Option(True, "--bf16/--fp32", help="bf16 autocast for matmuls."),
+    install: bool = typer.Option(False, "--install", help="Copy the final checkpoint into duet/assets/model."),
+) -> None:
+    """Train the embedded default model (a small DeepSeek-V3) on tool-integrated reasoning data."""
+    from duet.train.trainer import TrainConfig, install_model, train
+
+    if not (data / "gsm8k" / "train.jsonl").is_file():
+        raise typer.BadParameter(f"{data} has no gsm8k/train.jsonl; pass --data DIR", param_hint="--data")
+    cfg = TrainConfig(data_dir=str(data), out_dir=str(out), steps=steps, batch_size=batch_size, seq_len=seq_len,
+                      lr=lr, mtp_lambda=mtp_lambda, bias_gamma=bias_gamma, seed=seed, save_every=save_every,
+                      threads=threads, bf16=bf16)
+    checkpoint = train(cfg)
+    typer.echo(f"checkpoint: {checkpoint}")
+    if install:
+        typer.echo(f"installed: {install_model(checkpoint)}")

@@ -1,0 +1,309 @@
+"""`duet train`: the embedded default model, trained from scratch on CPU (or GPU) in about two hours.
+
+The V3 recipe at small scale:
+- next-token cross-entropy plus lambda times the MTP loss (the MTP module predicts token i+2 from the
+  main model's hidden state at i and the embedding of token i+1: the causal chain of the V3 paper);
+- auxiliary-loss-free load balancing: after every step each MoE layer's per-expert routing bias moves
+  by +gamma for under-loaded experts and -gamma for over-loaded ones (it only affects which experts are
+  chosen, never their weights); the log records max/mean expert load.
+
+Batches are packed from the deterministic `example_stream` seeded by (seed, step), so a run resumed
+from its checkpoint sees exactly the data it would have seen, and runs are reproducible.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import math
+import os
+import shutil
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from duet.model import ModelArgs, Transformer, count_parameters, load_model, save_model
+from duet.model.model import MoE
+from duet.train.data import Conversation, Sources, example_stream
+from duet.train.tokenizer import train_tokenizer
+
+
+@dataclass
+class TrainConfig:
+    """Everything that defines a training run (saved beside the checkpoint)."""
+
+    data_dir: str = "../shared/data"
+    out_dir: str = "runs/embedded"
+    seed: int = 0
+    steps: int = 3000
+    batch_size: int = 8
+    seq_len: int = 512
+    lr: float = 2e-3
+    min_lr_ratio: float = 0.1
+    warmup: int = 100
+    weight_decay: float = 0.1
+    grad_clip: float = 1.0
+    mtp_lambda: float = 0.3
+    bias_gamma: float = 1e-3
+    save_every: int = 100
+    vocab_size: int = 2048
+    threads: int = 0  # 0: torch's default
+    bf16: bool = True  # bf16 autocast for matmuls (weights and optimizer stay fp32)
+    model: dict = field(default_factory=lambda: {
+        "hidden_size": 256, "num_hidden_layers": 5, "num_attention_heads": 4, "intermediate_size": 640,
+        "moe_intermediate_size": 160, "n_routed_experts": 8, "num_experts_per_tok": 2, "n_shared_experts": 1,
+        "n_group": 4, "topk_group": 2, "first_k_dense_replace": 1, "q_lora_rank": 96, "kv_lora_rank": 64,
+        "qk_nope_head_dim": 32, "qk_rope_head_dim": 16, "v_head_dim": 32, "routed_scaling_factor": 1.0,
+        "max_position_embeddings": 2048, "num_nextn_predict_layers": 1,
+    })
+
+
+# ----------------------------------------------------------------------------- tokens and masks
+
+
+def encode_example(tokenizer, conv: Conversation) -> tuple[list[int], list[bool]]:
+    """Token ids of the whole conversation and, per token, whether the model is trained to write it.
+
+    Trained: the final assistant message and its end-of-turn token, except the contents of output
+    blocks (duet writes those, the model only writes the ```output stop string that asks for them).
+    """
+    prefix = tokenizer.apply_chat_template(conv.messages[:-1], tokenize=False, add_generation_prompt=True)
+    content = conv.messages[-1]["content"]
+    text = prefix + content + tokenizer.eos_token
+    enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+    spans = [(len(prefix), len(text))]
+    for start in _find_all(content, "```output"):
+        open_end = len(prefix) + start + len("```output")
+        close = content.find("```\n", start + len("```output"))
+        close_end = len(prefix) + (close + 4 if close >= 0 else len(content))
+        spans = _subtract(spans, (open_end, close_end))
+    mask = [any(s <= a < e for s, e in spans) for a, _ in enc["offset_mapping"]]
+    return enc["input_ids"], mask
+
+
+def _find_all(text: str, needle: str) -> list[int]:
+    out, i = [], text.find(needle)
+    while i >= 0:
+        out.append(i)
+        i = text.find(needle, i + 1)
+    return out
+
+
+def _subtract(spans: list[tuple[int, int]], cut: tuple[int, int]) -> list[tuple[int, int]]:
+    out = []
+    for s, e in spans:
+        if cut[1] <= s or cut[0] >= e:
+            out.append((s, e))
+            continue
+        if s < cut[0]:
+            out.append((s, cut[0]))
+        if cut[1] < e:
+            out.append((cut[1], e))
+    return out
+
+
+def batch_for_step(tokenizer, sources: Sources, cfg: TrainConfig, step: int) -> tuple[Tensor, Tensor]:
+    """Packed [B, T+1] token ids and target mask for `step`, the same on every run and resume."""
+    stream = example_stream(sources, seed=cfg.seed * 1_000_003 + step)
+    need = cfg.batch_size * (cfg.seq_len + 1)
+    ids: list[int] = []
+    mask: list[bool] = []
+    while len(ids) < need:
+        conv = next(stream)
+        t, m = encode_example(tokenizer, conv)
+        if len(t) > cfg.seq_len + 1:
+            continue
+        ids += t
+        mask += m
+    ids_t = torch.tensor(ids[:need]).view(cfg.batch_size, cfg.seq_len + 1)
+    mask_t = torch.tensor(mask[:need]).view(cfg.batch_size, cfg.seq_len + 1)
+    return ids_t, mask_t
+
+
+# ----------------------------------------------------------------------------- losses and balancing
+
+
+def losses(model: Transformer, ids: Tensor, mask: Tensor) -> tuple[Tensor, Tensor | None]:
+    """(next-token loss, MTP loss) on the trained positions of a packed batch ids [B, T+1]."""
+    inputs, targets, tmask = ids[:, :-1], ids[:, 1:], mask[:, 1:]
+    h = model.hidden(inputs)  # under the caller's autocast: bf16 matmuls are ~3x faster on CPUs with AVX512-BF16
+    main = _masked_ce(model.logits(h), targets, tmask)
+    if not len(model.mtp):
+        return main, None
+    # position i: main hidden h_i and embedding of token i+1 -> predict token i+2
+    mtp_logits, _ = model.mtp_logits(0, h[:, :-1], inputs[:, 1:])
+    return main, _masked_ce(mtp_logits, targets[:, 1:], tmask[:, 1:])
+
+
+def _masked_ce(logits: Tensor, targets: Tensor, mask: Tensor) -> Tensor:
+    loss = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), reduction="none")
+    m = mask.flatten().float()
+    return (loss * m).sum() / m.sum().clamp(min=1)
+
+
+@torch.no_grad()
+def balance_experts(model: Transformer, gamma: float) -> float:
+    """Auxiliary-loss-free balancing: nudge each expert's routing bias toward the mean load.
+
+    Returns the worst max/mean expert load over the MoE layers for this step (1.0 is perfect).
+    """
+    worst = 1.0
+    for module in model.modules():
+        if isinstance(module, MoE) and module.last_expert_load is not None:
+            load = module.last_expert_load.float()
+            bias = module.gate.e_score_correction_bias
+            if bias is not None:
+                bias += gamma * torch.sign(load.mean() - load)
+            worst = max(worst, float(load.max() / load.mean().clamp(min=1e-9)))
+    return worst
+
+
+def lr_at(step: int, cfg: TrainConfig) -> float:
+    if step < cfg.warmup:
+        return cfg.lr * (step + 1) / cfg.warmup
+    progress = min(1.0, (step - cfg.warmup) / max(1, cfg.steps - cfg.warmup))
+    return cfg.lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+# ----------------------------------------------------------------------------- the run
+
+
+def build_model(cfg: TrainConfig, tokenizer) -> Transformer:
+    fields = {**cfg.model, "vocab_size": len(tokenizer), "bos_token_id": tokenizer.bos_token_id,
+              "eos_token_id": tokenizer.eos_token_id}
+    args = ModelArgs(**fields)
+    args.validate()
+    g = torch.Generator().manual_seed(cfg.seed)
+    return Transformer(args).init_weights(std=0.02, generator=g)
+
+
+def train(cfg: TrainConfig, progress: bool = True, log=print) -> Path:
+    """Train (or resume) into cfg.out_dir; returns the final checkpoint directory."""
+    out = Path(cfg.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    ckpt = out / "checkpoint"
+    state_path = ckpt / "trainer_state.pt"
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    torch.manual_seed(cfg.seed)
+    sources = Sources.load(Path(cfg.data_dir))
+    sources.write_dev(out / "dev")
+
+    if state_path.exists():
+        from transformers import AutoTokenizer
+
+        state = torch.load(state_path, weights_only=False)
+        saved = TrainConfig(**state["config"])
+        if (saved.seed, saved.model, saved.batch_size, saved.seq_len) != (cfg.seed, cfg.model, cfg.batch_size,
+                                                                        cfg.seq_len):
+            raise ValueError(f"{out} holds a run with a different configuration; use another --out")
+        tokenizer = AutoTokenizer.from_pretrained(ckpt)
+        model = load_model(ckpt)
+        start = state["step"]
+        log(f"resuming {out} at step {start}")
+    else:
+        sample = itertools.islice(example_stream(sources, seed=cfg.seed + 99), 20000)
+        texts = (m["content"] for c in sample for m in c.messages)
+        tokenizer = train_tokenizer(texts, vocab_size=cfg.vocab_size)
+        model = build_model(cfg, tokenizer)
+        state, start = None, 0
+    model.train()
+    decay = [p for n, p in model.named_parameters() if p.ndim >= 2 and "norm" not in n]
+    no_decay = [p for n, p in model.named_parameters() if p.ndim < 2 or "norm" in n]
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
+                             {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr, betas=(0.9, 0.95))
+    if state is not None:
+        opt.load_state_dict(state["optimizer"])
+    n_params = count_parameters(model)
+    log(f"model: {n_params / 1e6:.2f}M parameters ({count_parameters(model, include_mtp=False) / 1e6:.2f}M "
+        f"without MTP), vocab {len(tokenizer)}")
+
+    bar = _progress(progress, cfg.steps, start)
+    log_file = open(out / "train_log.jsonl", "a")
+    tokens_done, t0 = 0, time.perf_counter()
+    for step in range(start, cfg.steps):
+        ids, mask = batch_for_step(tokenizer, sources, cfg, step)
+        for group in opt.param_groups:
+            group["lr"] = lr_at(step, cfg)
+        with torch.autocast(device_type="cpu", dtype=torch.bfloat16, enabled=cfg.bf16):
+            main, mtp = losses(model, ids, mask)
+        loss = main + cfg.mtp_lambda * mtp if mtp is not None else main
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        opt.step()
+        load = balance_experts(model, cfg.bias_gamma)
+        tokens_done += ids.numel()
+        rate = tokens_done / (time.perf_counter() - t0)
+        record = {"step": step + 1, "loss": round(main.item(), 4),
+                  "mtp_loss": round(mtp.item(), 4) if mtp is not None else None,
+                  "lr": round(lr_at(step, cfg), 6), "max_over_mean_load": round(load, 3),
+                  "tokens_per_s": round(rate), "time": round(time.time())}
+        log_file.write(json.dumps(record) + "\n")
+        log_file.flush()
+        if bar:
+            bar.update(step + 1, record)
+        if (step + 1) % cfg.save_every == 0 or step + 1 == cfg.steps:
+            _save(model, tokenizer, opt, cfg, step + 1, out)
+    log_file.close()
+    if bar:
+        bar.close()
+    return ckpt
+
+
+def _save(model: Transformer, tokenizer, opt, cfg: TrainConfig, step: int, out: Path) -> None:
+    """Write checkpoint + optimizer state atomically (a kill mid-save keeps the previous one)."""
+    tmp = out / "checkpoint.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.eval()
+    save_model(model, tmp)
+    model.train()
+    tokenizer.save_pretrained(tmp)
+    torch.save({"optimizer": opt.state_dict(), "step": step, "config": asdict(cfg)}, tmp / "trainer_state.pt")
+    old = out / "checkpoint.old"
+    shutil.rmtree(old, ignore_errors=True)
+    if (out / "checkpoint").exists():
+        os.replace(out / "checkpoint", old)
+    os.replace(tmp, out / "checkpoint")
+    shutil.rmtree(old, ignore_errors=True)
+
+
+class _progress:
+    """A small rich progress bar showing loss, MTP loss, load balance and speed."""
+
+    def __new__(cls, enabled: bool, total: int, start: int):
+        if not enabled:
+            return None
+        return super().__new__(cls)
+
+    def __init__(self, enabled: bool, total: int, start: int):
+        from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
+
+        self.p = Progress(TextColumn("step {task.completed}/{task.total}"), BarColumn(), TimeRemainingColumn(),
+                          TextColumn("{task.fields[info]}"))
+        self.task = self.p.add_task("train", total=total, completed=start, info="")
+        self.p.start()
+
+    def update(self, step: int, r: dict) -> None:
+        info = (f"loss {r['loss']:.3f} mtp {r['mtp_loss'] or 0:.3f} load {r['max_over_mean_load']:.2f} "
+                f"{r['tokens_per_s']} tok/s")
+        self.p.update(self.task, completed=step, info=info)
+
+    def close(self) -> None:
+        self.p.stop()
+
+
+def install_model(checkpoint: Path, target: Path | None = None) -> Path:
+    """Copy a trained checkpoint's model and tokenizer files (not the optimizer) to the embedded model folder."""
+    from duet.model.embedded import EMBEDDED_DIR
+
+    target = Path(target or EMBEDDED_DIR)
+    target.mkdir(parents=True, exist_ok=True)
+    for f in Path(checkpoint).iterdir():
+        if f.name != "trainer_state.pt" and f.is_file():
+            shutil.copy2(f, target / f.name)
+    return target
