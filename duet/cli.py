@@ -1,10 +1,15 @@
 """The `duet` command.
 
-Heavy modules (torch, transformers) are imported inside the commands that need them, so
-`duet --help` and `duet --version` start in a fraction of a second.
+This module declares the commands and their options only; each command imports its implementation
+(duet.ui.*, and torch only when a local model is built) when it runs, so `duet --help` and
+`duet --version` start in a fraction of a second. Errors end as one line on stderr, `error: ...`,
+with a non-zero exit code (DUET_DEBUG=1 shows the traceback of an unexpected one).
 """
 
-from __future__ import annotations
+import os
+import sys
+from collections.abc import Callable
+from typing import Annotated, Any, Optional
 
 import typer
 
@@ -12,11 +17,24 @@ from duet import __version__
 
 app = typer.Typer(
     name="duet",
-    help="A solver and a critic that reason with code, on a local DeepSeek-V3-architecture runtime.",
+    help="A solver and a critic that reason with code, on a local DeepSeek-V3-architecture runtime.\n\n"
+    "Start with `duet solve \"QUESTION\"` or `duet repl`. Defaults come from the config file and DUET_* "
+    "variables (`duet config`); `duet doctor` checks the installation.",
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
+    rich_markup_mode=None,  # plain click help: no rich import on --help
+    context_settings={"help_option_names": ["-h", "--help"]},
 )
+
+EXIT_CODES = """\
+\b
+Exit codes:
+  0    answered, and the critic agreed (with --no-critic: answered)
+  1    error: bad input, no model at that path, a server that does not answer, a sandbox failure
+  2    usage error: a bad flag or value, no question
+  3    finished without agreement or without an answer
+  130  interrupted (Ctrl-C)"""
 
 
 def _version(value: bool) -> None:
@@ -34,8 +52,356 @@ def _root(
     """duet: local multi-agent reasoning."""
 
 
-def main() -> None:
-    app()
+# ------------------------------------------------------------------------------------------- options
+# Every option defaults to None ("not given"), so duet.ui.settings can tell a flag from the env and the
+# config file. The names match the config keys.
+
+Model = Annotated[Optional[str], typer.Option("--model", "-m", metavar="DIR",
+                  help="Solver checkpoint directory [default: the embedded model].")]
+Backend = Annotated[Optional[str], typer.Option("--backend", metavar="KIND",
+                    help="local, openai (with --base-url), or scripted:FILE [default: local].")]
+BaseUrl = Annotated[Optional[str], typer.Option("--base-url", metavar="URL",
+                    help="OpenAI-compatible server, e.g. http://127.0.0.1:8000/v1 (implies --backend openai).")]
+ModelName = Annotated[Optional[str], typer.Option("--model-name", metavar="NAME",
+                      help="Model name on the server [default: the first it lists].")]
+Replies = Annotated[Optional[str], typer.Option("--replies", metavar="FILE",
+                    help="Scripted replies (JSON) for --backend scripted: demos and tests.")]
+CriticModel = Annotated[Optional[str], typer.Option("--critic-model", metavar="DIR",
+                        help="Critic checkpoint directory [default: the solver's model].")]
+CriticBackend = Annotated[Optional[str], typer.Option("--critic-backend", metavar="KIND",
+                          help="Critic backend [default: the solver's].")]
+CriticBaseUrl = Annotated[Optional[str], typer.Option("--critic-base-url", metavar="URL",
+                          help="Critic's OpenAI-compatible server.")]
+CriticModelName = Annotated[Optional[str], typer.Option("--critic-model-name", metavar="NAME",
+                            help="Critic's model name on the server.")]
+Critic = Annotated[Optional[bool], typer.Option("--critic/--no-critic",
+                   help="Run the critic, or the solver alone [default: critic].", show_default=False)]
+MaxRounds = Annotated[Optional[int], typer.Option("--max-rounds", metavar="N",
+                      help="Solver turns the critic checks before giving up [default: 3].")]
+MaxTokens = Annotated[Optional[int], typer.Option("--max-tokens", metavar="N",
+                      help="Generated tokens per turn [default: 1024].")]
+MaxSteps = Annotated[Optional[int], typer.Option("--max-steps", metavar="N",
+                     help="Code cells per turn [default: 8].")]
+Temperature = Annotated[Optional[float], typer.Option("--temperature", "-t", metavar="T",
+                        help="Sampling temperature; 0 is greedy [default: 0].")]
+Seed = Annotated[Optional[int], typer.Option("--seed", metavar="N", help="Sampling seed [default: 0].")]
+Device = Annotated[Optional[str], typer.Option("--device", metavar="DEV",
+                   help="Local runtime device: auto, cpu, cuda, cuda:N [default: auto].")]
+Dtype = Annotated[Optional[str], typer.Option("--dtype", metavar="TYPE",
+                  help="Local runtime dtype: auto, float32, bfloat16, float16 [default: auto].")]
+Mtp = Annotated[Optional[bool], typer.Option("--mtp/--no-mtp",
+                help="Speculative decoding with the model's MTP modules [default: on].", show_default=False)]
+Timeout = Annotated[Optional[float], typer.Option("--timeout", metavar="SECONDS",
+                    help="Sandbox time limit per code cell [default: 5].")]
+Memory = Annotated[Optional[int], typer.Option("--memory", metavar="MB",
+                   help="Sandbox memory limit [default: 1024].")]
+Log = Annotated[Optional[bool], typer.Option("--log/--no-log",
+                help="Log the exchange to the local database [default: on].", show_default=False)]
+Json = Annotated[bool, typer.Option("--json", help="Print one JSON object on stdout.")]
+
+
+def _flags(values: dict[str, Any]) -> dict[str, Any]:
+    """The settings given on the command line (the keys of duet.ui.settings.KEYS)."""
+    names = ("model", "backend", "base_url", "model_name", "critic_model", "critic_backend", "critic_base_url",
+             "critic_model_name", "critic", "max_rounds", "max_tokens", "max_steps", "temperature", "seed",
+             "device", "dtype", "mtp", "timeout", "memory", "log")
+    return {k: values[k] for k in names if k in values}
+
+
+def _boundary(run: Callable[[], Any]) -> Any:
+    """Run a command body; user errors become `error: <one line>` and their exit code."""
+    from duet.agents.backends import BackendError
+    from duet.errors import DuetError
+    from duet.prompts import PromptError
+
+    try:
+        code = run()
+    except (DuetError, BackendError, PromptError) as error:
+        _fail(str(error), getattr(error, "exit_code", 1))
+    except OSError as error:  # an unreadable file, a full disk, ...
+        if os.environ.get("DUET_DEBUG"):
+            raise
+        _fail(f"{error.filename}: {error.strerror}" if error.filename and error.strerror else str(error), 1)
+    if code:
+        raise typer.Exit(code)
+    return code
+
+
+def _fail(message: str, code: int) -> None:
+    print(f"error: {' '.join(message.split())}", file=sys.stderr)
+    raise typer.Exit(code)
+
+
+# ------------------------------------------------------------------------------------------- solve
+
+
+@app.command(epilog=EXIT_CODES)
+def solve(
+    question: Annotated[Optional[str], typer.Argument(
+        help="The question; '-' or none reads stdin.", show_default=False)] = None,
+    file: Annotated[Optional[str], typer.Option("--file", "-f", metavar="FILE",
+                    help="Read the question from FILE ('-': stdin).")] = None,
+    as_json: Json = False,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="Print only the answer.")] = False,
+    model: Model = None,
+    critic_model: CriticModel = None,
+    backend: Backend = None,
+    base_url: BaseUrl = None,
+    model_name: ModelName = None,
+    critic_backend: CriticBackend = None,
+    critic_base_url: CriticBaseUrl = None,
+    critic_model_name: CriticModelName = None,
+    replies: Replies = None,
+    critic: Critic = None,
+    max_rounds: MaxRounds = None,
+    max_tokens: MaxTokens = None,
+    max_steps: MaxSteps = None,
+    temperature: Temperature = None,
+    seed: Seed = None,
+    device: Device = None,
+    dtype: Dtype = None,
+    mtp: Mtp = None,
+    timeout: Timeout = None,
+    memory: Memory = None,
+    log: Log = None,
+) -> None:
+    """Solve one question: the solver works step by step with code, the critic checks.
+
+    Live output on a terminal, plain text on a pipe, only the answer with --quiet, one JSON object
+    with --json (answer, agreed, rounds, stop_reason, turns: the schema is in the README and in
+    duet/ui/solve.py). The exchange is logged (`duet logs`) unless --no-log.
+    """
+    flags = _flags(locals())
+
+    def run() -> int:
+        from duet.ui.solve import run_solve
+
+        return run_solve(question, file, as_json=as_json, quiet=quiet, flags=flags, replies=replies)
+
+    _boundary(run)
+
+
+# ------------------------------------------------------------------------------------------- repl
+
+
+@app.command()
+def repl(
+    model: Model = None,
+    critic_model: CriticModel = None,
+    backend: Backend = None,
+    base_url: BaseUrl = None,
+    model_name: ModelName = None,
+    critic_backend: CriticBackend = None,
+    critic_base_url: CriticBaseUrl = None,
+    critic_model_name: CriticModelName = None,
+    replies: Replies = None,
+    critic: Critic = None,
+    max_rounds: MaxRounds = None,
+    max_tokens: MaxTokens = None,
+    max_steps: MaxSteps = None,
+    temperature: Temperature = None,
+    seed: Seed = None,
+    device: Device = None,
+    dtype: Dtype = None,
+    mtp: Mtp = None,
+    timeout: Timeout = None,
+    memory: Memory = None,
+    log: Log = None,
+) -> None:
+    """Talk with the agents: follow-ups keep the context; /help lists the commands.
+
+    \b
+    After a response: /copy, /good, /bad [comment], /regen; also /save FILE,
+    /model [DIR], /critic on|off, /clear, /help, /quit. Ctrl-C stops a response,
+    Ctrl-D leaves. End a line with \\ or open a \"\"\" block for multi-line input
+    (pasting works too).
+    """
+    flags = _flags(locals())
+
+    def run() -> int:
+        from duet.ui.repl import run_repl
+
+        return run_repl(flags=flags, replies=replies)
+
+    _boundary(run)
+
+
+# ------------------------------------------------------------------------------------------- config
+
+
+@app.command("config")
+def config_command(as_json: Json = False) -> None:
+    """Show the effective settings and where each comes from (flag, env, file, default)."""
+
+    def run() -> int:
+        from duet.ui.views import show_config
+
+        return show_config(as_json=as_json)
+
+    _boundary(run)
+
+
+# ------------------------------------------------------------------------------------------- logs
+
+logs_app = typer.Typer(help="List, search and show logged exchanges.", no_args_is_help=False,
+                       rich_markup_mode=None)
+app.add_typer(logs_app, name="logs")
+
+
+@logs_app.callback(invoke_without_command=True)
+def logs_list(
+    ctx: typer.Context,
+    search: Annotated[Optional[str], typer.Option("--search", "-s", metavar="TEXT",
+                      help="Only exchanges whose question or answer contains TEXT.")] = None,
+    limit: Annotated[int, typer.Option("--limit", "-n", metavar="N", help="How many, newest first.")] = 20,
+    as_json: Json = False,
+) -> None:
+    """List the latest exchanges (newest first); `duet logs show ID` shows one."""
+    if ctx.invoked_subcommand is not None:
+        return
+
+    def run() -> int:
+        from duet.ui.views import list_logs
+
+        return list_logs(search=search, limit=limit, as_json=as_json)
+
+    _boundary(run)
+
+
+@logs_app.command("show")
+def logs_show(
+    exchange_id: Annotated[int, typer.Argument(metavar="ID", help="The exchange's id (from `duet logs`).")],
+    as_json: Json = False,
+) -> None:
+    """Show one exchange: question, transcript, answer and rating."""
+
+    def run() -> int:
+        from duet.ui.views import show_log
+
+        return show_log(exchange_id, as_json=as_json)
+
+    _boundary(run)
+
+
+# ------------------------------------------------------------------------------------------- feedback
+
+feedback_app = typer.Typer(help="The ratings given with /good and /bad.", no_args_is_help=True,
+                           rich_markup_mode=None)
+app.add_typer(feedback_app, name="feedback")
+
+
+@feedback_app.command("export")
+def feedback_export(
+    fmt: Annotated[str, typer.Option("--format", metavar="jsonl|csv",
+                   help="JSON lines (with transcripts) or CSV.")] = "jsonl",
+    output: Annotated[Optional[str], typer.Option("--output", "-o", metavar="FILE",
+                      help="Write to FILE instead of stdout.")] = None,
+    rating: Annotated[Optional[str], typer.Option("--rating", metavar="good|bad",
+                      help="Only this rating.")] = None,
+) -> None:
+    """Dump every rated exchange: rating, comment, prompt, response, model and times."""
+
+    def run() -> int:
+        from duet.ui.views import export_feedback
+
+        return export_feedback(fmt=fmt, output=output, rating=rating)
+
+    _boundary(run)
+
+
+# ------------------------------------------------------------------------------------------- doctor
+
+
+@app.command()
+def doctor(as_json: Json = False) -> None:
+    """Check the installation: versions, device, kernels, sandbox, embedded model, paths."""
+
+    def run() -> int:
+        from duet.ui.doctor import run_doctor
+
+        return run_doctor(as_json=as_json)
+
+    _boundary(run)
+
+
+# ------------------------------------------------------------------------------------------- mounted
+# Commands written elsewhere, registered when their module exists. A module that exists but fails to
+# import still gets its command name, which then says why in one line.
+
+
+def _missing(module: str, error: BaseException) -> bool:
+    """True when ``error`` says ``module`` (or a parent package) does not exist yet."""
+    name = getattr(error, "name", None) or ""
+    return isinstance(error, ModuleNotFoundError) and bool(name) and module.startswith(name)
+
+
+def _unavailable(name: str, error: BaseException) -> None:
+    message = f"duet {name} is unavailable: {type(error).__name__}: {error}"
+
+    @app.command(name, help=f"(unavailable: {error})", context_settings={"ignore_unknown_options": True,
+                                                                      "allow_extra_args": True})
+    def stub() -> None:
+        _fail(message, 1)
+
+
+def _mount_group(name: str, module: str, attr: str) -> None:
+    try:
+        sub = getattr(__import__(module, fromlist=[attr]), attr)
+    except Exception as error:
+        if not _missing(module, error):
+            _unavailable(name, error)
+        return
+    app.add_typer(sub, name=name)
+
+
+def _mount_command(name: str, module: str, attr: str) -> None:
+    try:
+        function = getattr(__import__(module, fromlist=[attr]), attr)
+    except Exception as error:
+        if not _missing(module, error):
+            _unavailable(name, error)
+        return
+    app.command(name)(function)
+
+
+_mount_group("eval", "duet.evaluation.cli", "eval_app")
+_mount_command("train", "duet.train.cli", "train_command")
+_mount_command("bench", "duet.bench", "bench_command")
+
+
+# ------------------------------------------------------------------------------------------- main
+
+
+def main(argv: Optional[list] = None) -> None:
+    """The console script: runs the app with one-line usage errors and no tracebacks for user errors."""
+    exceptions = sys.modules[typer.BadParameter.__module__]  # click's exceptions, wherever typer keeps them
+    try:
+        code = app(args=argv, prog_name="duet", standalone_mode=False)
+    except exceptions.UsageError as error:
+        ctx = getattr(error, "ctx", None)
+        if type(error).__name__ == "NoArgsIsHelpError" and ctx is not None:
+            typer.echo(ctx.get_help())
+            sys.exit(0)
+        where = f" (see '{ctx.command_path} --help')" if ctx is not None else ""
+        print(f"error: {' '.join(error.format_message().split())}{where}", file=sys.stderr)
+        sys.exit(error.exit_code)
+    except exceptions.ClickException as error:
+        print(f"error: {' '.join(error.format_message().split())}", file=sys.stderr)
+        sys.exit(error.exit_code)
+    except (typer.Abort, KeyboardInterrupt):
+        print("interrupted", file=sys.stderr)
+        sys.exit(130)
+    except BrokenPipeError:
+        sys.stderr.close()
+        sys.exit(1)
+    except Exception as error:
+        if os.environ.get("DUET_DEBUG"):
+            raise
+        message = " ".join(str(error).split())[:300]
+        print(f"error: unexpected {type(error).__name__}: {message} (rerun with DUET_DEBUG=1 for the traceback)",
+              file=sys.stderr)
+        sys.exit(1)
+    sys.exit(code if isinstance(code, int) else 0)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,179 @@
+"""From settings to running agents: backend specs, backends, the dialogue config, and runs Ctrl-C can stop.
+
+Backend selection (the solver; the critic the same way with its ``critic_*`` keys):
+
+* ``backend = "local"`` (the default): ``local:<model>``, the embedded default model when ``model`` is unset;
+* ``backend = "openai"`` or ``base_url`` set: ``openai:<base_url>[#<model_name>]``;
+* ``backend = "scripted:FILE"`` (or ``scripted`` with ``--replies FILE``): replayed replies, for demos and
+  tests. The JSON file may also hold ``"delay"`` (seconds before each reply) and ``"timeout"``;
+* any other ``kind:argument`` string is passed to ``make_backend`` as is.
+
+The critic uses the solver's backend object unless one of its keys is set.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TypeVar
+
+from duet.ui.settings import Settings, SettingsError
+
+T = TypeVar("T")
+
+
+@dataclass
+class Specs:
+    """The backend spec strings of the solver and the critic (``critic=None``: the solver's backend)."""
+
+    solver: str
+    critic: str | None = None
+
+
+def _spec(backend: str | None, model: str | None, base_url: str | None, model_name: str | None,
+          replies: str | None, who: str) -> str:
+    prefix = "critic_" if who == "critic" else ""
+    kind = (backend or "").strip()
+    if not kind:
+        kind = "openai" if base_url else "local"
+    if kind == "scripted":
+        if not replies:
+            raise SettingsError(f"--{prefix.replace('_', '-')}backend scripted needs --replies FILE", flag=True)
+        return f"scripted:{replies}"
+    if kind == "openai":
+        if not base_url:
+            raise SettingsError(
+                f"--{prefix.replace('_', '-')}backend openai needs --{prefix.replace('_', '-')}base-url URL "
+                f"(or DUET_{prefix.upper()}BASE_URL)", flag=True
+            )
+        return f"openai:{base_url}" + (f"#{model_name}" if model_name else "")
+    if kind == "local":
+        return "local:" + (str(Path(model).expanduser()) if model else "")
+    if ":" in kind:
+        return kind
+    raise SettingsError(f"unknown backend {kind!r}; use local, openai or scripted:FILE", flag=True)
+
+
+def backend_specs(settings: Settings, replies: str | None = None) -> Specs:
+    """The solver's and the critic's backend specs from the effective settings."""
+    s = settings
+    if s.backend not in (None, "", "local") and s.sources.get("model") == "flag" and s.model:
+        if not str(s.backend).startswith("local"):
+            raise SettingsError("--model is a checkpoint directory for the local backend; "
+                                "with --backend openai use --model-name", flag=True)
+    solver = _spec(s.backend, s.model, s.base_url, s.model_name, replies, "solver")
+    own = any(getattr(s, k) for k in ("critic_model", "critic_backend", "critic_base_url", "critic_model_name"))
+    if not own:
+        return Specs(solver, None)
+    backend = s.critic_backend
+    if not backend:
+        # a critic model directory means the local runtime; a critic URL means a server; a bare
+        # critic model name means the solver's server with another model
+        if s.critic_model:
+            backend = "local"
+        elif s.critic_base_url:
+            backend = "openai"
+        else:
+            backend = "openai" if solver.startswith("openai:") else solver
+    base_url = s.critic_base_url or (s.base_url if backend == "openai" else None)
+    critic = _spec(backend, s.critic_model, base_url, s.critic_model_name, replies, "critic")
+    return Specs(solver, None if critic == solver else critic)
+
+
+def backend_options(spec: str, settings: Settings) -> dict[str, Any]:
+    """Keyword options for ``make_backend(spec, ...)``: runtime options for local, timeouts for servers."""
+    kind, _, argument = spec.partition(":")
+    if kind == "local":
+        return {"device": settings.device, "dtype": settings.dtype, "mtp": settings.mtp}
+    if kind == "openai":
+        return {"timeout": settings.server_timeout}
+    if kind == "scripted":
+        try:
+            data = json.loads(Path(argument).read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            return {}  # make_backend reports the problem in one line
+        if isinstance(data, dict):
+            return {k: float(data[k]) for k in ("delay", "timeout") if isinstance(data.get(k), (int, float))}
+    return {}
+
+
+def resolve_local(options: dict[str, Any]) -> dict[str, Any]:
+    """``device``/``dtype`` "auto" resolved on this machine (imports torch: only for local backends)."""
+    options = dict(options)
+    if options.get("device", "auto") == "auto" or options.get("dtype", "auto") == "auto":
+        import torch
+
+        cuda = torch.cuda.is_available()
+        if options.get("device", "auto") == "auto":
+            options["device"] = "cuda" if cuda else "cpu"
+        if options.get("dtype", "auto") == "auto":
+            options["dtype"] = "bfloat16" if str(options["device"]).startswith("cuda") else "float32"
+    return options
+
+
+def build_backend(spec: str, settings: Settings) -> Any:
+    """``make_backend(spec, **options)``; raises BackendError (one line) when it cannot be built."""
+    from duet.agents.backends import make_backend
+
+    options = backend_options(spec, settings)
+    if spec.startswith("local:"):
+        options = resolve_local(options)
+    return make_backend(spec, **options)
+
+
+def build_backends(settings: Settings, specs: Specs) -> tuple[Any, Any | None]:
+    """The solver's backend and the critic's (None: the critic shares the solver's)."""
+    solver = build_backend(specs.solver, settings)
+    critic = build_backend(specs.critic, settings) if specs.critic else None
+    return solver, critic
+
+
+def dialogue_config(settings: Settings, **overrides: Any) -> Any:
+    """The ``DialogueConfig`` the settings describe."""
+    from duet.agents.dialogue import DialogueConfig
+
+    config = DialogueConfig(
+        max_rounds=settings.max_rounds,
+        max_steps=settings.max_steps,
+        max_tokens=settings.max_tokens,
+        temperature=settings.temperature,
+        seed=settings.seed,
+        critic=settings.critic,
+        sandbox_timeout=settings.timeout,
+        sandbox_memory_mb=settings.memory,
+    )
+    for name, value in overrides.items():
+        setattr(config, name, value)
+    return config
+
+
+def run_cancellable(
+    work: Callable[[], T], cancel: threading.Event, on_interrupt: Callable[[int], None] | None = None
+) -> T:
+    """Run ``work`` in a worker thread; Ctrl-C sets ``cancel`` (and calls ``on_interrupt(count)``) instead
+    of killing the process, and the call returns what ``work`` returns once it has wound down."""
+    box: dict[str, Any] = {}
+
+    def target() -> None:
+        try:
+            box["result"] = work()
+        except BaseException as error:  # re-raised in the caller's thread
+            box["error"] = error
+
+    thread = threading.Thread(target=target, name="duet-dialogue", daemon=True)
+    thread.start()
+    count = 0
+    while thread.is_alive():
+        try:
+            thread.join()  # interruptible by SIGINT on POSIX: no polling
+        except KeyboardInterrupt:
+            count += 1
+            cancel.set()
+            if on_interrupt is not None:
+                on_interrupt(count)
+    if "error" in box:
+        raise box["error"]
+    return box["result"]
