@@ -129,17 +129,15 @@ class RichRenderer:
     # -- the end -----------------------------------------------------------------------------
 
     def final(self, result: Any, critic: bool = True) -> None:
-        """The answer panel."""
+        """The answer panel (nothing for a failed or interrupted dialogue: the caller says what happened)."""
         self.close()
+        if result.stop_reason in SILENT_ERRORS:
+            return
         if result.answer is not None:
             body = Text(result.answer, style="bold")
         else:
             body = Text("(no answer)", style="bold yellow")
-        if result.error:
-            body.append(f"\n{result.error}", style="red")
-        if result.stop_reason in ("backend_error", "sandbox_error"):
-            border = "red"
-        elif result.agreed or (result.critic_model is None and result.answer is not None):
+        if result.agreed or (result.critic_model is None and result.answer is not None):
             border = "green"
         else:
             border = "yellow"
@@ -232,7 +230,9 @@ class PlainRenderer:
             self.write("\n")
 
     def final(self, result: Any, critic: bool = True) -> None:
-        """The answer and the summary line."""
+        """The answer and the summary line (nothing for a failed or interrupted dialogue)."""
+        if result.stop_reason in SILENT_ERRORS:
+            return
         with self.lock:
             self.line("")
             self.line(f"answer: {result.answer if result.answer is not None else '(no answer)'}")

@@ -228,6 +228,8 @@ class Repl:
         if exchange.interrupted:
             self.say("interrupted: the partial response is not kept in the conversation; /regen runs it again",
                      "yellow")
+        elif exchange.result.stop_reason in ("backend_error", "sandbox_error"):
+            self.error(exchange.result.error or exchange.result.stop_reason)
         self.log(exchange)
         if not self.hinted:
             self.say("/copy · /good · /bad [comment] · /regen · /save FILE · /help", "dim")

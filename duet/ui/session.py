@@ -64,7 +64,9 @@ def backend_specs(settings: Settings, replies: str | None = None) -> Specs:
         if not str(s.backend).startswith("local"):
             raise SettingsError("--model is a checkpoint directory for the local backend; "
                                 "with --backend openai use --model-name", flag=True)
-    solver = _spec(s.backend, s.model, s.base_url, s.model_name, replies, "solver")
+    # backend's built-in default ("local") gives way to a base_url set anywhere
+    backend = s.backend if s.sources.get("backend", "default") != "default" else None
+    solver = _spec(backend, s.model, s.base_url, s.model_name, replies, "solver")
     own = any(getattr(s, k) for k in ("critic_model", "critic_backend", "critic_base_url", "critic_model_name"))
     if not own:
         return Specs(solver, None)
@@ -156,24 +158,29 @@ def run_cancellable(
     """Run ``work`` in a worker thread; Ctrl-C sets ``cancel`` (and calls ``on_interrupt(count)``) instead
     of killing the process, and the call returns what ``work`` returns once it has wound down."""
     box: dict[str, Any] = {}
+    done = threading.Event()
 
     def target() -> None:
         try:
             box["result"] = work()
         except BaseException as error:  # re-raised in the caller's thread
             box["error"] = error
+        finally:
+            done.set()
 
     thread = threading.Thread(target=target, name="duet-dialogue", daemon=True)
     thread.start()
     count = 0
-    while thread.is_alive():
+    while not done.is_set():
         try:
-            thread.join()  # interruptible by SIGINT on POSIX: no polling
+            # Event.wait is interruptible by SIGINT and, unlike Thread.join on Python 3.11, survives it
+            done.wait()
         except KeyboardInterrupt:
             count += 1
             cancel.set()
             if on_interrupt is not None:
                 on_interrupt(count)
+    thread.join()
     if "error" in box:
         raise box["error"]
     return box["result"]
