@@ -56,6 +56,8 @@ from duet.evaluation.results import Loaded, ResultsFile, ordered, read_records, 
 RUN_FORMAT = "duet-eval/1"
 DEFAULT_CONCURRENCY = {"local": 8, "openai": 16}
 MAX_WARNINGS = 10
+NOT_ANSWER_AFFECTING = ("max_batch", "timeout", "delay", "api_key")
+"""Backend options left out of the fingerprint: they change speed or failures, not answers."""
 
 
 @dataclass
@@ -130,6 +132,15 @@ def _options_for(spec: str, opts: EvalOptions, concurrency: int) -> dict[str, An
         if opts.dtype:
             options["dtype"] = opts.dtype
     return options
+
+
+def _redacted(options: dict[str, Any]) -> dict[str, Any]:
+    """Options as written to config.json: secrets replaced."""
+    def secret(key: str) -> bool:
+        key = key.lower()
+        return key in ("key", "token", "password", "secret") or key.endswith(("_key", "_token", "_secret"))
+
+    return {k: ("***" if secret(k) else v) for k, v in options.items()}
 
 
 def backend_provider(spec: str, options: dict[str, Any]) -> tuple[Callable[[], Backend], Backend]:
@@ -223,7 +234,7 @@ def fingerprint(
     dialogue = opts.dialogue.to_dict()
     dialogue.pop("prompt_dir", None)
     dialogue.pop("seed", None)
-    backend_options = {k: v for k, v in opts.backend_options.items() if k != "max_batch"}
+    backend_options = {k: v for k, v in opts.backend_options.items() if k not in NOT_ANSWER_AFFECTING}
     if opts.device:
         backend_options["device"] = opts.device
     if opts.dtype:
@@ -406,9 +417,10 @@ def prepare(opts: EvalOptions, say: Say) -> Prepared:
         "concurrency": concurrency,
         "dialogue": opts.dialogue.to_dict(),
         "sc_temperature": opts.sc_temperature,
-        "backends": {"solver": {"spec": opts.backend, "options": _options_for(opts.backend, opts, concurrency)},
+        "backends": {"solver": {"spec": opts.backend,
+                                "options": _redacted(_options_for(opts.backend, opts, concurrency))},
                      "critic": {"spec": opts.critic_backend,
-                                "options": _options_for(opts.critic_backend, opts, concurrency)}
+                                "options": _redacted(_options_for(opts.critic_backend, opts, concurrency))}
                      if opts.critic_backend else None},
         "model": {"solver": solver_id, "critic": critic_id},
         "fingerprint": fp,

@@ -24,7 +24,9 @@ def wilson(successes: int, n: int, z: float = Z95) -> tuple[float, float] | None
     denom = 1 + z * z / n
     centre = (p + z * z / (2 * n)) / denom
     half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denom
-    return max(0.0, centre - half), min(1.0, centre + half)
+    low = 0.0 if successes == 0 else max(0.0, centre - half)
+    high = 1.0 if successes == n else min(1.0, centre + half)
+    return low, high
 
 
 def normal_interval(successes: int, n: int, z: float = Z95) -> tuple[float, float] | None:
@@ -71,9 +73,13 @@ def paired_difference(a: list[bool], b: list[bool], z: float = Z95) -> Differenc
     p1, p2 = s1 / n, s2 / n
     l1, u1 = wilson(s1, n, z)
     l2, u2 = wilson(s2, n, z)
-    # phi: the correlation of the 2x2 table (rows: b right/wrong, columns: a right/wrong), 0 if degenerate.
+    # phi: the correlation of the 2x2 table (rows: b right/wrong, columns: a right/wrong), 0 if degenerate,
+    # with Newcombe's continuity correction of a positive correlation.
     margins = (both + fixed) * (broken + neither) * (both + broken) * (fixed + neither)
-    phi = (both * neither - fixed * broken) / math.sqrt(margins) if margins else 0.0
+    cross = both * neither - fixed * broken
+    if cross > 0:
+        cross = max(cross - n / 2, 0.0)
+    phi = cross / math.sqrt(margins) if margins else 0.0
     theta = p1 - p2
     delta = math.sqrt(max(0.0, (p1 - l1) ** 2 - 2 * phi * (p1 - l1) * (u2 - p2) + (u2 - p2) ** 2))
     epsilon = math.sqrt(max(0.0, (u1 - p1) ** 2 - 2 * phi * (u1 - p1) * (p2 - l2) + (p2 - l2) ** 2))
