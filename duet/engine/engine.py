@@ -50,6 +50,7 @@ class GenerationResult:
     drafted: int = 0  # MTP draft tokens proposed
     accepted: int = 0  # ... and accepted by the main model
     seconds: float = 0.0
+    first_token_seconds: float = 0.0  # time to first token: queueing plus prefill
     error: str | None = None  # what went wrong when finish_reason is "error"
 
 
@@ -65,6 +66,7 @@ class _Request:
     done: threading.Event = field(default_factory=threading.Event)
     result: GenerationResult | None = None
     started: float = field(default_factory=time.perf_counter)
+    first_token_at: float | None = None
     out: list[int] = field(default_factory=list)
     forward_passes: int = 0
     drafted: int = 0
@@ -233,6 +235,7 @@ class Engine:
         h = self.model.hidden(ids, self._view(slice(i, i + 1), [0]))
         req.forward_passes += 1
         first = sample(self.model.logits(h[0, -1]), req.params, req.generator) if req.max_new > 0 else None
+        req.first_token_at = time.perf_counter()
         row = _Row(req, length=n, last=first if first is not None else 0)
         self._active.append(row)
         if first is None:
@@ -343,6 +346,7 @@ class Engine:
             stop_string=req.stream.stop_string, prompt_tokens=len(req.prompt), completion_tokens=len(req.out),
             forward_passes=req.forward_passes, drafted=req.drafted, accepted=req.accepted,
             seconds=time.perf_counter() - req.started, error=req.error,
+            first_token_seconds=(req.first_token_at or time.perf_counter()) - req.started,
         )
         req.done.set()
 

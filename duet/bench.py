@@ -1,0 +1,164 @@
+"""`duet bench`: generation speed of duet's engine, with and without MTP, and of transformers' `generate`.
+
+Everything is measured in one run on the same checkpoint and thread count, so the ratios hold on a
+noisy shared machine. Greedy decoding, EOS ignored, so every configuration generates the same number
+of tokens.
+"""
+
+from __future__ import annotations
+
+import json
+import resource
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import typer
+
+DEFAULT_PROMPTS = [
+    "A baker has 23 loaves and bakes 4 trays of 12 more. How many loaves does he have?",
+    "Sam has 45 stickers and gives 17 to a friend. How many are left?",
+    "A train travels at 60 km per hour for 3 hours. How far does it travel?",
+    "There are 8 boxes with 15 apples in each box. How many apples are there?",
+]
+
+
+@dataclass
+class Row:
+    """One measured configuration."""
+
+    name: str
+    batch: int
+    context: int
+    prefill_tok_s: float | None
+    decode_tok_s: float
+    acceptance: float | None = None
+    tokens_per_forward: float | None = None
+
+
+def _now() -> float:
+    return time.perf_counter()
+
+
+def measure_engine(engine, prompts: list[list[int]], new_tokens: int, use_mtp: bool, name: str) -> Row:
+    """Prefill: prompt tokens over the time until the last row's first token. Decode: the remaining
+    tokens over the time from then until the last row finished (all rows are admitted at once)."""
+    from duet.engine import SamplingParams
+
+    engine.use_mtp = use_mtp and len(engine.model.mtp) > 0
+    params = SamplingParams(max_new_tokens=new_tokens, stop_at_eos=False)
+    engine.generate(prompts[:1], SamplingParams(max_new_tokens=4, stop_at_eos=False))  # warm-up
+    results = engine.generate(prompts, params)
+    prefill = max(r.first_token_seconds for r in results)
+    decode = max(r.seconds for r in results) - prefill
+    decoded = sum(r.completion_tokens - 1 for r in results)
+    drafted = sum(r.drafted for r in results)
+    forwards = sum(r.forward_passes for r in results)
+    return Row(name, len(prompts), len(prompts[0]), sum(map(len, prompts)) / prefill, decoded / max(decode, 1e-9),
+               acceptance=sum(r.accepted for r in results) / drafted if drafted else None,
+               tokens_per_forward=sum(r.completion_tokens for r in results) / forwards if forwards else None)
+
+
+def measure_transformers(path: Path, prompts: list[list[int]], new_tokens: int, dtype) -> Row:
+    """transformers' DeepseekV3ForCausalLM.generate on the same checkpoint (its MTP weights are dropped)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).eval()
+    ids = torch.tensor(prompts)
+    kwargs = {"do_sample": False, "pad_token_id": 0}
+    with torch.inference_mode():
+        model.generate(ids[:1], max_new_tokens=2, **kwargs)  # warm-up
+        t0 = _now()
+        model.generate(ids, max_new_tokens=1, **kwargs)
+        prefill = _now() - t0
+        t0 = _now()
+        model.generate(ids, max_new_tokens=new_tokens, min_new_tokens=new_tokens, **kwargs)
+        total = _now() - t0
+    return Row("transformers generate", len(prompts), len(prompts[0]), ids.numel() / prefill,
+               len(prompts) * (new_tokens - 1) / max(total - prefill, 1e-9))
+
+
+def _prompts(engine, texts: list[str], batch: int, context: int | None) -> list[list[int]]:
+    """`batch` prompts of equal length: the chat prompts, or filler text cut to `context` tokens."""
+    encoded = [engine.encode_chat([{"role": "user", "content": t}]) for t in texts]
+    if context:
+        filler = engine.encode(" ".join(texts) + " ")
+        encoded = [(e + filler * (context // max(1, len(filler)) + 1))[:context] for e in encoded]
+    n = min(map(len, encoded))
+    return [encoded[i % len(encoded)][:n] for i in range(batch)]
+
+
+def run_bench(model_path: Path, batches: list[int], contexts: list[int | None], new_tokens: int,
+              vs_transformers: bool, device: str, dtype_name: str, prompts: list[str]) -> dict:
+    import torch
+
+    from duet.engine import Engine
+
+    dtype = getattr(torch, dtype_name)
+    engine = Engine.load(model_path, device=device, dtype=dtype, max_batch=max(batches))
+    rows = []
+    for context in contexts:
+        for batch in batches:
+            p = _prompts(engine, prompts, batch, context)
+            rows.append(measure_engine(engine, p, new_tokens, False, "duet"))
+            if len(engine.model.mtp):
+                rows.append(measure_engine(engine, p, new_tokens, True, "duet + MTP"))
+            if vs_transformers:
+                rows.append(measure_transformers(model_path, p, new_tokens, dtype))
+    peak_mb = (torch.cuda.max_memory_allocated() / 2**20 if device.startswith("cuda")
+               else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
+    return {"model": str(model_path), "device": device, "dtype": dtype_name, "threads": torch.get_num_threads(),
+            "new_tokens": new_tokens, "peak_memory_mb": round(peak_mb, 1), "rows": [asdict(r) for r in rows]}
+
+
+def print_table(report: dict) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=f"duet bench: {report['model']} ({report['device']}, {report['dtype']}, "
+                        f"{report['threads']} threads, {report['new_tokens']} new tokens)")
+    for col in ("config", "batch", "context", "prefill tok/s", "decode tok/s", "vs duet", "MTP acceptance",
+                "tokens/forward"):
+        table.add_column(col, justify="right" if col != "config" else "left")
+    base: dict[tuple, float] = {}
+    for r in report["rows"]:
+        key = (r["batch"], r["context"])
+        if r["name"] == "duet":
+            base[key] = r["decode_tok_s"]
+        ratio = r["decode_tok_s"] / base[key] if key in base else None
+        table.add_row(r["name"], str(r["batch"]), str(r["context"]),
+                      f"{r['prefill_tok_s']:.0f}" if r["prefill_tok_s"] else "-", f"{r['decode_tok_s']:.1f}",
+                      f"{ratio:.2f}x" if ratio else "-",
+                      f"{r['acceptance']:.1%}" if r["acceptance"] is not None else "-",
+                      f"{r['tokens_per_forward']:.2f}" if r["tokens_per_forward"] else "-")
+    Console().print(table)
+    Console().print(f"peak memory: {report['peak_memory_mb']:.0f} MB")
+
+
+def bench_command(
+    model: Path | None = typer.Option(None, "--model", help="Checkpoint directory (default: the embedded model)."),
+    batch: list[int] = typer.Option([1], "--batch", help="Batch sizes to measure (repeat the option)."),
+    context: list[int] = typer.Option([], "--context", help="Prompt lengths in tokens (default: the chat prompts)."),
+    new_tokens: int = typer.Option(64, "--new-tokens", help="Tokens generated per prompt."),
+    vs_transformers: bool = typer.Option(False, "--vs-transformers", help="Also time transformers' generate."),
+    device: str = typer.Option("cpu", "--device"),
+    dtype: str = typer.Option("float32", "--dtype", help="float32 | bfloat16 | float16"),
+    prompts_file: Path | None = typer.Option(None, "--prompts", help="A text file with one prompt per line."),
+    as_json: bool = typer.Option(False, "--json", help="Print the report as JSON."),
+) -> None:
+    """Prefill and decode tokens/s with and without MTP (and transformers' generate), in one run."""
+    from duet.model.embedded import default_model_path
+
+    path = model or default_model_path()
+    prompts = DEFAULT_PROMPTS
+    if prompts_file:
+        prompts = [line for line in prompts_file.read_text().splitlines() if line.strip()]
+        if not prompts:
+            raise typer.BadParameter(f"{prompts_file} has no prompts", param_hint="--prompts")
+    report = run_bench(path, sorted(set(batch)), list(context) or [None], new_tokens, vs_transformers, device,
+                       dtype, prompts)
+    if as_json:
+        typer.echo(json.dumps(report, indent=2))
+    else:
+        print_table(report)
