@@ -165,6 +165,7 @@ EQUIV_TABLE: list[tuple[str, str, bool]] = [
     ("\\begin{pmatrix} 1 \\\\ 2 \\end{pmatrix}", "(1, 2)", True),
     ("\\{5\\}", "5", True),
     ("2 and 3", "3, 2", True),
+    ("x = 1 or x = 2", "\\{1, 2\\}", True),
     # --- yes/no and text
     ("Yes", "yes", True),
     ("YES.", "yes", True),
@@ -187,6 +188,17 @@ EQUIV_TABLE: list[tuple[str, str, bool]] = [
     ("42.", "42", True),
     ("2**10", "1024", True),
     ("\\displaystyle \\frac{1}{2}", "0.5", True),
+    # --- scale words, repeating decimals, real odd roots, function assignments, absolute values
+    ("$1.2 million", "1,200,000", True),
+    ("2 dozen", "24", True),
+    ("0.\\overline{3}", "1/3", True),
+    ("0.1\\overline{6}", "\\frac{1}{6}", True),
+    ("\\sqrt[3]{-8}", "-2", True),
+    ("f(x) = 2x", "2x", True),
+    ("|x|", "x", False),
+    ("\\sqrt{x^2}", "|x|", True),
+    ("10^{100}", "1e100", True),
+    ("\\sin(\\pi/6)", "1/2", True),
 ]
 
 
@@ -212,6 +224,13 @@ def test_normalize_key_implies_equivalent() -> None:
     for key, group in by_key.items():
         for s in group[1:]:
             assert equivalent(group[0], s), (key, group[0], s)
+
+
+def test_percent_semantics() -> None:
+    """A percentage matches a bare number by figure or by value; symmetric but not transitive."""
+    assert equivalent("50%", "50") and equivalent("50%", "0.5")
+    assert not equivalent("50", "0.5")
+    assert equivalent("50%", "50 percent") and not equivalent("50%", "0.5%")
 
 
 def test_none_and_empty_are_never_equal() -> None:
@@ -261,6 +280,10 @@ NORMALIZE_TABLE = [
     ("\\text{New York}", "New York"),
     ("  spaced   out  ", "spaced out"),
     ("\\boxed{\\frac{3}{4}}", "0.75"),
+    ("3\\sqrt{2}", "3*sqrt(2)"),
+    ("2^{10}", "1024"),
+    ("$1.2 million", "1200000"),
+    ("0.\\overline{3}", "1/3"),
 ]
 
 
@@ -339,6 +362,7 @@ EXTRACT_TABLE = [
     ("The answer is $\\frac{1}{2}$. I hope it is correct.", "$\\frac{1}{2}$"),
     ("Final Answer: The final answer is 7. I hope it is correct.", "7"),
     ("Answer: **3.5**", "3.5"),
+    ("**Answer:** 5", "5"),
     ("The answer is 3.5 apples.", "3.5 apples"),
     ("the answer: 12", "12"),
     ("answer = 9", "9"),
@@ -424,6 +448,12 @@ ADVERSARIAL = [
     "$" * 1000,
     "__import__('os').system('echo pwned')",
     "lambda: 1",
+    # found by fuzzing: sympy's auto-evaluation / evalf raised precision without bound on these
+    "\\sin(1e9^{(\\sqrt{99})!})+2",
+    "\\sin((\\log_{\\sqrt{\\log_{(i)!}(\\sqrt{\\pi})}}((y*x)!^{(\\sin(0))^\\exp(9)}))!)",
+    "\\frac{10}{2}^{(y)^7!}",
+    "\\sin((2)^(10)^y*e)",
+    "\\exp((0+99)!^{x^{7!}*(e)^10})^{\\sqrt{\\pi+2+99^{e}}}",
 ]
 
 
@@ -443,7 +473,8 @@ def test_no_eval_of_python() -> None:
 
 
 _FUZZ_PIECES = [
-    "\\frac", "\\sqrt", "\\boxed", "\\text", "\\left", "\\right", "\\pi", "\\cdot", "\\%", "\\$", "\\{", "\\}",
+    "\\frac", "\\sqrt", "\\boxed", "\\text", "\\left", "\\right", "\\pi", "\\cdot", "\\%", "\\$",
+    "\\{", "\\}",
     "{", "}", "(", ")", "[", "]", "^", "_", "*", "**", "/", "+", "-", ",", ".", ":", "!", "|", "=", "%", "$",
     "####", " ", "\\,", "{,}", "x", "y", "e", "i", "9", "1", "0", "12", "3.5", "1e9", "yes", "no", "cm",
     "dollars", "sqrt", "sin", "log", "\\log_", "\\infty", "\\pm", "&", "\\\\", "\\begin{pmatrix}", "\u2212",

@@ -40,16 +40,24 @@ Semantics decisions (documented here once, tested in ``tests/test_answers.py``)
   equals a number (``yes != 1``).
 * **Expressions** are built by a small, allow-listed recursive-descent parser that understands plain
   maths (``sqrt(18)``, ``3*sqrt(2)``, ``2x^2``, ``x**2``) and the usual LaTeX (``\\frac``, ``\\dfrac``,
-  ``\\frac12``, ``\\sqrt[3]{x}``, ``\\pi``, ``\\cdot``, ``\\times``, ``\\left( \\right)``, ``^{...}``, ``\\sin``,
-  ``\\log_2``, ``\\binom``, ``|x|``) and constructs sympy objects directly -- no ``eval``/``parse_expr`` and no
-  antlr.  ``e`` is Euler's number and ``i`` the imaginary unit.  Huge powers, factorials and literals are
-  rejected (the text is then compared as text), so ``9**9**9**9`` cannot hang.  Expressions are compared
-  structurally, then numerically (at several fixed points when they contain variables).
+  ``\\frac12``, ``\\sqrt[3]{x}``, ``\\pi``, ``\\cdot``, ``\\times``, ``\\left( \\right)``, ``^{...}``,
+  ``\\sin``, ``\\log_2``, ``\\binom``, ``|x|``) and constructs sympy objects directly -- no ``eval``, no
+  ``parse_expr`` and no antlr.  ``e`` is Euler's number and ``i`` the imaginary unit.  Rational arithmetic
+  is folded exactly (``2^{10}`` is the number 1024, ``\\sqrt{18}`` becomes ``3*sqrt(2)``); everything else
+  stays an unevaluated sympy tree, because sympy's automatic simplification can call ``evalf`` with unbounded
+  precision.  Expressions are compared structurally, then numerically with mpmath at fixed precision --
+  at six fixed pseudo-random points (|values| in [0.3, 2.1], some negative) when they contain variables, a
+  probabilistic identity test: ``(x+1)^2 == x^2+2x+1``, ``|x| != x``.  Every value is magnitude-checked
+  (about ``2**±4096``), and huge powers, factorials and literals are rejected (the answer is then compared
+  as text), so ``9**9**9**9`` cannot hang.
 * **Collections**: ``(1, 2)`` and ``[1, 2)`` are ordered tuples/intervals whose brackets must match; ``\\{1,
   2\\}`` is a set (order and repeats ignored); a bare ``1, 2`` list compares unordered with lists and sets,
   and in order with a tuple.  ``x = 5`` is read as ``5``; ``1 \\pm \\sqrt{2}`` as the list of both roots;
   ``\\begin{pmatrix}`` as a tuple.
 * **Text** compares case- and whitespace-insensitively after normalisation (``\\text{}`` unwrapped).
+* **Wrappers**: an answer that still contains ``\\boxed{}`` is reduced to its box; ``$...$``, ``\\(...\\)``,
+  markdown bold and a trailing period are dropped.  Two empty answers are *not* equivalent (no answer
+  is not agreement), and ``None`` equals nothing.
 """
 
 from __future__ import annotations
@@ -422,7 +430,8 @@ _UNIT_TAIL_RE = re.compile(
 )
 
 
-_SCALE_WORDS = {"thousand": 10**3, "million": 10**6, "billion": 10**9, "trillion": 10**12}
+_SCALE_WORDS = {"dozen": 12, "hundred": 100, "thousand": 10**3, "million": 10**6, "billion": 10**9,
+                "trillion": 10**12}
 
 
 def _strip_unit(s: str) -> tuple[str, int] | None:
@@ -595,8 +604,9 @@ def _mp_eval(e: Any, subs: dict[Any, Any], memo: dict[Any, Any]) -> Any | None:
         elif type(e).__name__ in _MP_FUNCS and len(args) == 1:
             fn = getattr(mpmath, _MP_FUNCS[type(e).__name__])
             arg = args[0]
-            if fn in (mpmath.floor, mpmath.ceil, mpmath.factorial, mpmath.gamma) and isinstance(arg, mpmath.mpc):
-                arg = arg.real if arg.imag == 0 else arg
+            real_only = fn in (mpmath.floor, mpmath.ceil, mpmath.factorial, mpmath.gamma)
+            if real_only and isinstance(arg, mpmath.mpc) and arg.imag == 0:
+                arg = arg.real
             if fn in (mpmath.exp, mpmath.sinh, mpmath.cosh) and abs(arg) > _MAX_MAG_BITS:
                 raise _TooBig("exponential too large")
             v = abs(arg) if fn is mpmath.fabs else fn(arg)
@@ -699,7 +709,7 @@ def _pow(base: Any, exp: Any) -> Any:
             if exp.is_Integer:
                 return _check(base**exp)
             if max(int(base.p).bit_length(), int(base.q).bit_length()) <= 64 and exp.q <= 64:
-                # small radicals: sympy's own number theory (bounded trial division) gives sqrt(18) = 3*sqrt(2)
+                # small radicals: sympy's number theory (bounded trial division): sqrt(18) = 3*sqrt(2)
                 return _check(sp.Pow(base, exp))
             if base > 0 and exp.q <= 64:
                 root = _exact_root(base, int(exp.q))
@@ -709,7 +719,7 @@ def _pow(base: Any, exp: Any) -> Any:
 
 
 def _root(x: Any, n: Any) -> Any:
-    """``\\sqrt[n]{x}``: the real root for a negative rational under an odd integer index (``\\sqrt[3]{-8} = -2``)."""
+    """``\\sqrt[n]{x}``; the real root for a negative rational under an odd index (``\\sqrt[3]{-8} = -2``)."""
     sp = _sp()
     if n.is_Integer and n > 0 and n % 2 == 1 and x.is_Rational and x < 0:
         return _neg(_pow(-x, sp.Rational(1, int(n))))
@@ -999,7 +1009,9 @@ def _expression(s: str) -> Any | None:
 
 _YES = frozenset({"yes", "true"})
 _NO = frozenset({"no", "false"})
-_ASSIGN_RE = re.compile(r"^[A-Za-z](?:_\{?[A-Za-z0-9]+\}?)?\s*(?:=|\\in(?![a-zA-Z]))\s*(?=\S)")
+_ASSIGN_RE = re.compile(  # "x = ", "a_1 = ", "f(x) = ", "x \in "
+    r"^[A-Za-z](?:_\{?[A-Za-z0-9]+\}?)?(?:\([A-Za-z]\))?\s*(?:=|\\in(?![a-zA-Z]))\s*(?=\S)"
+)
 _THOUSANDS_RE = re.compile(r"(?<![\d.,])\d{1,3}(?:,\d{3})+(?!\d|,\d)")
 _CLOSERS = {")": "(", "]": "[", "}": "{"}
 
@@ -1260,8 +1272,8 @@ def _sympy_eq(a: Any, b: Any, tol: _Tol) -> bool:
         return False
     rng = random.Random(1234 + len(symbols))
     agreed = 0
-    for _ in range(6):
-        point = {s: rng.randint(300, 2100) / 1000 for s in symbols}
+    for k in range(6):  # three points with positive values, three with mixed signs (|x| != x)
+        point = {s: rng.randint(300, 2100) / 1000 * (1 if k < 3 else rng.choice((1, -1))) for s in symbols}
         va, vb = _numeric(a, point), _numeric(b, point)
         if va is None or vb is None:
             continue
@@ -1363,7 +1375,9 @@ def _eq(a: Parsed, b: Parsed, tol: _Tol) -> bool:
             and all(_eq(x, y, tol) for x, y in zip(a.value, b.value, strict=True))
         )
     if {ka, kb} == {"tuple", "list"}:
-        return len(a.value) == len(b.value) and all(_eq(x, y, tol) for x, y in zip(a.value, b.value, strict=True))
+        return len(a.value) == len(b.value) and all(
+            _eq(x, y, tol) for x, y in zip(a.value, b.value, strict=True)
+        )
     if ka in ("set", "list") and kb in ("set", "list"):
         if ka == kb == "list":
             return _matching(a.value, b.value, tol)
