@@ -172,7 +172,7 @@ class Repl:
     def say(self, message: str, style: str = "") -> None:
         from rich.text import Text
 
-        self.console.print(Text(message, style=style))
+        self.console.print(Text(message, style=style), soft_wrap=True)  # paths stay whole for copying
 
     def error(self, message: str) -> None:
         self.say(f"error: {message}", "red")

@@ -1,0 +1,243 @@
+"""`duet solve`, `config`, `logs`, `feedback export` and `doctor`, end to end through the installed console script.
+
+The agents run on the scripted backend (replies files written here) and the real sandbox; one test runs
+the real local runtime on a tiny random checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import sqlite3
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+DUET = Path(sys.executable).with_name("duet")
+if not DUET.exists():  # pragma: no cover - an install without the console script next to python
+    DUET = Path(shutil.which("duet") or "duet")
+
+QUESTION = "A baker has 23 loaves and bakes 4 trays of 12 more. How many loaves does he have?"
+SOLVE_WITH_CODE = (
+    "Count the baked loaves.\n```python\nbaked = 4 * 12\nprint(baked)\n```\n```output\n(placeholder)\n```\n"
+    "Add the 23.\n```python\nprint(23 + baked)\n```\n```output\n(placeholder)\n```\nHe has \\boxed{71} loaves."
+)
+SOLVE = "23 + 4 * 12 = 71, so he has \\boxed{71} loaves."
+AGREE = "VERDICT: AGREE\n\\boxed{71}"
+WRONG = "23 + 4 * 12 + 2 = 73, so \\boxed{73}."
+DISAGREE = "VERDICT: DISAGREE: 23 + 48 is 71, not 73.\n\\boxed{71}"
+RESULT_KEYS = {"version", "question", "answer", "agreed", "rounds", "stop_reason", "turns", "error", "solver_model",
+               "critic_model", "prompt_tokens", "completion_tokens", "seconds", "config", "exit_code", "log_id"}
+
+
+@pytest.fixture
+def home(tmp_path: Path) -> Path:
+    return tmp_path
+
+
+def environment(home: Path, **extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("DUET_", "XDG_"))}
+    env.update(HOME=str(home / "home"), XDG_CONFIG_HOME=str(home / "config"), XDG_DATA_HOME=str(home / "data"),
+               TERM="xterm", COLUMNS="100", **extra)
+    return env
+
+
+def duet(home: Path, *args: str, stdin: str | None = None, env: dict[str, str] | None = None,
+         timeout: float = 60) -> subprocess.CompletedProcess:
+    return subprocess.run([str(DUET), *args], input=stdin, capture_output=True, text=True, timeout=timeout,
+                          env=env or environment(home), cwd=home)
+
+
+def replies(home: Path, *items: str, name: str = "replies.json") -> str:
+    path = home / name
+    path.write_text(json.dumps(list(items)))
+    return str(path)
+
+
+def db(home: Path) -> sqlite3.Connection:
+    conn = sqlite3.connect(home / "data" / "duet" / "logs.sqlite3")
+    conn.row_factory = sqlite3.Row
+    return conn
+
+
+# ------------------------------------------------------------------------------------------- solve
+
+
+def test_human_output_on_a_pipe_is_plain_text_with_code_outputs_and_answer(home):
+    r = duet(home, "solve", QUESTION, "--backend", f"scripted:{replies(home, SOLVE_WITH_CODE, AGREE)}")
+    assert r.returncode == 0, r.stderr
+    assert "\x1b[" not in r.stdout
+    out = r.stdout
+    assert "--- solver · round 1 · solving ---" in out and "--- critic · round 1 · checking ---" in out
+    assert "```python\nbaked = 4 * 12\nprint(baked)\n```\n```output\n48\n```" in out  # real sandbox output
+    assert "```output\n71\n```" in out and "verdict: agree" in out
+    assert "answer: 71\nagreed: yes · 1 round · stop: agreed" in out
+    assert r.stderr == ""
+    row = db(home).execute("SELECT command, question, answer, agreed, stop_reason FROM exchanges").fetchone()
+    assert tuple(row) == ("solve", QUESTION, "71", 1, "agreed")
+
+
+def test_json_is_one_documented_object_and_nothing_else(home):
+    r = duet(home, "solve", "--json", QUESTION, "--backend", f"scripted:{replies(home, WRONG, DISAGREE, SOLVE, AGREE)}")
+    assert r.returncode == 0, r.stderr
+    data = json.loads(r.stdout)  # the whole of stdout is one JSON object
+    assert RESULT_KEYS <= set(data)
+    assert (data["answer"], data["agreed"], data["rounds"], data["stop_reason"]) == ("71", True, 2, "agreed")
+    assert (data["exit_code"], data["log_id"], data["version"]) == (0, 1, 1)
+    assert [(t["agent"], t["round"], t["task"]) for t in data["turns"]] == [
+        ("solver", 1, "solve"), ("critic", 1, "critique"), ("solver", 2, "revise"), ("critic", 2, "critique")]
+    assert data["turns"][1]["verdict"] == "disagree" and "not 73" in data["turns"][1]["reason"]
+    assert r.stderr == ""
+
+
+def test_quiet_prints_only_the_answer_and_stdin_is_read(home):
+    r = duet(home, "solve", "-q", "--backend", f"scripted:{replies(home, SOLVE, AGREE)}", stdin=QUESTION + "\n")
+    assert (r.returncode, r.stdout, r.stderr) == (0, "71\n", "")
+    assert db(home).execute("SELECT question FROM exchanges").fetchone()[0] == QUESTION
+
+
+def test_question_from_file_and_no_log(home):
+    (home / "q.txt").write_text(QUESTION)
+    r = duet(home, "solve", "--file", "q.txt", "-q", "--no-log", "--backend", f"scripted:{replies(home, SOLVE, AGREE)}")
+    assert (r.returncode, r.stdout) == (0, "71\n"), r.stderr
+    assert not (home / "data" / "duet" / "logs.sqlite3").exists()
+
+
+def test_no_agreement_exits_3_and_solver_only_exits_0(home):
+    r = duet(home, "solve", "--json", "--max-rounds", "1", QUESTION, "--backend",
+             f"scripted:{replies(home, WRONG, DISAGREE)}")
+    data = json.loads(r.stdout)
+    assert (r.returncode, data["exit_code"], data["stop_reason"], data["answer"], data["agreed"]) == (
+        3, 3, "max_rounds", "73", False)
+    r = duet(home, "solve", "-q", "--no-critic", QUESTION, "--backend", f"scripted:{replies(home, SOLVE)}")
+    assert (r.returncode, r.stdout) == (0, "71\n")
+    r = duet(home, "solve", "--no-critic", QUESTION, "--backend", f"scripted:{replies(home, 'I am not sure.')}")
+    assert r.returncode == 3 and "answer: (no answer)" in r.stdout and "stop: no_answer" in r.stdout
+
+
+def test_config_file_and_env_defaults_apply_and_flags_win(home):
+    (home / "config" / "duet").mkdir(parents=True)
+    (home / "config" / "duet" / "config.toml").write_text("critic = false\nmax_rounds = 2\n")
+    script = replies(home, SOLVE, AGREE)
+    r = duet(home, "solve", "--json", QUESTION, "--backend", f"scripted:{script}")
+    data = json.loads(r.stdout)
+    assert (data["stop_reason"], data["critic_model"], data["config"]["max_rounds"]) == ("no_critic", None, 2)
+    env = environment(home, DUET_CRITIC="1", DUET_BACKEND=f"scripted:{script}")
+    data = json.loads(duet(home, "solve", "--json", QUESTION, env=env).stdout)
+    assert data["stop_reason"] == "agreed"
+    data = json.loads(duet(home, "solve", "--json", "--no-critic", QUESTION, env=env).stdout)
+    assert data["stop_reason"] == "no_critic"
+
+
+@pytest.mark.parametrize(("args", "code", "message"), [
+    (["solve", "--bogus", "q"], 2, "error: No such option: --bogus"),
+    (["solve", "--max-rounds", "0", "q", "--backend", "scripted:x"], 2, "error: --max-rounds: max_rounds must be"),
+    (["solve", "--json", "--quiet", "q"], 2, "error: --json and --quiet do not go together"),
+    (["solve", "--file", "missing.txt"], 2, "error: --file missing.txt: no such file"),
+    (["solve", "q", "--backend", "openai"], 2, "error: --backend openai needs --base-url URL"),
+    (["solve", "q", "--model", "no/such/dir"], 1, "no/such/dir: no such checkpoint directory"),
+    (["solve", "q", "--backend", "openai", "--base-url", "http://127.0.0.1:9/v1"], 1,
+     "error: cannot reach http://127.0.0.1:9/v1: connection refused"),
+    (["solve", "q", "--backend", "scripted:nothing.json"], 1, "error: cannot read scripted replies nothing.json"),
+    (["logs", "show", "5"], 1, "error: no exchange 5"),
+])
+def test_errors_are_one_line_with_an_exit_code(home, args, code, message):
+    r = duet(home, *args, stdin="")
+    assert r.returncode == code, (r.stdout, r.stderr)
+    assert r.stderr.count("\n") == 1 and r.stderr.startswith("error: "), r.stderr
+    assert message in r.stderr and "Traceback" not in r.stderr
+
+
+def test_missing_question_on_a_terminal_is_a_usage_error(home):
+    pexpect = pytest.importorskip("pexpect")
+    child = pexpect.spawn(str(DUET), ["solve"], env=environment(home), encoding="utf-8", timeout=30)
+    child.expect(pexpect.EOF)
+    child.close()
+    assert child.exitstatus == 2 and "no question: pass it as an argument" in child.before
+
+
+def test_unreachable_server_in_json_mode_still_prints_the_result(home):
+    r = duet(home, "solve", "--json", "q", "--base-url", "http://127.0.0.1:9/v1")
+    data = json.loads(r.stdout)
+    assert (r.returncode, data["stop_reason"], data["exit_code"]) == (1, "backend_error", 1)
+    assert r.stderr == "error: cannot reach http://127.0.0.1:9/v1: connection refused\n"
+
+
+# ------------------------------------------------------------------------------------------- other commands
+
+
+def test_config_shows_values_and_sources(home):
+    (home / "config" / "duet").mkdir(parents=True)
+    (home / "config" / "duet" / "config.toml").write_text("max_rounds = 4\n")
+    env = environment(home, DUET_TEMPERATURE="0.3")
+    data = json.loads(duet(home, "config", "--json", env=env).stdout)
+    settings = data["settings"]
+    assert settings["max_rounds"]["value"] == 4 and settings["max_rounds"]["source"].startswith("file ")
+    assert settings["temperature"] == {"value": 0.3, "source": "env DUET_TEMPERATURE", "env": "DUET_TEMPERATURE"}
+    assert settings["seed"]["source"] == "default"
+    assert data["paths"]["log_db"] == str(home / "data" / "duet" / "logs.sqlite3")
+    table = duet(home, "config", env=env).stdout
+    assert "max_rounds" in table and "file" in table and "env" in table and "config.toml" in table
+
+
+def test_logs_list_search_show_and_feedback_export(home):
+    first = replies(home, SOLVE, AGREE)
+    second = replies(home, "It is \\boxed{9}.", "VERDICT: AGREE \\boxed{9}", name="nine.json")
+    assert duet(home, "solve", "-q", QUESTION, "--backend", f"scripted:{first}").returncode == 0
+    assert duet(home, "solve", "-q", "--backend", f"scripted:{second}", "What is 3 squared?").returncode == 0
+    listed = json.loads(duet(home, "logs", "--json").stdout)
+    assert [(r["id"], r["answer"]) for r in listed] == [(2, "9"), (1, "71")]
+    assert [r["id"] for r in json.loads(duet(home, "logs", "--json", "--search", "squared").stdout)] == [2]
+    table = duet(home, "logs").stdout
+    assert "What is 3 squared?" in table and "agreed" in table
+    shown = duet(home, "logs", "show", "1").stdout
+    assert "## Question" in shown and "\\boxed{71}" in shown and "**Answer:** 71" in shown
+    assert json.loads(duet(home, "logs", "show", "2", "--json").stdout)["transcript"]["answer"] == "9"
+    with db(home) as conn:
+        conn.execute("INSERT INTO ratings VALUES (2, 'bad', 'too slow', '2026-01-01T00:00:00+00:00')")
+    lines = duet(home, "feedback", "export").stdout.splitlines()
+    assert [(json.loads(x)["exchange_id"], json.loads(x)["comment"]) for x in lines] == [(2, "too slow")]
+    r = duet(home, "feedback", "export", "--format", "csv", "-o", "fb.csv")
+    assert r.returncode == 0 and "wrote 1 rating to" in r.stderr
+    assert (home / "fb.csv").read_text().splitlines()[0].startswith("exchange_id,rating,comment")
+
+
+def test_corrupt_log_database(home):
+    path = home / "data" / "duet" / "logs.sqlite3"
+    path.parent.mkdir(parents=True)
+    path.write_bytes(b"garbage " * 1000)
+    r = duet(home, "logs")
+    assert r.returncode == 1 and r.stderr.count("\n") == 1 and str(path) in r.stderr
+    r = duet(home, "solve", "-q", QUESTION, "--backend", f"scripted:{replies(home, SOLVE, AGREE)}")
+    assert r.returncode == 0 and r.stdout == "71\n" and r.stderr.startswith("warning: not logged:")
+
+
+def test_doctor_reports_versions_sandbox_model_and_paths(home):
+    r = duet(home, "doctor", "--json", env=environment(home, DUET_MODEL=str(home / "none")))
+    data = json.loads(r.stdout)
+    names = {(c["section"], c["name"]) for c in data["checks"]}
+    assert {("versions", "torch"), ("versions", "transformers"), ("device", "cuda"), ("device", "kernels"),
+            ("sandbox", "rlimits"), ("paths", "config file"), ("paths", "log database")} <= names
+    model = [c for c in data["checks"] if c["section"] == "model"]
+    assert any(c["ok"] is False and "no such checkpoint directory" in c["detail"] for c in model)  # DUET_MODEL
+    assert r.returncode == (0 if data["ok"] else 1)
+
+
+# ------------------------------------------------------------------------------------------- real runtime
+
+
+@pytest.mark.slow
+def test_solve_on_the_local_runtime_with_a_tiny_random_checkpoint(home):
+    from tests.tiny_models import make_engine_checkpoint
+
+    checkpoint = make_engine_checkpoint(home / "tiny", seed=2)
+    r = duet(home, "solve", "--json", "--model", str(checkpoint), "--max-rounds", "1", "--max-tokens", "12",
+             "--max-steps", "1", "--device", "cpu", "What is 2 + 2?", timeout=180)
+    data = json.loads(r.stdout)  # a random model writes garbage: the dialogue still ends cleanly
+    assert r.returncode in (0, 3), r.stderr
+    assert data["exit_code"] == r.returncode and data["solver_model"] == "local:tiny"
+    assert data["stop_reason"] in ("no_answer", "max_rounds", "repeated_reply", "agreed")
+    assert 0 < data["completion_tokens"] <= 12 * 4
