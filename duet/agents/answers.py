@@ -629,7 +629,7 @@ def _numeric(e: Any, subs: dict[Any, Any] | None = None) -> Any | None:
         with mpmath.workprec(_MP_PREC):
             v = _mp_eval(e, subs or {}, {})
             return None if v is None else mpmath.mpc(v)
-    except (_Reject, ValueError, ZeroDivisionError, OverflowError, TypeError, RecursionError):
+    except Exception:  # _TooBig, mpmath domain errors, RecursionError: not a usable number
         return None
 
 
@@ -652,7 +652,7 @@ def _check(v: Any) -> Any:
             _mp_eval(v, {}, _CHECK_MEMO)  # raises _TooBig; unbound symbols just give None
     except _Reject:
         raise
-    except (ValueError, ZeroDivisionError, OverflowError, TypeError):
+    except Exception:  # mpmath domain errors and the like: the value is simply not checked further
         pass
     return v
 
