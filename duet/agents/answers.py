@@ -1140,7 +1140,7 @@ def _parse_clean(s: str, depth: int = 0) -> Parsed:
         s = s[m.end() :]
 
     # sets: \{1, 2\} or {1, 2}
-    if s.startswith("\\{") and s.endswith("\\}") and _encloses(s[1:-2] + "}"):
+    if s.startswith("\\{") and s.endswith("\\}") and _encloses(s[1:]):
         elems = _elements(s[2:-2], depth)
         if elems is not None:
             return _collection("set", elems)
