@@ -155,14 +155,17 @@ def backend_provider(spec: str, options: dict[str, Any]) -> tuple[Callable[[], B
 # Identity
 
 
-def model_identity(spec: str, backend: Backend | None = None) -> dict[str, Any]:
-    """What a backend spec points at: for ``local:`` the checkpoint path and a hash of its files."""
+def model_identity(spec: str) -> dict[str, Any]:
+    """What a backend spec points at: for ``local:`` the checkpoint path and a hash of its files (no loading)."""
     kind, _, argument = spec.partition(":")
-    identity: dict[str, Any] = {"spec": spec, "kind": kind, "name": getattr(backend, "name", None)}
+    identity: dict[str, Any] = {"spec": spec, "kind": kind}
     if kind == "local":
-        from duet.model.embedded import default_model_path
+        if argument:
+            path = Path(argument).expanduser()
+        else:  # (duet.model imports torch: only for the embedded model)
+            from duet.model.embedded import default_model_path
 
-        path = Path(argument).expanduser() if argument else default_model_path()
+            path = default_model_path()
         identity.update(checkpoint_identity(path))
         identity["embedded"] = not argument
     elif kind == "scripted":
@@ -171,7 +174,7 @@ def model_identity(spec: str, backend: Backend | None = None) -> dict[str, Any]:
         identity["sha256"] = _file_sha256(path)
     elif kind == "openai":
         url, _, model = argument.partition("#")
-        identity.update(base_url=url, model=model or getattr(backend, "model", None))
+        identity.update(base_url=url, model=model or None)
     return identity
 
 
@@ -387,18 +390,11 @@ def prepare(opts: EvalOptions, say: Say) -> Prepared:
     except PromptError as error:
         raise DuetError(str(error)) from None
     concurrency = opts.concurrency or DEFAULT_CONCURRENCY.get(backend_kind(opts.backend), 8)
-    try:
-        solver, solver_backend = backend_provider(opts.backend, _options_for(opts.backend, opts, concurrency))
-        critic_provider: Callable[[], Backend | None] = lambda: None  # noqa: E731
-        critic_backend = None
-        if opts.critic_backend:
-            critic_provider, critic_backend = backend_provider(
-                opts.critic_backend, _options_for(opts.critic_backend, opts, concurrency)
-            )
-    except BackendError as error:
-        raise DuetError(str(error)) from None
-    solver_id = model_identity(opts.backend, solver_backend)
-    critic_id = model_identity(opts.critic_backend, critic_backend) if opts.critic_backend else None
+    for spec in (opts.backend, opts.critic_backend):
+        if spec is not None and ":" not in spec:
+            raise DuetError(f"unknown backend {spec!r}; use local:[DIR], openai:URL[#MODEL] or scripted:FILE.json")
+    solver_id = model_identity(opts.backend)
+    critic_id = model_identity(opts.critic_backend) if opts.critic_backend else None
     fp = fingerprint(data, opts, _prompts_sha(prompts), solver_id, critic_id)
     digest = fingerprint_hash(fp)
     run_dir = opts.out or Path("runs") / "eval" / f"{data.path.stem}-{digest}"
@@ -426,32 +422,51 @@ def prepare(opts: EvalOptions, say: Say) -> Prepared:
         "fingerprint": fp,
         "fingerprint_sha256": digest,
     }
-    context = Context(solver=solver, critic=critic_provider, config=opts.dialogue, prompts=prompts,
+    context = Context(solver=_unbuilt, critic=lambda: None, config=opts.dialogue, prompts=prompts,
                       seed=opts.seed, sc_temperature=opts.sc_temperature, cancel=threading.Event())
     return Prepared(opts, data, problems, modes, Path(run_dir), config, context, concurrency)
 
 
-def _check_or_write_config(prep: Prepared) -> bool:
-    """Write config.json for a new run; for a resume, refuse a different fingerprint. True when resuming."""
+def _unbuilt() -> Backend:
+    raise RuntimeError("the backends were not built (build_backends)")
+
+
+def build_backends(prep: Prepared) -> None:
+    """Load the models / connect (only when there is work: a finished run resumes without loading them)."""
+    opts = prep.options
+    try:
+        solver, backend = backend_provider(opts.backend, _options_for(opts.backend, opts, prep.concurrency))
+        prep.context.solver = solver
+        prep.config["model"]["solver"]["name"] = getattr(backend, "name", None)
+        if opts.critic_backend:
+            critic, backend = backend_provider(opts.critic_backend,
+                                               _options_for(opts.critic_backend, opts, prep.concurrency))
+            prep.context.critic = critic
+            prep.config["model"]["critic"]["name"] = getattr(backend, "name", None)
+    except BackendError as error:
+        raise DuetError(str(error)) from None
+
+
+def _check_config(prep: Prepared) -> bool:
+    """True when resuming; refuses a run directory made with different answer-affecting options."""
     path = prep.run_dir / "config.json"
-    if path.exists():
-        try:
-            old = json.loads(path.read_text(encoding="utf-8"))
-        except (OSError, json.JSONDecodeError) as error:
-            raise DuetError(f"{path}: unreadable ({error}); use a new --out") from None
-        if old.get("fingerprint") != prep.config["fingerprint"]:
-            changes = fingerprint_changes(old.get("fingerprint") or {}, prep.config["fingerprint"])
-            shown = "; ".join(changes[:4]) + (f"; and {len(changes) - 4} more" if len(changes) > 4 else "")
-            raise DuetError(
-                f"{prep.run_dir} holds a run with different answer-affecting options ({shown}); "
-                "rerun with the same options to resume, or use a new --out"
-            )
-        return True
-    if (prep.run_dir / "results.jsonl").exists():
-        raise DuetError(f"{prep.run_dir} has results.jsonl but no config.json; use a new --out")
-    write_json_atomic(path, prep.config, indent=2)
-    write_json_atomic(prep.run_dir / "model.json", prep.config["model"], indent=2)
-    return False
+    if not path.exists():
+        if (prep.run_dir / "results.jsonl").exists():
+            raise DuetError(f"{prep.run_dir} has results.jsonl but no config.json; use a new --out")
+        return False
+    try:
+        old = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError) as error:
+        raise DuetError(f"{path}: unreadable ({error}); use a new --out") from None
+    if old.get("fingerprint") != prep.config["fingerprint"]:
+        changes = fingerprint_changes(old.get("fingerprint") or {}, prep.config["fingerprint"])
+        shown = "; ".join(changes[:4]) + (f"; and {len(changes) - 4} more" if len(changes) > 4 else "")
+        raise DuetError(
+            f"{prep.run_dir} holds a run with different answer-affecting options ({shown}); "
+            "rerun with the same options to resume, or use a new --out"
+        )
+    prep.config["model"] = old.get("model", prep.config["model"])
+    return True
 
 
 class Progress:
@@ -518,24 +533,32 @@ def run_eval(opts: EvalOptions, *, say: Say | None = None, live: bool = False, c
 
     say = say or (lambda line: print(line, file=sys.stderr))
     prep = prepare(opts, say)
+    created = [d for d in (prep.run_dir, *prep.run_dir.parents) if not d.exists()]
     prep.run_dir.mkdir(parents=True, exist_ok=True)
     outcome = Outcome(prep.run_dir, selected=len(prep.problems))
+    results = ResultsFile(prep.run_dir / "results.jsonl")
     with RunLock(prep.run_dir):
-        resuming = _check_or_write_config(prep)
-        results = ResultsFile(prep.run_dir / "results.jsonl")
-        loaded = results.open()
+        resuming = _check_config(prep)
         try:
-            _report_repairs(loaded, results.path, say)
-            if opts.retry_errors:
-                _drop_errors(results, loaded, say)
-            done = loaded.keys()
+            loaded = results.open() if resuming else None
+            done = loaded.keys() if loaded else set()
+            if loaded:
+                _report_repairs(loaded, results.path, say)
+                if opts.retry_errors:
+                    done = _drop_errors(results, loaded, say)
             tasks = [(p, m) for m in prep.modes for p in prep.problems if (p.id, m.name) not in done]
             outcome.skipped_done = len(prep.problems) * len(prep.modes) - len(tasks)
-            if resuming:
+            if tasks:
+                build_backends(prep)
+            if not resuming:
+                write_json_atomic(prep.run_dir / "config.json", prep.config, indent=2)
+                write_json_atomic(prep.run_dir / "model.json", prep.config["model"], indent=2)
+                created = []
+                loaded = results.open()
+                say(f"run directory: {prep.run_dir}")
+            else:
                 say(f"resuming {prep.run_dir}: {outcome.skipped_done} of {len(prep.problems) * len(prep.modes)} "
                     "already done")
-            else:
-                say(f"run directory: {prep.run_dir}")
             selected_ids = {p.id for p in prep.problems}
             prior = {m.name: [bool(r.get("correct")) for r in loaded.records
                               if r["mode"] == m.name and r["id"] in selected_ids] for m in prep.modes}
@@ -547,6 +570,12 @@ def run_eval(opts: EvalOptions, *, say: Say | None = None, live: bool = False, c
             _log_invocation(prep, outcome, started)
         finally:
             results.close()
+            if created:  # a new run that failed before its config was written leaves nothing behind
+                with contextlib.suppress(OSError):
+                    (prep.run_dir / ".lock").unlink()
+                for directory in created:
+                    with contextlib.suppress(OSError):
+                        directory.rmdir()
         records = read_records(results.path).records
         outcome.records = records
         outcome.summary = summarize(records, run_dir=prep.run_dir, config=prep.config,
@@ -562,7 +591,8 @@ def _report_repairs(loaded: Loaded, path: Path, say: Say) -> None:
         say(f"warning: {path}: {loaded.duplicates} repeated record(s) ignored (the first of each is kept)")
 
 
-def _drop_errors(results: ResultsFile, loaded: Loaded, say: Say) -> None:
+def _drop_errors(results: ResultsFile, loaded: Loaded, say: Say) -> set[tuple[str, str]]:
+    """Remove failed records from the file (atomically) so they run again; returns the keys still done."""
     from duet.evaluation.modes import FAILED
 
     keep = [r for r in loaded.records if r.get("stop_reason") not in FAILED]
@@ -571,6 +601,7 @@ def _drop_errors(results: ResultsFile, loaded: Loaded, say: Say) -> None:
         results.rewrite(keep)
         loaded.records = keep
         say(f"--retry-errors: {dropped} failed record(s) will run again")
+    return loaded.keys()
 
 
 def _execute(prep: Prepared, tasks: list[tuple[Problem, Mode]], results: ResultsFile, progress: Progress,
