@@ -206,9 +206,11 @@ def test_ctrl_c_stops_a_response_then_paste_history_osc52_and_ctrl_d(tmp_path):
 
     again = Terminal(tmp_path, "--backend", backend, "--no-critic", "--no-log", env=env)  # history persists
     again.expect("duet> ")
-    again.child.send("\x1b[A\x1b[A")
-    again.child.send("\r")
-    assert "Pasted:" in again.expect("duet> ")
+    again.child.send("\x12Line one")  # Ctrl-R: reverse history search
+    again.expect("reverse-i-search")
+    again.child.send("\r")  # readline redraws the accepted line after its prompt, then the answer comes
+    again.expect("Pasted: \\boxed{2}")
+    again.expect("duet> ")
     again.child.sendline("/exit")
     assert again.finish() == 0
     assert db(tmp_path).execute("SELECT COUNT(*) FROM exchanges").fetchone()[0] == 2  # --no-log
@@ -216,8 +218,11 @@ def test_ctrl_c_stops_a_response_then_paste_history_osc52_and_ctrl_d(tmp_path):
 
 def test_multi_line_blocks_critic_switch_and_errors_on_the_screen(tmp_path):
     backend = scripted(tmp_path, "Solo: \\boxed{5}", "Solo again: \\boxed{6}")
+    other = scripted(tmp_path, "Other model: \\boxed{7}", name="other.json")
     term = Terminal(tmp_path, "--backend", backend, "--critic")
     term.expect("duet> ")
+    shown = term.ask("/help")
+    assert "/bad [comment]" in shown and "/copy [answer|response]" in shown and "/critic [on|off]" in shown
     assert "critic: off" in term.ask("/critic off")
     term.child.sendline('"""')
     term.child.sendline("first line")
@@ -231,10 +236,13 @@ def test_multi_line_blocks_critic_switch_and_errors_on_the_screen(tmp_path):
     assert re.search(r"error: scripted:replies.json: no scripted reply left", shown), shown
     assert "error: /save needs a file name" in term.ask("/save")
     assert "error: /no/such/checkpoint: no such checkpoint directory" in term.ask("/model /no/such/checkpoint")
+    assert "solver: scripted:other.json (the conversation continues)" in term.ask(f"/model {other}")
+    assert "Other model: \\boxed{7}" in term.ask("and with the other model?")
     term.child.sendline("/quit")
     assert term.finish() == 0
     questions = [r[0] for r in db(tmp_path).execute("SELECT question FROM exchanges ORDER BY id")]
-    assert questions == ['first line\nsecond line"""', "continued \nquestion", "continued \nquestion"]
+    assert questions == ['first line\nsecond line"""', "continued \nquestion", "continued \nquestion",
+                         "and with the other model?"]
 
 
 # ------------------------------------------------------------------------------------------ in process

@@ -164,6 +164,7 @@ def run_doctor(as_json: bool = False) -> int:
         sys.stdout.write(json.dumps({"checks": results, "ok": not broken}, indent=2) + "\n")
         return 1 if broken else 0
     from rich.table import Table
+    from rich.text import Text
 
     table = Table(show_header=False, show_edge=False, pad_edge=False, box=None, padding=(0, 2, 0, 0))
     table.add_column(no_wrap=True)
@@ -173,7 +174,8 @@ def run_doctor(as_json: bool = False) -> int:
     section = None
     for r in results:
         mark = {True: "[green]✔[/]", False: "[red]✘[/]", None: "[dim]·[/]"}[r["ok"]]
-        table.add_row(f"[bold]{r['section']}[/]" if r["section"] != section else "", mark, r["name"], r["detail"])
+        table.add_row(Text(r["section"] if r["section"] != section else "", style="bold"), mark, Text(r["name"]),
+                      Text(r["detail"]))
         section = r["section"]
     console.print(table)
     return 1 if broken else 0

@@ -257,16 +257,22 @@ class ProgressRenderer:
         self.status.start()
         self.chars = 0
         self.where = ""
+        self.doing = ""
 
     def __call__(self, event: Any) -> None:
         if event.kind == "turn_start":
             task = TASK_LABEL.get(event.data.get("task", ""), "")
-            self.where, self.chars = f"{event.agent} · round {event.round} · {task}", 0
+            self.where, self.doing, self.chars = f"{event.agent} · round {event.round} · {task}", "thinking", 0
         elif event.kind == "delta":
             self.chars += len(event.text)
+            self.doing = f"writing ({self.chars} chars)"
         elif event.kind == "code":
-            self.where = self.where.split(" — ")[0] + f" — running step {event.data.get('step', '')}"
-        self.status.update(f"{self.where} ({self.chars} chars)" if self.chars else self.where)
+            self.doing = f"running step {event.data.get('step', '')}"
+        elif event.kind == "output":
+            self.doing = "thinking"
+        else:
+            return
+        self.status.update(f"{self.where}: {self.doing}")
 
     def final(self, result: Any, critic: bool = True) -> None:
         self.close()

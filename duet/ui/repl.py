@@ -272,10 +272,11 @@ class Repl:
 
     def cmd_help(self, arg: str) -> None:
         from rich.table import Table
+        from rich.text import Text
 
         table = Table(show_header=False, box=None, padding=(0, 2, 0, 0))
         for name, (args, what) in COMMANDS.items():
-            table.add_row(f"{name} {args}".strip(), what)
+            table.add_row(Text(f"{name} {args}".strip(), style="bold"), Text(what))
         self.console.print(table)
         self.say("Multi-line input: paste it, end lines with \\, or put it between two \"\"\" lines. "
                  "Ctrl-C stops a response; Ctrl-R searches the history.", "dim")

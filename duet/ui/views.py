@@ -7,6 +7,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from rich.text import Text
+
 from duet.ui.errors import UsageProblem
 from duet.ui.settings import clipboard_path, data_dir, history_path, load_settings, log_path
 
@@ -14,7 +16,7 @@ from duet.ui.settings import clipboard_path, data_dir, history_path, load_settin
 def _console() -> Any:
     from rich.console import Console
 
-    return Console(highlight=False)
+    return Console(highlight=False, markup=False)  # questions and paths are printed as they are
 
 
 def _print_json(data: Any) -> None:
@@ -72,7 +74,7 @@ def show_config(as_json: bool = False) -> int:
         table.add_column("meaning", no_wrap=True, style="dim", width=room)
     for key, shown, source, meaning in rows:
         cells = [key, shown, source] + ([_shorten(meaning, room)] if room >= 12 else [])
-        table.add_row(*cells, style="" if source == "default" else "cyan")
+        table.add_row(*map(Text, cells), style="" if source == "default" else "cyan")
     console.print(table)
     for name, path in paths.items():
         if name != "config_file":
@@ -127,8 +129,7 @@ def list_logs(search: str | None = None, limit: int = 20, as_json: bool = False)
     styles = {"good": "green", "bad": "red"}
     for c in cells:
         c[5], c[6] = _shorten(c[5], room), _shorten(c[6], answer)
-        c[4] = f"[{styles[c[4]]}]{c[4]}[/]" if c[4] in styles else c[4]
-        table.add_row(*c)
+        table.add_row(*(Text(text, style=styles.get(text, "") if i == 4 else "") for i, text in enumerate(c)))
     console.print(table)
     return 0
 
