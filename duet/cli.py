@@ -110,21 +110,26 @@ def _flags(values: dict[str, Any]) -> dict[str, Any]:
 
 def _boundary(run: Callable[[], Any]) -> Any:
     """Run a command body; user errors become `error: <one line>` and their exit code."""
+    try:
+        code = run()
+    except Exception as error:
+        if _user_error(error):
+            _fail(str(error), getattr(error, "exit_code", 1))
+        if isinstance(error, OSError) and not os.environ.get("DUET_DEBUG"):  # an unreadable file, a full disk
+            _fail(f"{error.filename}: {error.strerror}" if error.filename and error.strerror else str(error), 1)
+        raise
+    if code:
+        raise typer.Exit(code)
+    return code
+
+
+def _user_error(error: BaseException) -> bool:
+    """Whether ``error`` is one of duet's one-line user errors."""
     from duet.agents.backends import BackendError
     from duet.errors import DuetError
     from duet.prompts import PromptError
 
-    try:
-        code = run()
-    except (DuetError, BackendError, PromptError) as error:
-        _fail(str(error), getattr(error, "exit_code", 1))
-    except OSError as error:  # an unreadable file, a full disk, ...
-        if os.environ.get("DUET_DEBUG"):
-            raise
-        _fail(f"{error.filename}: {error.strerror}" if error.filename and error.strerror else str(error), 1)
-    if code:
-        raise typer.Exit(code)
-    return code
+    return isinstance(error, (DuetError, BackendError, PromptError))
 
 
 def _fail(message: str, code: int) -> None:
@@ -398,6 +403,9 @@ def main(argv: Optional[list] = None) -> None:
         if os.environ.get("DUET_DEBUG"):
             raise
         message = " ".join(str(error).split())[:300]
+        if _user_error(error):  # from a mounted command that does not catch its own
+            print(f"error: {message}", file=sys.stderr)
+            sys.exit(getattr(error, "exit_code", 1))
         print(f"error: unexpected {type(error).__name__}: {message} (rerun with DUET_DEBUG=1 for the traceback)",
               file=sys.stderr)
         sys.exit(1)

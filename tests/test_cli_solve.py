@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import sqlite3
 import subprocess
@@ -157,6 +158,30 @@ def test_missing_question_on_a_terminal_is_a_usage_error(home):
     child.expect(pexpect.EOF)
     child.close()
     assert child.exitstatus == 2 and "no question: pass it as an argument" in child.before
+
+
+def test_on_a_terminal_rich_rendering_and_ctrl_c_exits_130(home):
+    pexpect = pytest.importorskip("pexpect")
+    env = environment(home)
+    script = replies(home, SOLVE_WITH_CODE, AGREE)
+    child = pexpect.spawn(str(DUET), ["solve", QUESTION, "--backend", f"scripted:{script}"], env=env, encoding="utf-8",
+                          timeout=30, dimensions=(40, 100))
+    child.expect(pexpect.EOF)
+    child.close()
+    screen = re.sub(r"\x1b\[[0-9;?]*[A-Za-z]|\r", "", child.before)
+    assert child.exitstatus == 0
+    assert "╭─ step 1 · python" in screen and "✔ the critic agrees" in screen
+    assert re.search(r"│ 71 +│\n╰─ agreed: yes · 1 round · stop: agreed", screen), screen
+    slow = home / "slow.json"
+    slow.write_text(json.dumps({"replies": [SOLVE], "delay": 5}))
+    child = pexpect.spawn(str(DUET), ["solve", QUESTION, "--backend", f"scripted:{slow}"], env=env, encoding="utf-8",
+                          timeout=30)
+    child.expect("thinking")
+    child.sendintr()
+    child.expect(pexpect.EOF)
+    child.close()
+    assert child.exitstatus == 130 and "interrupted" in child.before
+    assert db(home).execute("SELECT stop_reason FROM exchanges ORDER BY id DESC").fetchone()[0] == "interrupted"
 
 
 def test_unreachable_server_in_json_mode_still_prints_the_result(home):
