@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 import re
 import signal
 import subprocess
@@ -30,14 +31,21 @@ def eval_command() -> list[str]:
     return [sys.executable, "-m", "duet.evaluation.cli"]
 
 
+def clean_env() -> dict[str, str]:
+    """No DUET_* variables and no config file: the flags alone decide."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("DUET_")}
+    env["DUET_CONFIG"] = str(REPO / "tests" / "no-such-duet-config.toml")
+    return env
+
+
 def duet_eval(*args: object, cwd: Path | None = None, timeout: float = 120) -> subprocess.CompletedProcess:
     return subprocess.run([*eval_command(), *map(str, args)], capture_output=True, text=True, cwd=cwd,
-                          timeout=timeout)
+                          timeout=timeout, env=clean_env())
 
 
 def start_eval(*args: object, cwd: Path | None = None) -> subprocess.Popen:
     return subprocess.Popen([*eval_command(), *map(str, args)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True, cwd=cwd)
+                            text=True, cwd=cwd, env=clean_env())
 
 
 def records(run: Path) -> list[dict]:
@@ -86,7 +94,7 @@ def small(tmp_path):
 def test_end_to_end_all_modes(small, tmp_path):
     data, replies = small
     run = tmp_path / "run"
-    r = duet_eval(data, "-b", f"scripted:{replies}", "-m", "solver-only,solver+critic,no-code,sc@3",
+    r = duet_eval(data, "--backend", f"scripted:{replies}", "--modes", "solver-only,solver+critic,no-code,sc@3",
                   "-o", run, "-j", "4")
     assert r.returncode == 0, r.stderr
     assert f"{data}:3: invalid JSON" in r.stderr and "skipped 1 malformed row(s) of 6" in r.stderr
@@ -135,7 +143,7 @@ def lo_hi(ci):
 
 def test_resume_default_out_and_changed_options(small, tmp_path):
     data, replies = small
-    base = (data, "-b", f"scripted:{replies}", "-m", "solver+critic")
+    base = (data, "--backend", f"scripted:{replies}", "--modes", "solver+critic")
     first = duet_eval(*base, "--limit", "2", cwd=tmp_path)
     assert first.returncode == 0, first.stderr
     (run,) = (tmp_path / "runs" / "eval").iterdir()
@@ -170,11 +178,12 @@ def wait_for_lines(path: Path, n: int, proc: subprocess.Popen, timeout: float = 
 def test_kill_9_mid_run_loses_nothing_but_items_in_flight(tmp_path):
     rows = [{"question": f"Problem {i}: what is {i} plus {i}?", "answer": f"#### {2 * i}"} for i in range(24)]
     data = jsonl(tmp_path / "many.jsonl", rows)
-    replies = scripted(tmp_path / "r.json", {"Problem:\n": "VERDICT: AGREE"},
-                       replies=["Double it: \\boxed{0}"])
+    replies = tmp_path / "r.json"  # "delay": seconds before each reply, read as by `duet solve`
+    replies.write_text(json.dumps({"replies": ["Double it: \\boxed{0}"], "match": {"Problem:\n": "VERDICT: AGREE"},
+                                   "delay": 0.05}))
     run = tmp_path / "run"
-    args = (data, "-b", f"scripted:{replies}", "-m", "solver-only,solver+critic", "-o", run, "-j", "3",
-            "-O", "delay=0.05", "--no-progress")
+    args = (data, "--backend", f"scripted:{replies}", "--modes", "solver-only,solver+critic", "-o", run, "-j", "3",
+            "--no-progress")
     proc = start_eval(*args)
     results = run / "results.jsonl"
     wait_for_lines(results, 6, proc)
@@ -210,15 +219,15 @@ def test_kill_9_mid_run_loses_nothing_but_items_in_flight(tmp_path):
 def test_retry_errors_runs_failed_problems_again(small, tmp_path):
     data, replies = small
     run = tmp_path / "run"
-    failing = duet_eval(data, "-b", f"scripted:{replies}", "-m", "solver-only", "-o", run,
+    failing = duet_eval(data, "--backend", f"scripted:{replies}", "--modes", "solver-only", "-o", run,
                         "-O", "delay=1", "-O", "timeout=0.01")
     assert failing.returncode == 0, failing.stderr
     assert {x["stop_reason"] for x in records(run)} == {"backend_error"}
     summary = json.loads((run / "summary.json").read_text())
     assert summary["modes"]["solver-only"]["errors"] == 5 and summary["modes"]["solver-only"]["accuracy"] == 0
-    plain = duet_eval(data, "-b", f"scripted:{replies}", "-m", "solver-only", "-o", run)
+    plain = duet_eval(data, "--backend", f"scripted:{replies}", "--modes", "solver-only", "-o", run)
     assert plain.returncode == 0 and "5 of 5 already done" in plain.stderr  # timeouts are not answer-affecting
-    retry = duet_eval(data, "-b", f"scripted:{replies}", "-m", "solver-only", "-o", run, "--retry-errors")
+    retry = duet_eval(data, "--backend", f"scripted:{replies}", "--modes", "solver-only", "-o", run, "--retry-errors")
     assert retry.returncode == 0 and "5 failed record(s) will run again" in retry.stderr
     recs = records(run)
     assert len(recs) == 5 and sum(x["correct"] for x in recs) == 2
@@ -229,22 +238,22 @@ def test_malformed_rows_strict_empty_and_missing(tmp_path):
     data = jsonl(tmp_path / "d.jsonl", [{"question": "Q?", "answer": "#### 1"}, '["x"]', {"question": "Q2?"}])
     replies = scripted(tmp_path / "r.json", {}, ["\\boxed{1}"])
     run = tmp_path / "run"
-    strict = duet_eval(data, "-b", f"scripted:{replies}", "-m", "solver-only", "-o", run, "--strict")
+    strict = duet_eval(data, "--backend", f"scripted:{replies}", "--modes", "solver-only", "-o", run, "--strict")
     assert strict.returncode == 1 and not run.exists()
     assert re.search(r"2 malformed row\(s\) of 3, stopping \(--strict\): .*d\.jsonl:2: expected a JSON object",
                      strict.stderr)
     (tmp_path / "e.jsonl").write_text("")
     empty = duet_eval(tmp_path / "e.jsonl", "-o", run)
     assert empty.returncode == 1 and "the file is empty" in empty.stderr and not run.exists()
-    none = duet_eval(jsonl(tmp_path / "n.jsonl", ['{"q": 1}']), "-o", run, "-b", f"scripted:{replies}")
+    none = duet_eval(jsonl(tmp_path / "n.jsonl", ['{"q": 1}']), "-o", run, "--backend", f"scripted:{replies}")
     assert none.returncode == 1 and "no usable rows" in none.stderr
-    missing = duet_eval(tmp_path / "nope.csv", "-b", f"scripted:{replies}", cwd=tmp_path)
+    missing = duet_eval(tmp_path / "nope.csv", "--backend", f"scripted:{replies}", cwd=tmp_path)
     assert missing.returncode == 1 and "nope.csv: no such file" in missing.stderr
-    bad_backend = duet_eval(data, "-b", "nope:x", cwd=tmp_path)
+    bad_backend = duet_eval(data, "--backend", "nope:x", cwd=tmp_path)
     assert bad_backend.returncode == 1 and "unknown backend" in bad_backend.stderr
-    for args, message in ((("-m", "bogus"), "unknown mode"), (("--shard", "3/2"), "--shard"),
+    for args, message in ((("--modes", "bogus"), "unknown mode"), (("--shard", "3/2"), "--shard"),
                           (("-O", "novalue"), "KEY=VALUE")):
-        r = duet_eval(data, "-b", f"scripted:{replies}", *args, cwd=tmp_path)
+        r = duet_eval(data, "--backend", f"scripted:{replies}", *args, cwd=tmp_path)
         assert r.returncode == 1 and message in r.stderr, r.stderr
     assert not (tmp_path / "runs").exists()
 
@@ -261,11 +270,12 @@ def test_json_array_and_csv_with_configurable_fields(tmp_path):
     replies = scripted(tmp_path / "r.json", {"Each pack has 12 pencils. How many": "\\boxed{36}",
                                              "Half of 30": "\\boxed{15}", "Double 4": "\\boxed{9}"},
                        ["\\boxed{0}"])
-    r = duet_eval(svamp, "-b", f"scripted:{replies}", "-m", "solver-only", "-o", tmp_path / "a", "--id-field", "ID")
+    r = duet_eval(svamp, "--backend", f"scripted:{replies}", "--modes", "solver-only", "-o", tmp_path / "a",
+                  "--id-field", "ID")
     assert r.returncode == 0, r.stderr
     assert sorted((x["id"], x["gold"], x["correct"]) for x in records(tmp_path / "a")) == [
         ("chal-1", "36", True), ("chal-2", "10", False)]
-    r = duet_eval(table, "-b", f"scripted:{replies}", "-m", "solver-only", "-o", tmp_path / "b",
+    r = duet_eval(table, "--backend", f"scripted:{replies}", "--modes", "solver-only", "-o", tmp_path / "b",
                   "--question-field", "text", "--answer-field", "result", "--id-field", "uid")
     assert r.returncode == 0, r.stderr
     assert sorted((x["id"], x["correct"]) for x in records(tmp_path / "b")) == [("k1", True), ("k2", False)]
@@ -276,7 +286,7 @@ def test_report_side_by_side_with_flips(small, tmp_path):
     better = scripted(tmp_path / "better.json", {**MATCH, "10 minus 4": "It is \\boxed{6}",
                                                  "6 rows of 7 pens": "\\boxed{43}"})
     for name, spec in (("a", replies), ("b", better)):
-        r = duet_eval(data, "-b", f"scripted:{spec}", "-m", "solver-only", "-o", tmp_path / name)
+        r = duet_eval(data, "--backend", f"scripted:{spec}", "--modes", "solver-only", "-o", tmp_path / name)
         assert r.returncode == 0, r.stderr
     out = tmp_path / "report.json"
     r = duet_eval("report", tmp_path / "a", tmp_path / "b", "--json", out)
@@ -323,8 +333,8 @@ def test_real_gsm8k_sharded_then_merged(tmp_path):
     replies = scripted(tmp_path / "r.json", match)
     data = SHARED_DATA / "gsm8k" / "train.jsonl"
     for shard in ("1/2", "2/2"):
-        r = duet_eval(data, "-b", f"scripted:{replies}", "-m", "solver+critic", "--limit", 12, "--shard", shard,
-                      "-o", tmp_path / shard.replace("/", "of"), "-j", "6")
+        r = duet_eval(data, "--backend", f"scripted:{replies}", "--modes", "solver+critic", "--limit", 12,
+                      "--shard", shard, "-o", tmp_path / shard.replace("/", "of"), "-j", "6")
         assert r.returncode == 0, r.stderr
     first, second = records(tmp_path / "1of2"), records(tmp_path / "2of2")
     assert len(first) == len(second) == 6 and not {x["id"] for x in first} & {x["id"] for x in second}
@@ -352,7 +362,8 @@ def test_real_mawps_csv_masks_restored(tmp_path):
         match[restore(row)] = f"\\boxed{{{row['Answer']}}}"
     replies = scripted(tmp_path / "r.json", match)
     run = tmp_path / "run"
-    r = duet_eval(path, "-b", f"scripted:{replies}", "-m", "solver-only", "--limit", 8, "-o", run, "--strict")
+    r = duet_eval(path, "--backend", f"scripted:{replies}", "--modes", "solver-only", "--limit", 8, "-o", run,
+                  "--strict")
     assert r.returncode == 0, r.stderr
     recs = records(run)
     assert len(recs) == 8 and all(x["correct"] for x in recs)

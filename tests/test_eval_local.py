@@ -34,7 +34,7 @@ def test_local_runtime_end_to_end(checkpoint, data, tmp_path):
     (prompts / "solver_system.md").write_text("Solve it. Write the answer as \\boxed{answer}.")
     (prompts / "critic_system.md").write_text("Check it. End with VERDICT: AGREE or VERDICT: DISAGREE: reason.")
     run = tmp_path / "run"
-    args = (data, "-b", f"local:{checkpoint}", "-m", "solver-only,solver+critic", "-o", run, "-j", "4",
+    args = (data, "--model", checkpoint, "--modes", "solver-only,solver+critic", "-o", run, "-j", "4",
             "--max-tokens", "8", "--max-rounds", "1", "--limit", "2", "--prompt-dir", prompts)
     r = duet_eval(*args)
     assert r.returncode == 0, r.stderr

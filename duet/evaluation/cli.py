@@ -42,7 +42,7 @@ eval_app = typer.Typer(
 
 
 def _fail(message: str, code: int = 1) -> typer.Exit:
-    typer.echo(f"error: {message}", err=True)
+    typer.echo(f"error: {' '.join(message.split())}", err=True)
     return typer.Exit(code)
 
 
@@ -58,56 +58,86 @@ def _consoles() -> tuple[Any, Any]:
 def run_command(
     data: Path = typer.Argument(..., help="JSONL (GSM8K style), JSON array (SVAMP style) or CSV (MAWPS style).",
                                 show_default=False),
-    out: Path = typer.Option(None, "--out", "-o", help="Run directory (default: runs/eval/<data>-<config hash>); "
+    out: Path = typer.Option(None, "--out", "-o", help="Run directory [default: runs/eval/<data>-<config hash>]; "
                              "running again into it resumes.", show_default=False),
-    backend: str = typer.Option("local:", "--backend", "-b", help="Solver (and critic) backend: local:[DIR] "
-                                "(empty: the embedded model), openai:URL[#MODEL], scripted:FILE.json."),
-    critic_backend: str = typer.Option(None, "--critic-backend", help="A separate backend for the critic.",
-                                       show_default=False),
-    modes: str = typer.Option("solver+critic", "--modes", "-m", help="Comma-separated: solver+critic, solver-only, "
+    modes: str = typer.Option("solver+critic", "--modes", help="Comma-separated: solver+critic, solver-only, "
                               "no-code, no-code+critic, self-consistency@K."),
-    question_field: str = typer.Option(None, "--question-field", help="Question field/column (default: question, "
-                                       "Question, problem; Body is prepended when present).", show_default=False),
-    answer_field: str = typer.Option(None, "--answer-field", help="Gold answer field/column (default: answer, "
-                                     "Answer, solution; GSM8K '#### N' is reduced to N).", show_default=False),
-    id_field: str = typer.Option(None, "--id-field", help="Id field/column (default: the line number, or the "
-                                 "position in a JSON array).", show_default=False),
-    data_format: str = typer.Option(None, "--format", help="jsonl, json, csv or tsv (default: from the extension).",
-                                    show_default=False),
+    # the model, as for `duet solve` (flags > DUET_* variables > the config file)
+    model: str = typer.Option(None, "--model", "-m", metavar="DIR", help="Solver checkpoint directory "
+                              "[default: the embedded model].", show_default=False),
+    backend: str = typer.Option(None, "--backend", metavar="KIND", help="local, openai (with --base-url), "
+                                "scripted:FILE, or a full spec (local:DIR, openai:URL#MODEL) [default: local].",
+                                show_default=False),
+    base_url: str = typer.Option(None, "--base-url", metavar="URL", help="OpenAI-compatible server "
+                                 "(implies --backend openai).", show_default=False),
+    model_name: str = typer.Option(None, "--model-name", metavar="NAME", help="Model name on the server.",
+                                   show_default=False),
+    replies: str = typer.Option(None, "--replies", metavar="FILE", help="Scripted replies (JSON) for --backend "
+                                "scripted.", show_default=False),
+    critic_model: str = typer.Option(None, "--critic-model", metavar="DIR", help="Critic checkpoint directory "
+                                     "[default: the solver's model].", show_default=False),
+    critic_backend: str = typer.Option(None, "--critic-backend", metavar="KIND", help="Critic backend "
+                                       "[default: the solver's].", show_default=False),
+    critic_base_url: str = typer.Option(None, "--critic-base-url", metavar="URL", show_default=False,
+                                        help="Critic's OpenAI-compatible server."),
+    critic_model_name: str = typer.Option(None, "--critic-model-name", metavar="NAME", show_default=False,
+                                          help="Critic's model name on the server."),
+    device: str = typer.Option(None, "--device", metavar="DEV", help="Local runtime device: auto, cpu, cuda, "
+                               "cuda:N [default: auto].", show_default=False),
+    dtype: str = typer.Option(None, "--dtype", metavar="TYPE", help="Local runtime dtype: auto, float32, "
+                              "bfloat16, float16 [default: auto].", show_default=False),
+    mtp: bool = typer.Option(None, "--mtp/--no-mtp", help="MTP speculative decoding [default: on].",
+                             show_default=False),
+    backend_option: list[str] = typer.Option(None, "--backend-option", "-O", metavar="KEY=VALUE",
+                                             help="Extra make_backend option (repeatable), e.g. -O timeout=120.",
+                                             show_default=False),
+    # the data
+    question_field: str = typer.Option(None, "--question-field", help="Question field/column [default: question, "
+                                       "Question, problem; Body is prepended when present].", show_default=False),
+    answer_field: str = typer.Option(None, "--answer-field", help="Gold answer field/column [default: answer, "
+                                     "Answer, solution; GSM8K '#### N' is reduced to N].", show_default=False),
+    id_field: str = typer.Option(None, "--id-field", help="Id field/column [default: the line number, or the "
+                                 "position in a JSON array].", show_default=False),
+    data_format: str = typer.Option(None, "--format", help="jsonl, json, csv or tsv [default: from the "
+                                    "extension].", show_default=False),
     limit: int = typer.Option(None, "--limit", "-n", help="Evaluate the first N problems (after --shuffle).",
                               show_default=False),
     shuffle: bool = typer.Option(False, "--shuffle", help="Shuffle the problems with --seed before --limit."),
-    seed: int = typer.Option(0, "--seed", help="Seed for --shuffle and for sampling (per problem and sample)."),
-    shard: str = typer.Option(None, "--shard", help="Run shard i/n of the selection (1-based, round-robin), "
-                              "e.g. 2/4 on the second of four machines.", show_default=False),
+    shard: str = typer.Option(None, "--shard", metavar="I/N", help="Run shard I of N of the selection (1-based, "
+                              "round-robin), e.g. 2/4 on the second of four machines.", show_default=False),
     strict: bool = typer.Option(False, "--strict", help="Stop before any work if a row is malformed "
-                                "(default: skip it with a warning)."),
-    concurrency: int = typer.Option(None, "--concurrency", "-j", help="Problems in flight at once (default: 8, "
-                                    "16 for openai:). On local: the engine's batch size.", show_default=False),
-    max_rounds: int = typer.Option(3, "--max-rounds", help="Solver turns checked by the critic, at most."),
-    max_steps: int = typer.Option(8, "--max-steps", help="Code cells per turn."),
-    max_tokens: int = typer.Option(1024, "--max-tokens", help="Generated tokens per turn."),
-    token_budget: int = typer.Option(None, "--token-budget", help="Generated tokens per dialogue (default: none).",
-                                     show_default=False),
-    temperature: float = typer.Option(0.0, "--temperature", help="Sampling temperature of the dialogue modes."),
+                                "[default: skip it with a warning]."),
+    # the dialogue
+    concurrency: int = typer.Option(None, "--concurrency", "-j", help="Problems in flight at once [default: 8, "
+                                    "16 for openai]. On the local runtime: the engine's batch size.",
+                                    show_default=False),
+    max_rounds: int = typer.Option(None, "--max-rounds", metavar="N", help="Solver turns the critic checks "
+                                   "[default: 3].", show_default=False),
+    max_steps: int = typer.Option(None, "--max-steps", metavar="N", help="Code cells per turn [default: 8].",
+                                  show_default=False),
+    max_tokens: int = typer.Option(None, "--max-tokens", metavar="N", help="Generated tokens per turn "
+                                   "[default: 1024].", show_default=False),
+    token_budget: int = typer.Option(None, "--token-budget", metavar="N", help="Generated tokens per dialogue "
+                                     "[default: none].", show_default=False),
+    temperature: float = typer.Option(None, "--temperature", "-t", metavar="T", help="Sampling temperature of "
+                                      "the dialogue modes [default: 0].", show_default=False),
+    seed: int = typer.Option(None, "--seed", metavar="N", help="Seed of --shuffle and of sampling (per problem "
+                             "and sample) [default: 0].", show_default=False),
     sc_temperature: float = typer.Option(0.7, "--sc-temperature", help="Temperature of self-consistency samples."),
-    sandbox_timeout: float = typer.Option(5.0, "--sandbox-timeout", help="Seconds per code cell."),
-    sandbox_memory: int = typer.Option(1024, "--sandbox-memory", help="Sandbox memory limit, MiB."),
+    timeout: float = typer.Option(None, "--timeout", "--sandbox-timeout", metavar="SECONDS", show_default=False,
+                                  help="Sandbox time limit per code cell [default: 5]."),
+    memory: int = typer.Option(None, "--memory", "--sandbox-memory", metavar="MB", show_default=False,
+                               help="Sandbox memory limit [default: 1024]."),
     sandbox_isolation: str = typer.Option(None, "--sandbox-isolation", help="auto, bwrap, landlock, rlimits or "
-                                          "none.", show_default=False),
+                                          "none [default: auto].", show_default=False),
     prompt_dir: Path = typer.Option(None, "--prompt-dir", help="Directory of prompt templates overriding the "
                                     "built-in ones.", show_default=False),
-    device: str = typer.Option(None, "--device", help="local: torch device (cpu, cuda, cuda:1).",
-                               show_default=False),
-    dtype: str = typer.Option(None, "--dtype", help="local: float32, bfloat16 or float16.", show_default=False),
-    backend_option: list[str] = typer.Option(None, "--backend-option", "-O", help="KEY=VALUE passed to the "
-                                             "backend (repeatable), e.g. -O timeout=120, -O mtp=false.",
-                                             show_default=False),
     retry_errors: bool = typer.Option(False, "--retry-errors", help="On resume, run again the problems that "
                                       "ended in a backend, sandbox or evaluation error."),
     no_progress: bool = typer.Option(False, "--no-progress", help="No progress bar (a line every ~10% instead)."),
 ) -> None:
     """Run (or resume) an evaluation of DATA; prints a summary table per mode."""
+    from duet.agents.backends import BackendError
     from duet.agents.dialogue import DialogueConfig
     from duet.errors import DuetError
     from duet.evaluation.datasets import Fields
@@ -115,23 +145,39 @@ def run_command(
     from duet.evaluation.runner import EvalOptions, parse_backend_options, run_eval
 
     stdout, stderr = _consoles()
+    flags = {"model": model, "backend": backend, "base_url": base_url, "model_name": model_name,
+             "critic_model": critic_model, "critic_backend": critic_backend, "critic_base_url": critic_base_url,
+             "critic_model_name": critic_model_name, "max_rounds": max_rounds, "max_tokens": max_tokens,
+             "max_steps": max_steps, "temperature": temperature, "seed": seed, "device": device, "dtype": dtype,
+             "mtp": mtp, "timeout": timeout, "memory": memory}
     try:
+        from duet.ui.session import backend_options, backend_specs
+        from duet.ui.settings import load_settings
+
+        settings = load_settings(flags)
+        for warning in settings.warnings:
+            typer.echo(f"warning: {warning}", err=True)
+        specs = backend_specs(settings, replies)
+        extra = parse_backend_options(backend_option or [])
         options = EvalOptions(
-            data=data, out=out, backend=backend, critic_backend=critic_backend, modes=modes,
+            data=data, out=out, backend=specs.solver, critic_backend=specs.critic, modes=modes,
             fields=Fields(question_field, answer_field, id_field), format=data_format, limit=limit,
-            shuffle=shuffle, seed=seed, shard=shard, strict=strict, concurrency=concurrency,
-            dialogue=DialogueConfig(max_rounds=max_rounds, max_steps=max_steps, max_tokens=max_tokens,
-                                    token_budget=token_budget, temperature=temperature, seed=seed,
-                                    sandbox_timeout=sandbox_timeout, sandbox_memory_mb=sandbox_memory,
+            shuffle=shuffle, seed=settings.seed, shard=shard, strict=strict, concurrency=concurrency,
+            dialogue=DialogueConfig(max_rounds=settings.max_rounds, max_steps=settings.max_steps,
+                                    max_tokens=settings.max_tokens, token_budget=token_budget,
+                                    temperature=settings.temperature, seed=settings.seed,
+                                    sandbox_timeout=settings.timeout, sandbox_memory_mb=settings.memory,
                                     sandbox_isolation=sandbox_isolation, prompt_dir=prompt_dir),
-            sc_temperature=sc_temperature, device=device, dtype=dtype,
-            backend_options=parse_backend_options(backend_option or []), retry_errors=retry_errors,
+            sc_temperature=sc_temperature,
+            backend_options={**backend_options(specs.solver, settings), **extra},
+            critic_options={**backend_options(specs.critic, settings), **extra} if specs.critic else None,
+            retry_errors=retry_errors,
         )
         _check_numbers(options)
         live = stderr.is_terminal and not no_progress
         outcome = run_eval(options, say=lambda line: typer.echo(line, err=True), live=live, console=stderr)
-    except DuetError as error:
-        raise _fail(str(error)) from None
+    except (DuetError, BackendError) as error:
+        raise _fail(str(error), getattr(error, "exit_code", 1)) from None
     print_summary(outcome.summary, stdout)
     stdout.print(f"results: {outcome.run_dir / 'results.jsonl'}  summary: {outcome.run_dir / 'summary.json'}")
     if outcome.interrupted:
@@ -141,19 +187,13 @@ def run_command(
 
 
 def _check_numbers(options: Any) -> None:
+    """The options duet.ui.settings does not already check."""
     from duet.errors import DuetError
 
-    cfg = options.dialogue
-    for name, value, low in (("--max-rounds", cfg.max_rounds, 1), ("--max-steps", cfg.max_steps, 0),
-                             ("--max-tokens", cfg.max_tokens, 1), ("--sandbox-memory", cfg.sandbox_memory_mb, 32)):
-        if value < low:
-            raise DuetError(f"{name} must be >= {low}")
-    if cfg.token_budget is not None and cfg.token_budget < 1:
+    if options.dialogue.token_budget is not None and options.dialogue.token_budget < 1:
         raise DuetError("--token-budget must be >= 1")
-    if cfg.temperature < 0 or options.sc_temperature < 0:
-        raise DuetError("temperatures must be >= 0")
-    if not cfg.sandbox_timeout > 0:
-        raise DuetError("--sandbox-timeout must be > 0")
+    if options.sc_temperature < 0:
+        raise DuetError("--sc-temperature must be >= 0")
 
 
 @eval_app.command("report", no_args_is_help=True)

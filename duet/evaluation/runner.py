@@ -79,9 +79,8 @@ class EvalOptions:
     concurrency: int | None = None
     dialogue: DialogueConfig = field(default_factory=DialogueConfig)
     sc_temperature: float = 0.7
-    device: str | None = None
-    dtype: str | None = None
-    backend_options: dict[str, Any] = field(default_factory=dict)
+    backend_options: dict[str, Any] = field(default_factory=dict)  # make_backend options of the solver
+    critic_options: dict[str, Any] | None = None  # ... of the critic (None: the solver's)
     retry_errors: bool = False
 
 
@@ -123,14 +122,19 @@ def backend_kind(spec: str) -> str:
     return spec.partition(":")[0]
 
 
-def _options_for(spec: str, opts: EvalOptions, concurrency: int) -> dict[str, Any]:
-    options = dict(opts.backend_options)
+def _options_for(spec: str, options: dict[str, Any], concurrency: int) -> dict[str, Any]:
+    """make_backend options: for local, the engine's batch is the concurrency, and "auto" device and dtype are
+    resolved here (so the run's identity says what ran)."""
+    options = dict(options)
     if backend_kind(spec) == "local":
         options.setdefault("max_batch", concurrency)
-        if opts.device:
-            options["device"] = opts.device
-        if opts.dtype:
-            options["dtype"] = opts.dtype
+        if options.get("device") == "auto" or options.get("dtype") == "auto":
+            import torch
+
+            if options.get("device") == "auto":
+                options["device"] = "cuda" if torch.cuda.is_available() else "cpu"
+            if options.get("dtype") == "auto":
+                options["dtype"] = "bfloat16" if str(options.get("device", "cpu")).startswith("cuda") else "float32"
     return options
 
 
@@ -231,17 +235,15 @@ def _identity_key(identity: dict[str, Any] | None) -> dict[str, Any] | None:
 
 
 def fingerprint(
-    data: Dataset, opts: EvalOptions, prompts_sha: str, solver: dict, critic: dict | None
+    data: Dataset, opts: EvalOptions, prompts_sha: str, solver: dict, critic: dict | None,
+    options: dict[str, dict[str, Any] | None],
 ) -> dict[str, Any]:
     """The options that change answers; a run directory only accepts invocations with the same ones."""
     dialogue = opts.dialogue.to_dict()
     dialogue.pop("prompt_dir", None)
     dialogue.pop("seed", None)
-    backend_options = {k: v for k, v in opts.backend_options.items() if k not in NOT_ANSWER_AFFECTING}
-    if opts.device:
-        backend_options["device"] = opts.device
-    if opts.dtype:
-        backend_options["dtype"] = opts.dtype
+    backend_options = {who: {k: v for k, v in sorted(o.items()) if k not in NOT_ANSWER_AFFECTING}
+                       for who, o in options.items() if o is not None}
     return {
         "data_sha256": data.sha256,
         "data_format": data.format,
@@ -361,6 +363,8 @@ class Prepared:
     config: dict[str, Any]
     context: Context
     concurrency: int
+    solver_options: dict[str, Any] = field(default_factory=dict)
+    critic_options: dict[str, Any] | None = None
 
 
 def prepare(opts: EvalOptions, say: Say) -> Prepared:
@@ -395,7 +399,13 @@ def prepare(opts: EvalOptions, say: Say) -> Prepared:
             raise DuetError(f"unknown backend {spec!r}; use local:[DIR], openai:URL[#MODEL] or scripted:FILE.json")
     solver_id = model_identity(opts.backend)
     critic_id = model_identity(opts.critic_backend) if opts.critic_backend else None
-    fp = fingerprint(data, opts, _prompts_sha(prompts), solver_id, critic_id)
+    solver_options = _options_for(opts.backend, opts.backend_options, concurrency)
+    critic_options = None
+    if opts.critic_backend:
+        own = opts.critic_options if opts.critic_options is not None else opts.backend_options
+        critic_options = _options_for(opts.critic_backend, own, concurrency)
+    fp = fingerprint(data, opts, _prompts_sha(prompts), solver_id, critic_id,
+                     {"solver": solver_options, "critic": critic_options})
     digest = fingerprint_hash(fp)
     run_dir = opts.out or Path("runs") / "eval" / f"{data.path.stem}-{digest}"
     config = {
@@ -413,18 +423,17 @@ def prepare(opts: EvalOptions, say: Say) -> Prepared:
         "concurrency": concurrency,
         "dialogue": opts.dialogue.to_dict(),
         "sc_temperature": opts.sc_temperature,
-        "backends": {"solver": {"spec": opts.backend,
-                                "options": _redacted(_options_for(opts.backend, opts, concurrency))},
-                     "critic": {"spec": opts.critic_backend,
-                                "options": _redacted(_options_for(opts.critic_backend, opts, concurrency))}
-                     if opts.critic_backend else None},
+        "backends": {"solver": {"spec": opts.backend, "options": _redacted(solver_options)},
+                     "critic": {"spec": opts.critic_backend, "options": _redacted(critic_options)}
+                     if critic_options is not None else None},
         "model": {"solver": solver_id, "critic": critic_id},
         "fingerprint": fp,
         "fingerprint_sha256": digest,
     }
     context = Context(solver=_unbuilt, critic=lambda: None, config=opts.dialogue, prompts=prompts,
                       seed=opts.seed, sc_temperature=opts.sc_temperature, cancel=threading.Event())
-    return Prepared(opts, data, problems, modes, Path(run_dir), config, context, concurrency)
+    return Prepared(opts, data, problems, modes, Path(run_dir), config, context, concurrency,
+                    solver_options, critic_options)
 
 
 def _unbuilt() -> Backend:
@@ -435,12 +444,11 @@ def build_backends(prep: Prepared) -> None:
     """Load the models / connect (only when there is work: a finished run resumes without loading them)."""
     opts = prep.options
     try:
-        solver, backend = backend_provider(opts.backend, _options_for(opts.backend, opts, prep.concurrency))
+        solver, backend = backend_provider(opts.backend, prep.solver_options)
         prep.context.solver = solver
         prep.config["model"]["solver"]["name"] = getattr(backend, "name", None)
         if opts.critic_backend:
-            critic, backend = backend_provider(opts.critic_backend,
-                                               _options_for(opts.critic_backend, opts, prep.concurrency))
+            critic, backend = backend_provider(opts.critic_backend, prep.critic_options or {})
             prep.context.critic = critic
             prep.config["model"]["critic"]["name"] = getattr(backend, "name", None)
     except BackendError as error:
