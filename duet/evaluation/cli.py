@@ -56,11 +56,14 @@ def _consoles() -> tuple[Any, Any]:
 
 @eval_app.command("run", no_args_is_help=True)
 def run_command(
-    data: Path = typer.Argument(..., help="JSONL (GSM8K style), JSON array (SVAMP style) or CSV (MAWPS style).",
+    data: Path = typer.Argument(..., metavar="DATA",
+                                help="JSONL (GSM8K style), JSON array (SVAMP style) or CSV (MAWPS style).",
                                 show_default=False),
-    out: Path = typer.Option(None, "--out", "-o", help="Run directory [default: runs/eval/<data>-<config hash>]; "
+    out: Path = typer.Option(None, "--out", "-o", metavar="DIR",
+                             help="Run directory [default: runs/eval/<data>-<config hash>]; "
                              "running again into it resumes.", show_default=False),
-    modes: str = typer.Option("solver+critic", "--modes", help="Comma-separated: solver+critic, solver-only, "
+    modes: str = typer.Option("solver+critic", "--modes", metavar="LIST",
+                              help="Comma-separated: solver+critic, solver-only, "
                               "no-code, no-code+critic, self-consistency@K."),
     # the model, as for `duet solve` (flags > DUET_* variables > the config file)
     model: str = typer.Option(None, "--model", "-m", metavar="DIR", help="Solver checkpoint directory "
@@ -92,15 +95,19 @@ def run_command(
                                              help="Extra make_backend option (repeatable), e.g. -O timeout=120.",
                                              show_default=False),
     # the data
-    question_field: str = typer.Option(None, "--question-field", help="Question field/column [default: question, "
+    question_field: str = typer.Option(None, "--question-field", metavar="NAME",
+                                       help="Question field/column [default: question, "
                                        "Question, problem; Body is prepended when present].", show_default=False),
-    answer_field: str = typer.Option(None, "--answer-field", help="Gold answer field/column [default: answer, "
+    answer_field: str = typer.Option(None, "--answer-field", metavar="NAME",
+                                     help="Gold answer field/column [default: answer, "
                                      "Answer, solution; GSM8K '#### N' is reduced to N].", show_default=False),
-    id_field: str = typer.Option(None, "--id-field", help="Id field/column [default: the line number, or the "
+    id_field: str = typer.Option(None, "--id-field", metavar="NAME",
+                                 help="Id field/column [default: the line number, or the "
                                  "position in a JSON array].", show_default=False),
-    data_format: str = typer.Option(None, "--format", help="jsonl, json, csv or tsv [default: from the "
+    data_format: str = typer.Option(None, "--format", metavar="FMT", help="jsonl, json, csv or tsv [default: from the "
                                     "extension].", show_default=False),
-    limit: int = typer.Option(None, "--limit", "-n", help="Evaluate the first N problems (after --shuffle).",
+    limit: int = typer.Option(None, "--limit", "-n", metavar="N",
+                              help="Evaluate the first N problems (after --shuffle).",
                               show_default=False),
     shuffle: bool = typer.Option(False, "--shuffle", help="Shuffle the problems with --seed before --limit."),
     shard: str = typer.Option(None, "--shard", metavar="I/N", help="Run shard I of N of the selection (1-based, "
@@ -108,7 +115,8 @@ def run_command(
     strict: bool = typer.Option(False, "--strict", help="Stop before any work if a row is malformed "
                                 "[default: skip it with a warning]."),
     # the dialogue
-    concurrency: int = typer.Option(None, "--concurrency", "-j", help="Problems in flight at once [default: 8, "
+    concurrency: int = typer.Option(None, "--concurrency", "-j", metavar="N",
+                                    help="Problems in flight at once [default: 8, "
                                     "16 for openai]. On the local runtime: the engine's batch size.",
                                     show_default=False),
     max_rounds: int = typer.Option(None, "--max-rounds", metavar="N", help="Solver turns the critic checks "
@@ -123,14 +131,17 @@ def run_command(
                                       "the dialogue modes [default: 0].", show_default=False),
     seed: int = typer.Option(None, "--seed", metavar="N", help="Seed of --shuffle and of sampling (per problem "
                              "and sample) [default: 0].", show_default=False),
-    sc_temperature: float = typer.Option(0.7, "--sc-temperature", help="Temperature of self-consistency samples."),
+    sc_temperature: float = typer.Option(0.7, "--sc-temperature", metavar="T",
+                                         help="Temperature of self-consistency samples."),
     timeout: float = typer.Option(None, "--timeout", "--sandbox-timeout", metavar="SECONDS", show_default=False,
                                   help="Sandbox time limit per code cell [default: 5]."),
     memory: int = typer.Option(None, "--memory", "--sandbox-memory", metavar="MB", show_default=False,
                                help="Sandbox memory limit [default: 1024]."),
-    sandbox_isolation: str = typer.Option(None, "--sandbox-isolation", help="auto, bwrap, landlock, rlimits or "
+    sandbox_isolation: str = typer.Option(None, "--sandbox-isolation", metavar="LEVEL",
+                                          help="auto, bwrap, landlock, rlimits or "
                                           "none [default: auto].", show_default=False),
-    prompt_dir: Path = typer.Option(None, "--prompt-dir", help="Directory of prompt templates overriding the "
+    prompt_dir: Path = typer.Option(None, "--prompt-dir", metavar="DIR",
+                                    help="Directory of prompt templates overriding the "
                                     "built-in ones.", show_default=False),
     retry_errors: bool = typer.Option(False, "--retry-errors", help="On resume, run again the problems that "
                                       "ended in a backend, sandbox or evaluation error."),
@@ -198,12 +209,15 @@ def _check_numbers(options: Any) -> None:
 
 @eval_app.command("report", no_args_is_help=True)
 def report_command(
-    runs: list[Path] = typer.Argument(..., help="Run directories of `duet eval`.", show_default=False),
-    baseline: str = typer.Option(None, "--baseline", help="The system the others are compared with: a mode "
+    runs: list[Path] = typer.Argument(..., metavar="RUN...",
+                                      help="Run directories of `duet eval`.", show_default=False),
+    baseline: str = typer.Option(None, "--baseline", metavar="NAME",
+                                 help="The system the others are compared with: a mode "
                                  "(one run) or RUN/MODE (default: the first).", show_default=False),
     merge: bool = typer.Option(False, "--merge", help="Treat the runs as one (e.g. the shards of one run)."),
-    flips: int = typer.Option(20, "--flips", help="Flipped problems to list per comparison (0: none)."),
-    json_out: Path = typer.Option(None, "--json", help="Also write the whole report as JSON to this file.",
+    flips: int = typer.Option(20, "--flips", metavar="N", help="Flipped problems to list per comparison (0: none)."),
+    json_out: Path = typer.Option(None, "--json", metavar="FILE",
+                                  help="Also write the whole report as JSON to this file.",
                                   show_default=False),
 ) -> None:
     """Compare runs: modes side by side, differences with 95% intervals (paired by problem id), flips."""

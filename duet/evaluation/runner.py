@@ -565,6 +565,7 @@ def run_eval(opts: EvalOptions, *, say: Say | None = None, live: bool = False, c
                 loaded = results.open()
                 say(f"run directory: {prep.run_dir}")
             else:
+                _remove_stale_temporaries(prep.run_dir)
                 say(f"resuming {prep.run_dir}: {outcome.skipped_done} of {len(prep.problems) * len(prep.modes)} "
                     "already done")
             selected_ids = {p.id for p in prep.problems}
@@ -590,6 +591,13 @@ def run_eval(opts: EvalOptions, *, say: Say | None = None, live: bool = False, c
                                     mode_order=[m.name for m in prep.modes])
         write_json_atomic(prep.run_dir / "summary.json", outcome.summary, indent=2)
     return outcome
+
+
+def _remove_stale_temporaries(run_dir: Path) -> None:
+    """Temporary files a killed run left behind (we hold the lock: no one else is writing them)."""
+    for path in [*run_dir.glob("transcripts/*/.*.tmp"), run_dir / "results.jsonl.tmp"]:
+        with contextlib.suppress(OSError):
+            path.unlink()
 
 
 def _report_repairs(loaded: Loaded, path: Path, say: Say) -> None:
