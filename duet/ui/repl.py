@@ -203,11 +203,19 @@ class Repl:
             text = entry.strip()
             if not text:
                 continue
-            if text.startswith("/") and not text.startswith("//"):
-                if self.command(text) == "quit":
-                    break
-                continue
-            self.ask(text[1:] if text.startswith("//") else text)
+            try:
+                if text.startswith("/") and not text.startswith("//"):
+                    if self.command(text) == "quit":
+                        break
+                    continue
+                self.ask(text[1:] if text.startswith("//") else text)
+            except KeyboardInterrupt:  # e.g. while /model loads a checkpoint
+                self.console.print()
+                self.say("cancelled", "yellow")
+            except Exception as error:  # a bug must not end the session (DUET_DEBUG=1 shows the traceback)
+                if os.environ.get("DUET_DEBUG"):
+                    raise
+                self.error(f"unexpected {type(error).__name__}: {' '.join(str(error).split())}")
         if self.store is not None:
             self.store.close()
         return 0
