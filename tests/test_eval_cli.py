@@ -121,6 +121,7 @@ def test_end_to_end_all_modes(small, tmp_path):
     kite = by[("6", "solver+critic")]
     assert kite["stop_reason"] == "backend_error" and "no scripted reply left" in kite["error"]
     summary = json.loads((run / "summary.json").read_text())
+    assert summary["data"]["malformed"] == 1 and summary["data"]["usable"] == 5 and summary["records"] == 20
     sc, critic = summary["modes"]["self-consistency@3"], summary["modes"]["solver+critic"]
     assert summary["modes"]["solver-only"]["accuracy"] == 0.4 and critic["accuracy"] == 0.6
     assert critic["errors"] == 1 and critic["agreement_rate"] == 0.8

@@ -26,7 +26,6 @@ from __future__ import annotations
 import hashlib
 import re
 import threading
-import time
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from types import SimpleNamespace
@@ -254,7 +253,3 @@ def error_record(problem: Problem, mode: Mode, error: BaseException) -> dict[str
             "prediction": None, "correct": False, "agreed": None, "rounds": 0, "stop_reason": "error",
             "error": f"{type(error).__name__}: {error}"[:300], "tokens": {"prompt": 0, "completion": 0},
             "seconds": 0.0}
-
-
-def now() -> float:
-    return time.time()

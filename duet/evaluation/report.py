@@ -139,7 +139,8 @@ def summarize(records: list[dict[str, Any]], *, run_dir: Path | None = None, con
     return {
         "run": str(run_dir) if run_dir else None,
         "updated": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "data": (config or {}).get("data", {}).get("path"),
+        "data": (config or {}).get("data"),  # path, sha256, format, rows, usable, malformed (skipped), fields
+        "selection": (config or {}).get("selection"),
         "models": {k: (v or {}).get("spec") for k, v in ((config or {}).get("model") or {}).items()},
         "records": len(records),
         "modes": {name: mode_stats(rs) for name, rs in groups.items()},
