@@ -379,6 +379,9 @@ _mount_command("bench", "duet.bench", "bench_command")
 
 def main(argv: Optional[list] = None) -> None:
     """The console script: runs the app with one-line usage errors and no tracebacks for user errors."""
+    # Idle OpenMP threads sleep instead of spinning (before torch loads): the engine decodes in its own
+    # thread, and on a shared machine spinning threads made decoding several times slower.
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     exceptions = sys.modules[typer.BadParameter.__module__]  # click's exceptions, wherever typer keeps them
     try:
         code = app(args=argv, prog_name="duet", standalone_mode=False)
