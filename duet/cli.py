@@ -95,6 +95,9 @@ Timeout = Annotated[Optional[float], typer.Option("--timeout", metavar="SECONDS"
                     help="Sandbox time limit per code cell [default: 5].")]
 Memory = Annotated[Optional[int], typer.Option("--memory", metavar="MB",
                    help="Sandbox memory limit [default: 1024].")]
+Sandbox = Annotated[Optional[str], typer.Option("--sandbox", metavar="LEVEL",
+                    help="Sandbox isolation: auto, bwrap, landlock, rlimits, or none (explicit opt-out) "
+                         "[default: auto].")]
 Log = Annotated[Optional[bool], typer.Option("--log/--no-log",
                 help="Log the exchange to the local database [default: on].", show_default=False)]
 Json = Annotated[bool, typer.Option("--json", help="Print one JSON object on stdout.")]
@@ -104,7 +107,7 @@ def _flags(values: dict[str, Any]) -> dict[str, Any]:
     """The settings given on the command line (the keys of duet.ui.settings.KEYS)."""
     names = ("model", "backend", "base_url", "model_name", "critic_model", "critic_backend", "critic_base_url",
              "critic_model_name", "critic", "max_rounds", "max_tokens", "max_steps", "temperature", "seed",
-             "device", "dtype", "mtp", "timeout", "memory", "log")
+             "device", "dtype", "mtp", "timeout", "memory", "sandbox", "log")
     return {k: values[k] for k in names if k in values}
 
 
@@ -168,6 +171,7 @@ def solve(
     mtp: Mtp = None,
     timeout: Timeout = None,
     memory: Memory = None,
+    sandbox: Sandbox = None,
     log: Log = None,
 ) -> None:
     """Solve one question: the solver works step by step with code, the critic checks.
@@ -211,6 +215,7 @@ def repl(
     mtp: Mtp = None,
     timeout: Timeout = None,
     memory: Memory = None,
+    sandbox: Sandbox = None,
     log: Log = None,
 ) -> None:
     """Talk with the agents: follow-ups keep the context; /help lists the commands.

@@ -266,3 +266,12 @@ def test_solve_on_the_local_runtime_with_a_tiny_random_checkpoint(home):
     assert data["exit_code"] == r.returncode and data["solver_model"] == "local:tiny"
     assert data["stop_reason"] in ("no_answer", "max_rounds", "repeated_reply", "agreed")
     assert 0 < data["completion_tokens"] <= 12 * 4
+
+
+def test_sandbox_level_is_a_setting_and_none_is_an_explicit_opt_out(home):
+    reply = replies(home, SOLVE_WITH_CODE, AGREE)
+    r = duet(home, "solve", "--json", "--sandbox", "none", QUESTION, "--backend", f"scripted:{reply}")
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout)["config"]["sandbox_isolation"] == "none"
+    bad = duet(home, "solve", "--sandbox", "bogus", QUESTION, "--backend", f"scripted:{reply}")
+    assert bad.returncode == 2 and "expected one of auto, bwrap, landlock, rlimits, none" in bad.stderr

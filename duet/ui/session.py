@@ -146,6 +146,7 @@ def dialogue_config(settings: Settings, **overrides: Any) -> Any:
         critic=settings.critic,
         sandbox_timeout=settings.timeout,
         sandbox_memory_mb=settings.memory,
+        sandbox_isolation=settings.sandbox,
     )
     for name, value in overrides.items():
         setattr(config, name, value)

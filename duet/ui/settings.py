@@ -75,6 +75,8 @@ KEYS: tuple[Key, ...] = (
     Key("mtp", "bool", True, "speculative decoding with the model's MTP modules"),
     Key("timeout", "float", 5.0, "sandbox seconds per code cell", minimum=0.1),
     Key("memory", "int", 1024, "sandbox memory limit in MB", minimum=16),
+    Key("sandbox", "str", "auto", "sandbox isolation: auto (strongest available), bwrap, landlock, rlimits, none",
+        choices=("auto", "bwrap", "landlock", "rlimits", "none")),
     Key("server_timeout", "float", 60.0, "seconds to wait for an OpenAI-compatible server", minimum=0.1),
     Key("log", "bool", True, "log every exchange to the local SQLite database"),
     Key("clipboard", "str", "auto", "how /copy copies: auto, osc52, command, file",
