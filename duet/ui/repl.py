@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from duet.ui.conversation import Conversation, Exchange
-from duet.ui.settings import Settings, clipboard_path, history_path, load_settings, log_path
+from duet.ui.settings import Settings, clipboard_path, history_path, log_path
 from duet.ui.store import Store, StoreError
 
 COMMANDS: dict[str, tuple[str, str]] = {
@@ -413,15 +413,10 @@ def run_repl(flags: dict[str, Any], replies: str | None = None) -> int:
     from rich.console import Console
 
     from duet.ui.render import PlainRenderer, RichRenderer
-    from duet.ui.session import backend_specs, build_backend, build_backends
-    from duet.ui.solve import loading_status, warn
+    from duet.ui.session import build_backend
+    from duet.ui.solve import loading_status, open_backends
 
-    settings = load_settings(flags)
-    for message in settings.warnings:
-        warn(message)
-    specs = backend_specs(settings, replies)
-    with loading_status(settings, specs):
-        solver, critic = build_backends(settings, specs)
+    settings, specs, solver, critic = open_backends(flags, replies)
     console = Console(highlight=False)
     renderer = RichRenderer(console) if console.is_terminal else PlainRenderer(sys.stdout)
     conversation = Conversation(settings, solver, critic, on_event=renderer)

@@ -97,6 +97,19 @@ def loading_status(settings: Settings, specs: Any) -> Any:
     return Console(stderr=True).status(f"loading {name} ...", spinner="dots")
 
 
+def open_backends(flags: dict[str, Any], replies: str | None) -> tuple[Settings, Any, Any, Any]:
+    """Settings (warnings printed), backend specs, and the solver's and critic's backends (with a spinner)."""
+    from duet.ui.session import backend_specs, build_backends
+
+    settings = load_settings(flags)
+    for message in settings.warnings:
+        warn(message)
+    specs = backend_specs(settings, replies)
+    with loading_status(settings, specs):
+        solver, critic = build_backends(settings, specs)
+    return settings, specs, solver, critic
+
+
 def make_renderer(mode: str) -> Any:
     """The renderer for "human", "json" or "quiet" output on this process's streams."""
     from duet.ui import render
@@ -118,17 +131,12 @@ def run_solve(question: str | None, file: str | None, *, as_json: bool, quiet: b
               replies: str | None = None) -> int:
     """The whole command; returns the exit code."""
     from duet.agents.dialogue import Dialogue
-    from duet.ui.session import backend_specs, build_backends, dialogue_config, run_cancellable
+    from duet.ui.session import dialogue_config, run_cancellable
 
     if as_json and quiet:
         raise UsageProblem("--json and --quiet do not go together")
     text = read_question(question, file)
-    settings = load_settings(flags)
-    for message in settings.warnings:
-        warn(message)
-    specs = backend_specs(settings, replies)
-    with loading_status(settings, specs):
-        solver, critic = build_backends(settings, specs)
+    settings, specs, solver, critic = open_backends(flags, replies)
     mode = "json" if as_json else "quiet" if quiet else "human"
     renderer = make_renderer(mode)
     cancel = threading.Event()
