@@ -17,7 +17,8 @@ layers, each detected at run time (describe_isolation() says what this machine o
 2. bwrap (Linux with user namespaces and bubblewrap): the fork server runs inside bubblewrap with
    no network, a read-only view of only the system and the interpreter, and private PID, IPC and
    UTS namespaces; each session further gets its own PID, mount, IPC and network namespaces and a
-   private tmpfs /tmp as work dir, so nothing it starts survives it and it sees no other session.
+   private tmpfs /tmp with the work dir /tmp/work, so nothing it starts survives it and it sees no
+   other session.
 3. landlock + seccomp (Linux, stacked on the above in every session process): Landlock allows
    reading only the system and the interpreter, writing only the work dir, no TCP, and no signals
    outside the session; a seccomp filter refuses inet sockets, ptrace, mount, unshare, setns, bpf,

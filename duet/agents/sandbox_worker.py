@@ -298,7 +298,12 @@ def _session_supervisor(options: dict, env: dict, request: dict, fds: list[int],
             iso.set_child_subreaper()  # W's orphans come back to us, so cleanup can find them all
         if plan["pidns"]:
             _enter_session_namespaces(plan)
-            workdir = "/tmp"
+            # A folder of the private /tmp, so an interpreter kept under /tmp (a checkout there) is not
+            # in the listing of the work dir.
+            workdir = "/tmp/work"
+            os.makedirs(workdir, mode=0o700, exist_ok=True)
+            if plan["drop_uid"]:
+                os.chown(workdir, plan["uid"], plan["gid"])
         else:
             workdir = tempfile.mkdtemp(prefix="s-", dir=plan["base_dir"])
             if plan["drop_uid"]:
