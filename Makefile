@@ -24,8 +24,10 @@ $(STAMP): $(PY) pyproject.toml
 
 install: $(STAMP)
 
+# Exit code 3 (the agents did not agree) is an answer, not a failure of the demo.
 demo: $(STAMP)
-	$(VENV)/bin/duet solve "A baker has 23 loaves and bakes 4 trays of 12 more. How many loaves does he have?"
+	$(VENV)/bin/duet solve "A baker has 23 loaves and bakes 4 trays of 12 more. How many loaves does he have?" \
+		|| [ $$? -eq 3 ]
 
 test: $(STAMP)
 	$(VENV)/bin/ruff check .
