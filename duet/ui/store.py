@@ -21,6 +21,7 @@ from __future__ import annotations
 import csv
 import json
 import sqlite3
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import datetime, timezone
@@ -98,17 +99,7 @@ class Store:
         try:
             conn.row_factory = sqlite3.Row
             conn.execute("PRAGMA busy_timeout = 10000")
-            conn.execute("PRAGMA journal_mode = WAL")
-            conn.execute("PRAGMA foreign_keys = ON")
-            if not self._has_schema(conn):
-                conn.executescript(SCHEMA)
-            with conn:
-                version = conn.execute("SELECT MAX(version) FROM schema_version").fetchone()[0]
-                if version is None:
-                    conn.execute("INSERT INTO schema_version (version) VALUES (?)", (SCHEMA_VERSION,))
-                elif version > SCHEMA_VERSION:
-                    raise StoreError(f"the log database {self.path} was written by a newer duet "
-                                     f"(schema {version}; this duet reads {SCHEMA_VERSION})")
+            self._initialise(conn)
         except sqlite3.DatabaseError as error:
             conn.close()
             raise StoreError(f"the log database {self.path} is unreadable ({error}); move it away "
@@ -118,6 +109,29 @@ class Store:
             raise
         self._conn = conn
         return conn
+
+    def _initialise(self, conn: sqlite3.Connection) -> None:
+        """WAL mode, the schema and its version. Switching to WAL and creating the schema do not wait
+        on busy_timeout when several processes open a new database at once: retry those for 10 s."""
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                conn.execute("PRAGMA journal_mode = WAL")
+                conn.execute("PRAGMA foreign_keys = ON")
+                if not self._has_schema(conn):
+                    conn.executescript(SCHEMA)
+                with conn:
+                    version = conn.execute("SELECT MAX(version) FROM schema_version").fetchone()[0]
+                    if version is None:
+                        conn.execute("INSERT INTO schema_version (version) VALUES (?)", (SCHEMA_VERSION,))
+                    elif version > SCHEMA_VERSION:
+                        raise StoreError(f"the log database {self.path} was written by a newer duet "
+                                         f"(schema {version}; this duet reads {SCHEMA_VERSION})")
+                return
+            except sqlite3.OperationalError as error:
+                if "locked" not in str(error) or time.monotonic() > deadline:
+                    raise
+                time.sleep(0.05)
 
     @staticmethod
     def _has_schema(conn: sqlite3.Connection) -> bool:
