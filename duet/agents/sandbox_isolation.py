@@ -448,23 +448,21 @@ def build_seccomp_filter(
     ins(_JEQ_K, 0, 1, nr["clone3"])
     ins(_RET_K, 0, 0, enosys)
 
-    def allow_only(syscall: str, arg: int, values: tuple[int, ...]) -> None:
+    def on_values(syscall: str, arg: int, values: tuple[int, ...], matched: int, other: int) -> None:
+        """For `syscall`: return `matched` when argument `arg` is one of `values`, else `other`."""
         n = len(values)
         ins(_JEQ_K, 0, n + 3, nr[syscall])
         ins(_LD_W_ABS, 0, 0, _arg_lo(arg))
         for p, v in enumerate(values, start=2):
             ins(_JEQ_K, n + 2 - p, 0, v)
-        ins(_RET_K, 0, 0, eperm)
-        ins(_RET_K, 0, 0, _RET_ALLOW)
+        ins(_RET_K, 0, 0, other)
+        ins(_RET_K, 0, 0, matched)
+
+    def allow_only(syscall: str, arg: int, values: tuple[int, ...]) -> None:
+        on_values(syscall, arg, values, _RET_ALLOW, eperm)
 
     def deny_values(syscall: str, arg: int, values: tuple[int, ...]) -> None:
-        n = len(values)
-        ins(_JEQ_K, 0, n + 3, nr[syscall])
-        ins(_LD_W_ABS, 0, 0, _arg_lo(arg))
-        for p, v in enumerate(values, start=2):
-            ins(_JEQ_K, n + 2 - p, 0, v)
-        ins(_RET_K, 0, 0, _RET_ALLOW)
-        ins(_RET_K, 0, 0, eperm)
+        on_values(syscall, arg, values, eperm, _RET_ALLOW)
 
     if unix_sockets:
         allow_only("socket", 0, (_AF_UNIX,))  # no AF_INET/INET6/PACKET/NETLINK...: no network at all

@@ -10,7 +10,7 @@ import typer
 def train_command(
     out: Path = typer.Option(Path("runs/embedded"), "--out", help="Run directory (resumes when it holds a run)."),
     data: Path = typer.Option(Path("../shared/data"), "--data", help="Folder with gsm8k/ and mawps_asdiv_a/."),
-    steps: int = typer.Option(2400, help="Optimizer steps."),
+    steps: int = typer.Option(1900, help="Optimizer steps."),
     batch_size: int = typer.Option(12, help="Sequences per step."),
     seq_len: int = typer.Option(512, help="Tokens per packed sequence."),
     lr: float = typer.Option(2e-3, help="Peak learning rate (warmup, then cosine to 10%)."),

@@ -39,8 +39,8 @@ class TrainConfig:
     data_dir: str = "../shared/data"
     out_dir: str = "runs/embedded"
     seed: int = 0
-    steps: int = 3000
-    batch_size: int = 8
+    steps: int = 1900
+    batch_size: int = 12
     seq_len: int = 512
     lr: float = 2e-3
     min_lr_ratio: float = 0.1
