@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
-from torch import Tensor
+from torch import Tensor, nn
 
 from duet import kernels
 from duet.errors import CheckpointError, ConfigError
@@ -71,7 +71,7 @@ def load_model(path: str | Path, device: str | torch.device = "cpu", dtype: torc
     n_mtp = _count_mtp_layers(tensors, args) if mtp else 0
     with torch.device("meta"):
         model = Transformer(args, dtype=dtype, n_mtp=n_mtp)
-    model.to_empty(device=device)
+    _allocate(model, torch.device(device))
     _fill(model, tensors, dtype)
     model.eval()
     model.checkpoint_path = str(directory)  # type: ignore[attr-defined]
@@ -247,6 +247,23 @@ def _read(tensors: _TensorIndex, key: str, block_size: int | None, dtype: torch.
             raise CheckpointError(f"{tensors.directory}: FP8 tensor {key} has no {scale_key}")
         return kernels.weight_dequant(t, tensors.get(scale_key).float(), block_size or 128, dtype=dtype)
     return t
+
+
+def _allocate(model: nn.Module, device: torch.device) -> None:
+    """Give every meta parameter and buffer real, uninitialised storage, keeping tied weights tied.
+
+    What `Module.to_empty` does, without its meta-tensor path that imports torch.fx (0.5 s of start-up).
+    """
+    fresh: dict[int, Tensor] = {}
+    for module in model.modules():
+        for table in (module._parameters, module._buffers):
+            for name, t in table.items():
+                if t is None:
+                    continue
+                if id(t) not in fresh:
+                    empty = torch.empty(t.shape, dtype=t.dtype, device=device)
+                    fresh[id(t)] = nn.Parameter(empty, t.requires_grad) if isinstance(t, nn.Parameter) else empty
+                table[name] = fresh[id(t)]
 
 
 def _fill(model: Transformer, tensors: _TensorIndex, dtype: torch.dtype) -> None:

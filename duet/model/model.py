@@ -387,7 +387,12 @@ class Transformer(nn.Module):
     def __init__(self, args: ModelArgs, dtype: torch.dtype | None = None, n_mtp: int | None = None):
         super().__init__()
         self.args = args
-        self.embed_tokens = nn.Embedding(args.vocab_size, args.hidden_size, dtype=dtype)
+        # nn.Embedding's own init is skipped on the meta device (checkpoint loading), where it would import
+        # torch._dynamo: 1.5 s of every `duet solve` start-up
+        weight = torch.empty(args.vocab_size, args.hidden_size, dtype=dtype)
+        if not weight.is_meta:
+            nn.init.normal_(weight)
+        self.embed_tokens = nn.Embedding(args.vocab_size, args.hidden_size, _weight=weight)
         self.layers = nn.ModuleList(Block(args, i, dtype) for i in range(args.num_hidden_layers))
         self.norm = RMSNorm(args.hidden_size, args.rms_norm_eps, dtype)
         self.lm_head = nn.Linear(args.hidden_size, args.vocab_size, bias=False, dtype=dtype)

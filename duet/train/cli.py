@@ -20,6 +20,9 @@ def train_command(
     save_every: int = typer.Option(100, help="Checkpoint every N steps."),
     threads: int = typer.Option(0, help="torch threads (0: default)."),
     bf16: bool = typer.Option(True, "--bf16/--fp32", help="bf16 autocast for matmuls."),
+    mix: str = typer.Option("synthetic=0.4,mawps=0.45,gsm8k=0.15", help="How often each data source is drawn."),
+    init_from: Path | None = typer.Option(None, "--init-from", help="Start from this model directory's weights "
+                                          "and tokenizer (e.g. duet/assets/model) instead of from scratch."),
     install: bool = typer.Option(False, "--install", help="Copy the final checkpoint into duet/assets/model."),
 ) -> None:
     """Train the embedded default model (a small DeepSeek-V3) on tool-integrated reasoning data."""
@@ -27,10 +30,31 @@ def train_command(
 
     if not (data / "gsm8k" / "train.jsonl").is_file():
         raise typer.BadParameter(f"{data} has no gsm8k/train.jsonl; pass --data DIR", param_hint="--data")
+    weights = _parse_mix(mix)
+    if init_from is not None and not (init_from / "config.json").is_file():
+        raise typer.BadParameter(f"{init_from} has no config.json; pass a model directory", param_hint="--init-from")
     cfg = TrainConfig(data_dir=str(data), out_dir=str(out), steps=steps, batch_size=batch_size, seq_len=seq_len,
                       lr=lr, mtp_lambda=mtp_lambda, bias_gamma=bias_gamma, seed=seed, save_every=save_every,
-                      threads=threads, bf16=bf16)
+                      threads=threads, bf16=bf16, mix=weights, init_from=str(init_from) if init_from else None)
     checkpoint = train(cfg)
     typer.echo(f"checkpoint: {checkpoint}")
     if install:
         typer.echo(f"installed: {install_model(checkpoint)}")
+
+
+def _parse_mix(text: str) -> dict[str, float]:
+    """'synthetic=0.2,mawps=0.7' -> {'synthetic': 0.2, 'mawps': 0.7}, or a one-line error."""
+    from duet.train.data import MIX
+
+    weights = {}
+    for part in filter(None, (p.strip() for p in text.split(","))):
+        name, _, value = part.partition("=")
+        try:
+            weights[name.strip()] = float(value)
+        except ValueError:
+            raise typer.BadParameter(f"{part!r} is not NAME=WEIGHT", param_hint="--mix") from None
+        if name.strip() not in MIX or weights[name.strip()] < 0:
+            raise typer.BadParameter(f"{part!r}: sources are {', '.join(MIX)} with weights >= 0", param_hint="--mix")
+    if not any(weights.values()):
+        raise typer.BadParameter("give at least one source a positive weight", param_hint="--mix")
+    return weights

@@ -549,15 +549,19 @@ class Sources:
         return paths
 
 
-# How often each source is drawn when building the stream.
+# How often each source is drawn when building the stream (the default; `duet train --mix` changes it).
 MIX = {"synthetic": 0.4, "mawps": 0.45, "gsm8k": 0.15}
 
 
-def example_stream(sources: Sources, seed: int, prompts: Prompts | None = None) -> Iterator[Conversation]:
-    """An endless, deterministic stream of training conversations."""
+def example_stream(sources: Sources, seed: int, prompts: Prompts | None = None,
+                   mix: dict[str, float] | None = None) -> Iterator[Conversation]:
+    """An endless, deterministic stream of training conversations, drawing sources with weights `mix`."""
     prompts = prompts or load_prompts()
     rng = random.Random(seed)
-    kinds, weights = zip(*MIX.items(), strict=True)
+    mix = mix or MIX
+    if set(mix) - set(MIX) or not any(w > 0 for w in mix.values()):
+        raise ValueError(f"mix must weight some of {', '.join(MIX)}; got {mix}")
+    kinds, weights = zip(*mix.items(), strict=True)
     while True:
         kind = rng.choices(kinds, weights)[0]
         if kind == "synthetic":

@@ -28,7 +28,7 @@ from torch import Tensor
 
 from duet.model import ModelArgs, Transformer, count_parameters, load_model, save_model
 from duet.model.model import MoE
-from duet.train.data import Conversation, Sources, example_stream
+from duet.train.data import MIX, Conversation, Sources, example_stream
 from duet.train.tokenizer import train_tokenizer
 
 
@@ -51,8 +51,11 @@ class TrainConfig:
     bias_gamma: float = 1e-3
     save_every: int = 100
     vocab_size: int = 2048
+    tokenizer_sample: int = 20000  # conversations the tokenizer is trained on
     threads: int = 0  # 0: torch's default
     bf16: bool = True  # bf16 autocast for matmuls (weights and optimizer stay fp32)
+    mix: dict = field(default_factory=lambda: dict(MIX))  # how often each data source is drawn
+    init_from: str | None = None  # start from this model directory's weights and tokenizer (fresh optimizer)
     model: dict = field(default_factory=lambda: {
         "hidden_size": 256, "num_hidden_layers": 5, "num_attention_heads": 4, "intermediate_size": 640,
         "moe_intermediate_size": 160, "n_routed_experts": 8, "num_experts_per_tok": 2, "n_shared_experts": 1,
@@ -108,7 +111,7 @@ def _subtract(spans: list[tuple[int, int]], cut: tuple[int, int]) -> list[tuple[
 
 def batch_for_step(tokenizer, sources: Sources, cfg: TrainConfig, step: int) -> tuple[Tensor, Tensor]:
     """Packed [B, T+1] token ids and target mask for `step`, the same on every run and resume."""
-    stream = example_stream(sources, seed=cfg.seed * 1_000_003 + step)
+    stream = example_stream(sources, seed=cfg.seed * 1_000_003 + step, mix=cfg.mix)
     need = cfg.batch_size * (cfg.seq_len + 1)
     ids: list[int] = []
     mask: list[bool] = []
@@ -205,8 +208,15 @@ def train(cfg: TrainConfig, progress: bool = True, log=print) -> Path:
         model = load_model(ckpt)
         start = state["step"]
         log(f"resuming {out} at step {start}")
+    elif cfg.init_from:
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(cfg.init_from)
+        model = load_model(cfg.init_from, dtype=torch.float32)
+        state, start = None, 0
+        log(f"starting from the weights of {cfg.init_from}")
     else:
-        sample = itertools.islice(example_stream(sources, seed=cfg.seed + 99), 20000)
+        sample = itertools.islice(example_stream(sources, seed=cfg.seed + 99, mix=cfg.mix), cfg.tokenizer_sample)
         texts = (m["content"] for c in sample for m in c.messages)
         tokenizer = train_tokenizer(texts, vocab_size=cfg.vocab_size)
         model = build_model(cfg, tokenizer)

@@ -1,0 +1,302 @@
+"""`duet train`: its data speaks the agents' protocol, its split holds, and its runs reproduce and resume.
+
+The data is checked against independent references: code blocks are run again in a separate Python
+process, answers and verdicts are read back with the agents' own parsers, and the MAWPS equations
+with their original numbers must give the dataset's answers.
+"""
+
+from __future__ import annotations
+
+import csv
+import itertools
+import json
+import random
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from duet.agents.answers import equivalent as answers_match
+from duet.agents.protocol import extract_final_answer, find_code_blocks, parse_verdict
+from duet.prompts import load_prompts
+from duet.train.data import Sources, conversations, example_stream, is_dev, mawps_problem, synthetic_problem
+from duet.train.tokenizer import train_tokenizer
+from duet.train.trainer import TrainConfig, balance_experts, encode_example, losses, train
+
+SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+
+# A handful of rows in the two real formats, written for these tests.
+MAWPS_ROWS = [
+    ("Ann has number0 apples and buys number1 more . How many apples does she have ?", "4.0 7.0",
+     "+ number0 number1", "11.0"),
+    ("A box holds number0 pens . How many pens are in number1 boxes ?", "12.0 5.0", "* number0 number1", "60.0"),
+    ("Tom had number0 cards and gave number1 away . How many are left ?", "30.0 8.0", "- number0 number1", "22.0"),
+    ("number0 cookies are shared among number1 kids . How many does each get ?", "36.0 4.0",
+     "/ number0 number1", "9.0"),
+    ("Sue read number0 pages on Monday and number1 on Tuesday , then number2 more . How many pages in all ?",
+     "10.0 15.0 5.0", "+ + number0 number1 number2", "30.0"),
+    ("A farm has number0 cows and number1 pigs . How many more cows than pigs ?", "50.0 20.0",
+     "- number0 number1", "30.0"),
+] * 4
+GSM8K_ROWS = [
+    {"question": "Mia buys 3 packs of 6 eggs and uses 5. How many eggs are left?",
+     "answer": "She has 3*6 = <<3*6=18>>18 eggs.\nLeft: 18-5 = <<18-5=13>>13.\n#### 13"},
+    {"question": "A bus has 40 seats and 25 are taken. How many are free?",
+     "answer": "40-25 = <<40-25=15>>15 seats.\n#### 15"},
+] * 6
+
+TINY_MODEL = {
+    "hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 2, "intermediate_size": 48,
+    "moe_intermediate_size": 16, "n_routed_experts": 4, "num_experts_per_tok": 2, "n_shared_experts": 1,
+    "n_group": 2, "topk_group": 1, "first_k_dense_replace": 1, "q_lora_rank": 16, "kv_lora_rank": 12,
+    "qk_nope_head_dim": 8, "qk_rope_head_dim": 4, "v_head_dim": 8, "routed_scaling_factor": 1.0,
+    "max_position_embeddings": 512, "num_nextn_predict_layers": 1,
+}
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("data")
+    (root / "mawps_asdiv_a").mkdir()
+    (root / "gsm8k").mkdir()
+    with open(root / "mawps_asdiv_a" / "train.csv", "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["Question", "Numbers", "Equation", "Answer"])
+        w.writerows(MAWPS_ROWS)
+    (root / "gsm8k" / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in GSM8K_ROWS))
+    return root
+
+
+@pytest.fixture(scope="module")
+def sources(data_dir) -> Sources:
+    return Sources.load(data_dir)
+
+
+def run_python(code: str) -> str:
+    """stdout of `code` run in a fresh interpreter: an independent check of the recorded outputs."""
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=30).stdout
+
+
+# ----------------------------------------------------------------------------- data
+
+
+def test_solver_examples_follow_the_protocol_with_real_outputs(sources):
+    prompts = load_prompts()
+    seen = set()
+    for conv in itertools.islice(example_stream(sources, seed=3, prompts=prompts), 300):
+        if conv.kind != "solve":
+            continue
+        assert [m["role"] for m in conv.messages] == ["system", "user", "assistant"]
+        assert conv.messages[0]["content"] == prompts.solver_system
+        text = conv.messages[-1]["content"]
+        blocks = find_code_blocks(text)
+        assert blocks, text
+        code = "\n".join(b.code for b in blocks)
+        printed = run_python(code).split()
+        answer = extract_final_answer(text)
+        assert answer is not None and answers_match(answer, printed[-1]), (text, printed)
+        # each output block holds what that block printed
+        for b in blocks:
+            assert "```output\n" in text[b.end:]
+        seen.add(conv.messages[1]["content"][:20])
+    assert len(seen) > 10
+
+
+def test_critic_examples_agree_with_right_and_reject_wrong_solutions(sources):
+    rng = random.Random(0)
+    prompts = load_prompts()
+    kinds = set()
+    for _ in range(40):
+        problem = synthetic_problem(rng)
+        if problem is None:
+            continue
+        for conv in conversations(problem, prompts, rng):
+            kinds.add(conv.kind)
+            if conv.kind.startswith("critique"):
+                assert conv.messages[0]["content"] == prompts.critic_system
+                verdict = parse_verdict(conv.messages[-1]["content"])
+                assert problem.question in conv.messages[1]["content"]
+                assert verdict.kind == ("agree" if conv.kind == "critique_correct" else "disagree")
+                if verdict.kind == "disagree":
+                    assert verdict.reason
+            if conv.kind == "revise":
+                roles = [m["role"] for m in conv.messages]
+                assert roles == ["system", "user", "assistant", "user", "assistant"]
+                wrong, fixed = extract_final_answer(conv.messages[2]["content"]), \
+                    extract_final_answer(conv.messages[4]["content"])
+                assert wrong is not None and fixed is not None and not answers_match(wrong, fixed)
+    assert kinds == {"solve", "critique_correct", "critique_wrong", "revise"}
+
+
+def test_wrong_solutions_really_are_wrong():
+    rng = random.Random(1)
+    for _ in range(50):
+        problem = synthetic_problem(rng)
+        if problem is None:
+            continue
+        right = run_python("\n".join(code for _, code in problem.cells)).split()[-1]
+        for cells in problem.wrong:
+            out = run_python("\n".join(code for _, code in cells)).split()
+            assert not out or not answers_match(out[-1], right)
+
+
+def test_dev_split_is_held_out_by_row(sources, data_dir, tmp_path):
+    train_ids = {r.index for r in sources.mawps_train}
+    dev_ids = {r.index for r in sources.mawps_dev}
+    assert not train_ids & dev_ids and train_ids | dev_ids == set(range(len(MAWPS_ROWS)))
+    assert all(is_dev("mawps", i) for i in dev_ids) and not any(is_dev("mawps", i) for i in train_ids)
+    paths = sources.write_dev(tmp_path)
+    written = [json.loads(line)["id"] for line in paths["mawps"].read_text().splitlines()]
+    assert written == [f"mawps-{i}" for i in sorted(dev_ids)]
+
+
+@pytest.mark.skipif(not (SHARED_DATA / "mawps_asdiv_a" / "train.csv").is_file(), reason="no shared data")
+def test_real_mawps_equations_give_the_dataset_answers():
+    """With the original numbers, the generated Python must reproduce the dataset's answer."""
+    real = Sources.load(SHARED_DATA)
+    rows = real.mawps_train + real.mawps_dev
+    solved = [p for p in (mawps_problem(r, None) for r in rows) if p is not None]
+    assert len(solved) / len(rows) > 0.95
+    for p in random.Random(0).sample(solved, 40):
+        assert answers_match(run_python(p.cells[-1][1]).split()[-1], p.gold)
+    dev_share = len(real.mawps_dev) / len(rows)
+    assert 0.07 < dev_share < 0.13
+
+
+def test_mix_is_validated(sources):
+    with pytest.raises(ValueError, match="mix"):
+        next(example_stream(sources, seed=0, mix={"wikipedia": 1.0}))
+    only_synthetic = itertools.islice(example_stream(sources, seed=0, mix={"synthetic": 1.0}), 50)
+    assert all("number0" not in c.messages[1]["content"] for c in only_synthetic)
+
+
+# ----------------------------------------------------------------------------- tokens
+
+
+@pytest.fixture(scope="module")
+def tokenizer(sources):
+    texts = (m["content"] for c in itertools.islice(example_stream(sources, seed=0), 400) for m in c.messages)
+    return train_tokenizer(texts, vocab_size=400)
+
+
+def test_tokenizer_splits_digits_and_round_trips(tokenizer):
+    ids = tokenizer("x = 12345 / 7.5", add_special_tokens=False)["input_ids"]
+    pieces = [tokenizer.decode([i]) for i in ids]
+    assert [p for p in pieces if p.strip().isdigit()] == list("123457" "5")
+    text = "Ünïcode ✓ and 12 apples\n```python\nprint(1)\n```"
+    assert tokenizer.decode(tokenizer(text, add_special_tokens=False)["input_ids"]) == text
+
+
+def test_only_what_the_model_writes_is_trained(tokenizer, sources):
+    conv = next(c for c in example_stream(sources, seed=5) if c.kind == "revise")
+    ids, mask = encode_example(tokenizer, conv)
+    trained = tokenizer.decode([i for i, m in zip(ids, mask, strict=True) if m])
+    # the model writes up to the ```output stop string; duet writes the output and its closing fence
+    expected = re.sub(r"```output\n.*?```\n", "```output", conv.messages[-1]["content"], flags=re.S)
+    assert trained == expected + tokenizer.eos_token
+    assert conv.messages[2]["content"] not in trained  # the earlier (wrong) solution is context only
+
+
+# ----------------------------------------------------------------------------- losses and balancing
+
+
+def _tiny_model(tokenizer):
+    from duet.train.trainer import build_model
+
+    return build_model(TrainConfig(model=TINY_MODEL), tokenizer)
+
+
+def test_mtp_loss_predicts_the_token_after_next(tokenizer):
+    model = _tiny_model(tokenizer)
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(10, len(tokenizer), (2, 9), generator=g)
+    mask = torch.ones_like(ids, dtype=torch.bool)
+    main, mtp = losses(model, ids, mask)
+    # by hand, one prefix at a time (so no position can see the future): the module's last position
+    # combines the hidden state at i with the embedding of token i+1, and predicts token i+2
+    h = model.hidden(ids[:, :-1])
+    total, count = 0.0, 0
+    for i in range(ids.shape[1] - 2):
+        logits, _ = model.mtp_logits(0, h[:, :i + 1], ids[:, 1:i + 2])
+        total += torch.nn.functional.cross_entropy(logits[:, -1], ids[:, i + 2], reduction="sum").item()
+        count += ids.shape[0]
+    assert mtp.item() == pytest.approx(total / count, rel=1e-4)
+    logits = model.logits(h)
+    ref = torch.nn.functional.cross_entropy(logits.flatten(0, 1), ids[:, 1:].flatten())
+    assert main.item() == pytest.approx(ref.item(), rel=1e-4)
+
+
+def test_balancing_moves_bias_toward_underloaded_experts(tokenizer):
+    from duet.model.model import MoE
+
+    model = _tiny_model(tokenizer)
+    moe = next(m for m in model.modules() if isinstance(m, MoE))
+    moe.last_expert_load = torch.tensor([10.0, 2.0, 4.0, 4.0])
+    before = moe.gate.e_score_correction_bias.clone()
+    worst = balance_experts(model, gamma=0.01)
+    step = moe.gate.e_score_correction_bias - before
+    assert torch.allclose(step, torch.tensor([-0.01, 0.01, 0.01, 0.01]))
+    assert worst == pytest.approx(10 / 5)
+
+
+# ----------------------------------------------------------------------------- whole runs
+
+
+def _config(tmp: Path, data_dir: Path, **kw) -> TrainConfig:
+    base = dict(data_dir=str(data_dir), out_dir=str(tmp), steps=4, batch_size=2, seq_len=128, vocab_size=400,
+                tokenizer_sample=300, model=TINY_MODEL, save_every=2, warmup=2, threads=1)
+    return TrainConfig(**{**base, **kw})
+
+
+def _weights(ckpt: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    out = {}
+    for f in sorted(ckpt.glob("*.safetensors")):
+        out.update(load_file(f))
+    return out
+
+
+def test_runs_reproduce_resume_and_learn(tmp_path, data_dir):
+    quiet = dict(progress=False, log=lambda *_: None)
+    straight = train(_config(tmp_path / "a", data_dir), **quiet)
+    again = train(_config(tmp_path / "b", data_dir), **quiet)
+    wa, wb = _weights(straight), _weights(again)
+    assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
+
+    # stop after 2 steps, then resume to 4: the same weights as the straight run
+    train(_config(tmp_path / "c", data_dir, steps=2), **quiet)
+    resumed = train(_config(tmp_path / "c", data_dir), **quiet)
+    wc = _weights(resumed)
+    assert all(torch.equal(wa[k], wc[k]) for k in wa)
+    log = [json.loads(line) for line in (tmp_path / "c" / "train_log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in log] == [1, 2, 3, 4]
+    assert all(r["mtp_loss"] is not None and r["max_over_mean_load"] >= 1 for r in log)
+
+    with pytest.raises(ValueError, match="different configuration"):
+        train(_config(tmp_path / "c", data_dir, batch_size=3, steps=6), **quiet)
+
+    # the loss goes down, and a later run can start from the weights of an earlier one
+    long = train(_config(tmp_path / "d", data_dir, steps=30, lr=5e-3, save_every=30), **quiet)
+    losses_seen = [json.loads(line)["loss"] for line in (tmp_path / "d" / "train_log.jsonl").read_text().splitlines()]
+    assert sum(losses_seen[-5:]) / 5 < 0.7 * sum(losses_seen[:5]) / 5
+    logs = []
+    train(_config(tmp_path / "e", data_dir, steps=1, init_from=str(long)), progress=False, log=logs.append)
+    assert any("starting from" in line for line in logs)
+    assert (tmp_path / "e" / "checkpoint" / "tokenizer.json").read_text() == (long / "tokenizer.json").read_text()
+
+
+def test_cli_rejects_bad_options_in_one_line(tmp_path, data_dir):
+    def duet_train(*args):
+        return subprocess.run([sys.executable, "-m", "duet.train", *args], capture_output=True, text=True,
+                              timeout=120)
+
+    bad_mix = duet_train("--data", str(data_dir), "--out", str(tmp_path / "x"), "--mix", "wikipedia=1")
+    assert bad_mix.returncode == 2 and "--mix" in bad_mix.stderr and "Traceback" not in bad_mix.stderr
+    no_data = duet_train("--data", str(tmp_path / "nowhere"), "--out", str(tmp_path / "y"))
+    assert no_data.returncode == 2 and "--data" in no_data.stderr and "Traceback" not in no_data.stderr
+    no_model = duet_train("--data", str(data_dir), "--out", str(tmp_path / "z"), "--init-from", str(tmp_path))
+    assert no_model.returncode == 2 and "--init-from" in no_model.stderr
