@@ -192,16 +192,21 @@ def mla_decode(
     lengths = lengths.to(device=q_latent.device, dtype=torch.int64)
     t_max = max(int(lengths.max().item()), 1) if B else 1
     t_max = min(t_max, kv_latent.shape[1])
+    kv, kp = kv_latent[:, :t_max].float(), k_pe[:, :t_max].float()
     pos = torch.arange(t_max, device=q_latent.device)
-    q_pos = lengths[:, None] - S + torch.arange(S, device=q_latent.device)[None, :]  # [B, S]
-    valid_kv = pos[None, :] < lengths[:, None]  # [B, T]
-    kv = kv_latent[:, :t_max].float().masked_fill(~valid_kv[..., None], 0.0)
-    kp = k_pe[:, :t_max].float().masked_fill(~valid_kv[..., None], 0.0)
-    scores = torch.einsum("bshr,btr->bsht", q_latent.float(), kv)
-    scores = scores + torch.einsum("bshp,btp->bsht", q_pe.float(), kp)
-    scores = scores * softmax_scale
-    allowed = pos[None, None, :] <= q_pos[:, :, None]  # [B, S, T]
-    scores = scores.masked_fill(~allowed[:, :, None, :], float("-inf"))
+    ragged = bool((lengths != t_max).any())
+    if ragged:  # rows shorter than the longest: zero their padding so that NaN there cannot leak
+        valid_kv = pos[None, :] < lengths[:, None]  # [B, T]
+        kv = kv.masked_fill(~valid_kv[..., None], 0.0)
+        kp = kp.masked_fill(~valid_kv[..., None], 0.0)
+    # scores [B, S*H, T] = (q_latent . kv + q_pe . k_pe) * scale, as two batched matmuls
+    scores = torch.baddbmm(q_pe.reshape(B, S * H, -1).float() @ kp.transpose(1, 2),
+                           q_latent.reshape(B, S * H, R).float(), kv.transpose(1, 2),
+                           beta=softmax_scale, alpha=softmax_scale).view(B, S, H, t_max)
+    if ragged or S > 1:  # with one new token per full row every position is visible: no mask needed
+        q_pos = lengths[:, None] - S + torch.arange(S, device=q_latent.device)[None, :]  # [B, S]
+        allowed = pos[None, None, :] <= q_pos[:, :, None]  # [B, S, T]
+        scores = scores.masked_fill(~allowed[:, :, None, :], float("-inf"))
     p = torch.softmax(scores, dim=-1)
-    out = torch.einsum("bsht,btr->bshr", p, kv)
+    out = (p.view(B, S * H, t_max) @ kv).view(B, S, H, R)
     return out.to(q_latent.dtype)

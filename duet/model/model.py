@@ -13,7 +13,7 @@ P qk_rope_head_dim, N qk_nope_head_dim, V v_head_dim, E routed experts, k expert
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -32,10 +32,7 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim, dtype=dtype))
 
     def forward(self, x: Tensor) -> Tensor:
-        dtype = x.dtype
-        x = x.float()
-        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * x.to(dtype)
+        return self.weight * F.rms_norm(x.float(), self.weight.shape, eps=self.eps).to(x.dtype)
 
 
 # ----------------------------------------------------------------------------- rotary embedding
@@ -117,18 +114,21 @@ class CacheView:
     cache: KVCache
     rows: slice  # the batch rows of the cache this forward pass covers
     start_pos: Tensor  # [B] position of the first new token of each row
+    _where: tuple | None = field(default=None, repr=False)  # write indices, shared by every layer of a pass
 
     def write_and_read(self, layer: int, kv: Tensor, pe: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """Store the new latents kv [B, S, R], pe [B, S, P] of `layer` (MTP layers follow the main ones);
         return that layer's row caches up to the longest row, and each row's valid length."""
         cache_kv, cache_pe = self.cache.kv[layer, self.rows], self.cache.pe[layer, self.rows]
         b, s = kv.shape[:2]
-        batch_idx = torch.arange(b, device=kv.device)[:, None]
-        pos = self.start_pos[:, None] + torch.arange(s, device=kv.device)
+        if self._where is None or self._where[1].shape != (b, s):
+            batch_idx = torch.arange(b, device=kv.device)[:, None]
+            pos = self.start_pos[:, None] + torch.arange(s, device=kv.device)
+            lengths = self.start_pos + s
+            self._where = (batch_idx, pos, lengths, int(lengths.max()))
+        batch_idx, pos, lengths, t = self._where
         cache_kv[batch_idx, pos] = kv.to(cache_kv.dtype)
         cache_pe[batch_idx, pos] = pe.to(cache_pe.dtype)
-        lengths = self.start_pos + s
-        t = int(lengths.max())
         return cache_kv[:, :t], cache_pe[:, :t], lengths
 
 
