@@ -145,10 +145,16 @@ def bench_command(
     device: str = typer.Option("cpu", "--device"),
     dtype: str = typer.Option("float32", "--dtype", help="float32 | bfloat16 | float16"),
     prompts_file: Path | None = typer.Option(None, "--prompts", help="A text file with one prompt per line."),
+    threads: int = typer.Option(0, "--threads", help="torch threads for every configuration (0: torch's default)."),
     as_json: bool = typer.Option(False, "--json", help="Print the report as JSON."),
 ) -> None:
     """Prefill and decode tokens/s with and without MTP (and transformers' generate), in one run."""
     from duet.model.embedded import default_model_path
+
+    if threads:
+        import torch
+
+        torch.set_num_threads(threads)
 
     path = model or default_model_path()
     prompts = DEFAULT_PROMPTS
