@@ -272,3 +272,15 @@ def test_safetensors_are_memory_mapped(hf_ckpt):
     """The loader reads through safe_open (mmap); check the file really is read lazily by key."""
     with safe_open(str(hf_ckpt / "model.safetensors"), framework="pt") as f:
         assert "model.norm.weight" in f.keys()
+
+
+@torch.no_grad()
+def test_tied_embeddings_stay_tied_after_loading(tmp_path):
+    """A checkpoint with tie_word_embeddings loads with one shared embedding/head tensor, as transformers does."""
+    path = make_hf_checkpoint(tmp_path, seed=5, tie_word_embeddings=True)
+    ours = load_model(path)
+    assert ours.lm_head.weight is ours.embed_tokens.weight
+    assert all(p.device.type == "cpu" for p in ours.parameters())
+    theirs = _transformers_model(path)
+    ids = torch.randint(0, ours.args.vocab_size, (1, 12), generator=torch.Generator().manual_seed(0))
+    assert (ours(ids) - theirs(ids).logits).abs().max() < 1e-4
