@@ -90,7 +90,7 @@ def _prompts(engine, texts: list[str], batch: int, context: int | None) -> list[
 
 
 def run_bench(model_path: Path, batches: list[int], contexts: list[int | None], new_tokens: int,
-              vs_transformers: bool, device: str, dtype_name: str, prompts: list[str]) -> dict:
+              vs_transformers: bool, device: str, dtype_name: str, prompts: list[str], mtp: bool = True) -> dict:
     import torch
 
     from duet.engine import Engine
@@ -102,7 +102,7 @@ def run_bench(model_path: Path, batches: list[int], contexts: list[int | None], 
         for batch in batches:
             p = _prompts(engine, prompts, batch, context)
             rows.append(measure_engine(engine, p, new_tokens, False, "duet"))
-            if len(engine.model.mtp):
+            if mtp and len(engine.model.mtp):
                 rows.append(measure_engine(engine, p, new_tokens, True, "duet + MTP"))
             if vs_transformers:
                 rows.append(measure_transformers(model_path, p, new_tokens, dtype))

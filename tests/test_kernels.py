@@ -422,6 +422,13 @@ def test_dispatch_forced_triton(tk, monkeypatch):
     assert torch.equal(bits(y), bits(tk.act_quant(x)[0]))
     args = moe_inputs(3, 32, 16, 4, 2, seed=14)
     torch.testing.assert_close(K.fused_moe(*args), ref.fused_moe(*args), rtol=1e-5, atol=1e-5)
+    # Triton kernels have no backward: under autograd (training) the reference runs and gradients flow
+    x, *rest = args
+    x = x.clone().requires_grad_()
+    out = K.fused_moe(x, *rest)
+    assert out.grad_fn is not None
+    out.sum().backward()
+    assert x.grad is not None and x.grad.abs().sum() > 0
     # Forcing Triton on a CPU tensor without the interpreter is an error, not a silent fallback.
     monkeypatch.delenv("TRITON_INTERPRET")
     with pytest.raises(RuntimeError, match="TRITON_INTERPRET"):

@@ -246,7 +246,7 @@ def test_balancing_moves_bias_toward_underloaded_experts(tokenizer):
 
 
 def _config(tmp: Path, data_dir: Path, **kw) -> TrainConfig:
-    base = dict(data_dir=str(data_dir), out_dir=str(tmp), steps=4, batch_size=2, seq_len=128, vocab_size=400,
+    base = dict(data_dir=str(data_dir), out_dir=str(tmp), steps=4, batch_size=2, seq_len=512, vocab_size=400,
                 tokenizer_sample=300, model=TINY_MODEL, save_every=2, warmup=2, threads=1)
     return TrainConfig(**{**base, **kw})
 
@@ -276,6 +276,8 @@ def test_runs_reproduce_resume_and_learn(tmp_path, data_dir):
     assert [r["step"] for r in log] == [1, 2, 3, 4]
     assert all(r["mtp_loss"] is not None and r["max_over_mean_load"] >= 1 for r in log)
 
+    with pytest.raises(ValueError, match="longer than seq_len"):  # nothing fits: an error, not an endless loop
+        train(_config(tmp_path / "f", data_dir, seq_len=16), **quiet)
     with pytest.raises(ValueError, match="different configuration"):
         train(_config(tmp_path / "c", data_dir, batch_size=3, steps=6), **quiet)
 
@@ -298,5 +300,7 @@ def test_cli_rejects_bad_options_in_one_line(tmp_path, data_dir):
     assert bad_mix.returncode == 2 and "--mix" in bad_mix.stderr and "Traceback" not in bad_mix.stderr
     no_data = duet_train("--data", str(tmp_path / "nowhere"), "--out", str(tmp_path / "y"))
     assert no_data.returncode == 2 and "--data" in no_data.stderr and "Traceback" not in no_data.stderr
+    no_gpu = duet_train("--data", str(data_dir), "--out", str(tmp_path / "w"), "--device", "cuda:7")
+    assert no_gpu.returncode == 2 and "--device" in no_gpu.stderr and "Traceback" not in no_gpu.stderr
     no_model = duet_train("--data", str(data_dir), "--out", str(tmp_path / "z"), "--init-from", str(tmp_path))
     assert no_model.returncode == 2 and "--init-from" in no_model.stderr

@@ -142,7 +142,8 @@ def describe() -> str:
 
 
 def _impl(name: str, tensor: Tensor) -> Any:
-    if backend_for(tensor, name) == "triton":
+    # The Triton kernels have no backward: what autograd records (training) runs the reference.
+    if backend_for(tensor, name) == "triton" and not (torch.is_grad_enabled() and tensor.requires_grad):
         from . import triton_kernels
 
         return getattr(triton_kernels, name)

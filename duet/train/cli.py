@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import typer
@@ -19,6 +20,7 @@ def train_command(
     seed: int = typer.Option(0, help="Seed of weights and data."),
     save_every: int = typer.Option(100, help="Checkpoint every N steps."),
     threads: int = typer.Option(0, help="torch threads (0: default)."),
+    device: str = typer.Option("auto", help="auto (CUDA when present), cpu, cuda or cuda:N."),
     bf16: bool = typer.Option(True, "--bf16/--fp32", help="bf16 autocast for matmuls."),
     mix: str = typer.Option("synthetic=0.4,mawps=0.45,gsm8k=0.15", help="How often each data source is drawn."),
     init_from: Path | None = typer.Option(None, "--init-from", help="Start from this model directory's weights "
@@ -35,7 +37,8 @@ def train_command(
         raise typer.BadParameter(f"{init_from} has no config.json; pass a model directory", param_hint="--init-from")
     cfg = TrainConfig(data_dir=str(data), out_dir=str(out), steps=steps, batch_size=batch_size, seq_len=seq_len,
                       lr=lr, mtp_lambda=mtp_lambda, bias_gamma=bias_gamma, seed=seed, save_every=save_every,
-                      threads=threads, bf16=bf16, mix=weights, init_from=str(init_from) if init_from else None)
+                      threads=threads, device=_check_device(device), bf16=bf16, mix=weights,
+                      init_from=str(init_from) if init_from else None)
     checkpoint = train(cfg)
     typer.echo(f"checkpoint: {checkpoint}")
     if install:
@@ -58,3 +61,17 @@ def _parse_mix(text: str) -> dict[str, float]:
     if not any(weights.values()):
         raise typer.BadParameter("give at least one source a positive weight", param_hint="--mix")
     return weights
+
+
+def _check_device(device: str) -> str:
+    """The --device value, or a one-line error when it is unknown or not present here."""
+    if device in ("auto", "cpu"):
+        return device
+    if not re.fullmatch(r"cuda(:\d+)?", device):
+        raise typer.BadParameter(f"{device!r}: use auto, cpu, cuda or cuda:N", param_hint="--device")
+    import torch
+
+    index = int(device.partition(":")[2] or 0)
+    if not torch.cuda.is_available() or index >= torch.cuda.device_count():
+        raise typer.BadParameter(f"{device} is not available on this machine; use --device cpu", param_hint="--device")
+    return device

@@ -53,6 +53,7 @@ class TrainConfig:
     vocab_size: int = 2048
     tokenizer_sample: int = 20000  # conversations the tokenizer is trained on
     threads: int = 0  # 0: torch's default
+    device: str = "auto"  # auto: CUDA when present, else CPU
     bf16: bool = True  # bf16 autocast for matmuls (weights and optimizer stay fp32)
     mix: dict = field(default_factory=lambda: dict(MIX))  # how often each data source is drawn
     init_from: str | None = None  # start from this model directory's weights and tokenizer (fresh optimizer)
@@ -115,11 +116,16 @@ def batch_for_step(tokenizer, sources: Sources, cfg: TrainConfig, step: int) -> 
     need = cfg.batch_size * (cfg.seq_len + 1)
     ids: list[int] = []
     mask: list[bool] = []
+    skipped = 0
     while len(ids) < need:
         conv = next(stream)
         t, m = encode_example(tokenizer, conv)
         if len(t) > cfg.seq_len + 1:
+            skipped += 1
+            if skipped > 1000:
+                raise ValueError(f"1000 examples in a row are longer than seq_len={cfg.seq_len} tokens; raise it")
             continue
+        skipped = 0
         ids += t
         mask += m
     ids_t = torch.tensor(ids[:need]).view(cfg.batch_size, cfg.seq_len + 1)
@@ -221,7 +227,8 @@ def train(cfg: TrainConfig, progress: bool = True, log=print) -> Path:
         tokenizer = train_tokenizer(texts, vocab_size=cfg.vocab_size)
         model = build_model(cfg, tokenizer)
         state, start = None, 0
-    model.train()
+    device = torch.device(cfg.device if cfg.device != "auto" else "cuda" if torch.cuda.is_available() else "cpu")
+    model.to(device).train()
     decay = [p for n, p in model.named_parameters() if p.ndim >= 2 and "norm" not in n]
     no_decay = [p for n, p in model.named_parameters() if p.ndim < 2 or "norm" in n]
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
@@ -229,6 +236,7 @@ def train(cfg: TrainConfig, progress: bool = True, log=print) -> Path:
     if state is not None:
         opt.load_state_dict(state["optimizer"])
     n_params = count_parameters(model)
+    log(f"device: {device}")
     log(f"model: {n_params / 1e6:.2f}M parameters ({count_parameters(model, include_mtp=False) / 1e6:.2f}M "
         f"without MTP), vocab {len(tokenizer)}")
 
@@ -236,10 +244,10 @@ def train(cfg: TrainConfig, progress: bool = True, log=print) -> Path:
     log_file = open(out / "train_log.jsonl", "a")
     tokens_done, t0 = 0, time.perf_counter()
     for step in range(start, cfg.steps):
-        ids, mask = batch_for_step(tokenizer, sources, cfg, step)
+        ids, mask = (t.to(device) for t in batch_for_step(tokenizer, sources, cfg, step))
         for group in opt.param_groups:
             group["lr"] = lr_at(step, cfg)
-        with torch.autocast(device_type="cpu", dtype=torch.bfloat16, enabled=cfg.bf16):
+        with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=cfg.bf16):
             main, mtp = losses(model, ids, mask)
         loss = main + cfg.mtp_lambda * mtp if mtp is not None else main
         opt.zero_grad(set_to_none=True)
