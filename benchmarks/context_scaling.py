@@ -45,18 +45,16 @@ def main(
     context: list[int] = typer.Option([128, 1024, 4096], "--context", help="Prompt lengths in tokens."),
     batch: list[int] = typer.Option([1, 8, 32], "--batch", help="Batch sizes."),
     new_tokens: int = typer.Option(32, "--new-tokens"),
-    threads: int = typer.Option(0, "--threads", help="torch threads (0: torch's default)."),
+    threads: int = typer.Option(0, "--threads", help="torch threads (0: the engine's choice)."),
 ) -> None:
-    import torch
     from rich.console import Console
     from rich.table import Table
 
-    if threads:
-        torch.set_num_threads(threads)
     with tempfile.TemporaryDirectory() as tmp:
         path = long_context_copy(Path(tmp), max(8192, max(context) + new_tokens + 8))
         report = run_bench(path, sorted(set(batch)), sorted(set(context)), new_tokens, False, "cpu", "float32",
-                           ["Tell me a long story about numbers."], mtp=False)
+                           ["Tell me a long story about numbers."], mtp=False,
+                           threads=threads or None)
     rows = [r for r in report["rows"] if r["name"] == "duet"]
     base = {r["batch"]: r["decode_tok_s"] for r in rows if r["context"] == min(context)}
     table = Table(title=f"decode speed vs context and batch (embedded architecture, {report['threads']} threads, "

@@ -90,13 +90,16 @@ def _prompts(engine, texts: list[str], batch: int, context: int | None) -> list[
 
 
 def run_bench(model_path: Path, batches: list[int], contexts: list[int | None], new_tokens: int,
-              vs_transformers: bool, device: str, dtype_name: str, prompts: list[str], mtp: bool = True) -> dict:
+              vs_transformers: bool, device: str, dtype_name: str, prompts: list[str], mtp: bool = True,
+              threads: int | None = None) -> dict:
     import torch
 
     from duet.engine import Engine
 
     dtype = getattr(torch, dtype_name)
-    engine = Engine.load(model_path, device=device, dtype=dtype, max_batch=max(batches))
+    engine = Engine.load(model_path, device=device, dtype=dtype, max_batch=max(batches), threads=threads)
+    if engine.threads:  # transformers runs in this thread: give it the engine's thread count
+        torch.set_num_threads(engine.threads)
     rows = []
     for context in contexts:
         for batch in batches:
@@ -145,16 +148,12 @@ def bench_command(
     device: str = typer.Option("cpu", "--device"),
     dtype: str = typer.Option("float32", "--dtype", help="float32 | bfloat16 | float16"),
     prompts_file: Path | None = typer.Option(None, "--prompts", help="A text file with one prompt per line."),
-    threads: int = typer.Option(0, "--threads", help="torch threads for every configuration (0: torch's default)."),
+    threads: int = typer.Option(0, "--threads", help="torch threads for every configuration (0: the engine's "
+                                "choice, 1 for a small model on a CPU)."),
     as_json: bool = typer.Option(False, "--json", help="Print the report as JSON."),
 ) -> None:
     """Prefill and decode tokens/s with and without MTP (and transformers' generate), in one run."""
     from duet.model.embedded import default_model_path
-
-    if threads:
-        import torch
-
-        torch.set_num_threads(threads)
 
     path = model or default_model_path()
     prompts = DEFAULT_PROMPTS
@@ -163,7 +162,7 @@ def bench_command(
         if not prompts:
             raise typer.BadParameter(f"{prompts_file} has no prompts", param_hint="--prompts")
     report = run_bench(path, sorted(set(batch)), list(context) or [None], new_tokens, vs_transformers, device,
-                       dtype, prompts)
+                       dtype, prompts, threads=threads or None)
     if as_json:
         typer.echo(json.dumps(report, indent=2))
     else:

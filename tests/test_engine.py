@@ -233,3 +233,16 @@ def test_concurrent_callers_share_the_batch(plain):
     with ThreadPoolExecutor(len(PROMPTS)) as pool:
         got = list(pool.map(lambda p: plain.submit(p, params).token_ids, PROMPTS))
     assert got == expected
+
+
+def test_small_models_decode_on_one_thread_on_cpu(ckpt):
+    """The decoding loop of a small model runs one torch thread (faster: see the Engine's comment);
+    an explicit thread count wins; generation still works and the caller's thread count is restored."""
+    before = torch.get_num_threads()
+    auto = Engine.load(ckpt)
+    assert auto.threads == 1
+    explicit = Engine.load(ckpt, threads=2).start()
+    assert explicit.threads == 2
+    out = explicit.generate([[3, 4, 5]], SamplingParams(max_new_tokens=3, stop_at_eos=False))[0]
+    assert out.completion_tokens == 3
+    torch.set_num_threads(before)

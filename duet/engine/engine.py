@@ -90,7 +90,7 @@ class Engine:
     """Generates text from a `Transformer` and its tokenizer."""
 
     def __init__(self, model: Transformer, tokenizer, *, max_batch: int = 8, max_seq_len: int | None = None,
-                 use_mtp: bool = True):
+                 use_mtp: bool = True, threads: int | None = None):
         self.model = model.eval()
         self.tokenizer = tokenizer
         self.max_batch = max_batch
@@ -99,6 +99,11 @@ class Engine:
         self.device = model.embed_tokens.weight.device
         self.dtype = model.embed_tokens.weight.dtype
         self.eos_ids = _eos_ids(model, tokenizer)
+        # torch threads of the decoding loop. A small model on a CPU runs one thread: its ops are so short
+        # that waking a second OpenMP thread for each costs more than it saves (2.5x slower decoding with
+        # 2 threads than with 1 for the embedded model, benchmarks/generation.py --threads).
+        small_on_cpu = self.device.type == "cpu" and sum(p.numel() for p in model.parameters()) < 100_000_000
+        self.threads = threads or (1 if small_on_cpu else None)
         self.cache: KVCache | None = None
         self._active: list[_Row] = []  # rows 0..len-1 of the cache, in order
         self._queue: deque[_Request] = deque()
@@ -171,6 +176,8 @@ class Engine:
     @torch.inference_mode()
     def _run(self) -> None:
         """The decoding loop: admit waiting requests into free rows, step, retire; sleep when idle."""
+        if self.threads:
+            torch.set_num_threads(self.threads)
         while True:
             with self._lock:
                 while not self._queue and not self._active:
