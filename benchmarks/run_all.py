@@ -19,6 +19,7 @@ def main() -> int:
         [sys.executable, str(HERE / "cli_startup.py")],
         [sys.executable, str(HERE / "sandbox.py")],
         [sys.executable, str(HERE / "generation.py"), "--batch", "1", "--batch", "8", "--new-tokens", "64"],
+        [sys.executable, str(HERE / "mtp_acceptance.py")],
     ]
     try:
         import torch
