@@ -101,7 +101,7 @@ class Engine:
         self.eos_ids = _eos_ids(model, tokenizer)
         # torch threads of the decoding loop. A small model on a CPU runs one thread: its ops are so short
         # that waking a second OpenMP thread for each costs more than it saves (2.5x slower decoding with
-        # 2 threads than with 1 for the embedded model, benchmarks/generation.py --threads).
+        # 2 threads than with 1 for the embedded model: `duet bench --threads 1` vs `--threads 2`).
         small_on_cpu = self.device.type == "cpu" and sum(p.numel() for p in model.parameters()) < 100_000_000
         self.threads = threads or (1 if small_on_cpu else None)
         self.cache: KVCache | None = None
