@@ -7,6 +7,8 @@ from pathlib import Path
 
 import typer
 
+from duet.train.data import MIX  # no torch: `duet --help` stays fast
+
 
 def train_command(
     out: Path = typer.Option(Path("runs/embedded"), "--out", help="Run directory (resumes when it holds a run)."),
@@ -22,7 +24,7 @@ def train_command(
     threads: int = typer.Option(0, help="torch threads (0: default)."),
     device: str = typer.Option("auto", help="auto (CUDA when present), cpu, cuda or cuda:N."),
     bf16: bool = typer.Option(True, "--bf16/--fp32", help="bf16 autocast for matmuls."),
-    mix: str = typer.Option("synthetic=0.4,mawps=0.45,gsm8k=0.15", help="How often each data source is drawn."),
+    mix: str = typer.Option(",".join(f"{k}={v}" for k, v in MIX.items()), help="How often each data source is drawn."),
     init_from: Path | None = typer.Option(None, "--init-from", help="Start from this model directory's weights "
                                           "and tokenizer (e.g. duet/assets/model) instead of from scratch."),
     install: bool = typer.Option(False, "--install", help="Copy the final checkpoint into duet/assets/model."),
@@ -47,8 +49,6 @@ def train_command(
 
 def _parse_mix(text: str) -> dict[str, float]:
     """'synthetic=0.2,mawps=0.7' -> {'synthetic': 0.2, 'mawps': 0.7}, or a one-line error."""
-    from duet.train.data import MIX
-
     weights = {}
     for part in filter(None, (p.strip() for p in text.split(","))):
         name, _, value = part.partition("=")
