@@ -20,9 +20,11 @@ import pytest
 import torch
 
 from duet.agents.answers import equivalent as answers_match
+from duet.agents.critic import NO_ANSWER_REASON
 from duet.agents.protocol import extract_final_answer, find_code_blocks, parse_verdict
 from duet.prompts import load_prompts
-from duet.train.data import Sources, conversations, example_stream, is_dev, mawps_problem, synthetic_problem
+from duet.train.data import (Sources, attempt_conversations, conversations, example_stream, is_dev, load_attempts,
+                             mawps_problem, synthetic_problem)
 from duet.train.tokenizer import train_tokenizer
 from duet.train.trainer import TrainConfig, balance_experts, encode_example, losses, train
 
@@ -304,3 +306,60 @@ def test_cli_rejects_bad_options_in_one_line(tmp_path, data_dir):
     assert no_gpu.returncode == 2 and "--device" in no_gpu.stderr and "Traceback" not in no_gpu.stderr
     no_model = duet_train("--data", str(data_dir), "--out", str(tmp_path / "z"), "--init-from", str(tmp_path))
     assert no_model.returncode == 2 and "--init-from" in no_model.stderr
+    no_attempts = duet_train("--data", str(data_dir), "--out", str(tmp_path / "v"), "--mix", "onpolicy=1")
+    assert no_attempts.returncode == 2 and "--onpolicy" in no_attempts.stderr and "Traceback" not in no_attempts.stderr
+
+
+# ----------------------------------------------------------------------------- on-policy attempts
+
+
+def test_onpolicy_attempts_from_a_real_eval_run(tmp_path, data_dir):
+    """problems -> `duet eval` (scripted model: one right, one wrong, one unanswered) -> build -> examples."""
+    def run(*args):
+        r = subprocess.run([sys.executable, *map(str, args)], capture_output=True, text=True, timeout=120)
+        assert r.returncode == 0, r.stderr
+        return r
+
+    problems, run_dir, out = tmp_path / "problems.jsonl", tmp_path / "eval", tmp_path / "attempts.jsonl"
+    run("-m", "duet.train.onpolicy", "problems", "--data", data_dir, "--out", problems)
+    rows = [json.loads(line) for line in problems.read_text().splitlines()]
+    assert rows and all(not is_dev("mawps", int(r["id"].split("-")[1])) for r in rows)
+    replies = {"apples does she have": "Add them.\n\nThe answer is \\boxed{11}.",
+               "pens are in": "Add them.\n\nThe answer is \\boxed{17}.",
+               "cards and gave": "I am not sure."}
+    (tmp_path / "replies.json").write_text(json.dumps({"replies": [], "match": replies}))
+    run("-m", "duet.evaluation.cli", problems, "--backend", f"scripted:{tmp_path / 'replies.json'}",
+        "--modes", "solver-only", "--out", run_dir)
+    run("-m", "duet.train.onpolicy", "build", problems, run_dir, "--out", out)
+
+    attempts = load_attempts(out)
+    by_kind = {("no_answer" if a.answer is None else a.correct): a for a in attempts}
+    assert set(by_kind) == {True, False, "no_answer"}  # the unscripted questions were skipped
+    prompts = load_prompts()
+    right = list(attempt_conversations(by_kind[True], prompts, random.Random(0)))
+    assert [c.kind for c in right] == ["critique_correct"]
+    assert by_kind[True].solution in right[0].messages[1]["content"]  # the model's own text is what is judged
+    assert parse_verdict(right[0].messages[-1]["content"]).kind == "agree"
+
+    wrong = list(attempt_conversations(by_kind[False], prompts, random.Random(0)))
+    assert [c.kind for c in wrong] == ["critique_wrong", "revise", "solve"]
+    check = wrong[0].messages[-1]["content"]
+    assert parse_verdict(check).kind == "disagree" and extract_final_answer(check) == "60"
+    assert run_python("\n".join(b.code for b in find_code_blocks(check))).split()[:2] == ["60", "False"]
+    revise = wrong[1].messages
+    assert revise[2]["content"] == by_kind[False].solution and "checker's answer: 60" in revise[3]["content"]
+    assert extract_final_answer(revise[-1]["content"]) == "60"
+
+    unanswered = list(attempt_conversations(by_kind["no_answer"], prompts, random.Random(0)))
+    assert [c.kind for c in unanswered] == ["revise", "solve"]
+    assert NO_ANSWER_REASON in unanswered[0].messages[3]["content"]
+
+    with_attempts = Sources.load(data_dir, out)
+    kinds = {c.kind for c in itertools.islice(example_stream(with_attempts, 0, prompts, {"onpolicy": 1}), 50)}
+    assert kinds == {"critique_correct", "critique_wrong", "revise", "solve"}
+    with pytest.raises(ValueError, match="--onpolicy"):
+        next(example_stream(Sources.load(data_dir), 0, prompts, {"onpolicy": 1}))
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(out.read_text() + "{not json\n")
+    with pytest.raises(ValueError, match=r"bad.jsonl:\d+: not an on-policy attempt"):
+        load_attempts(bad)

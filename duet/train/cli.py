@@ -7,7 +7,7 @@ from pathlib import Path
 
 import typer
 
-from duet.train.data import MIX  # no torch: `duet --help` stays fast
+from duet.train.data import MIX, SOURCES  # no torch: `duet --help` stays fast
 
 
 def train_command(
@@ -27,6 +27,8 @@ def train_command(
     mix: str = typer.Option(",".join(f"{k}={v}" for k, v in MIX.items()), help="How often each data source is drawn."),
     init_from: Path | None = typer.Option(None, "--init-from", help="Start from this model directory's weights "
                                           "and tokenizer (e.g. duet/assets/model) instead of from scratch."),
+    onpolicy: Path | None = typer.Option(None, "--onpolicy", help="The model's own attempts on training problems "
+                                         "(python -m duet.train.onpolicy); drawn with weight onpolicy in --mix."),
     install: bool = typer.Option(False, "--install", help="Copy the final checkpoint into duet/assets/model."),
 ) -> None:
     """Train the embedded default model (a small DeepSeek-V3) on tool-integrated reasoning data."""
@@ -37,10 +39,15 @@ def train_command(
     weights = _parse_mix(mix)
     if init_from is not None and not (init_from / "config.json").is_file():
         raise typer.BadParameter(f"{init_from} has no config.json; pass a model directory", param_hint="--init-from")
+    if onpolicy is not None and not onpolicy.is_file():
+        raise typer.BadParameter(f"{onpolicy} does not exist; build it with python -m duet.train.onpolicy",
+                                 param_hint="--onpolicy")
+    if weights.get("onpolicy", 0) > 0 and onpolicy is None:
+        raise typer.BadParameter("the mix draws onpolicy attempts; pass --onpolicy FILE", param_hint="--mix")
     cfg = TrainConfig(data_dir=str(data), out_dir=str(out), steps=steps, batch_size=batch_size, seq_len=seq_len,
                       lr=lr, mtp_lambda=mtp_lambda, bias_gamma=bias_gamma, seed=seed, save_every=save_every,
                       threads=threads, device=_check_device(device), bf16=bf16, mix=weights,
-                      init_from=str(init_from) if init_from else None)
+                      init_from=str(init_from) if init_from else None, onpolicy=str(onpolicy) if onpolicy else None)
     checkpoint = train(cfg)
     typer.echo(f"checkpoint: {checkpoint}")
     if install:
@@ -56,8 +63,9 @@ def _parse_mix(text: str) -> dict[str, float]:
             weights[name.strip()] = float(value)
         except ValueError:
             raise typer.BadParameter(f"{part!r} is not NAME=WEIGHT", param_hint="--mix") from None
-        if name.strip() not in MIX or weights[name.strip()] < 0:
-            raise typer.BadParameter(f"{part!r}: sources are {', '.join(MIX)} with weights >= 0", param_hint="--mix")
+        if name.strip() not in SOURCES or weights[name.strip()] < 0:
+            raise typer.BadParameter(f"{part!r}: sources are {', '.join(SOURCES)} with weights >= 0",
+                                     param_hint="--mix")
     if not any(weights.values()):
         raise typer.BadParameter("give at least one source a positive weight", param_hint="--mix")
     return weights

@@ -32,6 +32,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from duet.agents.critic import NO_ANSWER_REASON
 from duet.agents.protocol import format_cell, format_output
 from duet.prompts import Prompts, load_prompts
 
@@ -178,6 +179,61 @@ def conversations(problem: Problem, prompts: Prompts, rng: random.Random) -> Ite
         yield Conversation(solver_start + [{"role": "assistant", "content": wrong_solution},
                                            {"role": "user", "content": revise},
                                            {"role": "assistant", "content": solution}], "revise")
+
+
+# ----------------------------------------------------------------------------- on-policy attempts
+
+
+@dataclass
+class Attempt:
+    """A training problem (with its reference cells) and the solver turn the model wrote for it."""
+
+    problem: Problem
+    solution: str  # the solver turn's text, exactly as the dialogue saw it
+    answer: str | None  # the model's boxed answer
+    correct: bool
+
+
+def load_attempts(path: Path) -> list[Attempt]:
+    """Attempts written by `duet.train.onpolicy.build_attempts` (one JSON object per line)."""
+    attempts = []
+    for number, line in enumerate(path.read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            r = json.loads(line)
+            cells: list[Cell] = [(step, code) for step, code in r["cells"]]
+            problem = Problem(r["question"], cells, "onpolicy", r["id"])
+            attempts.append(Attempt(problem, r["solution"], r["answer"], bool(r["correct"])))
+        except (json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
+            raise ValueError(f"{path}:{number}: not an on-policy attempt ({e}); rebuild it with "
+                             "`python -m duet.train.onpolicy build`") from None
+    return attempts
+
+
+def attempt_conversations(attempt: Attempt, prompts: Prompts, rng: random.Random) -> Iterator[Conversation]:
+    """A critic turn on the model's own solution; for a wrong one, also the revision and the reference solve."""
+    problem = attempt.problem
+    reference, correct = solution_text(problem.cells)
+    if correct is None:
+        return
+    solver_start = [{"role": "system", "content": prompts.solver_system},
+                    {"role": "user", "content": prompts.solver_question(problem.question)}]
+    if attempt.answer is None:
+        critique = NO_ANSWER_REASON  # the dialogue asks for a revision without asking the critic
+    else:
+        text, critique = critic_text(problem, attempt.answer)
+        kind = "critique_wrong" if critique else "critique_correct"
+        yield Conversation([{"role": "system", "content": prompts.critic_system},
+                            {"role": "user", "content": prompts.critic_request(problem.question, attempt.solution)},
+                            {"role": "assistant", "content": text}], kind)
+        if not critique:
+            return
+        critique = f"{critique} (the checker's answer: {correct})"
+    yield Conversation(solver_start + [{"role": "assistant", "content": attempt.solution},
+                                       {"role": "user", "content": prompts.revise_request(critique)},
+                                       {"role": "assistant", "content": reference}], "revise")
+    yield Conversation(solver_start + [{"role": "assistant", "content": reference}], "solve")
 
 
 # ----------------------------------------------------------------------------- MAWPS + ASDiv-A
@@ -515,9 +571,10 @@ class Sources:
     gsm8k_train: list[Problem]
     mawps_dev: list[MawpsRow]
     gsm8k_dev: list[dict]
+    attempts: list[Attempt] = field(default_factory=list)  # the model's own solutions (`--onpolicy`)
 
     @classmethod
-    def load(cls, data_dir: Path) -> Sources:
+    def load(cls, data_dir: Path, attempts: Path | None = None) -> Sources:
         mawps = load_mawps(data_dir / "mawps_asdiv_a" / "train.csv")
         gsm_rows = [json.loads(line) for line in (data_dir / "gsm8k" / "train.jsonl").read_text().splitlines()
                     if line.strip()]
@@ -532,6 +589,7 @@ class Sources:
             gsm8k_train=gsm_train,
             mawps_dev=[r for r in mawps if is_dev("mawps", r.index)],
             gsm8k_dev=[{"id": f"gsm8k-{i}", **row} for i, row in enumerate(gsm_rows) if is_dev("gsm8k", i)],
+            attempts=load_attempts(attempts) if attempts else [],
         )
 
     def write_dev(self, out_dir: Path) -> dict[str, Path]:
@@ -551,6 +609,7 @@ class Sources:
 
 # How often each source is drawn when building the stream (the default; `duet train --mix` changes it).
 MIX = {"synthetic": 0.4, "mawps": 0.45, "gsm8k": 0.15}
+SOURCES = (*MIX, "onpolicy")  # onpolicy: the attempts of `duet train --onpolicy FILE`
 
 
 def example_stream(sources: Sources, seed: int, prompts: Prompts | None = None,
@@ -559,13 +618,18 @@ def example_stream(sources: Sources, seed: int, prompts: Prompts | None = None,
     prompts = prompts or load_prompts()
     rng = random.Random(seed)
     mix = mix or MIX
-    if set(mix) - set(MIX) or not any(w > 0 for w in mix.values()):
-        raise ValueError(f"mix must weight some of {', '.join(MIX)}; got {mix}")
+    if set(mix) - set(SOURCES) or not any(w > 0 for w in mix.values()):
+        raise ValueError(f"mix must weight some of {', '.join(SOURCES)}; got {mix}")
+    if mix.get("onpolicy", 0) > 0 and not sources.attempts:
+        raise ValueError("the mix draws onpolicy attempts but none were loaded; pass --onpolicy FILE")
     kinds, weights = zip(*mix.items(), strict=True)
     while True:
         kind = rng.choices(kinds, weights)[0]
         if kind == "synthetic":
             problem = synthetic_problem(rng)
+        elif kind == "onpolicy":
+            yield from attempt_conversations(rng.choice(sources.attempts), prompts, rng)
+            continue
         elif kind == "mawps":
             problem = mawps_problem(rng.choice(sources.mawps_train), rng)
         else:

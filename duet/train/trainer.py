@@ -57,6 +57,7 @@ class TrainConfig:
     bf16: bool = True  # bf16 autocast for matmuls (weights and optimizer stay fp32)
     mix: dict = field(default_factory=lambda: dict(MIX))  # how often each data source is drawn
     init_from: str | None = None  # start from this model directory's weights and tokenizer (fresh optimizer)
+    onpolicy: str | None = None  # the model's own attempts (duet.train.onpolicy), drawn as mix["onpolicy"]
     model: dict = field(default_factory=lambda: {
         "hidden_size": 256, "num_hidden_layers": 5, "num_attention_heads": 4, "intermediate_size": 640,
         "moe_intermediate_size": 160, "n_routed_experts": 8, "num_experts_per_tok": 2, "n_shared_experts": 1,
@@ -199,7 +200,7 @@ def train(cfg: TrainConfig, progress: bool = True, log=print) -> Path:
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     torch.manual_seed(cfg.seed)
-    sources = Sources.load(Path(cfg.data_dir))
+    sources = Sources.load(Path(cfg.data_dir), Path(cfg.onpolicy) if cfg.onpolicy else None)
     sources.write_dev(out / "dev")
 
     if state_path.exists():

@@ -1,0 +1,94 @@
+r"""On-policy critic data: the model's own solutions to training problems, right and wrong.
+
+The synthetic wrong solutions in `duet.train.data` (another operation, swapped numbers) are not the
+mistakes the model makes, so a critic trained only on them learns to agree with the model's real
+mistakes. This module collects real ones in three steps, reusing `duet eval` for the generation:
+
+    python -m duet.train.onpolicy problems --data ../shared/data --out runs/onpolicy/problems.jsonl
+    duet eval run runs/onpolicy/problems.jsonl --modes solver-only -j 16 --out runs/onpolicy/eval
+    python -m duet.train.onpolicy build runs/onpolicy/problems.jsonl runs/onpolicy/eval \
+        --out data/training/onpolicy.jsonl
+
+`problems` writes the MAWPS + ASDiv-A *training* rows (never the dev split) with their original
+numbers, as an eval dataset that also carries each row's reference solution cells. `build` joins them
+with the solver turn that the model wrote for each, and whether its answer was right. `duet train
+--onpolicy FILE` then draws them (weight `onpolicy` in `--mix`): the critic learns to agree with the
+model's right solutions and to disagree with its wrong ones (recomputing the answer from the
+reference cells), and the solver learns to revise a rejected solution into the reference one.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from duet.train.data import Sources, mawps_problem
+
+
+def write_problems(sources: Sources, out: Path) -> int:
+    """The MAWPS training rows with their original numbers, in `duet eval` JSONL plus `cells`; returns the count."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    n = 0
+    with open(out, "w") as f:
+        for row in sources.mawps_train:
+            p = mawps_problem(row, None)
+            if p is None:
+                continue
+            f.write(json.dumps({"id": p.id, "question": p.question, "answer": f"#### {p.gold}",
+                                "cells": p.cells}) + "\n")
+            n += 1
+    return n
+
+
+def build_attempts(problems: Path, eval_dir: Path, out: Path) -> dict[str, int]:
+    """Join the problems with the first solver turn of each solver-only result; returns counts."""
+    rows = [json.loads(line) for line in problems.read_text().splitlines()]
+    counts = {"correct": 0, "wrong": 0, "no_answer": 0, "skipped": 0}
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with open(out, "w") as f:
+        for line in (eval_dir / "results.jsonl").read_text().splitlines():
+            result = json.loads(line)
+            # eval records name the dataset line they came from; the question must match it
+            row = rows[result["line"] - 1] if 0 < result.get("line", 0) <= len(rows) else None
+            if (result["mode"] != "solver-only" or row is None or row["question"] != result["question"]
+                    or not result.get("transcript")):
+                counts["skipped"] += 1
+                continue
+            dialogue = json.loads((eval_dir / result["transcript"]).read_text())["dialogues"][0]
+            turn = next((t for t in dialogue["turns"] if t["agent"] == "solver"), None)
+            if turn is None or not turn["text"].strip():
+                counts["skipped"] += 1
+                continue
+            kind = "no_answer" if turn.get("answer") is None else "correct" if result["correct"] else "wrong"
+            counts[kind] += 1
+            f.write(json.dumps({"id": row["id"], "question": row["question"], "cells": row["cells"],
+                                "solution": turn["text"], "answer": turn.get("answer"),
+                                "correct": bool(result["correct"])}) + "\n")
+    return counts
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m duet.train.onpolicy", description=__doc__.split("\n\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("problems", help="write the MAWPS training rows as an eval dataset with reference cells")
+    p.add_argument("--data", type=Path, default=Path("../shared/data"))
+    p.add_argument("--out", type=Path, required=True)
+    b = sub.add_parser("build", help="join the problems with a solver-only `duet eval` run")
+    b.add_argument("problems", type=Path)
+    b.add_argument("eval_dir", type=Path)
+    b.add_argument("--out", type=Path, required=True)
+    args = parser.parse_args(argv)
+    if args.command == "problems":
+        if not (args.data / "mawps_asdiv_a" / "train.csv").is_file():
+            parser.error(f"{args.data} has no mawps_asdiv_a/train.csv; pass --data DIR")
+        print(f"{write_problems(Sources.load(args.data), args.out)} problems -> {args.out}")
+    else:
+        if not (args.eval_dir / "results.jsonl").is_file():
+            parser.error(f"{args.eval_dir} has no results.jsonl; run `duet eval run` first")
+        print(f"{build_attempts(args.problems, args.eval_dir, args.out)} -> {args.out}")
+
+
+if __name__ == "__main__":
+    main()
+
