@@ -40,12 +40,12 @@ def _now() -> float:
     return time.perf_counter()
 
 
-def measure_engine(engine, prompts: list[list[int]], new_tokens: int, use_mtp: bool, name: str) -> Row:
+def measure_engine(engine, prompts: list[list[int]], new_tokens: int, mtp_depth: int, name: str) -> Row:
     """Prefill: prompt tokens over the time until the last row's first token. Decode: the remaining
     tokens over the time from then until the last row finished (all rows are admitted at once)."""
     from duet.engine import SamplingParams
 
-    engine.use_mtp = use_mtp and len(engine.model.mtp) > 0
+    engine.set_mtp_depth(mtp_depth)
     params = SamplingParams(max_new_tokens=new_tokens, stop_at_eos=False)
     engine.generate(prompts[:1], SamplingParams(max_new_tokens=4, stop_at_eos=False))  # warm-up
     results = engine.generate(prompts, params)
@@ -90,8 +90,8 @@ def _prompts(engine, texts: list[str], batch: int, context: int | None) -> list[
 
 
 def run_bench(model_path: Path, batches: list[int], contexts: list[int | None], new_tokens: int,
-              vs_transformers: bool, device: str, dtype_name: str, prompts: list[str], mtp: bool = True,
-              threads: int | None = None) -> dict:
+              vs_transformers: bool, device: str, dtype_name: str, prompts: list[str],
+              mtp_depths: tuple[int, ...] = (1,), threads: int | None = None) -> dict:
     import torch
 
     from duet.engine import Engine
@@ -104,9 +104,10 @@ def run_bench(model_path: Path, batches: list[int], contexts: list[int | None], 
     for context in contexts:
         for batch in batches:
             p = _prompts(engine, prompts, batch, context)
-            rows.append(measure_engine(engine, p, new_tokens, False, "duet"))
-            if mtp and len(engine.model.mtp):
-                rows.append(measure_engine(engine, p, new_tokens, True, "duet + MTP"))
+            rows.append(measure_engine(engine, p, new_tokens, 0, "duet"))
+            for depth in mtp_depths if len(engine.model.mtp) else ():
+                name = "duet + MTP" if depth == 1 else f"duet + MTP depth {depth}"
+                rows.append(measure_engine(engine, p, new_tokens, depth, name))
             if vs_transformers:
                 rows.append(measure_transformers(model_path, p, new_tokens, dtype))
     peak_mb = (torch.cuda.max_memory_allocated() / 2**20 if device.startswith("cuda")
@@ -148,6 +149,8 @@ def bench_command(
     device: str = typer.Option("cpu", "--device"),
     dtype: str = typer.Option("float32", "--dtype", help="float32 | bfloat16 | float16"),
     prompts_file: Path | None = typer.Option(None, "--prompts", help="A text file with one prompt per line."),
+    mtp_depth: list[int] = typer.Option([1], "--mtp-depth", help="MTP draft depths to measure (repeat the "
+                                        "option; depth > 1 chains the MTP module)."),
     threads: int = typer.Option(0, "--threads", help="torch threads for every configuration (0: the engine's "
                                 "choice, 1 for a small model on a CPU)."),
     as_json: bool = typer.Option(False, "--json", help="Print the report as JSON."),
@@ -162,7 +165,8 @@ def bench_command(
         if not prompts:
             raise typer.BadParameter(f"{prompts_file} has no prompts", param_hint="--prompts")
     report = run_bench(path, sorted(set(batch)), list(context) or [None], new_tokens, vs_transformers, device,
-                       dtype, prompts, threads=threads or None)
+                       dtype, prompts, mtp_depths=tuple(sorted({d for d in mtp_depth if d > 0})),
+                       threads=threads or None)
     if as_json:
         typer.echo(json.dumps(report, indent=2))
     else:

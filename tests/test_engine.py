@@ -48,19 +48,23 @@ def test_greedy_equals_uncached_reference(plain):
     assert result.finish_reason == "length" and result.completion_tokens == 24
 
 
-def test_mtp_greedy_is_token_for_token_plain_greedy(engine, plain):
-    """Five prompts of different lengths through 3 rows: continuous batching with refills."""
+@pytest.mark.parametrize("depth", [1, 2, 3])
+def test_mtp_greedy_is_token_for_token_plain_greedy(ckpt, plain, depth):
+    """Five prompts of different lengths through 3 rows: continuous batching with refills; drafts of
+    `depth` tokens (depth > 1 chains the one MTP module)."""
+    engine = Engine.load(ckpt, max_batch=3, mtp_depth=depth)
     params = SamplingParams(max_new_tokens=40, stop_at_eos=False)
     with_mtp = engine.generate(PROMPTS, params)
     without = plain.generate(PROMPTS, params)
     for a, b in zip(with_mtp, without, strict=True):
         assert a.token_ids == b.token_ids
         assert a.text == b.text
-    assert sum(r.drafted for r in with_mtp) > 0
+    assert sum(r.drafted for r in with_mtp) > 0 and sum(r.accepted for r in with_mtp) > 0
     assert all(r.drafted == 0 for r in without)
     # fewer main-model passes than tokens whenever a draft was accepted
     for r in with_mtp:
         assert r.forward_passes == r.completion_tokens - r.accepted
+        assert r.drafted == depth * (r.forward_passes - 1)  # the prefill pass verifies nothing
 
 
 def test_batched_equals_one_at_a_time(plain):
@@ -200,27 +204,33 @@ def test_accept_draft_preserves_the_target_distribution():
 
 
 @torch.no_grad()
-def test_mtp_sampling_matches_exact_distribution_end_to_end(tmp_path):
-    """The second generated token (the first that goes through draft acceptance) is distributed as the
-    exact model marginal sum_t1 p(t1) p(t2 | t1), computed by full forward passes. A 4-token model
-    vocabulary keeps the exact distribution small and gives the random MTP drafts real overlap."""
+@pytest.mark.parametrize("depth", [1, 2])
+def test_mtp_sampling_matches_exact_distribution_end_to_end(tmp_path, depth):
+    """The last of `depth + 1` generated tokens (all but the first go through draft acceptance) is
+    distributed as the exact model marginal sum over t1..tk of p(t1) p(t2 | t1) ..., computed by full
+    forward passes. A 4-token model vocabulary keeps the exact distribution small and gives the
+    random MTP drafts real overlap."""
     ckpt = make_engine_checkpoint(tmp_path, seed=5, vocab_size=4, num_hidden_layers=1)
-    eng = Engine.load(ckpt, max_batch=64)
-    params = SamplingParams(max_new_tokens=2, temperature=1.0, stop_at_eos=False)
+    eng = Engine.load(ckpt, max_batch=64, mtp_depth=depth)
+    params = SamplingParams(max_new_tokens=depth + 1, temperature=1.0, stop_at_eos=False)
     prompt = [1, 3, 0, 2]
     model = eng.model
-    p1 = probabilities(model(torch.tensor([prompt]))[0, -1], params)
-    exact = torch.zeros_like(p1)
-    for t1 in p1.nonzero().flatten().tolist():
-        exact += p1[t1] * probabilities(model(torch.tensor([prompt + [t1]]))[0, -1], params)
+
+    def marginal(prefix: list[int], steps: int) -> torch.Tensor:
+        p = probabilities(model(torch.tensor([prompt + prefix]))[0, -1], params)
+        if steps == 1:
+            return p
+        return sum(p[t] * marginal(prefix + [t], steps - 1) for t in p.nonzero().flatten().tolist())
+
+    exact = marginal([], depth + 1)
     n = 800
     results = eng.generate([prompt] * n, [SamplingParams(**{**params.__dict__, "seed": s}) for s in range(n)])
     counts = torch.zeros_like(exact)
     for r in results:
-        counts[r.token_ids[1]] += 1
+        counts[r.token_ids[depth]] += 1
     tv = 0.5 * (counts / n - exact).abs().sum()
     accepted = sum(r.accepted for r in results)
-    assert 0 < accepted < n, "both acceptance and rejection must occur for this test to mean something"
+    assert 0 < accepted < n * depth, "both acceptance and rejection must occur for this test to mean something"
     assert tv < 0.07, f"total variation {tv:.3f}"
 
 
@@ -246,3 +256,27 @@ def test_small_models_decode_on_one_thread_on_cpu(ckpt):
     out = explicit.generate([[3, 4, 5]], SamplingParams(max_new_tokens=3, stop_at_eos=False))[0]
     assert out.completion_tokens == 3
     torch.set_num_threads(before)
+
+
+def test_duet_bench_reports_every_configuration_as_json(ckpt):
+    """`duet bench --json` end to end on a tiny checkpoint: one row per configuration, figures that
+    add up (acceptance in [0, 1], at most depth + 1 tokens per forward pass), transformers included."""
+    import json
+    import subprocess
+    import sys
+
+    code = "import sys; from duet.cli import main; sys.argv = ['duet', *sys.argv[1:]]; main()"
+    r = subprocess.run([sys.executable, "-c", code, "bench", "--model", str(ckpt), "--batch", "1", "--batch", "2",
+                        "--new-tokens", "8", "--mtp-depth", "1", "--mtp-depth", "2", "--vs-transformers", "--json"],
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    report = json.loads(r.stdout)
+    names = [(row["name"], row["batch"]) for row in report["rows"]]
+    configs = ["duet", "duet + MTP", "duet + MTP depth 2", "transformers generate"]
+    assert names == [(n, b) for b in (1, 2) for n in configs]
+    for row in report["rows"]:
+        assert row["decode_tok_s"] > 0 and row["prefill_tok_s"] > 0
+        if "MTP" in row["name"]:
+            depth = 2 if "depth 2" in row["name"] else 1
+            assert 0 <= row["acceptance"] <= 1 and 1 <= row["tokens_per_forward"] <= depth + 1
+    assert report["peak_memory_mb"] > 0

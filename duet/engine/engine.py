@@ -2,11 +2,15 @@
 
 A plain loop in the spirit of gpt-fast. Requests wait in a queue; up to `max_batch` of them are
 active, each in one row of a preallocated `KVCache`. A new request is prefilled alone into a free
-row, then decodes together with the others, one token per step (or, with MTP, up to two):
+row, then decodes together with the others, one token per step (or, with MTP, up to depth + 1):
 
     plain step:  feed each row's last token            -> sample the next token
-    MTP step:    feed [last token, drafted token]      -> verify the draft with the main model,
-                 sample the bonus token if accepted    -> run the MTP module to draft the next one
+    MTP step:    feed [last token, d1 .. dk]           -> verify the k drafts with the main model,
+                 keep the accepted prefix plus one     -> run the MTP module to draft d1, then chain
+                 token sampled by the main model          it on its own output for d2 .. dk
+
+V3 checkpoints carry one MTP module, trained to draft one token; depth k > 1 reuses it on its own
+hidden state (`mtp_depth`; `duet bench --mtp-depth` measures whether that pays).
 
 When a row finishes (EOS, a stop string, max_new_tokens, or the cache is full), the last active
 row moves into its place, so active rows stay contiguous and the next request takes the freed row.
@@ -82,20 +86,19 @@ class _Row:
     req: _Request
     length: int  # tokens whose latents are in the main cache; also the position of `last`
     last: int  # the newest token, sampled but not yet fed to the model
-    draft: int | None = None  # MTP's guess for the token after `last`
-    draft_logits: Tensor | None = None
+    drafts: list[int] = field(default_factory=list)  # MTP's guesses for the tokens after `last`
+    draft_logits: list[Tensor] = field(default_factory=list)  # the distribution each was drawn from
 
 
 class Engine:
     """Generates text from a `Transformer` and its tokenizer."""
 
     def __init__(self, model: Transformer, tokenizer, *, max_batch: int = 8, max_seq_len: int | None = None,
-                 use_mtp: bool = True, threads: int | None = None):
+                 use_mtp: bool = True, mtp_depth: int = 1, threads: int | None = None):
         self.model = model.eval()
         self.tokenizer = tokenizer
         self.max_batch = max_batch
         self.max_seq_len = min(max_seq_len or model.args.max_position_embeddings, model.args.max_position_embeddings)
-        self.use_mtp = use_mtp and len(model.mtp) > 0
         self.device = model.embed_tokens.weight.device
         self.dtype = model.embed_tokens.weight.dtype
         self.eos_ids = _eos_ids(model, tokenizer)
@@ -106,10 +109,27 @@ class Engine:
         self.threads = threads or (1 if small_on_cpu else None)
         self.cache: KVCache | None = None
         self._active: list[_Row] = []  # rows 0..len-1 of the cache, in order
+        self.set_mtp_depth(mtp_depth if use_mtp else 0)
         self._queue: deque[_Request] = deque()
         self._lock = threading.Lock()
         self._wakeup = threading.Condition(self._lock)
         self._worker: threading.Thread | None = None
+
+    @property
+    def use_mtp(self) -> bool:
+        return self.mtp_depth > 0
+
+    def set_mtp_depth(self, depth: int) -> None:
+        """Draft `depth` tokens per step with the MTP module (0: plain decoding; no effect without a module).
+        Changed between generations only (benchmarks compare depths on one loaded model)."""
+        if depth < 0:
+            raise ValueError(f"mtp_depth={depth} must be >= 0")
+        if self._active:
+            raise RuntimeError("the MTP depth cannot change while requests are decoding")
+        self.mtp_depth = depth if len(self.model.mtp) > 0 else 0
+        # cache positions a row may write past its last token: the drafts verified with it, then the
+        # MTP module's chain, which runs past the accepted tokens (overwritten by the next step)
+        self._lookahead = max(1, 2 * self.mtp_depth - 1)
 
     @classmethod
     def load(cls, path: str | Path, device: str = "cpu", dtype: torch.dtype = torch.float32,
@@ -209,7 +229,7 @@ class Engine:
         ids = self.encode(prompt) if isinstance(prompt, str) else list(prompt)
         if not ids:
             raise ValueError("the prompt is empty")
-        room = self.max_seq_len - len(ids) - 1  # one slot for the draft token verified with the last one
+        room = self.max_seq_len - len(ids) - self._lookahead
         if room < 1:
             raise ValueError(f"the prompt has {len(ids)} tokens; the context holds {self.max_seq_len}")
         generator = None
@@ -237,7 +257,7 @@ class Engine:
         """Prefill a request alone into the next free row and sample its first token."""
         i = len(self._active)
         n = len(req.prompt)
-        self._reserve(n + req.max_new + 2)
+        self._reserve(n + req.max_new + self._lookahead + 1)
         ids = torch.tensor([req.prompt], device=self.device)
         h = self.model.hidden(ids, self._view(slice(i, i + 1), [0]))
         req.forward_passes += 1
@@ -251,12 +271,8 @@ class Engine:
         if self._emit(row, [first]) or not self.use_mtp:
             return
         next_ids = torch.tensor([req.prompt[1:] + [first]], device=self.device)
-        mtp_logits, _ = self.model.mtp_logits(0, h, next_ids, self._view(slice(i, i + 1), [0]))
-        self._set_draft(row, mtp_logits[0, -1])
-
-    def _set_draft(self, row: _Row, logits: Tensor) -> None:
-        row.draft_logits = logits
-        row.draft = draft_token(logits, row.req.params, row.req.generator)
+        logits, hidden = self.model.mtp_logits(0, h, next_ids, self._view(slice(i, i + 1), [0]))
+        self._draft([row], slice(i, i + 1), logits[:, -1], hidden[:, -1], [n - 1])
 
     def _step(self) -> None:
         live = [row for row in self._active if row.req.finish_reason is None]
@@ -275,37 +291,59 @@ class Engine:
             self._emit(row, [row.last])
 
     def _speculative_step(self) -> None:
-        """Verify every row's draft in one forward pass, then draft again with the MTP module."""
-        active = self._active
+        """Verify every row's drafts in one forward pass, then draft again with the MTP module."""
+        active, k = self._active, self.mtp_depth
         rows = slice(0, len(active))
         start = [r.length for r in active]
-        tokens = torch.tensor([[r.last, r.draft] for r in active], device=self.device)
-        h = self.model.hidden(tokens, self._view(rows, start))  # [A, 2, D]
+        tokens = torch.tensor([[r.last, *r.drafts] for r in active], device=self.device)
+        h = self.model.hidden(tokens, self._view(rows, start))  # [A, k+1, D]
         logits = self.model.logits(h)
-        next_ids, pick = [], []
+        next_ids, accepted = [], []
         for i, row in enumerate(active):
             req = row.req
             req.forward_passes += 1
-            req.drafted += 1
-            accepted, token = accept_draft(logits[i, 0], row.draft_logits, row.draft, req.params, req.generator)
-            if accepted:
+            req.drafted += k
+            emitted = []
+            for j, (draft, q) in enumerate(zip(row.drafts, row.draft_logits, strict=True)):
+                ok, token = accept_draft(logits[i, j], q, draft, req.params, req.generator)
+                emitted.append(token)
+                if not ok:
+                    break
                 req.accepted += 1
-                bonus = sample(logits[i, 1], req.params, req.generator)
-                emitted = [row.draft, bonus]
-            else:
-                emitted = [token]
+            else:  # every draft accepted: the main model's next token comes free
+                emitted.append(sample(logits[i, k], req.params, req.generator))
             row.length += len(emitted)
             row.last = emitted[-1]
-            # MTP input at position p pairs h_p with token p+1; a rejected row's second slot is padding
-            # whose cache entry is overwritten next step before anyone reads it.
-            next_ids.append(emitted if accepted else [token, token])
-            pick.append(1 if accepted else 0)
+            # MTP input at position p pairs h_p with token p+1; past the accepted ones the slots are
+            # padding whose cache entries are overwritten next step before anyone reads them.
+            next_ids.append(emitted + [emitted[-1]] * (k + 1 - len(emitted)))
+            accepted.append(len(emitted) - 1)
             self._emit(row, emitted)
-        mtp_logits, _ = self.model.mtp_logits(0, h, torch.tensor(next_ids, device=self.device),
-                                              self._view(rows, start))
-        for i, row in enumerate(active):
-            if row.req.finish_reason is None:
-                self._set_draft(row, mtp_logits[i, pick[i]])
+        logits, hidden = self.model.mtp_logits(0, h, torch.tensor(next_ids, device=self.device),
+                                               self._view(rows, start))
+        pick = torch.tensor(accepted, device=self.device)
+        at = torch.arange(len(active), device=self.device)
+        self._draft(active, rows, logits[at, pick], hidden[at, pick], [s + a for s, a in zip(start, accepted,
+                                                                                              strict=True)])
+
+    def _draft(self, rows: list[_Row], where: slice, logits: Tensor, hidden: Tensor, positions: list[int]) -> None:
+        """Draft `mtp_depth` tokens per row from the MTP module's logits [A, V] and hidden state [A, D] at
+        `positions` (each row's newest token): the first from them, each next one by running the module
+        again on its own hidden state and the token just drafted, one position further on."""
+        drafts: list[list[int]] = [[] for _ in rows]
+        dists: list[list[Tensor]] = [[] for _ in rows]
+        for depth in range(self.mtp_depth):
+            for i, row in enumerate(rows):
+                dists[i].append(logits[i])
+                drafts[i].append(draft_token(logits[i], row.req.params, row.req.generator))
+            if depth + 1 == self.mtp_depth:
+                break
+            positions = [p + 1 for p in positions]
+            last = torch.tensor([[d[-1]] for d in drafts], device=self.device)
+            logits, hidden = self.model.mtp_logits(0, hidden[:, None], last, self._view(where, positions))
+            logits, hidden = logits[:, 0], hidden[:, 0]
+        for i, row in enumerate(rows):
+            row.drafts, row.draft_logits = drafts[i], dists[i]
 
     def _emit(self, row: _Row, tokens: list[int]) -> bool:
         """Hand new tokens to the request; returns True when it finished."""
