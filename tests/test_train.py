@@ -23,8 +23,16 @@ from duet.agents.answers import equivalent as answers_match
 from duet.agents.critic import NO_ANSWER_REASON
 from duet.agents.protocol import extract_final_answer, find_code_blocks, parse_verdict
 from duet.prompts import load_prompts
-from duet.train.data import (Sources, attempt_conversations, conversations, example_stream, is_dev, load_attempts,
-                             mawps_problem, synthetic_problem)
+from duet.train.data import (
+    Sources,
+    attempt_conversations,
+    conversations,
+    example_stream,
+    is_dev,
+    load_attempts,
+    mawps_problem,
+    synthetic_problem,
+)
 from duet.train.tokenizer import train_tokenizer
 from duet.train.trainer import TrainConfig, balance_experts, encode_example, losses, train
 
