@@ -198,8 +198,9 @@ def _moe_dense_naive(x, wg, wu, wd, ids, tw):
     return out
 
 
-@pytest.mark.parametrize("T,E,k,used", [(1, 4, 1, 4), (7, 8, 2, 5), (20, 4, 3, 4)])
+@pytest.mark.parametrize("T,E,k,used", [(1, 4, 1, 4), (3, 8, 2, 8), (7, 8, 2, 5), (20, 4, 3, 4)])
 def test_fused_moe_reference(T, E, k, used):
+    """T * k <= E runs each (token, expert) pair on its own (decoding), more tokens are grouped by expert."""
     args = moe_inputs(T, 48, 40, E, k, seed=T, used=used)
     out = ref.fused_moe(*args)
     torch.testing.assert_close(out.double(), _moe_dense_naive(*args), rtol=1e-5, atol=1e-5)

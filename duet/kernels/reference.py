@@ -152,11 +152,15 @@ def fused_moe(
     """
     T, D = x.shape
     k = topk_ids.shape[1]
-    if T == 1:  # batch-1 decoding: the token's experts one after another (grouping costs more ops than it saves)
-        out = torch.zeros(1, D, dtype=torch.float32, device=x.device)
-        for e, w in zip(topk_ids[0].tolist(), topk_weights[0].float().tolist(), strict=True):
-            h = (F.silu(F.linear(x, w_gate[e]).float()) * F.linear(x, w_up[e]).float()).to(x.dtype)
-            out += F.linear(h, w_down[e]).float() * w
+    if T * k <= w_gate.shape[0]:
+        # a few tokens (decoding, drafts): each (token, expert) pair on its own; grouping them would cost
+        # more small ops than it saves
+        out = torch.zeros(T, D, dtype=torch.float32, device=x.device)
+        for t, (experts, weights) in enumerate(zip(topk_ids.tolist(), topk_weights.float().tolist(), strict=True)):
+            xt = x[t : t + 1]
+            for e, w in zip(experts, weights, strict=True):
+                h = (F.silu(F.linear(xt, w_gate[e]).float()) * F.linear(xt, w_up[e]).float()).to(x.dtype)
+                out[t : t + 1] += F.linear(h, w_down[e]).float() * w
         return out.to(x.dtype)
     flat = topk_ids.reshape(-1).to(torch.int64)
     order = torch.argsort(flat, stable=True)
