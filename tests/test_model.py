@@ -74,14 +74,18 @@ def test_greedy_generation_matches_transformers(pair):
 
 
 @torch.no_grad()
-def test_cached_absorbed_decoding_equals_full_forward(pair):
-    """Prefill a chunk, then feed tokens one at a time and in a 3-token block: every position's logits
-    from the latent cache (absorbed path) equal the no-cache forward (naive path)."""
+@pytest.mark.parametrize("fresh", [True, False])
+def test_cached_absorbed_decoding_equals_full_forward(pair, fresh):
+    """Prefill a chunk (per-head attention when marked fresh, over the latents otherwise), then feed
+    tokens one at a time and in a 3-token block: every position's logits from the latent cache
+    (absorbed path) equal the no-cache forward (naive path)."""
     ours, _ = pair
     ids = torch.randint(0, ours.args.vocab_size, (2, 24), generator=torch.Generator().manual_seed(2))
     full = ours(ids)
     cache = KVCache(ours.args, ours.n_cache_layers, 2, 32)
-    got = [ours.logits(ours.hidden(ids[:, :10], CacheView(cache, slice(0, 2), torch.tensor([0, 0]))))]
+    cache.kv.fill_(float("nan"))  # stale entries of an earlier request must never be read
+    cache.pe.fill_(float("nan"))
+    got = [ours.logits(ours.hidden(ids[:, :10], CacheView(cache, slice(0, 2), torch.tensor([0, 0]), fresh=fresh)))]
     for t in range(10, 21):
         got.append(ours.logits(ours.hidden(ids[:, t:t + 1], CacheView(cache, slice(0, 2), torch.tensor([t, t])))))
     got.append(ours.logits(ours.hidden(ids[:, 21:24], CacheView(cache, slice(0, 2), torch.tensor([21, 21])))))

@@ -251,7 +251,7 @@ class Engine:
         self.cache = grown
 
     def _view(self, rows: slice, start: list[int]) -> CacheView:
-        return CacheView(self.cache, rows, torch.tensor(start, device=self.device))
+        return CacheView(self.cache, rows, torch.tensor(start, device=self.device), fresh=not any(start))
 
     def _admit(self, req: _Request) -> None:
         """Prefill a request alone into the next free row and sample its first token."""

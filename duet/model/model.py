@@ -114,6 +114,7 @@ class CacheView:
     cache: KVCache
     rows: slice  # the batch rows of the cache this forward pass covers
     start_pos: Tensor  # [B] position of the first new token of each row
+    fresh: bool = False  # every row starts at position 0 (a prompt's prefill): no cached prefix to attend to
     _where: tuple | None = field(default=None, repr=False)  # write indices, shared by every layer of a pass
 
     def write_and_read(self, layer: int, kv: Tensor, pe: Tensor) -> tuple[Tensor, Tensor, Tensor]:
@@ -185,7 +186,10 @@ class MLA(nn.Module):
             out = self._naive(q_nope, q_pe, kv, k_pe)
         else:
             kv_all, pe_all, lengths = cache.write_and_read(layer, kv, k_pe)
-            out = self._absorbed(q_nope, q_pe, kv_all, pe_all, lengths)
+            # a fresh prefill attends only to its own tokens: per-head causal attention (SDPA) is cheaper
+            # than scoring S queries against the latents, which costs S x S x H fp32 scores at once
+            out = (self._naive(q_nope, q_pe, kv, k_pe) if cache.fresh
+                   else self._absorbed(q_nope, q_pe, kv_all, pe_all, lengths))
         return self.o_proj(out.flatten(2))
 
     def _naive(self, q_nope: Tensor, q_pe: Tensor, kv: Tensor, k_pe: Tensor) -> Tensor:
