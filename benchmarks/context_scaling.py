@@ -53,7 +53,7 @@ def main(
     with tempfile.TemporaryDirectory() as tmp:
         path = long_context_copy(Path(tmp), max(8192, max(context) + new_tokens + 8))
         report = run_bench(path, sorted(set(batch)), sorted(set(context)), new_tokens, False, "cpu", "float32",
-                           ["Tell me a long story about numbers."], mtp=False,
+                           ["Tell me a long story about numbers."], mtp_depths=(),
                            threads=threads or None)
     rows = [r for r in report["rows"] if r["name"] == "duet"]
     base = {r["batch"]: r["decode_tok_s"] for r in rows if r["context"] == min(context)}

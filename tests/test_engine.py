@@ -280,3 +280,16 @@ def test_duet_bench_reports_every_configuration_as_json(ckpt):
             depth = 2 if "depth 2" in row["name"] else 1
             assert 0 <= row["acceptance"] <= 1 and 1 <= row["tokens_per_forward"] <= depth + 1
     assert report["peak_memory_mb"] > 0
+
+
+def test_context_scaling_benchmark_runs():
+    """benchmarks/context_scaling.py (part of `make bench`) still runs against duet.bench, on tiny settings."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "context_scaling.py"
+    r = subprocess.run([sys.executable, str(script), "--context", "16", "--batch", "1", "--new-tokens", "2",
+                        "--threads", "1"], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "decode tok/s" in r.stdout and "1.00x" in r.stdout
