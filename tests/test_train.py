@@ -339,17 +339,22 @@ def test_onpolicy_attempts_from_a_real_eval_run(tmp_path, data_dir):
     run("-m", "duet.evaluation.cli", problems, "--backend", f"scripted:{tmp_path / 'replies.json'}",
         "--modes", "solver-only", "--out", run_dir)
     run("-m", "duet.train.onpolicy", "build", problems, run_dir, "--out", out)
+    other = tmp_path / "other.jsonl"  # not the file the eval ran on
+    other.write_text("".join(json.dumps({**r, "question": r["question"] + " Really?"}) + "\n" for r in rows))
+    wrong_file = subprocess.run([sys.executable, "-m", "duet.train.onpolicy", "build", other, run_dir,
+                                 "--out", tmp_path / "x.jsonl"], capture_output=True, text=True, timeout=60)
+    assert wrong_file.returncode == 2 and "cannot join" in wrong_file.stderr and "Traceback" not in wrong_file.stderr
 
     attempts = load_attempts(out)
     by_kind = {("no_answer" if a.answer is None else a.correct): a for a in attempts}
     assert set(by_kind) == {True, False, "no_answer"}  # the unscripted questions were skipped
     prompts = load_prompts()
-    right = list(attempt_conversations(by_kind[True], prompts, random.Random(0)))
+    right = list(attempt_conversations(by_kind[True], prompts))
     assert [c.kind for c in right] == ["critique_correct"]
     assert by_kind[True].solution in right[0].messages[1]["content"]  # the model's own text is what is judged
     assert parse_verdict(right[0].messages[-1]["content"]).kind == "agree"
 
-    wrong = list(attempt_conversations(by_kind[False], prompts, random.Random(0)))
+    wrong = list(attempt_conversations(by_kind[False], prompts))
     assert [c.kind for c in wrong] == ["critique_wrong", "revise", "solve"]
     check = wrong[0].messages[-1]["content"]
     assert parse_verdict(check).kind == "disagree" and extract_final_answer(check) == "60"
@@ -358,7 +363,7 @@ def test_onpolicy_attempts_from_a_real_eval_run(tmp_path, data_dir):
     assert revise[2]["content"] == by_kind[False].solution and "checker's answer: 60" in revise[3]["content"]
     assert extract_final_answer(revise[-1]["content"]) == "60"
 
-    unanswered = list(attempt_conversations(by_kind["no_answer"], prompts, random.Random(0)))
+    unanswered = list(attempt_conversations(by_kind["no_answer"], prompts))
     assert [c.kind for c in unanswered] == ["revise", "solve"]
     assert NO_ANSWER_REASON in unanswered[0].messages[3]["content"]
 

@@ -151,34 +151,46 @@ class Conversation:
     kind: str  # solve | critique_correct | critique_wrong | revise
 
 
+def _solve(prompts: Prompts, question: str, solution: str) -> Conversation:
+    """The solver's first turn on `question`."""
+    return Conversation([{"role": "system", "content": prompts.solver_system},
+                         {"role": "user", "content": prompts.solver_question(question)},
+                         {"role": "assistant", "content": solution}], "solve")
+
+
+def _revise(prompts: Prompts, question: str, rejected: str, critique: str, solution: str) -> Conversation:
+    """The solver's revision: its rejected turn, the critique as the dialogue words it, then `solution`."""
+    return Conversation(_solve(prompts, question, rejected).messages
+                        + [{"role": "user", "content": prompts.revise_request(critique)},
+                           {"role": "assistant", "content": solution}], "revise")
+
+
+def _critique(prompts: Prompts, question: str, solution: str, check: str, kind: str) -> Conversation:
+    """The critic's check of `solution`."""
+    return Conversation([{"role": "system", "content": prompts.critic_system},
+                         {"role": "user", "content": prompts.critic_request(question, solution)},
+                         {"role": "assistant", "content": check}], kind)
+
+
 def conversations(problem: Problem, prompts: Prompts, rng: random.Random) -> Iterator[Conversation]:
     """The solver, critic and revision examples that one problem yields."""
     solution, answer = solution_text(problem.cells)
     if answer is None:
         return
-    solver_start = [{"role": "system", "content": prompts.solver_system},
-                    {"role": "user", "content": prompts.solver_question(problem.question)}]
-    yield Conversation(solver_start + [{"role": "assistant", "content": solution}], "solve")
-    critic_start = [{"role": "system", "content": prompts.critic_system}]
+    yield _solve(prompts, problem.question, solution)
     if rng.random() < 0.5 or not problem.wrong:
         text, _ = critic_text(problem, answer)
-        yield Conversation(critic_start + [{"role": "user", "content": prompts.critic_request(problem.question,
-                                                                                             solution)},
-                                           {"role": "assistant", "content": text}], "critique_correct")
+        yield _critique(prompts, problem.question, solution, text, "critique_correct")
     if problem.wrong:
         wrong_cells = rng.choice(problem.wrong)
         wrong_solution, wrong_answer = solution_text(wrong_cells)
         text, critique = critic_text(problem, wrong_answer)
         if not critique:
             return
-        yield Conversation(critic_start + [{"role": "user", "content": prompts.critic_request(problem.question,
-                                                                                             wrong_solution)},
-                                           {"role": "assistant", "content": text}], "critique_wrong")
+        yield _critique(prompts, problem.question, wrong_solution, text, "critique_wrong")
         _, correct = run_cells(problem.cells)
-        revise = prompts.revise_request(f"{critique} (the checker's answer: {correct})")
-        yield Conversation(solver_start + [{"role": "assistant", "content": wrong_solution},
-                                           {"role": "user", "content": revise},
-                                           {"role": "assistant", "content": solution}], "revise")
+        yield _revise(prompts, problem.question, wrong_solution, f"{critique} (the checker's answer: {correct})",
+                      solution)
 
 
 # ----------------------------------------------------------------------------- on-policy attempts
@@ -211,29 +223,23 @@ def load_attempts(path: Path) -> list[Attempt]:
     return attempts
 
 
-def attempt_conversations(attempt: Attempt, prompts: Prompts, rng: random.Random) -> Iterator[Conversation]:
+def attempt_conversations(attempt: Attempt, prompts: Prompts) -> Iterator[Conversation]:
     """A critic turn on the model's own solution; for a wrong one, also the revision and the reference solve."""
     problem = attempt.problem
     reference, correct = solution_text(problem.cells)
     if correct is None:
         return
-    solver_start = [{"role": "system", "content": prompts.solver_system},
-                    {"role": "user", "content": prompts.solver_question(problem.question)}]
     if attempt.answer is None:
         critique = NO_ANSWER_REASON  # the dialogue asks for a revision without asking the critic
     else:
         text, critique = critic_text(problem, attempt.answer)
         kind = "critique_wrong" if critique else "critique_correct"
-        yield Conversation([{"role": "system", "content": prompts.critic_system},
-                            {"role": "user", "content": prompts.critic_request(problem.question, attempt.solution)},
-                            {"role": "assistant", "content": text}], kind)
+        yield _critique(prompts, problem.question, attempt.solution, text, kind)
         if not critique:
             return
         critique = f"{critique} (the checker's answer: {correct})"
-    yield Conversation(solver_start + [{"role": "assistant", "content": attempt.solution},
-                                       {"role": "user", "content": prompts.revise_request(critique)},
-                                       {"role": "assistant", "content": reference}], "revise")
-    yield Conversation(solver_start + [{"role": "assistant", "content": reference}], "solve")
+    yield _revise(prompts, problem.question, attempt.solution, critique, reference)
+    yield _solve(prompts, problem.question, reference)
 
 
 # ----------------------------------------------------------------------------- MAWPS + ASDiv-A
@@ -628,7 +634,7 @@ def example_stream(sources: Sources, seed: int, prompts: Prompts | None = None,
         if kind == "synthetic":
             problem = synthetic_problem(rng)
         elif kind == "onpolicy":
-            yield from attempt_conversations(rng.choice(sources.attempts), prompts, rng)
+            yield from attempt_conversations(rng.choice(sources.attempts), prompts)
             continue
         elif kind == "mawps":
             problem = mawps_problem(rng.choice(sources.mawps_train), rng)

@@ -86,7 +86,15 @@ def main(argv: list[str] | None = None) -> None:
     else:
         if not (args.eval_dir / "results.jsonl").is_file():
             parser.error(f"{args.eval_dir} has no results.jsonl; run `duet eval run` first")
-        print(f"{build_attempts(args.problems, args.eval_dir, args.out)} -> {args.out}")
+        try:
+            counts = build_attempts(args.problems, args.eval_dir, args.out)
+        except (OSError, json.JSONDecodeError, KeyError, TypeError) as e:
+            parser.exit(2, f"error: cannot join {args.problems} with {args.eval_dir} ({type(e).__name__}: {e}); "
+                           "pass the problems file that the eval ran on\n")
+        if counts["skipped"] and not counts["correct"] + counts["wrong"] + counts["no_answer"]:
+            parser.exit(2, f"error: cannot join {args.problems} with {args.eval_dir} (no result matches a problem); "
+                           "pass the problems file that the eval ran on\n")
+        print(f"{counts} -> {args.out}")
 
 
 if __name__ == "__main__":
