@@ -7,7 +7,7 @@ import threading
 
 import pytest
 
-from duet.agents.backends import BackendError, ScriptedBackend
+from duet.agents.backends import BackendError, ContextFullError, ScriptedBackend
 from duet.agents.critic import GENERIC_DISAGREE, NO_ANSWER_REASON, NO_VERDICT_REASON
 from duet.agents.dialogue import STOP_REASONS, Dialogue, DialogueConfig, run_dialogue
 from duet.agents.events import EVENT_KINDS, Event
@@ -437,3 +437,50 @@ def test_stop_reasons_are_documented():
 
     for reason in STOP_REASONS:
         assert f"``{reason}``" in module.__doc__
+
+
+MISCOPIED = """Add the baked loaves.
+```python
+print(28 + 4 * 12)
+```
+```output
+76
+```
+So \\boxed{76}."""
+
+
+def test_number_check_rejects_a_miscopied_number_without_asking_the_critic_model():
+    solver, critic = ScriptedBackend([MISCOPIED, RIGHT]), ScriptedBackend([AGREE])
+    dialogue = Dialogue(solver, critic, config())
+    result = dialogue.run(QUESTION)
+    assert (result.answer, result.agreed, result.stop_reason) == ("71", True, "agreed")
+    assert [(t.agent, t.task, t.model) for t in result.turns] == [
+        ("solver", "solve", "scripted"), ("critic", "number_check", "duet:number-check"),
+        ("solver", "revise", "scripted"), ("critic", "critique", "scripted")]
+    check = result.turns[1]
+    assert (check.verdict, check.answer, check.completion_tokens) == ("disagree", None, 0)
+    assert critic.calls and all("28 + 4" not in c.messages[1]["content"] for c in critic.calls)  # only the revision
+    revise = dialogue.solver.conversation[3]["content"]
+    assert "the code uses 28 (did you mean 23?), not a number of the problem" in revise
+    assert "checker's answer" not in revise
+
+
+def test_a_number_is_questioned_once_then_the_critic_model_judges():
+    solver, critic = ScriptedBackend([MISCOPIED, MISCOPIED + "\nI checked: 28."]), ScriptedBackend([DISAGREE])
+    result = run_dialogue(QUESTION, solver, critic, config(max_rounds=2))
+    assert [t.task for t in result.turns] == ["solve", "number_check", "revise", "critique"]
+    assert (result.stop_reason, result.answer) == ("max_rounds", "76")
+
+
+def test_number_check_can_be_turned_off():
+    result = run_dialogue(QUESTION, ScriptedBackend([MISCOPIED]), ScriptedBackend([AGREE]),
+                          config(number_check=False))
+    assert [t.task for t in result.turns] == ["solve", "critique"] and result.stop_reason == "agreed"
+
+
+def test_a_conversation_that_outgrows_the_context_ends_with_the_answer_so_far():
+    full = ContextFullError("local:model: the prompt has 2063 tokens; the context holds 2048")
+    result = run_dialogue(QUESTION, ScriptedBackend([WRONG, full]), ScriptedBackend([DISAGREE]), config())
+    assert (result.stop_reason, result.answer, result.agreed) == ("context_full", "73", False)
+    assert result.error == "local:model: the prompt has 2063 tokens; the context holds 2048"
+    assert result.turns[-1].finish == "context_full"

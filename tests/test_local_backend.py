@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from duet.agents.backends import BackendError, make_backend
+from duet.agents.backends import BackendError, ContextFullError, make_backend
 from duet.agents.dialogue import DialogueConfig, run_dialogue
 from duet.engine import SamplingParams
 from tests.tiny_models import make_engine_checkpoint
@@ -42,8 +42,8 @@ def test_stop_string_is_reported(backend):
     assert cut.finish_reason == "stop" and cut.stop_string == stop and cut.text == free.text[: free.text.find(stop)]
 
 
-def test_prompt_longer_than_context_is_a_backend_error(backend):
-    with pytest.raises(BackendError, match="context holds"):
+def test_prompt_longer_than_context_is_context_full(backend):
+    with pytest.raises(ContextFullError, match="context holds"):
         backend.complete([{"role": "user", "content": "many words " * 400}], max_tokens=4)
 
 

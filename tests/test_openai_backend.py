@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 
-from duet.agents.backends import BackendError, ScriptedBackend, make_backend
+from duet.agents.backends import BackendError, ContextFullError, ScriptedBackend, make_backend
 from duet.agents.openai_backend import OpenAIBackend, ThinkSplitter, normalize_base_url
 from duet.agents.protocol import STOP
 
@@ -233,6 +233,23 @@ def test_http_error_is_one_line(server):
     with pytest.raises(BackendError) as error:
         OpenAIBackend(server.url, "m").complete(USER)
     assert str(error.value) == f"{server.url}: HTTP 404: The model `m` does not exist. See docs."
+
+
+def test_a_prompt_longer_than_the_servers_context_is_context_full(server):
+    # vLLM's wording for a prompt that does not fit (HTTP 400)
+    message = ("This model's maximum context length is 2048 tokens. However, you requested 2100 tokens "
+               "(2090 in the messages, 10 in the completion).")
+
+    def respond(handler: BaseHTTPRequestHandler, body: dict[str, Any]) -> None:
+        payload = json.dumps({"object": "error", "message": message, "type": "BadRequestError"}).encode()
+        handler.send_response(400)
+        handler.send_header("Content-Type", "application/json")
+        handler.end_headers()
+        handler.wfile.write(payload)
+
+    server.respond = respond
+    with pytest.raises(ContextFullError, match="maximum context length is 2048"):
+        OpenAIBackend(server.url, "m").complete(USER)
 
 
 def test_connection_refused_is_one_line():

@@ -138,7 +138,37 @@ def test_critic_examples_agree_with_right_and_reject_wrong_solutions(sources):
                 wrong, fixed = extract_final_answer(conv.messages[2]["content"]), \
                     extract_final_answer(conv.messages[4]["content"])
                 assert wrong is not None and fixed is not None and not answers_match(wrong, fixed)
-    assert kinds == {"solve", "critique_correct", "critique_wrong", "revise"}
+    assert kinds == {"solve", "critique_correct", "critique_wrong", "revise", "revise_numbers"}
+
+
+def test_number_check_revisions_are_what_the_live_critic_says(sources):
+    """A miscopied number: the rejection is the real number check's words, the fix is the reference."""
+    from duet.agents.backends import ScriptedBackend
+    from duet.agents.critic import Critic
+    from duet.agents.dialogue import DialogueConfig, sandbox_factory_for
+    from duet.agents.turn import TurnOptions
+
+    prompts = load_prompts()
+    critic = Critic(ScriptedBackend([]), prompts)  # no replies: the model must not be asked
+    options = TurnOptions(sandbox_factory_for(DialogueConfig()))
+    found = 0
+    for conv in itertools.islice(example_stream(sources, seed=1), 600):
+        if conv.kind != "revise_numbers":
+            continue
+        found += 1
+        question = conv.messages[1]["content"]  # the solver's prompt is the bare question
+        rejected, request, fixed = (m["content"] for m in conv.messages[2:])
+        check = critic.check(question, rejected, options, round=1)
+        assert check.task == "number_check" and request == prompts.revise_request(check.reason)
+        wrong_code = [b.code for b in find_code_blocks(rejected)]
+        right_code = [b.code for b in find_code_blocks(fixed)]
+        # one number differs, and the answers differ
+        assert len(wrong_code) == len(right_code)
+        diffs = [(w, r) for w, r in zip(wrong_code, right_code, strict=True) if w != r]
+        assert len(diffs) == 1
+        assert re.sub(r"[\d.]+", "N", diffs[0][0]) == re.sub(r"[\d.]+", "N", diffs[0][1])
+        assert not answers_match(extract_final_answer(rejected), extract_final_answer(fixed))
+    assert found >= 5
 
 
 def test_wrong_solutions_really_are_wrong():

@@ -59,6 +59,15 @@ class BackendError(Exception):
         super().__init__(one_line(message))
 
 
+class ContextFullError(BackendError):
+    """The conversation no longer fits the model's context window (it cannot be continued)."""
+
+
+CONTEXT_FULL_HINTS = ("maximum context length", "context length", "context window", "too many tokens",
+                      "the context holds")
+"""Phrases of servers' (vLLM, SGLang, OpenAI) and duet's own errors for a prompt longer than the context."""
+
+
 def one_line(text: str, limit: int = 300) -> str:
     """Collapse ``text`` to a single line of at most ``limit`` characters."""
     line = " ".join(str(text).split())

@@ -4,13 +4,22 @@ Each check is a fresh conversation ``[system, user(problem + solution)]`` (the c
 history, which keeps it inside a small model's context), run with the same step / code / output
 protocol in its own sandbox session. The verdict is read by :func:`duet.agents.protocol.parse_verdict`;
 the critic's own ``\boxed{}`` answer (if any) lets the dialogue detect agreement by equivalence.
+
+Before the model is asked, the *number check* (:mod:`duet.agents.grounding`, on unless
+``number_check=False``) looks for numbers in the solution's code that the problem does not give. When
+it finds some, the check is a model-free turn (``task="number_check"``, model ``duet:number-check``)
+that disagrees and names the numbers and the problem's closest ones. A checker built from the same
+model as the solver tends to miscopy the same way, so this is the one error it cannot catch itself.
+A number is questioned once per dialogue (``questioned``): a revision that keeps it (the solver may
+have a reason, e.g. an intermediate result written out) goes to the model's check.
 """
 
 from __future__ import annotations
 
 from duet.agents.backends import Backend
 from duet.agents.events import Emitter
-from duet.agents.protocol import DISAGREE, parse_verdict
+from duet.agents.grounding import number_check_reason, ungrounded_numbers
+from duet.agents.protocol import DISAGREE, Verdict, parse_verdict
 from duet.agents.transcript import Turn
 from duet.agents.turn import TurnOptions, end_turn, run_turn
 from duet.prompts import Prompts, load_prompts
@@ -18,26 +27,44 @@ from duet.prompts import Prompts, load_prompts
 GENERIC_DISAGREE = "the answer looks wrong; check every step again."
 NO_VERDICT_REASON = "the checker could not confirm the answer; check every step again."
 NO_ANSWER_REASON = r"the solution has no final answer in \boxed{}."
+NUMBER_CHECK_MODEL = "duet:number-check"
 
 
 class Critic:
     """Checks solutions with one backend."""
 
-    def __init__(self, backend: Backend, prompts: Prompts | None = None) -> None:
+    def __init__(self, backend: Backend, prompts: Prompts | None = None, *, number_check: bool = True) -> None:
         self.backend = backend
         self.prompts = prompts or load_prompts()
+        self.number_check = number_check
 
     def check(
-        self, question: str, solution: str, options: TurnOptions, *, round: int, budget: int | None = None
+        self, question: str, solution: str, options: TurnOptions, *, round: int, budget: int | None = None,
+        questioned: set[str] | None = None,
     ) -> Turn:
-        """Critique ``solution`` to ``question``; the turn carries ``verdict``, ``reason`` and ``answer``."""
+        """Critique ``solution`` to ``question``; the turn carries ``verdict``, ``reason`` and ``answer``.
+
+        ``questioned``: numbers the number check already questioned in this dialogue (not questioned
+        again); the ones this check questions are added to it.
+        """
         messages = [
             {"role": "system", "content": self.prompts.critic_system},
             {"role": "user", "content": self.prompts.critic_request(question, solution)},
         ]
-        turn = run_turn(self.backend, messages, options, agent="critic", round=round, task="critique",
-                        budget=budget)
-        verdict = parse_verdict(turn.text)
+        questioned = set() if questioned is None else questioned
+        ungrounded = [u for u in (ungrounded_numbers(question, solution) if self.number_check else [])
+                      if u.value not in questioned]
+        if ungrounded:
+            questioned.update(u.value for u in ungrounded)
+            reason = number_check_reason(ungrounded)
+            turn = Turn("critic", round, "number_check", NUMBER_CHECK_MODEL, messages,
+                        text=f"Check the numbers against the problem.\nVERDICT: DISAGREE: {reason}")
+            Emitter(options.on_event, "critic", round)("turn_start", model=turn.model, task=turn.task)
+            verdict = Verdict(DISAGREE, reason)
+        else:
+            turn = run_turn(self.backend, messages, options, agent="critic", round=round, task="critique",
+                            budget=budget)
+            verdict = parse_verdict(turn.text)
         turn.verdict, turn.reason = verdict.kind, verdict.reason
         if turn.error is None or turn.text:
             Emitter(options.on_event, "critic", round)(

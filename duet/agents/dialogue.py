@@ -11,6 +11,8 @@ critique, then a new check. It always terminates, with one of :data:`STOP_REASON
   dialogue; checking it again cannot change anything.
 * ``no_answer``: it ended (``max_rounds`` or solver-only) and the solver never gave a ``\boxed{}``
   answer. A solution without an answer is not sent to the critic: the solver is asked to revise.
+* ``context_full``: the conversation outgrew the model's context window (a long revision of a small
+  model); the answer so far stands.
 * ``backend_error`` / ``sandbox_error``: a backend failed or timed out, or the sandbox could not run
   (``result.error`` has the one-line message). A code error or timeout *inside* a cell is not a
   failure: the model reads it in the output block and fixes the code.
@@ -46,6 +48,7 @@ STOP_REASONS = (
     "token_budget",
     "repeated_reply",
     "no_answer",
+    "context_full",
     "backend_error",
     "sandbox_error",
     "no_critic",
@@ -66,6 +69,7 @@ class DialogueConfig:
     temperature: float = 0.0
     seed: int | None = None
     critic: bool = True  # False: solver-only
+    number_check: bool = True  # the critic's model-free check of the code's numbers (duet.agents.grounding)
     sandbox_timeout: float = 5.0  # seconds per cell
     sandbox_memory_mb: int = 1024
     sandbox_isolation: str | None = None  # passed to Sandbox(isolation=...) when set
@@ -128,7 +132,8 @@ class Dialogue:
         self.config = config or DialogueConfig()
         self.prompts = prompts or load_prompts(self.config.prompt_dir)
         self.solver = Solver(solver, self.prompts)
-        self.critic = Critic(critic or solver, self.prompts) if self.config.critic else None
+        self.critic = (Critic(critic or solver, self.prompts, number_check=self.config.number_check)
+                       if self.config.critic else None)
         self.on_event = on_event
         self.sandbox_factory = sandbox_factory or sandbox_factory_for(self.config)
         self.questions: list[str] = []
@@ -170,6 +175,7 @@ class _Run:
         self.turns: list[Turn] = []
         self.used = 0
         self.solutions: list[str] = []
+        self.questioned: set[str] = set()  # numbers the critic's number check questioned
         self.answer: str | None = None
         self.error: str | None = None
         self.started = time.perf_counter()
@@ -188,7 +194,7 @@ class _Run:
         return turn.finish == "token_budget" or (left is not None and left <= 0)
 
     def failed(self, turn: Turn) -> str | None:
-        if turn.finish in FAILURES:
+        if turn.finish in (*FAILURES, "context_full"):
             self.error = turn.error
             return turn.finish
         return "interrupted" if self.options.cancelled() else None
@@ -242,7 +248,7 @@ class _Run:
             else:
                 check = self.add(
                     critic.check(self.critic_question, turn.text, self.options, round=round_,
-                                 budget=self.budget_left())
+                                 budget=self.budget_left(), questioned=self.questioned)
                 )
                 if check.verdict == AGREE or answers_equivalent(check.answer, turn.answer):
                     return "agreed", True, round_

@@ -12,7 +12,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from duet.agents.backends import BackendError, Completion, Message, TextCallback
+from duet.agents.backends import CONTEXT_FULL_HINTS, BackendError, Completion, ContextFullError, Message, TextCallback
 
 _ENGINES: dict[tuple, Any] = {}
 _ENGINES_LOCK = threading.Lock()
@@ -59,7 +59,8 @@ class LocalBackend:
             params = SamplingParams(max_new_tokens=max_tokens, temperature=temperature, seed=seed, stop=list(stop))
             r = self.engine.submit(prompt, params, on_text=on_text, cancel=cancel)
         except ValueError as e:  # the prompt does not fit the context, bad sampling values
-            raise BackendError(f"{self.name}: {e}") from None
+            error = ContextFullError if any(h in str(e) for h in CONTEXT_FULL_HINTS) else BackendError
+            raise error(f"{self.name}: {e}") from None
         if r.finish_reason == "error":
             raise BackendError(f"{self.name}: generation failed ({r.error})")
         return Completion(text=r.text, finish_reason=r.finish_reason, stop_string=r.stop_string,

@@ -41,8 +41,10 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from duet.agents.backends import (
+    CONTEXT_FULL_HINTS,
     BackendError,
     Completion,
+    ContextFullError,
     Message,
     StreamCutter,
     TextCallback,
@@ -211,7 +213,8 @@ class OpenAIBackend:
         if response.status != 200:
             detail = _error_message(self._read_all(response, limit=4000)) or response.reason
             conn.close()
-            raise BackendError(f"{self.base_url}: HTTP {response.status}: {detail}")
+            full = response.status == 400 and any(h in detail.lower() for h in CONTEXT_FULL_HINTS)
+            raise (ContextFullError if full else BackendError)(f"{self.base_url}: HTTP {response.status}: {detail}")
         return conn, response
 
     def _network_error(self, error: BaseException) -> BackendError:

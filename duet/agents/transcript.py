@@ -33,12 +33,13 @@ class Turn:
     """One agent turn: the request messages, the assistant message it wrote, and what it means.
 
     ``finish`` is why the turn ended: "eos" (the model ended it), "length" (max_tokens for the turn),
-    "token_budget", "max_steps", "interrupted", "backend_error" or "sandbox_error".
+    "token_budget", "max_steps", "interrupted", "context_full" (the conversation no longer fits the
+    model's context), "backend_error" or "sandbox_error".
     """
 
     agent: str  # "solver" | "critic"
     round: int
-    task: str  # "solve" | "revise" | "follow_up" | "critique"
+    task: str  # "solve" | "revise" | "follow_up" | "critique" | "number_check" (the critic's model-free check)
     model: str
     messages: list[dict[str, str]]  # the conversation sent to the model, before this reply
     text: str = ""  # the whole assistant message: steps, code blocks, output blocks, answer

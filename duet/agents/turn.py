@@ -16,7 +16,7 @@ from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from duet.agents.backends import Backend, BackendError, Message, one_line
+from duet.agents.backends import Backend, BackendError, ContextFullError, Message, one_line
 from duet.agents.events import Emitter, EventCallback, log
 from duet.agents.protocol import (
     NO_CODE,
@@ -156,6 +156,8 @@ class _TurnLoop:
                 on_text=self.emit.delta,
                 cancel=opts.cancel,
             )
+        except ContextFullError as error:
+            return self._finish("context_full", str(error))
         except BackendError as error:
             return self._finish("backend_error", str(error))
         except Exception as error:  # a backend bug must still end in a clear result

@@ -11,8 +11,9 @@ Problems come from three sources:
 Each problem becomes chat conversations rendered through the same prompts (`duet.prompts`) and
 protocol (`duet.agents.protocol`) as a live dialogue, with code outputs obtained by running the
 code: a solver turn; a critic turn on a correct or a deliberately wrong solution (wrong operation,
-swapped numbers, wrong quantity) ending in `VERDICT: AGREE` / `VERDICT: DISAGREE: reason`; and a
-revision turn where the solver fixes a rejected solution. Only the final assistant message is
+swapped numbers, wrong quantity) ending in `VERDICT: AGREE` / `VERDICT: DISAGREE: reason`; a
+revision turn where the solver fixes a rejected solution; and a revision after the critic's number
+check (`duet.agents.grounding`) rejected a solution with a miscopied number. Only the final assistant message is
 trained on, and within it only what the model writes (not the output blocks duet writes).
 
 A fixed dev split of the real problems (by source row) is never trained on.
@@ -33,6 +34,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from duet.agents.critic import NO_ANSWER_REASON
+from duet.agents.grounding import number_check_reason, ungrounded_numbers
 from duet.agents.protocol import format_cell, format_output
 from duet.prompts import Prompts, load_prompts
 
@@ -148,7 +150,7 @@ class Conversation:
     """Messages of one training example; the last assistant message is the target."""
 
     messages: list[dict]
-    kind: str  # solve | critique_correct | critique_wrong | revise
+    kind: str  # solve | critique_correct | critique_wrong | revise | revise_numbers
 
 
 def _solve(prompts: Prompts, question: str, solution: str) -> Conversation:
@@ -172,12 +174,64 @@ def _critique(prompts: Prompts, question: str, solution: str, check: str, kind: 
                          {"role": "assistant", "content": check}], kind)
 
 
+def _number_check_revision(prompts: Prompts, question: str, rejected: str, solution: str) -> Conversation | None:
+    """The revision the dialogue asks for when the number check rejects `rejected`; None when it passes."""
+    ungrounded = ungrounded_numbers(question, rejected)
+    if not ungrounded:
+        return None
+    revision = _revise(prompts, question, rejected, number_check_reason(ungrounded), solution)
+    revision.kind = "revise_numbers"
+    return revision
+
+
+MISCOPY_RATE = 0.5  # of problems that also yield a number-check revision
+
+
+def miscopy(number: str, rng: random.Random) -> str | None:
+    """`number` miscopied the way a small model does: a digit added, dropped, changed, or two swapped."""
+    digits = [i for i, c in enumerate(number) if c.isdigit()]
+    how = rng.choice(["add", "drop", "change", "swap"])
+    i = rng.choice(digits)
+    if how == "add":
+        out = number[:i] + str(rng.randint(0, 9)) + number[i:]
+    elif how == "drop" and len(digits) > 1:
+        out = number[:i] + number[i + 1:]
+    elif how == "swap" and i + 1 < len(number) and number[i + 1].isdigit() and number[i] != number[i + 1]:
+        out = number[:i] + number[i + 1] + number[i] + number[i + 2:]
+    else:
+        out = number[:i] + rng.choice([d for d in "0123456789" if d != number[i]]) + number[i + 1:]
+    if out == number or out.startswith(".") or out.endswith(".") or re.match(r"0\d", out):
+        return None
+    return out
+
+
+def miscopied_cells(problem: Problem, rng: random.Random) -> list[Cell] | None:
+    """The reference cells with one number that the question gives miscopied (None if none can be)."""
+    spots = [(i, m) for i, (_, code) in enumerate(problem.cells) for m in _NUMBER.finditer(code)
+             if m.group() in problem.question]
+    if not spots:
+        return None
+    i, m = rng.choice(spots)
+    wrong = miscopy(m.group(), rng)
+    if wrong is None:
+        return None
+    step, code = problem.cells[i]
+    return [*problem.cells[:i], (step, code[:m.start()] + wrong + code[m.end():]), *problem.cells[i + 1:]]
+
+
 def conversations(problem: Problem, prompts: Prompts, rng: random.Random) -> Iterator[Conversation]:
     """The solver, critic and revision examples that one problem yields."""
     solution, answer = solution_text(problem.cells)
     if answer is None:
         return
     yield _solve(prompts, problem.question, solution)
+    if (rng.random() < MISCOPY_RATE and not ungrounded_numbers(problem.question, solution)
+            and (cells := miscopied_cells(problem, rng))):
+        rejected, rejected_answer = solution_text(cells)
+        if rejected_answer is not None and rejected_answer != answer:
+            revision = _number_check_revision(prompts, problem.question, rejected, solution)
+            if revision is not None:
+                yield revision
     if rng.random() < 0.5 or not problem.wrong:
         text, _ = critic_text(problem, answer)
         yield _critique(prompts, problem.question, solution, text, "critique_correct")
@@ -231,6 +285,11 @@ def attempt_conversations(attempt: Attempt, prompts: Prompts) -> Iterator[Conver
         return
     if attempt.answer is None:
         critique = NO_ANSWER_REASON  # the dialogue asks for a revision without asking the critic
+    elif (revision := _number_check_revision(prompts, problem.question, attempt.solution, reference)):
+        yield revision  # the number check rejects it before the critic model sees it
+        if not attempt.correct:
+            yield _solve(prompts, problem.question, reference)
+        return
     else:
         text, critique = critic_text(problem, attempt.answer)
         kind = "critique_wrong" if critique else "critique_correct"

@@ -11,8 +11,8 @@ The ``--json`` object is ``DialogueResult.to_dict()`` (duet.agents.transcript) p
     answer             the final answer (the agreed one; else the solver's last), or null
     agreed             true when the critic agreed
     rounds             solver turns
-    stop_reason        agreed | max_rounds | token_budget | repeated_reply | no_answer | backend_error |
-                       sandbox_error | no_critic | interrupted
+    stop_reason        agreed | max_rounds | token_budget | repeated_reply | no_answer | context_full |
+                       backend_error | sandbox_error | no_critic | interrupted
     error              one line when stop_reason is an error, else null
     solver_model, critic_model (null without a critic)
     prompt_tokens, completion_tokens, seconds

@@ -1,0 +1,58 @@
+"""The critic's number check: which numbers a solution's code uses that the problem does not give."""
+
+from __future__ import annotations
+
+from fractions import Fraction
+
+from duet.agents.grounding import (
+    code_numbers,
+    number_check_reason,
+    question_numbers,
+    ungrounded_numbers,
+)
+
+
+def solution(code: str) -> str:
+    return f"Compute.\n```python\n{code}\n```\n```output\n1\n```\nThe answer is \\boxed{{1}}."
+
+
+def test_question_numbers_read_digits_commas_percents_and_words():
+    given = question_numbers("A farm sold 1,200 eggs at $3.50 a dozen, 25% of them brown, and five more on Monday.")
+    assert {Fraction(1200), Fraction("3.50"), Fraction(12), Fraction(25), Fraction(1, 4), Fraction(5)} <= set(given)
+    assert given[Fraction(1200)] == "1200" and given[Fraction(5)] == "five"
+    assert Fraction(1, 2) in question_numbers("He ate half of the pie.")
+    assert Fraction("0.5") in question_numbers("Each costs .5 dollars.")
+
+
+def test_code_numbers_are_literals_only():
+    code = 'x = 809 + 3_000  # not 77\nprint("total 55", x * 2.5)\ny = -4'
+    assert [(v, t) for v, t in code_numbers(code)] == [
+        (Fraction(809), "809"), (Fraction(3000), "3000"), (Fraction(5, 2), "2.5"), (Fraction(4), "4")]
+    assert code_numbers("answer = (") == []  # a syntax error: nothing to check
+
+
+def test_a_miscopied_number_is_found_with_the_problems_closest_number():
+    question = ("Milford Lake was originally blue because it only had 809 algae plants. Now there are 3263 "
+                "algae plants. How many more algae plants are in Milford Lake now?")
+    found = ungrounded_numbers(question, solution("answer = 8093 - 809\nprint(answer)"))
+    assert [(u.value, u.closest) for u in found] == [("8093", "809")]
+    assert number_check_reason(found) == (
+        "the code uses 8093 (did you mean 809?), not a number of the problem; copy the numbers exactly.")
+    assert ungrounded_numbers(question, solution("answer = 3263 - 809\nprint(answer)")) == []
+
+
+def test_constants_percentages_words_and_outputs_are_not_flagged():
+    q = "Ana works 3 hours a day for two weeks at $12.50 an hour and saves 20% of it. How much does she save?"
+    code = "days = 2 * 7\nhours = 3 * days\npay = hours * 12.50\nanswer = pay * 0.2\nprint(answer, 60 * hours)"
+    assert ungrounded_numbers(q, solution(code)) == []
+    # numbers in the output block and the prose are not code
+    text = solution("print(3 * 12.5)") + "\nThat is 37.5, about 40."
+    assert ungrounded_numbers(q, text) == []
+
+
+def test_each_number_is_reported_once_in_order_and_decimals_are_exact():
+    q = "A rope is 34.26 m long and another is 11.42 m. How long are both?"
+    found = ungrounded_numbers(q, solution("a = 34.2\nb = 11.42\nprint(a + b + 34.2 + 77)"))
+    assert [u.value for u in found] == ["34.2", "77"] and found[0].closest == "34.26"
+    assert [u.closest for u in ungrounded_numbers("No numbers here.", solution("print(77)"))] == [None]
+    assert "77, not a number" in number_check_reason(ungrounded_numbers("None.", solution("print(77)")))
