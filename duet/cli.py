@@ -76,6 +76,9 @@ CriticModelName = Annotated[Optional[str], typer.Option("--critic-model-name", m
                             help="Critic's model name on the server.")]
 Critic = Annotated[Optional[bool], typer.Option("--critic/--no-critic",
                    help="Run the critic, or the solver alone [default: critic].", show_default=False)]
+NumberCheck = Annotated[Optional[bool], typer.Option("--number-check/--no-number-check",
+                        help="The critic first rejects code numbers the problem never gives [default: on].",
+                        show_default=False)]
 MaxRounds = Annotated[Optional[int], typer.Option("--max-rounds", metavar="N",
                       help="Solver turns the critic checks before giving up [default: 3].")]
 MaxTokens = Annotated[Optional[int], typer.Option("--max-tokens", metavar="N",
@@ -106,7 +109,7 @@ Json = Annotated[bool, typer.Option("--json", help="Print one JSON object on std
 def _flags(values: dict[str, Any]) -> dict[str, Any]:
     """The settings given on the command line (the keys of duet.ui.settings.KEYS)."""
     names = ("model", "backend", "base_url", "model_name", "critic_model", "critic_backend", "critic_base_url",
-             "critic_model_name", "critic", "max_rounds", "max_tokens", "max_steps", "temperature", "seed",
+             "critic_model_name", "critic", "number_check", "max_rounds", "max_tokens", "max_steps", "temperature", "seed",
              "device", "dtype", "mtp", "timeout", "memory", "sandbox", "log")
     return {k: values[k] for k in names if k in values}
 
@@ -161,6 +164,7 @@ def solve(
     critic_model_name: CriticModelName = None,
     replies: Replies = None,
     critic: Critic = None,
+    number_check: NumberCheck = None,
     max_rounds: MaxRounds = None,
     max_tokens: MaxTokens = None,
     max_steps: MaxSteps = None,
@@ -205,6 +209,7 @@ def repl(
     critic_model_name: CriticModelName = None,
     replies: Replies = None,
     critic: Critic = None,
+    number_check: NumberCheck = None,
     max_rounds: MaxRounds = None,
     max_tokens: MaxTokens = None,
     max_steps: MaxSteps = None,

@@ -94,6 +94,19 @@ def test_json_is_one_documented_object_and_nothing_else(home):
     assert r.stderr == ""
 
 
+def test_the_number_check_shows_as_a_critic_turn_and_can_be_turned_off(home):
+    miscopied = "Add them.\n```python\nprint(28 + 4 * 12)\n```\n```output\n(placeholder)\n```\nSo \\boxed{76}."
+    r = duet(home, "solve", QUESTION, "--no-log", "--backend",
+             f"scripted:{replies(home, miscopied, SOLVE_WITH_CODE, AGREE)}")
+    assert r.returncode == 0, r.stderr
+    assert "verdict: disagree" in r.stdout and "the code uses 28 (did you mean 23?)" in r.stdout
+    assert "answer: 71\nagreed: yes · 2 rounds · stop: agreed" in r.stdout
+    off = duet(home, "solve", "--json", QUESTION, "--no-log", "--no-number-check", "--backend",
+               f"scripted:{replies(home, miscopied, AGREE, name='off.json')}")
+    data = json.loads(off.stdout)
+    assert [t["task"] for t in data["turns"]] == ["solve", "critique"] and data["config"]["number_check"] is False
+
+
 def test_quiet_prints_only_the_answer_and_stdin_is_read(home):
     r = duet(home, "solve", "-q", "--backend", f"scripted:{replies(home, SOLVE, AGREE)}", stdin=QUESTION + "\n")
     assert (r.returncode, r.stdout, r.stderr) == (0, "71\n", "")

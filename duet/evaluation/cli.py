@@ -121,6 +121,9 @@ def run_command(
                                     show_default=False),
     max_rounds: int = typer.Option(None, "--max-rounds", metavar="N", help="Solver turns the critic checks "
                                    "[default: 3].", show_default=False),
+    number_check: bool = typer.Option(None, "--number-check/--no-number-check", show_default=False,
+                                      help="The critic first rejects code numbers the problem never gives "
+                                      "[default: on]."),
     max_steps: int = typer.Option(None, "--max-steps", metavar="N", help="Code cells per turn [default: 8].",
                                   show_default=False),
     max_tokens: int = typer.Option(None, "--max-tokens", metavar="N", help="Generated tokens per turn "
@@ -158,7 +161,7 @@ def run_command(
     stdout, stderr = _consoles()
     flags = {"model": model, "backend": backend, "base_url": base_url, "model_name": model_name,
              "critic_model": critic_model, "critic_backend": critic_backend, "critic_base_url": critic_base_url,
-             "critic_model_name": critic_model_name, "max_rounds": max_rounds, "max_tokens": max_tokens,
+             "critic_model_name": critic_model_name, "number_check": number_check, "max_rounds": max_rounds, "max_tokens": max_tokens,
              "max_steps": max_steps, "temperature": temperature, "seed": seed, "device": device, "dtype": dtype,
              "mtp": mtp, "timeout": timeout, "memory": memory}
     try:
@@ -177,7 +180,7 @@ def run_command(
             dialogue=DialogueConfig(max_rounds=settings.max_rounds, max_steps=settings.max_steps,
                                     max_tokens=settings.max_tokens, token_budget=token_budget,
                                     temperature=settings.temperature, seed=settings.seed,
-                                    sandbox_timeout=settings.timeout, sandbox_memory_mb=settings.memory,
+                                    number_check=settings.number_check, sandbox_timeout=settings.timeout, sandbox_memory_mb=settings.memory,
                                     sandbox_isolation=sandbox_isolation, prompt_dir=prompt_dir),
             sc_temperature=sc_temperature,
             backend_options={**backend_options(specs.solver, settings), **extra},

@@ -144,6 +144,7 @@ def dialogue_config(settings: Settings, **overrides: Any) -> Any:
         temperature=settings.temperature,
         seed=settings.seed,
         critic=settings.critic,
+        number_check=settings.number_check,
         sandbox_timeout=settings.timeout,
         sandbox_memory_mb=settings.memory,
         sandbox_isolation=settings.sandbox,

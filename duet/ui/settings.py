@@ -63,6 +63,7 @@ KEYS: tuple[Key, ...] = (
     Key("critic_base_url", "str", None, "critic's OpenAI-compatible server URL"),
     Key("critic_model_name", "str", None, "critic's model name on that server"),
     Key("critic", "bool", True, "run the critic (false: solver only)"),
+    Key("number_check", "bool", True, "the critic rejects code numbers the problem never gives, before its model"),
     Key("max_rounds", "int", 3, "solver turns the critic checks before giving up", minimum=1),
     Key("max_tokens", "int", 1024, "generated tokens per turn", minimum=1),
     Key("max_steps", "int", 8, "code cells per turn", minimum=1),
