@@ -109,8 +109,8 @@ Json = Annotated[bool, typer.Option("--json", help="Print one JSON object on std
 def _flags(values: dict[str, Any]) -> dict[str, Any]:
     """The settings given on the command line (the keys of duet.ui.settings.KEYS)."""
     names = ("model", "backend", "base_url", "model_name", "critic_model", "critic_backend", "critic_base_url",
-             "critic_model_name", "critic", "number_check", "max_rounds", "max_tokens", "max_steps", "temperature", "seed",
-             "device", "dtype", "mtp", "timeout", "memory", "sandbox", "log")
+             "critic_model_name", "critic", "number_check", "max_rounds", "max_tokens", "max_steps", "temperature",
+             "seed", "device", "dtype", "mtp", "timeout", "memory", "sandbox", "log")
     return {k: values[k] for k in names if k in values}
 
 

@@ -161,9 +161,9 @@ def run_command(
     stdout, stderr = _consoles()
     flags = {"model": model, "backend": backend, "base_url": base_url, "model_name": model_name,
              "critic_model": critic_model, "critic_backend": critic_backend, "critic_base_url": critic_base_url,
-             "critic_model_name": critic_model_name, "number_check": number_check, "max_rounds": max_rounds, "max_tokens": max_tokens,
-             "max_steps": max_steps, "temperature": temperature, "seed": seed, "device": device, "dtype": dtype,
-             "mtp": mtp, "timeout": timeout, "memory": memory}
+             "critic_model_name": critic_model_name, "number_check": number_check, "max_rounds": max_rounds,
+             "max_tokens": max_tokens, "max_steps": max_steps, "temperature": temperature, "seed": seed,
+             "device": device, "dtype": dtype, "mtp": mtp, "timeout": timeout, "memory": memory}
     try:
         from duet.ui.session import backend_options, backend_specs
         from duet.ui.settings import load_settings
@@ -180,7 +180,8 @@ def run_command(
             dialogue=DialogueConfig(max_rounds=settings.max_rounds, max_steps=settings.max_steps,
                                     max_tokens=settings.max_tokens, token_budget=token_budget,
                                     temperature=settings.temperature, seed=settings.seed,
-                                    number_check=settings.number_check, sandbox_timeout=settings.timeout, sandbox_memory_mb=settings.memory,
+                                    number_check=settings.number_check, sandbox_timeout=settings.timeout,
+                                    sandbox_memory_mb=settings.memory,
                                     sandbox_isolation=sandbox_isolation, prompt_dir=prompt_dir),
             sc_temperature=sc_temperature,
             backend_options={**backend_options(specs.solver, settings), **extra},
