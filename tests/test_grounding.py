@@ -5,9 +5,11 @@ from __future__ import annotations
 from fractions import Fraction
 
 from duet.agents.grounding import (
+    check_numbers,
     code_numbers,
     number_check_reason,
     question_numbers,
+    reused_numbers,
     ungrounded_numbers,
 )
 
@@ -34,11 +36,11 @@ def test_code_numbers_are_literals_only():
 def test_a_miscopied_number_is_found_with_the_problems_closest_number():
     question = ("Milford Lake was originally blue because it only had 809 algae plants. Now there are 3263 "
                 "algae plants. How many more algae plants are in Milford Lake now?")
-    found = ungrounded_numbers(question, solution("answer = 8093 - 809\nprint(answer)"))
-    assert [(u.value, u.closest) for u in found] == [("8093", "809")]
-    assert number_check_reason(found) == (
-        "the code uses 8093 (did you mean 809?), not a number of the problem; copy the numbers exactly.")
-    assert ungrounded_numbers(question, solution("answer = 3263 - 809\nprint(answer)")) == []
+    found = check_numbers(question, solution("answer = 8093 - 809\nprint(answer)"))
+    assert [f.key for f in found] == ["8093"]
+    assert number_check_reason(found) == ("the code uses 8093 (did you mean 809?), not a number of the problem; "
+                                          "use the problem's numbers exactly as given.")
+    assert check_numbers(question, solution("answer = 3263 - 809\nprint(answer)")) == []
 
 
 def test_constants_percentages_words_and_outputs_are_not_flagged():
@@ -53,6 +55,18 @@ def test_constants_percentages_words_and_outputs_are_not_flagged():
 def test_each_number_is_reported_once_in_order_and_decimals_are_exact():
     q = "A rope is 34.26 m long and another is 11.42 m. How long are both?"
     found = ungrounded_numbers(q, solution("a = 34.2\nb = 11.42\nprint(a + b + 34.2 + 77)"))
-    assert [u.value for u in found] == ["34.2", "77"] and found[0].closest == "34.26"
-    assert [u.closest for u in ungrounded_numbers("No numbers here.", solution("print(77)"))] == [None]
-    assert "77, not a number" in number_check_reason(ungrounded_numbers("None.", solution("print(77)")))
+    assert [f.key for f in found] == ["34.2", "77"] and "34.2 (did you mean 34.26?)" in found[0].message
+    [alone] = ungrounded_numbers("No numbers here.", solution("print(77)"))
+    assert alone.message == "the code uses 77, not a number of the problem"
+
+
+def test_a_number_the_problem_gives_once_on_both_sides_of_minus_or_divide():
+    q = "532 people are watching a movie. The theater has 750 seats. How many seats are empty?"
+    [found] = reused_numbers(q, solution("answer = 532 - 532\nprint(answer)"))
+    assert (found.key, found.message) == ("532 - 532", "the code computes 532 - 532, but the problem gives 532 only once")
+    assert check_numbers(q, solution("print(750 / 750, 532 - 532, 532 - 532)")) == [
+        reused_numbers(q, solution("print(750 / 750)"))[0], found]
+    # given twice, or squared: fine
+    assert reused_numbers("Jack has 4 friends and 4 cookies. How many each?", solution("print(4 / 4)")) == []
+    assert reused_numbers("A square has side 5. What is its area?", solution("print(5 * 5)")) == []
+    assert reused_numbers(q, solution("a = 532\nprint(a - a)")) == []  # names, not literals

@@ -6,9 +6,10 @@ protocol in its own sandbox session. The verdict is read by :func:`duet.agents.p
 the critic's own ``\boxed{}`` answer (if any) lets the dialogue detect agreement by equivalence.
 
 Before the model is asked, the *number check* (:mod:`duet.agents.grounding`, on unless
-``number_check=False``) looks for numbers in the solution's code that the problem does not give. When
-it finds some, the check is a model-free turn (``task="number_check"``, model ``duet:number-check``)
-that disagrees and names the numbers and the problem's closest ones. A checker built from the same
+``number_check=False``) looks for numbers in the solution's code that the problem does not give, or
+that it gives once and the code uses on both sides of ``-`` or ``/``. When it finds some, the check
+is a model-free turn (``task="number_check"``, model ``duet:number-check``) that disagrees and says
+what it found (with the problem's closest number for one it does not give). A checker built from the same
 model as the solver tends to miscopy the same way, so this is the one error it cannot catch itself.
 A number is questioned once per dialogue (``questioned``): a revision that keeps it (the solver may
 have a reason, e.g. an intermediate result written out) goes to the model's check.
@@ -18,7 +19,7 @@ from __future__ import annotations
 
 from duet.agents.backends import Backend
 from duet.agents.events import Emitter
-from duet.agents.grounding import number_check_reason, ungrounded_numbers
+from duet.agents.grounding import check_numbers, number_check_reason
 from duet.agents.protocol import DISAGREE, Verdict, parse_verdict
 from duet.agents.transcript import Turn
 from duet.agents.turn import TurnOptions, end_turn, run_turn
@@ -52,11 +53,11 @@ class Critic:
             {"role": "user", "content": self.prompts.critic_request(question, solution)},
         ]
         questioned = set() if questioned is None else questioned
-        ungrounded = [u for u in (ungrounded_numbers(question, solution) if self.number_check else [])
-                      if u.value not in questioned]
-        if ungrounded:
-            questioned.update(u.value for u in ungrounded)
-            reason = number_check_reason(ungrounded)
+        findings = [f for f in (check_numbers(question, solution) if self.number_check else [])
+                    if f.key not in questioned]
+        if findings:
+            questioned.update(f.key for f in findings)
+            reason = number_check_reason(findings)
             turn = Turn("critic", round, "number_check", NUMBER_CHECK_MODEL, messages,
                         text=f"Check the numbers against the problem.\nVERDICT: DISAGREE: {reason}")
             Emitter(options.on_event, "critic", round)("turn_start", model=turn.model, task=turn.task)

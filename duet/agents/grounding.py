@@ -1,21 +1,26 @@
-"""The number check: numbers a solution's code uses that the question never gives.
+"""The number check: numbers a solution's code gets wrong in ways that need no model to see.
 
-A small model's most common slip on word problems is miscopying a number (809 becomes 8093, 378
-becomes 678): the arithmetic is then right, the answer wrong, and a checker from the same model
-usually miscopies the same way. This check is exact and costs no model call: it reads the numeric
-literals of the solution's code blocks (with :mod:`ast`, so numbers inside strings and comments do
-not count) and reports those that are neither in the question nor common constants.
+A small model's most common slips on word problems are in copying numbers: 809 becomes 8093, 378
+becomes 678, or one number is written twice (``532 - 532`` for "750 seats, 532 people"). The
+arithmetic is then right and the answer wrong, and a checker built from the same model usually
+slips the same way. This check is exact and costs no model call. It reads the numeric literals of
+the solution's code blocks (with :mod:`ast`, so numbers inside strings and comments do not count)
+and finds:
 
-A number is *given* by the question when it appears there as digits (``1,200``, ``3.5``, ``25%``
-also gives 0.25), as a number word (``five``, ``dozen``, ``half``), or as a small integer or common
-conversion factor (:data:`CONSTANTS`), which a correct solution may use without the question
-saying so.
+* *ungrounded* numbers: neither in the problem nor common constants;
+* *reused* numbers: ``a - a`` or ``a / a`` (always 0 or 1) where the problem gives ``a`` only once.
+
+A number is *given* by the problem when it appears there as digits (``1,200``, ``3.5``, ``25%``
+also gives 0.25), as a number word (``five``, ``dozen``, ``half``), or is a small integer or common
+conversion factor (:data:`CONSTANTS`), which a correct solution may use without the problem saying
+so.
 """
 
 from __future__ import annotations
 
 import ast
 import re
+from collections import Counter
 from dataclasses import dataclass
 from fractions import Fraction
 
@@ -40,28 +45,35 @@ _WORDS = re.compile(r"[a-z]+")
 
 
 @dataclass(frozen=True)
-class Ungrounded:
-    """A number of the code that the question does not give, and the question's closest one."""
+class Finding:
+    """One thing the number check found: ``key`` identifies it (a number is questioned once per
+    dialogue), ``message`` says it in words for the solver."""
 
-    value: str  # as written in the code
-    closest: str | None  # the question's number most like it (digits), None when it has none
+    key: str
+    message: str
 
 
-def question_numbers(question: str) -> dict[Fraction, str]:
-    """The numbers the question gives, keyed by exact value, with how each is written."""
-    found: dict[Fraction, str] = {}
+def question_mentions(question: str) -> list[tuple[Fraction, str]]:
+    """Every number the problem mentions, in order, with how it is written (``25%`` also gives 0.25)."""
+    found: list[tuple[Fraction, str]] = []
     for match in _DIGITS.finditer(question):
         text = match.group().rstrip(",").replace(",", "")
         try:
             value = Fraction(text)
         except ValueError:
             continue
-        found.setdefault(value, text)
+        found.append((value, text))
         if question[match.end():match.end() + 1] == "%" or question[match.end():match.end() + 8] == " percent":
-            found.setdefault(value / 100, text)
-    for word in _WORDS.findall(question.lower()):
-        if word in NUMBER_WORDS:
-            found.setdefault(Fraction(NUMBER_WORDS[word]), word)
+            found.append((value / 100, text))
+    found += [(Fraction(NUMBER_WORDS[w]), w) for w in _WORDS.findall(question.lower()) if w in NUMBER_WORDS]
+    return found
+
+
+def question_numbers(question: str) -> dict[Fraction, str]:
+    """The numbers the problem gives, keyed by exact value, with how each is first written."""
+    found: dict[Fraction, str] = {}
+    for value, text in question_mentions(question):
+        found.setdefault(value, text)
     return found
 
 
@@ -81,28 +93,57 @@ def code_numbers(code: str) -> list[tuple[Fraction, str]]:
     return [(value, text) for _, value, text in sorted(found, key=lambda item: item[0])]
 
 
-def ungrounded_numbers(question: str, solution: str) -> list[Ungrounded]:
-    """The numbers that ``solution``'s code blocks use and ``question`` does not give (first use order)."""
+def check_numbers(question: str, solution: str) -> list[Finding]:
+    """What the number check finds in ``solution``'s code blocks for ``question`` (first use order)."""
+    return ungrounded_numbers(question, solution) + reused_numbers(question, solution)
+
+
+def ungrounded_numbers(question: str, solution: str) -> list[Finding]:
+    """Numbers the code uses that the problem does not give, each with the problem's closest number."""
     given = question_numbers(question)
     allowed = set(given) | {Fraction(str(c)) for c in CONSTANTS}
-    found: list[Ungrounded] = []
+    written = [t for t in given.values() if t[0].isdigit()]
+    found: list[Finding] = []
     seen: set[Fraction] = set()
     for block in find_code_blocks(solution):
         for value, text in code_numbers(block.code):
             if value in allowed or value in seen:
                 continue
             seen.add(value)
-            found.append(Ungrounded(text, _closest(text, [t for t in given.values() if t[0].isdigit()])))
+            closest = _closest(text, written)
+            hint = f" (did you mean {closest}?)" if closest else ""
+            found.append(Finding(text, f"the code uses {text}{hint}, not a number of the problem"))
     return found
 
 
-def number_check_reason(ungrounded: list[Ungrounded]) -> str:
-    """The one-line critique for ungrounded numbers: which, and what the question has instead."""
-    parts = []
-    for u in ungrounded:
-        hint = f" (did you mean {u.closest}?)" if u.closest else ""
-        parts.append(f"{u.value}{hint}")
-    return f"the code uses {', '.join(parts)}, not a number of the problem; copy the numbers exactly."
+def reused_numbers(question: str, solution: str) -> list[Finding]:
+    """``a - a`` and ``a / a`` in the code (literal operands) where the problem gives ``a`` only once."""
+    counts = Counter(value for value, _ in question_mentions(question))
+    found: list[Finding] = []
+    for block in find_code_blocks(solution):
+        try:
+            tree = ast.parse(block.code)
+        except SyntaxError:
+            continue
+        for node in ast.walk(tree):
+            if not (isinstance(node, ast.BinOp) and isinstance(node.op, (ast.Sub, ast.Div))):
+                continue
+            left, right = node.left, node.right
+            if not (isinstance(left, ast.Constant) and isinstance(right, ast.Constant)
+                    and type(left.value) in (int, float) and left.value == right.value):
+                continue
+            value = Fraction(str(left.value))
+            text = ast.get_source_segment(block.code, left) or repr(left.value)
+            op = "-" if isinstance(node.op, ast.Sub) else "/"
+            key = f"{text} {op} {text}"
+            if counts[value] < 2 and all(f.key != key for f in found):
+                found.append(Finding(key, f"the code computes {key}, but the problem gives {text} only once"))
+    return found
+
+
+def number_check_reason(findings: list[Finding]) -> str:
+    """The one-line critique of the findings."""
+    return "; ".join(f.message for f in findings) + "; use the problem's numbers exactly as given."
 
 
 def _closest(text: str, candidates: list[str]) -> str | None:

@@ -34,7 +34,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from duet.agents.critic import NO_ANSWER_REASON
-from duet.agents.grounding import number_check_reason, ungrounded_numbers
+from duet.agents.grounding import check_numbers, number_check_reason
 from duet.agents.protocol import format_cell, format_output
 from duet.prompts import Prompts, load_prompts
 
@@ -176,10 +176,10 @@ def _critique(prompts: Prompts, question: str, solution: str, check: str, kind: 
 
 def _number_check_revision(prompts: Prompts, question: str, rejected: str, solution: str) -> Conversation | None:
     """The revision the dialogue asks for when the number check rejects `rejected`; None when it passes."""
-    ungrounded = ungrounded_numbers(question, rejected)
-    if not ungrounded:
+    findings = check_numbers(question, rejected)
+    if not findings:
         return None
-    revision = _revise(prompts, question, rejected, number_check_reason(ungrounded), solution)
+    revision = _revise(prompts, question, rejected, number_check_reason(findings), solution)
     revision.kind = "revise_numbers"
     return revision
 
@@ -205,18 +205,29 @@ def miscopy(number: str, rng: random.Random) -> str | None:
     return out
 
 
+_LITERAL_PAIR = re.compile(r"(?<![\w.])(\d+(?:\.\d+)?) ([-/]) (\d+(?:\.\d+)?)(?![\w.])")
+
+
 def miscopied_cells(problem: Problem, rng: random.Random) -> list[Cell] | None:
-    """The reference cells with one number that the question gives miscopied (None if none can be)."""
-    spots = [(i, m) for i, (_, code) in enumerate(problem.cells) for m in _NUMBER.finditer(code)
-             if m.group() in problem.question]
-    if not spots:
-        return None
-    i, m = rng.choice(spots)
-    wrong = miscopy(m.group(), rng)
-    if wrong is None:
-        return None
+    """The reference cells with a number of the question miscopied (a digit slip, or one operand of a
+    `-` or `/` written twice, as in `532 - 532`); None if there is nothing to miscopy."""
+    pairs = [(i, m) for i, (_, code) in enumerate(problem.cells) for m in _LITERAL_PAIR.finditer(code)
+             if m.group(1) != m.group(3)]
+    if pairs and rng.random() < 0.3:
+        i, m = rng.choice(pairs)
+        kept = m.group(rng.choice([1, 3]))
+        start, end, wrong = m.start(), m.end(), f"{kept} {m.group(2)} {kept}"
+    else:
+        spots = [(i, m) for i, (_, code) in enumerate(problem.cells) for m in _NUMBER.finditer(code)
+                 if m.group() in problem.question]
+        if not spots:
+            return None
+        i, m = rng.choice(spots)
+        start, end, wrong = m.start(), m.end(), miscopy(m.group(), rng)
+        if wrong is None:
+            return None
     step, code = problem.cells[i]
-    return [*problem.cells[:i], (step, code[:m.start()] + wrong + code[m.end():]), *problem.cells[i + 1:]]
+    return [*problem.cells[:i], (step, code[:start] + wrong + code[end:]), *problem.cells[i + 1:]]
 
 
 def conversations(problem: Problem, prompts: Prompts, rng: random.Random) -> Iterator[Conversation]:
@@ -225,7 +236,7 @@ def conversations(problem: Problem, prompts: Prompts, rng: random.Random) -> Ite
     if answer is None:
         return
     yield _solve(prompts, problem.question, solution)
-    if (rng.random() < MISCOPY_RATE and not ungrounded_numbers(problem.question, solution)
+    if (rng.random() < MISCOPY_RATE and not check_numbers(problem.question, solution)
             and (cells := miscopied_cells(problem, rng))):
         rejected, rejected_answer = solution_text(cells)
         if rejected_answer is not None and rejected_answer != answer:
