@@ -63,7 +63,8 @@ def test_each_number_is_reported_once_in_order_and_decimals_are_exact():
 def test_a_number_the_problem_gives_once_on_both_sides_of_minus_or_divide():
     q = "532 people are watching a movie. The theater has 750 seats. How many seats are empty?"
     [found] = reused_numbers(q, solution("answer = 532 - 532\nprint(answer)"))
-    assert (found.key, found.message) == ("532 - 532", "the code computes 532 - 532, but the problem gives 532 only once")
+    assert found.key == "532 - 532"
+    assert found.message == "the code computes 532 - 532, but the problem gives 532 only once"
     assert check_numbers(q, solution("print(750 / 750, 532 - 532, 532 - 532)")) == [
         reused_numbers(q, solution("print(750 / 750)"))[0], found]
     # given twice, or squared: fine
