@@ -22,6 +22,7 @@ def test_question_numbers_read_digits_commas_percents_and_words():
     given = question_numbers("A farm sold 1,200 eggs at $3.50 a dozen, 25% of them brown, and five more on Monday.")
     assert {Fraction(1200), Fraction("3.50"), Fraction(12), Fraction(25), Fraction(1, 4), Fraction(5)} <= set(given)
     assert given[Fraction(1200)] == "1200" and given[Fraction(5)] == "five"
+    assert {Fraction("1.05"), Fraction("0.95")} <= set(question_numbers("It grows 5% a year."))
     assert Fraction(1, 2) in question_numbers("He ate half of the pie.")
     assert Fraction("0.5") in question_numbers("Each costs .5 dollars.")
 

@@ -10,8 +10,8 @@ and finds:
 * *ungrounded* numbers: neither in the problem nor common constants;
 * *reused* numbers: ``a - a`` or ``a / a`` (always 0 or 1) where the problem gives ``a`` only once.
 
-A number is *given* by the problem when it appears there as digits (``1,200``, ``3.5``, ``25%``
-also gives 0.25), as a number word (``five``, ``dozen``, ``half``), or is a small integer or common
+A number is *given* by the problem when it appears there as digits (``1,200``, ``3.5``; ``5%``
+also gives 0.05, 1.05 and 0.95), as a number word (``five``, ``dozen``, ``half``), or is a small integer or common
 conversion factor (:data:`CONSTANTS`), which a correct solution may use without the problem saying
 so.
 """
@@ -64,7 +64,7 @@ def question_mentions(question: str) -> list[tuple[Fraction, str]]:
             continue
         found.append((value, text))
         if question[match.end():match.end() + 1] == "%" or question[match.end():match.end() + 8] == " percent":
-            found.append((value / 100, text))
+            found += [(value / 100, text), (1 + value / 100, text), (1 - value / 100, text)]  # 1.05 ** years
     found += [(Fraction(NUMBER_WORDS[w]), w) for w in _WORDS.findall(question.lower()) if w in NUMBER_WORDS]
     return found
 
