@@ -1,4 +1,5 @@
-"""`duet bench`: generation speed of duet's engine, with and without MTP, and of transformers' `generate`.
+"""`duet bench`: generation speed of duet's engine, with and without MTP (and compiled), and of transformers'
+`generate`.
 
 Everything is measured in one run on the same checkpoint and thread count, so the ratios hold on a
 noisy shared machine. Greedy decoding, EOS ignored, so every configuration generates the same number
@@ -91,15 +92,23 @@ def _prompts(engine, texts: list[str], batch: int, context: int | None) -> list[
 
 def run_bench(model_path: Path, batches: list[int], contexts: list[int | None], new_tokens: int,
               vs_transformers: bool, device: str, dtype_name: str, prompts: list[str],
-              mtp_depths: tuple[int, ...] = (1,), threads: int | None = None) -> dict:
+              mtp_depths: tuple[int, ...] = (1,), threads: int | None = None, compile: bool = False) -> dict:
     import torch
 
-    from duet.engine import Engine
+    from duet.engine import Engine, SamplingParams
 
     dtype = getattr(torch, dtype_name)
     engine = Engine.load(model_path, device=device, dtype=dtype, max_batch=max(batches), threads=threads)
     if engine.threads:  # transformers runs in this thread: give it the engine's thread count
         torch.set_num_threads(engine.threads)
+    compiled, compile_s = None, None
+    if compile:  # the same model, decoding plain steps through torch.compile; compiled apart from the timing
+        compiled = Engine(engine.model, engine.tokenizer, max_batch=max(batches), use_mtp=False, threads=threads,
+                          compile=True)
+        t0 = _now()
+        for n in sorted({1, min(2, max(batches))}):  # the graphs for one row and for several
+            compiled.generate(_prompts(engine, prompts, n, None), SamplingParams(max_new_tokens=3, stop_at_eos=False))
+        compile_s = _now() - t0
     rows = []
     for context in contexts:
         for batch in batches:
@@ -108,12 +117,17 @@ def run_bench(model_path: Path, batches: list[int], contexts: list[int | None], 
             for depth in mtp_depths if len(engine.model.mtp) else ():
                 name = "duet + MTP" if depth == 1 else f"duet + MTP depth {depth}"
                 rows.append(measure_engine(engine, p, new_tokens, depth, name))
+            if compiled is not None:
+                rows.append(measure_engine(compiled, p, new_tokens, 0, "duet compiled"))
             if vs_transformers:
                 rows.append(measure_transformers(model_path, p, new_tokens, dtype))
     peak_mb = (torch.cuda.max_memory_allocated() / 2**20 if device.startswith("cuda")
                else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
-    return {"model": str(model_path), "device": device, "dtype": dtype_name, "threads": torch.get_num_threads(),
-            "new_tokens": new_tokens, "peak_memory_mb": round(peak_mb, 1), "rows": [asdict(r) for r in rows]}
+    report = {"model": str(model_path), "device": device, "dtype": dtype_name, "threads": torch.get_num_threads(),
+              "new_tokens": new_tokens, "peak_memory_mb": round(peak_mb, 1), "rows": [asdict(r) for r in rows]}
+    if compile_s is not None:
+        report["compile_seconds"] = round(compile_s, 1)
+    return report
 
 
 def print_table(report: dict) -> None:
@@ -125,19 +139,27 @@ def print_table(report: dict) -> None:
     for col in ("config", "batch", "context", "prefill tok/s", "decode tok/s", "vs duet", "MTP acceptance",
                 "tokens/forward"):
         table.add_column(col, justify="right" if col != "config" else "left")
+    hf = {(r["batch"], r["context"]): r["decode_tok_s"] for r in report["rows"] if r["name"] == "transformers generate"}
+    if hf:
+        table.add_column("vs transformers", justify="right")
     base: dict[tuple, float] = {}
     for r in report["rows"]:
         key = (r["batch"], r["context"])
         if r["name"] == "duet":
             base[key] = r["decode_tok_s"]
         ratio = r["decode_tok_s"] / base[key] if key in base else None
-        table.add_row(r["name"], str(r["batch"]), str(r["context"]),
-                      f"{r['prefill_tok_s']:.0f}" if r["prefill_tok_s"] else "-", f"{r['decode_tok_s']:.1f}",
-                      f"{ratio:.2f}x" if ratio else "-",
-                      f"{r['acceptance']:.1%}" if r["acceptance"] is not None else "-",
-                      f"{r['tokens_per_forward']:.2f}" if r["tokens_per_forward"] else "-")
+        cells = [r["name"], str(r["batch"]), str(r["context"]),
+                 f"{r['prefill_tok_s']:.0f}" if r["prefill_tok_s"] else "-", f"{r['decode_tok_s']:.1f}",
+                 f"{ratio:.2f}x" if ratio else "-",
+                 f"{r['acceptance']:.1%}" if r["acceptance"] is not None else "-",
+                 f"{r['tokens_per_forward']:.2f}" if r["tokens_per_forward"] else "-"]
+        if hf:
+            cells.append(f"{r['decode_tok_s'] / hf[key]:.2f}x" if key in hf else "-")
+        table.add_row(*cells)
     Console().print(table)
     Console().print(f"peak memory: {report['peak_memory_mb']:.0f} MB")
+    if "compile_seconds" in report:
+        Console().print(f"compiling the decode step (first compiled generation): {report['compile_seconds']:.0f} s")
 
 
 def bench_command(
@@ -153,6 +175,8 @@ def bench_command(
                                         "option; depth > 1 chains the MTP module)."),
     threads: int = typer.Option(0, "--threads", help="torch threads for every configuration (0: the engine's "
                                 "choice, 1 for a small model on a CPU)."),
+    compile: bool = typer.Option(False, "--compile", help="Also time plain decoding with the decode step "
+                                 "compiled by torch.compile (`Engine(compile=True)`; compiling takes a while)."),
     as_json: bool = typer.Option(False, "--json", help="Print the report as JSON."),
 ) -> None:
     """Prefill and decode tokens/s with and without MTP (and transformers' generate), in one run."""
@@ -166,7 +190,7 @@ def bench_command(
             raise typer.BadParameter(f"{prompts_file} has no prompts", param_hint="--prompts")
     report = run_bench(path, sorted(set(batch)), list(context) or [None], new_tokens, vs_transformers, device,
                        dtype, prompts, mtp_depths=tuple(sorted({d for d in mtp_depth if d > 0})),
-                       threads=threads or None)
+                       threads=threads or None, compile=compile)
     if as_json:
         typer.echo(json.dumps(report, indent=2))
     else:

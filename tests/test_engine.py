@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 import threading
 
 import pytest
@@ -65,6 +66,25 @@ def test_mtp_greedy_is_token_for_token_plain_greedy(ckpt, plain, depth):
     for r in with_mtp:
         assert r.forward_passes == r.completion_tokens - r.accepted
         assert r.drafted == depth * (r.forward_passes - 1)  # the prefill pass verifies nothing
+
+
+@pytest.mark.skipif(not (shutil.which("g++") or shutil.which("c++")),
+                    reason="torch.compile on a CPU needs a C++ compiler")
+def test_compiled_decoding_is_token_for_token_eager(ckpt, plain):
+    """`Engine(compile=True)`: five prompts of different lengths through 3 rows (refills, and the row count
+    going 3 -> 1 as rows finish) give the eager engine's greedy tokens; the cache is read past 64
+    positions, so the compiled step meets several lengths. One graph for one row and one for several:
+    rows coming and going and the context growing recompile nothing."""
+    import torch._dynamo.utils as dynamo_utils
+
+    compiled = Engine.load(ckpt, max_batch=3, use_mtp=False, compile=True)
+    params = [SamplingParams(max_new_tokens=n, stop_at_eos=False) for n in (70, 20, 45, 9, 30)]
+    before = dynamo_utils.counters["stats"]["unique_graphs"]
+    got = compiled.generate(PROMPTS, params)
+    expected = plain.generate(PROMPTS, params)
+    for a, b in zip(got, expected, strict=True):
+        assert a.token_ids == b.token_ids
+    assert dynamo_utils.counters["stats"]["unique_graphs"] - before <= 2
 
 
 def test_batched_equals_one_at_a_time(plain):

@@ -206,6 +206,28 @@ def test_fused_moe_reference(T, E, k, used):
     torch.testing.assert_close(out.double(), _moe_dense_naive(*args), rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("T,E,k,used", [(1, 4, 1, 4), (3, 8, 2, 8), (20, 4, 3, 4)])
+def test_fused_moe_dense_equals_sparse(T, E, k, used):
+    """The static paths for torch.compile (the chosen experts gathered for T*k <= E, all experts beyond)
+    equal the grouped one within fp32 noise, and the dispatcher takes them only when asked (or compiling)."""
+    args = moe_inputs(T, 48, 40, E, k, seed=T + 1, used=used)
+    sparse = ref.fused_moe(*args)
+    torch.testing.assert_close(ref.fused_moe(*args, dense=True), sparse, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(K.fused_moe(*args, dense=True), sparse, rtol=1e-5, atol=1e-5)
+    assert torch.equal(K.fused_moe(*args), sparse)
+
+
+@pytest.mark.parametrize("S,lengths", [(1, [9, 1, 5]), (3, [9, 3, 6]), (1, [4, 4, 4])])
+def test_mla_decode_reference_untrimmed(S, lengths):
+    """trim=False (no host sync) attends over every position with the mask: same result, NaN padding
+    past the lengths (here also past the longest row) never read."""
+    args = mla_inputs(3, S, 2, 8, 4, 12, lengths, seed=S)
+    out = ref.mla_decode(*args, softmax_scale=0.3, trim=False)
+    assert torch.isfinite(out).all()
+    torch.testing.assert_close(out.double(), _mla_naive(*args, 0.3), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(K.mla_decode(*args, 0.3, trim=False), ref.mla_decode(*args, softmax_scale=0.3))
+
+
 def test_moe_align():
     ids = torch.tensor([[0, 3], [3, 1], [3, 0], [1, 3]])
     sorted_ids, blk, counts = ref.moe_align(ids, num_experts=5, block_m=2)

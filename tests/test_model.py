@@ -109,6 +109,37 @@ def test_ragged_rows_in_one_batch(pair):
 
 
 @torch.no_grad()
+def test_static_cache_view_equals_trimmed(pair):
+    """The compile-friendly path (`CacheView(static=True)`: attention over every cache position, masked by
+    position, no host sync) gives the trimmed path's logits and cache writes (within fp32 noise: the
+    matmuls run over more positions), for ragged rows with stale NaN past each row's length."""
+    ours, _ = pair
+    g = torch.Generator().manual_seed(6)
+    lengths = [11, 4, 7]
+    caches = []
+    for _ in range(2):  # one cache per path
+        cache = KVCache(ours.args, ours.n_cache_layers, 3, 20)
+        cache.kv.fill_(float("nan"))
+        cache.pe.fill_(float("nan"))
+        for row, n in enumerate(lengths):
+            ids = torch.randint(0, ours.args.vocab_size, (1, n), generator=torch.Generator().manual_seed(row))
+            ours.hidden(ids, CacheView(cache, slice(row, row + 1), torch.tensor([0]), fresh=True))
+        caches.append(cache)
+    for step in range(3):
+        tokens = torch.randint(0, ours.args.vocab_size, (3, 1), generator=g)
+        start = torch.tensor(lengths) + step
+        trimmed, static = (ours.logits(ours.hidden(tokens, CacheView(c, slice(0, 3), start, static=s)))
+                           for c, s in zip(caches, (False, True), strict=True))
+        assert torch.isfinite(static).all()
+        assert (trimmed - static).abs().max() < 1e-5
+    main = slice(0, len(ours.layers))
+    for row, n in enumerate(lengths):
+        written = slice(0, n + 3)
+        torch.testing.assert_close(caches[1].kv[main, row, written], caches[0].kv[main, row, written])
+        torch.testing.assert_close(caches[1].pe[main, row, written], caches[0].pe[main, row, written])
+
+
+@torch.no_grad()
 def test_deepseek_v2_softmax_routing_matches_transformers(tmp_path):
     from transformers import DeepseekV2Config, DeepseekV2ForCausalLM
 

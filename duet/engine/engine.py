@@ -15,6 +15,9 @@ hidden state (`mtp_depth`; `duet bench --mtp-depth` measures whether that pays).
 When a row finishes (EOS, a stop string, max_new_tokens, or the cache is full), the last active
 row moves into its place, so active rows stay contiguous and the next request takes the freed row.
 
+`compile=True` runs plain decode steps through `torch.compile` (see `_decode_logits`): a small model's
+step is bound by per-op overhead, which the compiled graph removes. Prefill and MTP steps stay eager.
+
 The loop runs in one background thread. `generate` and `submit` may be called from many threads
 at once (the dialogues of `duet eval`): their requests join the same batch.
 """
@@ -94,7 +97,7 @@ class Engine:
     """Generates text from a `Transformer` and its tokenizer."""
 
     def __init__(self, model: Transformer, tokenizer, *, max_batch: int = 8, max_seq_len: int | None = None,
-                 use_mtp: bool = True, mtp_depth: int = 1, threads: int | None = None):
+                 use_mtp: bool = True, mtp_depth: int = 1, threads: int | None = None, compile: bool = False):
         self.model = model.eval()
         self.tokenizer = tokenizer
         self.max_batch = max_batch
@@ -108,6 +111,8 @@ class Engine:
         small_on_cpu = self.device.type == "cpu" and sum(p.numel() for p in model.parameters()) < 100_000_000
         self.threads = threads or (1 if small_on_cpu else None)
         self.cache: KVCache | None = None
+        self.compile = compile
+        self._compiled: Callable[..., Tensor] | None = None  # the compiled plain decode step, built on first use
         self._active: list[_Row] = []  # rows 0..len-1 of the cache, in order
         self.set_mtp_depth(mtp_depth if use_mtp else 0)
         self._queue: deque[_Request] = deque()
@@ -244,7 +249,13 @@ class Engine:
         if c is not None and c.max_seq_len >= need_len:
             return
         length = min(max(need_len, 2 * c.max_seq_len if c else 256), self.max_seq_len + 1)
-        grown = KVCache(self.model.args, self.model.n_cache_layers, self.max_batch, length, self.device, self.dtype)
+        rows = self.max_batch
+        if self.compile:
+            # Full length at once (a grown cache would change the strides of the compiled step's inputs), and
+            # a spare row and tail: the step's views of the cache are then never whole, so their strides keep
+            # one relation to their sizes (torch guards on that relation and would compile again).
+            length, rows = self.max_seq_len + 1 + _LENGTH_STEP, self.max_batch + 1
+        grown = KVCache(self.model.args, self.model.n_cache_layers, rows, length, self.device, self.dtype)
         if c is not None:
             grown.kv[:, :, : c.max_seq_len] = c.kv
             grown.pe[:, :, : c.max_seq_len] = c.pe
@@ -281,14 +292,41 @@ class Engine:
         if self.use_mtp:
             self._speculative_step()
             return
-        rows = slice(0, len(self._active))
-        tokens = torch.tensor([[row.last] for row in self._active], device=self.device)
-        logits = self.model.logits(self.model.hidden(tokens, self._view(rows, [r.length for r in self._active])))
-        for i, row in enumerate(self._active):
+        active = self._active
+        tokens = torch.tensor([[row.last] for row in active], device=self.device)
+        logits = self._decode_logits(tokens, [row.length for row in active])
+        for row, token in zip(active, self._sample_rows(active, logits), strict=True):
             row.req.forward_passes += 1
             row.length += 1
-            row.last = sample(logits[i, 0], row.req.params, row.req.generator)
-            self._emit(row, [row.last])
+            row.last = token
+            self._emit(row, [token])
+
+    def _decode_logits(self, tokens: Tensor, start: list[int]) -> Tensor:
+        """One new token per active row: tokens [A, 1] at positions `start` -> logits [A, V].
+
+        Compiled: a static `CacheView` (no host sync) over the active rows' cache, cut to a multiple of 64
+        positions past the longest row. The row count and that length are marked dynamic, so one graph
+        serves every batch and length (plus one for a single row, which torch specialises): no recompiles
+        as rows come and go or grow.
+        """
+        if not self.compile:
+            rows = slice(0, len(start))
+            return self.model.logits(self.model.hidden(tokens, self._view(rows, start)))[:, 0]
+        if self._compiled is None:
+            self._compiled = _compile_decode_step(self.model, self.device)
+        t = min(-(-(max(start) + 1) // _LENGTH_STEP) * _LENGTH_STEP, self.max_seq_len + 1)
+        kv, pe = self.cache.kv[:, : len(start), :t], self.cache.pe[:, : len(start), :t]
+        positions = torch.tensor(start, device=self.device)
+        for x, dims in ((tokens, (0,)), (positions, (0,)), (kv, (1, 2)), (pe, (1, 2))):
+            for d in dims:
+                torch._dynamo.maybe_mark_dynamic(x, d)
+        return self._compiled(tokens, positions, kv, pe)
+
+    def _sample_rows(self, rows: list[_Row], logits: Tensor) -> list[int]:
+        """The next token of each row from logits [A, V]: one argmax (one device sync) for the greedy rows."""
+        greedy = logits.argmax(dim=-1).tolist() if any(r.req.params.greedy for r in rows) else None
+        return [greedy[i] if row.req.params.greedy else sample(logits[i], row.req.params, row.req.generator)
+                for i, row in enumerate(rows)]
 
     def _speculative_step(self) -> None:
         """Verify every row's drafts in one forward pass, then draft again with the MTP module."""
@@ -394,6 +432,26 @@ class Engine:
             first_token_seconds=(req.first_token_at or time.perf_counter()) - req.started,
         )
         req.done.set()
+
+
+_LENGTH_STEP = 64  # the compiled step attends over the cache cut to a multiple of this many positions
+
+
+def _compile_decode_step(model: Transformer, device: torch.device) -> Callable[..., Tensor]:
+    """`torch.compile` of the plain decode step: (tokens [A, 1], positions [A], cache latents kv [L, A, T, R],
+    pe [L, A, T, P]) -> logits [A, V], writing the new latents into kv and pe (views of the engine's cache).
+    The MoE runs every expert under compile and attention masks by position (`CacheView.static`), so the
+    graph has no host sync and no shape that depends on the data."""
+
+    def step(tokens: Tensor, positions: Tensor, kv: Tensor, pe: Tensor) -> Tensor:
+        view = CacheView(KVCache.over(kv, pe), slice(None), positions, static=True)
+        return model.logits(model.hidden(tokens, view))[:, 0]
+
+    # Each engine's model adds graphs for the same code (two each: one row, and any number of rows).
+    torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
+    # On a CPU the C++ wrapper calls the kernels without a Python frame per op: most of the gain for a small model.
+    options = {"cpp_wrapper": True} if device.type == "cpu" else None
+    return torch.compile(step, dynamic=False, fullgraph=True, options=options)
 
 
 def load_tokenizer(path: str | Path):

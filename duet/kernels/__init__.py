@@ -176,21 +176,36 @@ def fp8_gemm(
 
 
 def fused_moe(
-    x: Tensor, w_gate: Tensor, w_up: Tensor, w_down: Tensor, topk_ids: Tensor, topk_weights: Tensor
+    x: Tensor, w_gate: Tensor, w_up: Tensor, w_down: Tensor, topk_ids: Tensor, topk_weights: Tensor,
+    *, dense: bool | None = None,
 ) -> Tensor:
     """Routed SwiGLU experts: ``x [T, D]``, ``w_gate, w_up [E, I, D]``, ``w_down [E, D, I]``,
     ``topk_ids [T, k]``, ``topk_weights [T, k]`` -> ``[T, D] = sum_j w[t, j] * down_e(silu(gate_e x) *
-    up_e x)``."""
-    return _impl("fused_moe", x)(x, w_gate, w_up, w_down, topk_ids, topk_weights)
+    up_e x)``.
+
+    ``dense`` (default: while ``torch.compile`` traces) makes the reference run every expert with a routing
+    matrix instead of grouping tokens by expert on the host; the Triton kernel never syncs and ignores it.
+    """
+    impl = _impl("fused_moe", x)
+    if impl is reference.fused_moe:
+        dense = torch.compiler.is_compiling() if dense is None else dense
+        return impl(x, w_gate, w_up, w_down, topk_ids, topk_weights, dense=dense)
+    return impl(x, w_gate, w_up, w_down, topk_ids, topk_weights)
 
 
 def mla_decode(
-    q_latent: Tensor, q_pe: Tensor, kv_latent: Tensor, k_pe: Tensor, lengths: Tensor, softmax_scale: float
+    q_latent: Tensor, q_pe: Tensor, kv_latent: Tensor, k_pe: Tensor, lengths: Tensor, softmax_scale: float,
+    *, trim: bool = True,
 ) -> Tensor:
     """Absorbed MLA attention over the latent cache for the newest ``S`` tokens of each row.
 
     ``q_latent [B, S, H, R]``, ``q_pe [B, S, H, P]``, ``kv_latent [B, T, R]``, ``k_pe [B, T, P]``,
     ``lengths [B]`` (valid cache length including the S new tokens) -> ``[B, S, H, R]``; query ``s`` of
     row ``b`` attends to positions ``0..lengths[b]-S+s``; ``softmax_scale`` includes the YaRN mscale^2.
+    ``trim=False``: the reference attends over all T positions with no host sync (for ``torch.compile``);
+    the Triton kernel never syncs and ignores it.
     """
-    return _impl("mla_decode", q_latent)(q_latent, q_pe, kv_latent, k_pe, lengths, softmax_scale)
+    impl = _impl("mla_decode", q_latent)
+    if impl is reference.mla_decode:
+        return impl(q_latent, q_pe, kv_latent, k_pe, lengths, softmax_scale, trim=trim)
+    return impl(q_latent, q_pe, kv_latent, k_pe, lengths, softmax_scale)

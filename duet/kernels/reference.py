@@ -136,7 +136,8 @@ def moe_align(topk_ids: Tensor, num_experts: int, block_m: int) -> tuple[Tensor,
 
 
 def fused_moe(
-    x: Tensor, w_gate: Tensor, w_up: Tensor, w_down: Tensor, topk_ids: Tensor, topk_weights: Tensor
+    x: Tensor, w_gate: Tensor, w_up: Tensor, w_down: Tensor, topk_ids: Tensor, topk_weights: Tensor,
+    *, dense: bool = False,
 ) -> Tensor:
     """Routed SwiGLU experts.
 
@@ -149,7 +150,14 @@ def fused_moe(
     tokens runs on its contiguous slice, and results are scatter-added back in fp32.  The gate/up
     matmuls run in the weights' dtype (fp32 accumulation on GPUs), SiLU*up in fp32, the hidden
     activation is rounded to x's dtype before the down projection, as in the Triton kernel.
+
+    ``dense=True``: no host sync and shapes that do not depend on the routing, which is what
+    ``torch.compile`` needs (a compiled decode step): the chosen experts' weights gathered per token for a
+    few tokens, every expert weighed by a ``[T, E]`` routing matrix for more (see ``_fused_moe_dense``).
+    Equal within fp32 noise.
     """
+    if dense:
+        return _fused_moe_dense(x, w_gate, w_up, w_down, topk_ids, topk_weights)
     T, D = x.shape
     k = topk_ids.shape[1]
     if T * k <= w_gate.shape[0]:
@@ -183,11 +191,40 @@ def fused_moe(
     return out.to(x.dtype)
 
 
+def _fused_moe_dense(
+    x: Tensor, w_gate: Tensor, w_up: Tensor, w_down: Tensor, topk_ids: Tensor, topk_weights: Tensor
+) -> Tensor:
+    """:func:`fused_moe` with shapes that do not depend on the routing: x [T, D] -> [T, D], same rounding points.
+
+    Few tokens (T * k <= E: decoding): each token's k experts' weights are gathered into [T*k, ...] stacks
+    and applied with batched matmuls, so only the chosen experts' weights are read (a small model's step
+    is bound by reading its weights). More tokens: every expert runs on every token, weighed by a [T, E]
+    routing matrix that is zero for unchosen experts.
+    """
+    T, k = topk_ids.shape
+    if T * k <= w_gate.shape[0]:
+        flat = topk_ids.reshape(-1).to(torch.int64)
+        xs = x.repeat_interleave(k, dim=0)[:, None, :]  # [T*k, 1, D]
+        g = torch.bmm(xs, w_gate[flat].transpose(1, 2)).float()
+        u = torch.bmm(xs, w_up[flat].transpose(1, 2)).float()
+        h = (F.silu(g) * u).to(x.dtype)  # [T*k, 1, I]
+        y = torch.bmm(h, w_down[flat].transpose(1, 2)).float().view(T, k, -1)  # [T, k, D]
+        return (y * topk_weights.float()[..., None]).sum(dim=1).to(x.dtype)
+    route = torch.zeros(T, w_gate.shape[0], dtype=torch.float32, device=x.device)
+    route = route.scatter_add(1, topk_ids.to(torch.int64), topk_weights.float())  # [T, E]
+    g = torch.einsum("td,eid->tei", x, w_gate).float()
+    u = torch.einsum("td,eid->tei", x, w_up).float()
+    h = (F.silu(g) * u).to(x.dtype)  # [T, E, I]
+    y = torch.einsum("tei,edi->ted", h, w_down).float()  # [T, E, D]
+    return torch.einsum("ted,te->td", y, route).to(x.dtype)
+
+
 # --------------------------------------------------------------------------------------------- MLA
 
 
 def mla_decode(
-    q_latent: Tensor, q_pe: Tensor, kv_latent: Tensor, k_pe: Tensor, lengths: Tensor, softmax_scale: float
+    q_latent: Tensor, q_pe: Tensor, kv_latent: Tensor, k_pe: Tensor, lengths: Tensor, softmax_scale: float,
+    *, trim: bool = True,
 ) -> Tensor:
     """Absorbed MLA attention for the newest ``S`` tokens of each row.
 
@@ -197,14 +234,21 @@ def mla_decode(
     positions ``0..p``; positions ``>= lengths[b]`` are padding and never read into the result (even if
     they hold NaN). ``scores = (q_latent . kv_latent + q_pe . k_pe) * softmax_scale``, softmax in fp32,
     returns ``softmax @ kv_latent`` as ``[B, S, H, R]`` in q_latent's dtype.
+
+    ``trim`` reads ``lengths`` on the host to skip the positions past the longest row and the mask when
+    no row needs one; ``trim=False`` always attends over all T positions with the mask (no host sync,
+    shapes that do not depend on the lengths: what ``torch.compile`` needs).
     """
     B, S, H, R = q_latent.shape
     lengths = lengths.to(device=q_latent.device, dtype=torch.int64)
-    t_max = max(int(lengths.max().item()), 1) if B else 1
-    t_max = min(t_max, kv_latent.shape[1])
+    if trim:
+        t_max = max(int(lengths.max().item()), 1) if B else 1
+        t_max = min(t_max, kv_latent.shape[1])
+        ragged = bool((lengths != t_max).any())
+    else:
+        t_max, ragged = kv_latent.shape[1], True
     kv, kp = kv_latent[:, :t_max].float(), k_pe[:, :t_max].float()
     pos = torch.arange(t_max, device=q_latent.device)
-    ragged = bool((lengths != t_max).any())
     if ragged:  # rows shorter than the longest: zero their padding so that NaN there cannot leak
         valid_kv = pos[None, :] < lengths[:, None]  # [B, T]
         kv = kv.masked_fill(~valid_kv[..., None], 0.0)

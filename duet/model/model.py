@@ -99,6 +99,15 @@ class KVCache:
         self.pe = torch.zeros(n_layers, batch_size, max_seq_len, args.qk_rope_head_dim, device=device, dtype=dtype)
         self.lengths = torch.zeros(batch_size, dtype=torch.long, device=device)
 
+    @classmethod
+    def over(cls, kv: Tensor, pe: Tensor) -> KVCache:
+        """A cache over existing latent tensors kv [L, B, T, R], pe [L, B, T, P] (e.g. views of some rows and
+        positions of another cache), sharing their memory: what a compiled decode step is given."""
+        cache = cls.__new__(cls)
+        cache.max_seq_len, cache.kv, cache.pe = kv.shape[2], kv, pe
+        cache.lengths = torch.zeros(kv.shape[1], dtype=torch.long, device=kv.device)
+        return cache
+
     @property
     def batch_size(self) -> int:
         return self.kv.shape[1]
@@ -115,18 +124,22 @@ class CacheView:
     rows: slice  # the batch rows of the cache this forward pass covers
     start_pos: Tensor  # [B] position of the first new token of each row
     fresh: bool = False  # every row starts at position 0 (a prompt's prefill): no cached prefix to attend to
+    # Compile-friendly (no host sync, shapes independent of the positions): attention reads every position
+    # of the cache rows and masks by position, instead of trimming them to the longest row.
+    static: bool = False
     _where: tuple | None = field(default=None, repr=False)  # write indices, shared by every layer of a pass
 
     def write_and_read(self, layer: int, kv: Tensor, pe: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """Store the new latents kv [B, S, R], pe [B, S, P] of `layer` (MTP layers follow the main ones);
-        return that layer's row caches up to the longest row, and each row's valid length."""
+        return that layer's row caches [B, T, R], [B, T, P] (up to the longest row unless static: all T
+        positions), and each row's valid length [B]."""
         cache_kv, cache_pe = self.cache.kv[layer, self.rows], self.cache.pe[layer, self.rows]
         b, s = kv.shape[:2]
         if self._where is None or self._where[1].shape != (b, s):
             batch_idx = torch.arange(b, device=kv.device)[:, None]
             pos = self.start_pos[:, None] + torch.arange(s, device=kv.device)
             lengths = self.start_pos + s
-            self._where = (batch_idx, pos, lengths, int(lengths.max()))
+            self._where = (batch_idx, pos, lengths, None if self.static else int(lengths.max()))
         batch_idx, pos, lengths, t = self._where
         cache_kv[batch_idx, pos] = kv.to(cache_kv.dtype)
         cache_pe[batch_idx, pos] = pe.to(cache_pe.dtype)
@@ -189,7 +202,7 @@ class MLA(nn.Module):
             # a fresh prefill attends only to its own tokens: per-head causal attention (SDPA) is cheaper
             # than scoring S queries against the latents, which costs S x S x H fp32 scores at once
             out = (self._naive(q_nope, q_pe, kv, k_pe) if cache.fresh
-                   else self._absorbed(q_nope, q_pe, kv_all, pe_all, lengths))
+                   else self._absorbed(q_nope, q_pe, kv_all, pe_all, lengths, trim=not cache.static))
         return self.o_proj(out.flatten(2))
 
     def _naive(self, q_nope: Tensor, q_pe: Tensor, kv: Tensor, k_pe: Tensor) -> Tensor:
@@ -204,12 +217,14 @@ class MLA(nn.Module):
         )
         return out.transpose(1, 2)
 
-    def _absorbed(self, q_nope: Tensor, q_pe: Tensor, kv: Tensor, k_pe: Tensor, lengths: Tensor) -> Tensor:
-        """Attention of the S new tokens over latents kv [B, T, R], k_pe [B, T, P] -> [B, S, H, V]."""
+    def _absorbed(self, q_nope: Tensor, q_pe: Tensor, kv: Tensor, k_pe: Tensor, lengths: Tensor,
+                  trim: bool = True) -> Tensor:
+        """Attention of the S new tokens over latents kv [B, T, R], k_pe [B, T, P] -> [B, S, H, V]
+        (`trim=False`: no host sync, see `kernels.mla_decode`)."""
         w = self.kv_b_proj.weight.view(self.n_heads, self.nope_dim + self.v_dim, self.kv_rank)
         w_uk, w_uv = w[:, : self.nope_dim], w[:, self.nope_dim :]
         q_latent = torch.einsum("bshn,hnr->bshr", q_nope, w_uk)
-        out_latent = kernels.mla_decode(q_latent, q_pe, kv, k_pe, lengths, self.softmax_scale)
+        out_latent = kernels.mla_decode(q_latent, q_pe, kv, k_pe, lengths, self.softmax_scale, trim=trim)
         return torch.einsum("bshr,hvr->bshv", out_latent, w_uv)
 
 
