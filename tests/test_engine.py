@@ -70,7 +70,7 @@ def test_mtp_greedy_is_token_for_token_plain_greedy(ckpt, plain, depth):
 
 @pytest.mark.skipif(not (shutil.which("g++") or shutil.which("c++")),
                     reason="torch.compile on a CPU needs a C++ compiler")
-def test_compiled_decoding_is_token_for_token_eager(ckpt, plain):
+def test_compiled_decoding_is_token_for_token_eager(ckpt, plain, tmp_path):
     """`Engine(compile=True)`: five prompts of different lengths through 3 rows (refills, and the row count
     going 3 -> 1 as rows finish) give the eager engine's greedy tokens; the cache is read past 64
     positions, so the compiled step meets several lengths. One graph for one row and one for several:
@@ -85,6 +85,12 @@ def test_compiled_decoding_is_token_for_token_eager(ckpt, plain):
     for a, b in zip(got, expected, strict=True):
         assert a.token_ids == b.token_ids
     assert dynamo_utils.counters["stats"]["unique_graphs"] - before <= 2
+    # another model of the same shapes in the same process reuses the graphs with its own weights
+    other_ckpt = make_engine_checkpoint(tmp_path / "other", seed=12)
+    other = Engine.load(other_ckpt, max_batch=3, use_mtp=False, compile=True)
+    want = Engine.load(other_ckpt, max_batch=3, use_mtp=False).generate(PROMPTS[:3], params[:3])
+    assert [r.token_ids for r in other.generate(PROMPTS[:3], params[:3])] == [r.token_ids for r in want]
+    assert [r.token_ids for r in want] != [r.token_ids for r in expected[:3]]
 
 
 def test_batched_equals_one_at_a_time(plain):
