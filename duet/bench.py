@@ -102,12 +102,14 @@ def run_bench(model_path: Path, batches: list[int], contexts: list[int | None], 
     if engine.threads:  # transformers runs in this thread: give it the engine's thread count
         torch.set_num_threads(engine.threads)
     compiled, compile_s = None, None
-    if compile:  # the same model, decoding plain steps through torch.compile; compiled apart from the timing
-        compiled = Engine(engine.model, engine.tokenizer, max_batch=max(batches), use_mtp=False, threads=threads,
-                          compile=True)
+    if compile:  # the same model, decode steps through torch.compile; compiled before anything is timed
+        compiled = Engine(engine.model, engine.tokenizer, max_batch=max(batches), threads=threads, compile=True)
         t0 = _now()
-        for n in sorted({1, min(2, max(batches))}):  # the graphs for one row and for several
-            compiled.generate(_prompts(engine, prompts, n, None), SamplingParams(max_new_tokens=3, stop_at_eos=False))
+        for depth in (0, *mtp_depths):
+            compiled.set_mtp_depth(depth)
+            for n in sorted({1, min(2, max(batches))}):  # the graphs for one row and for several
+                compiled.generate(_prompts(engine, prompts, n, None),
+                                  SamplingParams(max_new_tokens=4 * depth + 4, stop_at_eos=False))
         compile_s = _now() - t0
     rows = []
     for context in contexts:
@@ -119,6 +121,9 @@ def run_bench(model_path: Path, batches: list[int], contexts: list[int | None], 
                 rows.append(measure_engine(engine, p, new_tokens, depth, name))
             if compiled is not None:
                 rows.append(measure_engine(compiled, p, new_tokens, 0, "duet compiled"))
+                for depth in mtp_depths if len(engine.model.mtp) else ():
+                    name = "duet compiled + MTP" + ("" if depth == 1 else f" depth {depth}")
+                    rows.append(measure_engine(compiled, p, new_tokens, depth, name))
             if vs_transformers:
                 rows.append(measure_transformers(model_path, p, new_tokens, dtype))
     peak_mb = (torch.cuda.max_memory_allocated() / 2**20 if device.startswith("cuda")

@@ -93,6 +93,18 @@ def test_compiled_decoding_is_token_for_token_eager(ckpt, plain, tmp_path):
     assert [r.token_ids for r in want] != [r.token_ids for r in expected[:3]]
 
 
+@pytest.mark.skipif(not (shutil.which("g++") or shutil.which("c++")),
+                    reason="torch.compile on a CPU needs a C++ compiler")
+def test_compiled_mtp_decoding_is_token_for_token_plain(ckpt, plain):
+    """MTP verification and drafting compiled too (one row, so two graphs): still plain greedy's tokens."""
+    compiled = Engine.load(ckpt, max_batch=1, compile=True)
+    assert compiled.use_mtp
+    params = [SamplingParams(max_new_tokens=n, stop_at_eos=False) for n in (40, 12, 25)]
+    got = compiled.generate(PROMPTS[:3], params)
+    assert [r.token_ids for r in got] == [r.token_ids for r in plain.generate(PROMPTS[:3], params)]
+    assert all(r.drafted == r.forward_passes - 1 for r in got)  # every step verified a draft
+
+
 def test_batched_equals_one_at_a_time(plain):
     params = SamplingParams(max_new_tokens=16, stop_at_eos=False)
     together = plain.generate(PROMPTS, params)
@@ -306,6 +318,18 @@ def test_duet_bench_reports_every_configuration_as_json(ckpt):
             depth = 2 if "depth 2" in row["name"] else 1
             assert 0 <= row["acceptance"] <= 1 and 1 <= row["tokens_per_forward"] <= depth + 1
     assert report["peak_memory_mb"] > 0
+
+
+@pytest.mark.skipif(not (shutil.which("g++") or shutil.which("c++")),
+                    reason="torch.compile on a CPU needs a C++ compiler")
+def test_bench_compiled_rows(ckpt):
+    """`duet bench --compile` (in process, batch 1: the graphs the compiled tests above already built)."""
+    from duet.bench import run_bench
+
+    report = run_bench(ckpt, [1], [None], 8, False, "cpu", "float32", ["Tom has 12 apples"], mtp_depths=(1,),
+                       compile=True)
+    assert [r["name"] for r in report["rows"]] == ["duet", "duet + MTP", "duet compiled", "duet compiled + MTP"]
+    assert report["compile_seconds"] >= 0 and all(r["decode_tok_s"] > 0 for r in report["rows"])
 
 
 def test_context_scaling_benchmark_runs():

@@ -15,8 +15,9 @@ hidden state (`mtp_depth`; `duet bench --mtp-depth` measures whether that pays).
 When a row finishes (EOS, a stop string, max_new_tokens, or the cache is full), the last active
 row moves into its place, so active rows stay contiguous and the next request takes the freed row.
 
-`compile=True` runs plain decode steps through `torch.compile` (see `_decode_logits`): a small model's
-step is bound by per-op overhead, which the compiled graph removes. Prefill and MTP steps stay eager.
+`compile=True` runs decode steps (plain, MTP verification and drafting) through `torch.compile` (see
+`_forward`): a small model's step is bound by per-op overhead, which the compiled graph removes.
+Prefill stays eager.
 
 The loop runs in one background thread. `generate` and `submit` may be called from many threads
 at once (the dialogues of `duet eval`): their requests join the same batch.
@@ -112,7 +113,7 @@ class Engine:
         self.threads = threads or (1 if small_on_cpu else None)
         self.cache: KVCache | None = None
         self.compile = compile
-        self._compiled: Callable[..., Tensor] | None = None  # the compiled plain decode step, built on first use
+        self._compiled: tuple[Callable, Callable] | None = None  # compiled main and MTP steps, built on first use
         self._active: list[_Row] = []  # rows 0..len-1 of the cache, in order
         self.set_mtp_depth(mtp_depth if use_mtp else 0)
         self._queue: deque[_Request] = deque()
@@ -294,33 +295,45 @@ class Engine:
             return
         active = self._active
         tokens = torch.tensor([[row.last] for row in active], device=self.device)
-        logits = self._decode_logits(tokens, [row.length for row in active])
-        for row, token in zip(active, self._sample_rows(active, logits), strict=True):
+        _, logits = self._forward(tokens, [row.length for row in active])
+        for row, token in zip(active, self._sample_rows(active, logits[:, 0]), strict=True):
             row.req.forward_passes += 1
             row.length += 1
             row.last = token
             self._emit(row, [token])
 
-    def _decode_logits(self, tokens: Tensor, start: list[int]) -> Tensor:
-        """One new token per active row: tokens [A, 1] at positions `start` -> logits [A, V].
-
-        Compiled: a static `CacheView` (no host sync) over the active rows' cache, cut to a multiple of 64
-        positions past the longest row. The row count and that length are marked dynamic, so one graph
-        serves every batch and length (plus one for a single row, which torch specialises): no recompiles
-        as rows come and go or grow.
-        """
+    def _forward(self, tokens: Tensor, start: list[int]) -> tuple[Tensor, Tensor]:
+        """S new tokens per active row: tokens [A, S] at positions start.. -> (hidden [A, S, D], logits [A, S, V])."""
         if not self.compile:
-            rows = slice(0, len(start))
-            return self.model.logits(self.model.hidden(tokens, self._view(rows, start)))[:, 0]
+            h = self.model.hidden(tokens, self._view(slice(0, len(start)), start))
+            return h, self.model.logits(h)
+        return self._compiled_call(0, (tokens,), start, tokens.shape[1], slice(0, len(start)))
+
+    def _mtp_forward(self, h: Tensor, next_ids: Tensor, start: list[int], rows: slice) -> tuple[Tensor, Tensor]:
+        """The MTP module on h [A, S, D] and tokens next_ids [A, S] of cache `rows` at positions start.. ->
+        (logits [A, S, V], its hidden [A, S, D])."""
+        if not self.compile:
+            return self.model.mtp_logits(0, h, next_ids, self._view(rows, start))
+        return self._compiled_call(1, (h, next_ids), start, next_ids.shape[1], rows)
+
+    def _compiled_call(self, which: int, inputs: tuple[Tensor, ...], start: list[int], s: int,
+                       rows: slice) -> tuple[Tensor, Tensor]:
+        """Call compiled step `which` (0: main, 1: MTP) over a static `CacheView`: the active rows' cache cut
+        to a multiple of 64 positions past the longest row. The row count and that length are marked
+        dynamic, so each S needs one graph for one row (torch specialises 1) and one for more: no
+        recompiles as rows come and go or grow."""
         if self._compiled is None:
-            self._compiled = _compile_decode_step(self.model, self.device)
-        t = min(-(-(max(start) + 1) // _LENGTH_STEP) * _LENGTH_STEP, self.max_seq_len + 1)
-        kv, pe = self.cache.kv[:, : len(start), :t], self.cache.pe[:, : len(start), :t]
+            self._compiled = _compile_steps(self.model, self.device)
+        t = min(-(-(max(start) + s) // _LENGTH_STEP) * _LENGTH_STEP, self.max_seq_len + 1)
+        kv, pe = self.cache.kv[:, rows, :t], self.cache.pe[:, rows, :t]
         positions = torch.tensor(start, device=self.device)
-        for x, dims in ((tokens, (0,)), (positions, (0,)), (kv, (1, 2)), (pe, (1, 2))):
-            for d in dims:
-                torch._dynamo.maybe_mark_dynamic(x, d)
-        return self._compiled(tokens, positions, kv, pe)
+        for x in inputs:
+            torch._dynamo.maybe_mark_dynamic(x, 0)
+        torch._dynamo.maybe_mark_dynamic(positions, 0)
+        for x in (kv, pe):
+            torch._dynamo.maybe_mark_dynamic(x, 1)
+            torch._dynamo.maybe_mark_dynamic(x, 2)
+        return self._compiled[which](*inputs, positions, kv, pe)
 
     def _sample_rows(self, rows: list[_Row], logits: Tensor) -> list[int]:
         """The next token of each row from logits [A, V]: one argmax (one device sync) for the greedy rows."""
@@ -334,8 +347,7 @@ class Engine:
         rows = slice(0, len(active))
         start = [r.length for r in active]
         tokens = torch.tensor([[r.last, *r.drafts] for r in active], device=self.device)
-        h = self.model.hidden(tokens, self._view(rows, start))  # [A, k+1, D]
-        logits = self.model.logits(h)
+        h, logits = self._forward(tokens, start)  # [A, k+1, D], [A, k+1, V]
         next_ids, accepted = [], []
         for i, row in enumerate(active):
             req = row.req
@@ -357,8 +369,7 @@ class Engine:
             next_ids.append(emitted + [emitted[-1]] * (k + 1 - len(emitted)))
             accepted.append(len(emitted) - 1)
             self._emit(row, emitted)
-        logits, hidden = self.model.mtp_logits(0, h, torch.tensor(next_ids, device=self.device),
-                                               self._view(rows, start))
+        logits, hidden = self._mtp_forward(h, torch.tensor(next_ids, device=self.device), start, rows)
         pick = torch.tensor(accepted, device=self.device)
         at = torch.arange(len(active), device=self.device)
         self._draft(active, rows, logits[at, pick], hidden[at, pick], [s + a for s, a in zip(start, accepted,
@@ -378,7 +389,7 @@ class Engine:
                 break
             positions = [p + 1 for p in positions]
             last = torch.tensor([[d[-1]] for d in drafts], device=self.device)
-            logits, hidden = self.model.mtp_logits(0, hidden[:, None], last, self._view(where, positions))
+            logits, hidden = self._mtp_forward(hidden[:, None], last, positions, where)
             logits, hidden = logits[:, 0], hidden[:, 0]
         for i, row in enumerate(rows):
             row.drafts, row.draft_logits = drafts[i], dists[i]
@@ -437,17 +448,25 @@ class Engine:
 _LENGTH_STEP = 64  # the compiled step attends over the cache cut to a multiple of this many positions
 
 
-def _compile_decode_step(model: Transformer, device: torch.device) -> Callable[..., Tensor]:
-    """`torch.compile` of the plain decode step: (tokens [A, 1], positions [A], cache latents kv [L, A, T, R],
-    pe [L, A, T, P]) -> logits [A, V], writing the new latents into kv and pe (views of the engine's cache).
-    The MoE runs every expert under compile and attention masks by position (`CacheView.static`), so the
-    graph has no host sync and no shape that depends on the data."""
+def _compile_steps(model: Transformer, device: torch.device) -> tuple[Callable, Callable]:
+    """`torch.compile` of the two decode steps, over cache latents kv [L, A, T, R], pe [L, A, T, P] (views of
+    the engine's cache, written in place) at positions [A]:
+    main (tokens [A, S], positions, kv, pe) -> (hidden [A, S, D], logits [A, S, V]);
+    MTP (h [A, S, D], next_ids [A, S], positions, kv, pe) -> (logits [A, S, V], hidden [A, S, D]).
+    The MoE takes its static path under compile and attention masks by position (`CacheView.static`), so
+    the graphs have no host sync and no shape that depends on the data."""
 
-    def step(tokens: Tensor, positions: Tensor, kv: Tensor, pe: Tensor) -> Tensor:
-        view = CacheView(KVCache.over(kv, pe), slice(None), positions, static=True)
-        return model.logits(model.hidden(tokens, view))[:, 0]
+    def view(positions: Tensor, kv: Tensor, pe: Tensor) -> CacheView:
+        return CacheView(KVCache.over(kv, pe), slice(None), positions, static=True)
 
-    # Each engine's model adds graphs for the same code (two each: one row, and any number of rows).
+    def main(tokens: Tensor, positions: Tensor, kv: Tensor, pe: Tensor) -> tuple[Tensor, Tensor]:
+        h = model.hidden(tokens, view(positions, kv, pe))
+        return h, model.logits(h)
+
+    def mtp(h: Tensor, next_ids: Tensor, positions: Tensor, kv: Tensor, pe: Tensor) -> tuple[Tensor, Tensor]:
+        return model.mtp_logits(0, h, next_ids, view(positions, kv, pe))
+
+    # Each engine's model adds graphs for the same code (one row and several, per S and step).
     torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
     # Guards on tensors only (shapes, dtypes, strides; the weights are inputs of the graph): checking every
     # module attribute before each call cost ~0.3 ms, a tenth of a compiled step of a small model. Safe here
@@ -455,7 +474,7 @@ def _compile_decode_step(model: Transformer, device: torch.device) -> Callable[.
     options: dict = {"guard_filter_fn": torch.compiler.keep_tensor_guards_unsafe}
     if device.type == "cpu":  # the C++ wrapper calls the kernels without a Python frame per op
         options["cpp_wrapper"] = True
-    return torch.compile(step, dynamic=False, fullgraph=True, options=options)
+    return tuple(torch.compile(f, dynamic=False, fullgraph=True, options=options) for f in (main, mtp))
 
 
 def load_tokenizer(path: str | Path):
