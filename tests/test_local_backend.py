@@ -59,3 +59,9 @@ def test_dialogue_on_a_random_local_model_terminates_cleanly(backend):
                           config=DialogueConfig(max_rounds=2, max_tokens=40, max_steps=2))
     assert result.stop_reason in ("no_answer", "max_rounds", "repeated_reply", "agreed", "token_budget")
     assert result.turns and result.turns[0].model.startswith("local:")
+
+
+def test_compile_option_reaches_the_engine(tmp_path):
+    ckpt = make_engine_checkpoint(tmp_path / "m", seed=3)
+    assert make_backend(f"local:{ckpt}", compile=True).engine.compile
+    assert not make_backend(f"local:{ckpt}").engine.compile

@@ -136,12 +136,13 @@ def test_backend_usage_errors(env, flags, message):
 
 
 def test_backend_options_and_dialogue_config(env, tmp_path):
-    s = load_settings({"device": "cpu", "dtype": "bf16", "mtp": False, "timeout": 2.5, "memory": 256,
-                       "max_rounds": 2, "critic": False}, env)
-    assert backend_options("local:/x", s) == {"device": "cpu", "dtype": "bf16", "mtp": False}
+    s = load_settings({"device": "cpu", "dtype": "bf16", "mtp": False, "compile": True, "timeout": 2.5,
+                       "memory": 256, "max_rounds": 2, "critic": False, "number_check": False}, env)
+    assert backend_options("local:/x", s) == {"device": "cpu", "dtype": "bf16", "mtp": False, "compile": True}
     assert backend_options("openai:http://h/v1", s) == {"timeout": 60.0}
     replies = tmp_path / "r.json"
     replies.write_text('{"replies": ["a"], "delay": 0.5}')
     assert backend_options(f"scripted:{replies}", s) == {"delay": 0.5}
     config = dialogue_config(s)
     assert (config.max_rounds, config.critic, config.sandbox_timeout, config.sandbox_memory_mb) == (2, False, 2.5, 256)
+    assert config.number_check is False

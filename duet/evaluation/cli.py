@@ -89,6 +89,8 @@ def run_command(
                                "cuda:N [default: auto].", show_default=False),
     dtype: str = typer.Option(None, "--dtype", metavar="TYPE", help="Local runtime dtype: auto, float32, "
                               "bfloat16, float16 [default: auto].", show_default=False),
+    compile: bool = typer.Option(None, "--compile/--no-compile", show_default=False,
+                                 help="Compile the local runtime's decode steps (torch.compile) [default: off]."),
     mtp: bool = typer.Option(None, "--mtp/--no-mtp", help="MTP speculative decoding [default: on].",
                              show_default=False),
     backend_option: list[str] = typer.Option(None, "--backend-option", "-O", metavar="KEY=VALUE",
@@ -163,7 +165,7 @@ def run_command(
              "critic_model": critic_model, "critic_backend": critic_backend, "critic_base_url": critic_base_url,
              "critic_model_name": critic_model_name, "number_check": number_check, "max_rounds": max_rounds,
              "max_tokens": max_tokens, "max_steps": max_steps, "temperature": temperature, "seed": seed,
-             "device": device, "dtype": dtype, "mtp": mtp, "timeout": timeout, "memory": memory}
+             "device": device, "dtype": dtype, "mtp": mtp, "compile": compile, "timeout": timeout, "memory": memory}
     try:
         from duet.ui.session import backend_options, backend_specs
         from duet.ui.settings import load_settings

@@ -56,7 +56,7 @@ from duet.evaluation.results import Loaded, ResultsFile, ordered, read_records, 
 RUN_FORMAT = "duet-eval/1"
 DEFAULT_CONCURRENCY = {"local": 8, "openai": 16}
 MAX_WARNINGS = 10
-NOT_ANSWER_AFFECTING = ("max_batch", "timeout", "delay", "api_key")
+NOT_ANSWER_AFFECTING = ("max_batch", "compile", "timeout", "delay", "api_key")
 """Backend options left out of the fingerprint: they change speed or failures, not answers."""
 
 

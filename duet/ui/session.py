@@ -89,7 +89,7 @@ def backend_options(spec: str, settings: Settings) -> dict[str, Any]:
     """Keyword options for ``make_backend(spec, ...)``: runtime options for local, timeouts for servers."""
     kind, _, argument = spec.partition(":")
     if kind == "local":
-        return {"device": settings.device, "dtype": settings.dtype, "mtp": settings.mtp}
+        return {"device": settings.device, "dtype": settings.dtype, "mtp": settings.mtp, "compile": settings.compile}
     if kind == "openai":
         return {"timeout": settings.server_timeout}
     if kind == "scripted":
