@@ -96,12 +96,17 @@ def test_compiled_decoding_is_token_for_token_eager(ckpt, plain, tmp_path):
 @pytest.mark.skipif(not (shutil.which("g++") or shutil.which("c++")),
                     reason="torch.compile on a CPU needs a C++ compiler")
 def test_compiled_mtp_decoding_is_token_for_token_plain(ckpt, plain):
-    """MTP verification and drafting compiled too (one row, so two graphs): still plain greedy's tokens."""
-    compiled = Engine.load(ckpt, max_batch=1, compile=True)
+    """MTP verification and drafting compiled too, through 3 rows with refills: still plain greedy's
+    tokens, and rows coming and going recompile nothing (a graph per step for one row and for several)."""
+    import torch._dynamo.utils as dynamo_utils
+
+    compiled = Engine.load(ckpt, max_batch=3, compile=True)
     assert compiled.use_mtp
-    params = [SamplingParams(max_new_tokens=n, stop_at_eos=False) for n in (40, 12, 25)]
-    got = compiled.generate(PROMPTS[:3], params)
-    assert [r.token_ids for r in got] == [r.token_ids for r in plain.generate(PROMPTS[:3], params)]
+    params = [SamplingParams(max_new_tokens=n, stop_at_eos=False) for n in (40, 12, 25, 9, 30)]
+    before = dynamo_utils.counters["stats"]["unique_graphs"]
+    got = compiled.generate(PROMPTS, params)
+    assert [r.token_ids for r in got] == [r.token_ids for r in plain.generate(PROMPTS, params)]
+    assert dynamo_utils.counters["stats"]["unique_graphs"] - before <= 4
     assert all(r.drafted == r.forward_passes - 1 for r in got)  # every step verified a draft
 
 
