@@ -107,7 +107,7 @@ def run_bench(model_path: Path, batches: list[int], contexts: list[int | None], 
         t0 = _now()
         for depth in (0, *mtp_depths):
             compiled.set_mtp_depth(depth)
-            for n in sorted({1, min(2, max(batches))}):  # the graphs for one row and for several
+            for n in sorted({1, min(2, max(batches)), max(batches)}):  # one row, a few, and the most
                 compiled.generate(_prompts(engine, prompts, n, None),
                                   SamplingParams(max_new_tokens=4 * depth + 4, stop_at_eos=False))
         compile_s = _now() - t0

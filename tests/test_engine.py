@@ -97,7 +97,8 @@ def test_compiled_decoding_is_token_for_token_eager(ckpt, plain, tmp_path):
                     reason="torch.compile on a CPU needs a C++ compiler")
 def test_compiled_mtp_decoding_is_token_for_token_plain(ckpt, plain):
     """MTP verification and drafting compiled too, through 3 rows with refills: still plain greedy's
-    tokens, and rows coming and going recompile nothing (a graph per step for one row and for several)."""
+    tokens, and rows coming and going compile a bounded number of graphs (per step: one row, the row
+    counts whose tokens the MoE gathers, and the rest)."""
     import torch._dynamo.utils as dynamo_utils
 
     compiled = Engine.load(ckpt, max_batch=3, compile=True)
@@ -106,7 +107,7 @@ def test_compiled_mtp_decoding_is_token_for_token_plain(ckpt, plain):
     before = dynamo_utils.counters["stats"]["unique_graphs"]
     got = compiled.generate(PROMPTS, params)
     assert [r.token_ids for r in got] == [r.token_ids for r in plain.generate(PROMPTS, params)]
-    assert dynamo_utils.counters["stats"]["unique_graphs"] - before <= 4
+    assert dynamo_utils.counters["stats"]["unique_graphs"] - before <= 6
     assert all(r.drafted == r.forward_passes - 1 for r in got)  # every step verified a draft
 
 

@@ -320,8 +320,9 @@ class Engine:
                        rows: slice) -> tuple[Tensor, Tensor]:
         """Call compiled step `which` (0: main, 1: MTP) over a static `CacheView`: the active rows' cache cut
         to a multiple of 64 positions past the longest row. The row count and that length are marked
-        dynamic, so each S needs one graph for one row (torch specialises 1) and one for more: no
-        recompiles as rows come and go or grow."""
+        dynamic, so each S needs a graph for one row (torch specialises 1), and one or two for more (the
+        MoE's choice between gathering experts and running all of them splits the row counts): a few
+        compiles when a batch size is first seen, none as rows grow."""
         if self._compiled is None:
             self._compiled = _compile_steps(self.model, self.device)
         t = min(-(-(max(start) + s) // _LENGTH_STEP) * _LENGTH_STEP, self.max_seq_len + 1)
