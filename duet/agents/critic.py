@@ -9,8 +9,8 @@ Before the model is asked, the *number check* (:mod:`duet.agents.grounding`, on 
 ``number_check=False``) looks for numbers in the solution's code that the problem does not give, or
 that it gives once and the code uses on both sides of ``-`` or ``/``. When it finds some, the check
 is a model-free turn (``task="number_check"``, model ``duet:number-check``) that disagrees and says
-what it found (with the problem's closest number for one it does not give). A checker built from the same
-model as the solver tends to miscopy the same way, so this is the one error it cannot catch itself.
+what it found (with the problem's closest number for one it does not give). A checker built from
+the same model as the solver tends to miscopy the same way, so these are slips it cannot catch itself.
 A number is questioned once per dialogue (``questioned``): a revision that keeps it (the solver may
 have a reason, e.g. an intermediate result written out) goes to the model's check.
 """
