@@ -165,7 +165,7 @@ def print_table(report: dict) -> None:
     Console().print(table)
     Console().print(f"peak memory: {report['peak_memory_mb']:.0f} MB")
     if "compile_seconds" in report:
-        Console().print(f"compiling the decode step (first compiled generation): {report['compile_seconds']:.0f} s")
+        Console().print(f"compiling the decode steps (every graph, before timing): {report['compile_seconds']:.0f} s")
 
 
 def bench_command(

@@ -75,7 +75,7 @@ KEYS: tuple[Key, ...] = (
         choices=("auto", "float32", "bfloat16", "float16", "fp32", "bf16", "fp16")),
     Key("mtp", "bool", True, "speculative decoding with the model's MTP modules"),
     Key("compile", "bool", False, "compile the local runtime's decode steps (torch.compile: a slow first start, "
-        "faster decoding)"),
+        "faster decoding; pair with mtp = false on a small model)"),
     Key("timeout", "float", 5.0, "sandbox seconds per code cell", minimum=0.1),
     Key("memory", "int", 1024, "sandbox memory limit in MB", minimum=16),
     Key("sandbox", "str", "auto", "sandbox isolation: auto (strongest available), bwrap, landlock, rlimits, none",
