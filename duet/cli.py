@@ -79,6 +79,9 @@ Critic = Annotated[Optional[bool], typer.Option("--critic/--no-critic",
 NumberCheck = Annotated[Optional[bool], typer.Option("--number-check/--no-number-check",
                         help="The critic first rejects code numbers the problem never gives [default: on].",
                         show_default=False)]
+CriticSolves = Annotated[Optional[int], typer.Option("--critic-solves", metavar="N",
+                         help="Times the critic solves the problem itself (sampled) before its model check; "
+                              "0: never [default: 4 on the local runtime or a server].")]
 MaxRounds = Annotated[Optional[int], typer.Option("--max-rounds", metavar="N",
                       help="Solver turns the critic checks before giving up [default: 3].")]
 MaxTokens = Annotated[Optional[int], typer.Option("--max-tokens", metavar="N",
@@ -113,8 +116,8 @@ Json = Annotated[bool, typer.Option("--json", help="Print one JSON object on std
 def _flags(values: dict[str, Any]) -> dict[str, Any]:
     """The settings given on the command line (the keys of duet.ui.settings.KEYS)."""
     names = ("model", "backend", "base_url", "model_name", "critic_model", "critic_backend", "critic_base_url",
-             "critic_model_name", "critic", "number_check", "max_rounds", "max_tokens", "max_steps", "temperature",
-             "seed", "device", "dtype", "mtp", "compile", "timeout", "memory", "sandbox", "log")
+             "critic_model_name", "critic", "number_check", "critic_solves", "max_rounds", "max_tokens", "max_steps",
+             "temperature", "seed", "device", "dtype", "mtp", "compile", "timeout", "memory", "sandbox", "log")
     return {k: values[k] for k in names if k in values}
 
 
@@ -169,6 +172,7 @@ def solve(
     replies: Replies = None,
     critic: Critic = None,
     number_check: NumberCheck = None,
+    critic_solves: CriticSolves = None,
     max_rounds: MaxRounds = None,
     max_tokens: MaxTokens = None,
     max_steps: MaxSteps = None,
@@ -215,6 +219,7 @@ def repl(
     replies: Replies = None,
     critic: Critic = None,
     number_check: NumberCheck = None,
+    critic_solves: CriticSolves = None,
     max_rounds: MaxRounds = None,
     max_tokens: MaxTokens = None,
     max_steps: MaxSteps = None,

@@ -278,7 +278,8 @@ def test_solve_on_the_local_runtime_with_a_tiny_random_checkpoint(home):
     assert r.returncode in (0, 3), r.stderr
     assert data["exit_code"] == r.returncode and data["solver_model"] == "local:tiny"
     assert data["stop_reason"] in ("no_answer", "max_rounds", "repeated_reply", "agreed")
-    assert 0 < data["completion_tokens"] <= 12 * 4
+    assert 0 < data["completion_tokens"] <= 12 * (2 + 4)  # solver, critic, the critic's 4 own solutions
+    assert sum(t["task"] == "own_solution" for t in data["turns"]) == 4  # on by default with the local runtime
 
 
 def test_sandbox_level_is_a_setting_and_none_is_an_explicit_opt_out(home):

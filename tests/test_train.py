@@ -138,7 +138,11 @@ def test_critic_examples_agree_with_right_and_reject_wrong_solutions(sources):
                 wrong, fixed = extract_final_answer(conv.messages[2]["content"]), \
                     extract_final_answer(conv.messages[4]["content"])
                 assert wrong is not None and fixed is not None and not answers_match(wrong, fixed)
-    assert kinds == {"solve", "critique_correct", "critique_wrong", "revise", "revise_numbers"}
+            if conv.kind == "revise_own_solution":  # the critique shows the reference, which the revision writes
+                wrong, fixed = extract_final_answer(conv.messages[2]["content"]), conv.messages[4]["content"]
+                assert f"not {wrong}. My solution:\n{fixed}" in conv.messages[3]["content"]
+                assert f"(the checker's answer: {extract_final_answer(fixed)})" in conv.messages[3]["content"]
+    assert kinds == {"solve", "critique_correct", "critique_wrong", "revise", "revise_numbers", "revise_own_solution"}
 
 
 def test_number_check_revisions_are_what_the_live_critic_says(sources):
@@ -399,7 +403,7 @@ def test_onpolicy_attempts_from_a_real_eval_run(tmp_path, data_dir):
 
     with_attempts = Sources.load(data_dir, out)
     kinds = {c.kind for c in itertools.islice(example_stream(with_attempts, 0, prompts, {"onpolicy": 1}), 50)}
-    assert kinds == {"critique_correct", "critique_wrong", "revise", "solve"}
+    assert kinds == {"critique_correct", "critique_wrong", "revise", "revise_own_solution", "solve"}
     with pytest.raises(ValueError, match="--onpolicy"):
         next(example_stream(Sources.load(data_dir), 0, prompts, {"onpolicy": 1}))
     bad = tmp_path / "bad.jsonl"

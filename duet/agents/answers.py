@@ -65,6 +65,7 @@ from __future__ import annotations
 import math
 import random
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass
 from fractions import Fraction
 from functools import lru_cache
@@ -1423,3 +1424,24 @@ def equivalent(a: str | None, b: str | None, rel_tol: float = 1e-6, abs_tol: flo
         return _eq(pa, pb, _Tol(float(rel_tol), float(abs_tol)))
     except Exception:
         return False
+
+
+def majority(answers: Sequence[str | None]) -> tuple[str | None, list[dict[str, Any]]]:
+    """The most frequent answer up to equivalence (ties: the one given first) and the vote counts,
+    ``[{"answer", "normalized", "count"}, ...]`` with the most votes first. Missing answers do not vote."""
+    groups: list[dict[str, Any]] = []
+    for answer in answers:
+        if answer is None:
+            continue
+        for group in groups:
+            if equivalent(group["answer"], answer):
+                group["count"] += 1
+                break
+        else:
+            try:
+                key = normalize(answer)
+            except Exception:
+                key = " ".join(answer.split())
+            groups.append({"answer": answer, "normalized": key, "count": 1})
+    ranked = sorted(groups, key=lambda g: -g["count"])  # stable: ties keep the order of first appearance
+    return (ranked[0]["answer"] if ranked else None), ranked

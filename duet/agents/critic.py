@@ -13,14 +13,28 @@ what it found (with the problem's closest number for one it does not give). A ch
 the same model as the solver tends to miscopy the same way, so these are slips it cannot catch itself.
 A number is questioned once per dialogue (``questioned``): a revision that keeps it (the solver may
 have a reason, e.g. an intermediate result written out) goes to the model's check.
+
+With ``solves=k`` the critic also solves the problem itself ``k`` times (:class:`OwnSolutions`: solver
+turns sampled at ``solve_temperature``, each with its own sandbox), started with the dialogue so that
+they decode beside the solver's first turn. A check then compares the solution's answer with them
+(a model-free turn, ``task="own_solutions"``): when an answer other than the solver's has the most
+votes, at least two, it disagrees and shows one of those solutions (a small solver copies a worked
+solution far more often than it finds the answer from a number alone); this comes before the number
+check. When two or more agree with the solver, it agrees, unless the number check objects. Otherwise
+the model's check decides. On the embedded
+model this is what makes the critic help (self-consistency through the dialogue; see MODEL_CARD.md).
 """
 
 from __future__ import annotations
 
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import replace
+
+from duet.agents.answers import equivalent, majority
 from duet.agents.backends import Backend
 from duet.agents.events import Emitter
 from duet.agents.grounding import check_numbers, number_check_reason
-from duet.agents.protocol import DISAGREE, Verdict, parse_verdict
+from duet.agents.protocol import AGREE, DISAGREE, Verdict, extract_final_answer, parse_verdict
 from duet.agents.transcript import Turn
 from duet.agents.turn import TurnOptions, end_turn, run_turn
 from duet.prompts import Prompts, load_prompts
@@ -29,43 +43,127 @@ GENERIC_DISAGREE = "the answer looks wrong; check every step again."
 NO_VERDICT_REASON = "the checker could not confirm the answer; check every step again."
 NO_ANSWER_REASON = r"the solution has no final answer in \boxed{}."
 NUMBER_CHECK_MODEL = "duet:number-check"
+OWN_SOLUTIONS_MODEL = "duet:own-solutions"
+DEFAULT_SOLVES = 4  # own solutions on a concurrent backend (MODEL_CARD.md: the embedded model's dev runs)
+MIN_VOTES = 2  # own solutions that must share an answer before the critic acts on it without the model
+
+
+class OwnSolutions:
+    """The critic's ``k`` own solutions of one problem, started at once (they run while the solver solves).
+
+    Backends that serve requests concurrently (``backend.concurrent``: duet's engine batches them, a server
+    takes them in parallel) get one thread per solution; others (the scripted test backend) solve them in
+    order, on the first ``turns()`` call, so that scripted replies are consumed deterministically.
+    Solution ``i`` is sampled with seed ``seed + 1 + i`` (seed 0 when the dialogue has none): a dialogue
+    is reproducible. Their turns are silent (no events: they would interleave with the solver's stream).
+    """
+
+    def __init__(self, backend: Backend, prompts: Prompts, question: str, options: TurnOptions, k: int,
+                 temperature: float) -> None:
+        base = options.seed or 0
+        self._jobs = [([{"role": "system", "content": prompts.solver_system},
+                        {"role": "user", "content": prompts.solver_question(question)}],
+                       replace(options, temperature=temperature, seed=base + 1 + i, on_event=None))
+                      for i in range(k)]
+        self.backend = backend
+        self._futures: list[Future] | None = None
+        self._turns: list[Turn] | None = None
+        if getattr(backend, "concurrent", False):
+            pool = ThreadPoolExecutor(max_workers=k, thread_name_prefix="duet-critic-solve")
+            self._futures = [pool.submit(self._solve, *job) for job in self._jobs]
+            pool.shutdown(wait=False)
+
+    @property
+    def started(self) -> bool:
+        """Whether the solutions are running or done (a non-concurrent backend starts them on ``turns()``)."""
+        return self._futures is not None or self._turns is not None
+
+    def _solve(self, messages: list[dict], options: TurnOptions) -> Turn:
+        return run_turn(self.backend, messages, options, agent="critic", round=1, task="own_solution")
+
+    def turns(self) -> list[Turn]:
+        """The finished solutions (waits for them)."""
+        if self._turns is None:
+            if self._futures is not None:
+                self._turns = [f.result() for f in self._futures]
+            else:
+                self._turns = [self._solve(*job) for job in self._jobs]
+        return self._turns
+
+    def compare(self, claimed: str) -> tuple[Verdict, str | None] | None:
+        """The verdict on the solver's answer ``claimed`` from the own solutions' answers, and the answer they
+        reach instead (DISAGREE) or None (AGREE); None when they are too split to decide."""
+        turns = self.turns()
+        best, groups = majority([t.answer for t in turns])
+        support = next((g["count"] for g in groups if equivalent(g["answer"], claimed)), 0)
+        votes, k = (groups[0]["count"] if groups else 0), len(self._jobs)
+        if best is not None and not equivalent(best, claimed) and votes >= MIN_VOTES and votes > support:
+            shown = next(t for t in turns if t.answer == best)
+            return Verdict(DISAGREE, own_solution_reason(best, votes, k, claimed, shown.text)), best
+        if support >= MIN_VOTES:
+            return Verdict(AGREE, f"{support} of my {k} own solutions also give {claimed}."), None
+        return None
 
 
 class Critic:
     """Checks solutions with one backend."""
 
-    def __init__(self, backend: Backend, prompts: Prompts | None = None, *, number_check: bool = True) -> None:
+    def __init__(self, backend: Backend, prompts: Prompts | None = None, *, number_check: bool = True,
+                 solves: int | None = None, solve_temperature: float = 0.7) -> None:
         self.backend = backend
         self.prompts = prompts or load_prompts()
         self.number_check = number_check
+        # unset: own solutions only where they decode beside the solver's turn; on a backend that serves one
+        # request at a time (the scripted test backend) they would multiply the dialogue's time
+        if solves is None:
+            solves = DEFAULT_SOLVES if getattr(backend, "concurrent", False) else 0
+        self.solves, self.solve_temperature = solves, solve_temperature
+
+    def own_solutions(self, question: str, options: TurnOptions) -> OwnSolutions | None:
+        """Start the critic's own solutions of ``question`` (None with ``solves=0``)."""
+        if self.solves <= 0:
+            return None
+        return OwnSolutions(self.backend, self.prompts, question, options, self.solves, self.solve_temperature)
 
     def check(
         self, question: str, solution: str, options: TurnOptions, *, round: int, budget: int | None = None,
-        questioned: set[str] | None = None,
+        questioned: set[str] | None = None, own: OwnSolutions | None = None,
     ) -> Turn:
         """Critique ``solution`` to ``question``; the turn carries ``verdict``, ``reason`` and ``answer``.
 
         ``questioned``: numbers the number check already questioned in this dialogue (not questioned
-        again); the ones this check questions are added to it.
+        again); the ones this check questions are added to it. ``own``: the critic's own solutions
+        (from :meth:`own_solutions`), compared before the model is asked.
         """
         messages = [
             {"role": "system", "content": self.prompts.critic_system},
             {"role": "user", "content": self.prompts.critic_request(question, solution)},
         ]
         questioned = set() if questioned is None else questioned
+        claimed = extract_final_answer(solution)
+        compared = own.compare(claimed) if own is not None and claimed is not None else None
         findings = [f for f in (check_numbers(question, solution) if self.number_check else [])
                     if f.key not in questioned]
-        if findings:
+        # own solutions for another answer come first: a worked solution helps the solver more than a
+        # questioned number; then the number check; then own solutions that agree; then the model
+        if compared is not None and compared[0].kind == DISAGREE:
+            verdict, answer = compared
+            turn = _model_free_turn(round, "own_solutions", messages, "Compare with my own solutions.", verdict)
+            turn.answer = answer
+        elif findings:
             questioned.update(f.key for f in findings)
-            reason = number_check_reason(findings)
-            turn = Turn("critic", round, "number_check", NUMBER_CHECK_MODEL, messages,
-                        text=f"Check the numbers against the problem.\nVERDICT: DISAGREE: {reason}")
-            Emitter(options.on_event, "critic", round)("turn_start", model=turn.model, task=turn.task)
-            verdict = Verdict(DISAGREE, reason)
+            verdict = Verdict(DISAGREE, number_check_reason(findings))
+            turn = _model_free_turn(round, "number_check", messages, "Check the numbers against the problem.",
+                                    verdict)
+        elif compared is not None:
+            verdict = compared[0]
+            turn = _model_free_turn(round, "own_solutions", messages, "Compare with my own solutions.", verdict)
         else:
             turn = run_turn(self.backend, messages, options, agent="critic", round=round, task="critique",
                             budget=budget)
             verdict = parse_verdict(turn.text)
+        if turn.model in MODEL_FREE:
+            Emitter(options.on_event, "critic", round)("turn_start", model=turn.model, task=turn.task)
         turn.verdict, turn.reason = verdict.kind, verdict.reason
         if turn.error is None or turn.text:
             Emitter(options.on_event, "critic", round)(
@@ -73,6 +171,23 @@ class Critic:
             )
         end_turn(turn, options)
         return turn
+
+
+MODEL_FREE = (NUMBER_CHECK_MODEL, OWN_SOLUTIONS_MODEL)
+
+
+def _model_free_turn(round: int, task: str, messages: list[dict], step: str, verdict: Verdict) -> Turn:
+    """A critic turn decided without the model (``task``: number_check, own_solutions)."""
+    label = "AGREE" if verdict.kind == AGREE else f"DISAGREE: {verdict.reason}"
+    model = NUMBER_CHECK_MODEL if task == "number_check" else OWN_SOLUTIONS_MODEL
+    return Turn("critic", round, task, model, messages, text=f"{step}\nVERDICT: {label}")
+
+
+def own_solution_reason(answer: str, votes: int, tries: int, claimed: str, solution: str) -> str:
+    """The critique when most of the critic's own solutions reach ``answer`` instead of ``claimed``: it shows
+    one of them, which a small solver can follow (it rarely finds the other answer from the number alone)."""
+    return (f"I solved it myself and got {answer} in {votes} of {tries} tries, not {claimed}. "
+            f"My solution:\n{solution.strip()}")
 
 
 def critique_message(turn: Turn) -> str:

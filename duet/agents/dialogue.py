@@ -19,6 +19,10 @@ critique, then a new check. It always terminates, with one of :data:`STOP_REASON
 * ``no_critic``: solver-only mode (``DialogueConfig(critic=False)``); one solver turn.
 * ``interrupted``: the ``cancel`` event was set (Ctrl-C in the REPL).
 
+With ``critic_solves`` (see :mod:`duet.agents.critic`) the critic's own solutions start with the
+dialogue, beside the solver's first turn, and are recorded in the transcript before its first check
+(``task="own_solution"``); every check of the dialogue compares with the same ones.
+
 The final answer is the agreed answer; without agreement, the solver's last answer (from its latest
 turn that gave one), or None. When the critic disagrees without a reason (or gives no verdict) the
 solver revises with a generic one. The critic's reason, plus its own answer when it has one, is what
@@ -34,7 +38,7 @@ from pathlib import Path
 from typing import Any
 
 from duet.agents.backends import Backend
-from duet.agents.critic import NO_ANSWER_REASON, Critic, critique_message
+from duet.agents.critic import NO_ANSWER_REASON, Critic, OwnSolutions, critique_message
 from duet.agents.events import Emitter, EventCallback
 from duet.agents.protocol import AGREE
 from duet.agents.solver import Solver
@@ -70,6 +74,9 @@ class DialogueConfig:
     seed: int | None = None
     critic: bool = True  # False: solver-only
     number_check: bool = True  # the critic's model-free check of the code's numbers (duet.agents.grounding)
+    # the critic's own sampled solutions, compared before its model check (None: 4 where they run concurrently)
+    critic_solves: int | None = None
+    critic_solve_temperature: float = 0.7
     sandbox_timeout: float = 5.0  # seconds per cell
     sandbox_memory_mb: int = 1024
     sandbox_isolation: str | None = None  # passed to Sandbox(isolation=...) when set
@@ -132,7 +139,8 @@ class Dialogue:
         self.config = config or DialogueConfig()
         self.prompts = prompts or load_prompts(self.config.prompt_dir)
         self.solver = Solver(solver, self.prompts)
-        self.critic = (Critic(critic or solver, self.prompts, number_check=self.config.number_check)
+        self.critic = (Critic(critic or solver, self.prompts, number_check=self.config.number_check,
+                              solves=self.config.critic_solves, solve_temperature=self.config.critic_solve_temperature)
                        if self.config.critic else None)
         self.on_event = on_event
         self.sandbox_factory = sandbox_factory or sandbox_factory_for(self.config)
@@ -176,6 +184,8 @@ class _Run:
         self.used = 0
         self.solutions: list[str] = []
         self.questioned: set[str] = set()  # numbers the critic's number check questioned
+        self.own: OwnSolutions | None = None  # the critic's own solutions, started with the dialogue
+        self.own_recorded = False
         self.answer: str | None = None
         self.error: str | None = None
         self.started = time.perf_counter()
@@ -199,8 +209,17 @@ class _Run:
             return turn.finish
         return "interrupted" if self.options.cancelled() else None
 
+    def record_own_solutions(self) -> None:
+        """Add the critic's own solutions to the transcript (once; waits for them)."""
+        if self.own is not None and not self.own_recorded:
+            self.own_recorded = True
+            for turn in self.own.turns():
+                self.add(turn)
+
     def result(self) -> DialogueResult:
         stop, agreed, rounds = self.loop()
+        if self.own is not None and self.own.started:  # ended before any check: wait for what is running
+            self.record_own_solutions()
         if stop in ("max_rounds", "no_critic") and self.answer is None:
             stop = "no_answer"
         cfg = self.d.config
@@ -228,6 +247,8 @@ class _Run:
         """Returns (stop reason, agreed, rounds)."""
         cfg, solver, critic = self.d.config, self.d.solver, self.d.critic
         round_ = 1
+        if critic is not None:
+            self.own = critic.own_solutions(self.critic_question, self.options)
         turn = self.add(solver.solve(self.question, self.options, round=1, budget=self.budget_left()))
         while True:
             if turn.answer is not None:
@@ -246,9 +267,10 @@ class _Run:
             if turn.answer is None:
                 critique = NO_ANSWER_REASON
             else:
+                self.record_own_solutions()
                 check = self.add(
                     critic.check(self.critic_question, turn.text, self.options, round=round_,
-                                 budget=self.budget_left(), questioned=self.questioned)
+                                 budget=self.budget_left(), questioned=self.questioned, own=self.own)
                 )
                 if check.verdict == AGREE or answers_equivalent(check.answer, turn.answer):
                     return "agreed", True, round_

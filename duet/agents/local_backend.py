@@ -21,6 +21,8 @@ _ENGINES_LOCK = threading.Lock()
 class LocalBackend:
     """A `Backend` over a `duet.engine.Engine`."""
 
+    concurrent = True  # requests from many threads are decoded together (continuous batching)
+
     def __init__(self, engine: Any, name: str):
         self.engine = engine
         self.name = name

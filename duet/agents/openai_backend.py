@@ -114,6 +114,8 @@ class ThinkSplitter:
 class OpenAIBackend:
     """Chat completions from an OpenAI-compatible server. ``model=None``: the server's first model."""
 
+    concurrent = True  # the server takes requests in parallel
+
     def __init__(
         self,
         base_url: str,

@@ -39,7 +39,9 @@ class Turn:
 
     agent: str  # "solver" | "critic"
     round: int
-    task: str  # "solve" | "revise" | "follow_up" | "critique" | "number_check" (the critic's model-free check)
+    # "solve" | "revise" | "follow_up" | "critique" | "own_solution" (the critic solving the problem itself) |
+    # "number_check" / "own_solutions" (the critic's model-free checks)
+    task: str
     model: str
     messages: list[dict[str, str]]  # the conversation sent to the model, before this reply
     text: str = ""  # the whole assistant message: steps, code blocks, output blocks, answer

@@ -126,6 +126,9 @@ def run_command(
     number_check: bool = typer.Option(None, "--number-check/--no-number-check", show_default=False,
                                       help="The critic first rejects code numbers the problem never gives "
                                       "[default: on]."),
+    critic_solves: int = typer.Option(None, "--critic-solves", metavar="N", show_default=False,
+                                      help="Times the critic solves the problem itself (sampled) before its "
+                                      "model check; 0: never [default: 4 on the local runtime or a server]."),
     max_steps: int = typer.Option(None, "--max-steps", metavar="N", help="Code cells per turn [default: 8].",
                                   show_default=False),
     max_tokens: int = typer.Option(None, "--max-tokens", metavar="N", help="Generated tokens per turn "
@@ -163,7 +166,8 @@ def run_command(
     stdout, stderr = _consoles()
     flags = {"model": model, "backend": backend, "base_url": base_url, "model_name": model_name,
              "critic_model": critic_model, "critic_backend": critic_backend, "critic_base_url": critic_base_url,
-             "critic_model_name": critic_model_name, "number_check": number_check, "max_rounds": max_rounds,
+             "critic_model_name": critic_model_name, "number_check": number_check, "critic_solves": critic_solves,
+             "max_rounds": max_rounds,
              "max_tokens": max_tokens, "max_steps": max_steps, "temperature": temperature, "seed": seed,
              "device": device, "dtype": dtype, "mtp": mtp, "compile": compile, "timeout": timeout, "memory": memory}
     try:
@@ -182,7 +186,8 @@ def run_command(
             dialogue=DialogueConfig(max_rounds=settings.max_rounds, max_steps=settings.max_steps,
                                     max_tokens=settings.max_tokens, token_budget=token_budget,
                                     temperature=settings.temperature, seed=settings.seed,
-                                    number_check=settings.number_check, sandbox_timeout=settings.timeout,
+                                    number_check=settings.number_check, critic_solves=settings.critic_solves,
+                                    sandbox_timeout=settings.timeout,
                                     sandbox_memory_mb=settings.memory,
                                     sandbox_isolation=sandbox_isolation, prompt_dir=prompt_dir),
             sc_temperature=sc_temperature,

@@ -31,6 +31,7 @@ from dataclasses import dataclass, replace
 from types import SimpleNamespace
 from typing import Any
 
+from duet.agents.answers import majority
 from duet.agents.backends import Backend
 from duet.agents.dialogue import DialogueConfig, run_dialogue
 from duet.agents.transcript import DialogueResult
@@ -142,33 +143,6 @@ def equivalent(a: str | None, b: str | None) -> bool:
         return bool(same(a, b))
     except Exception:
         return False
-
-
-def normalized(answer: str | None) -> str | None:
-    if answer is None:
-        return None
-    try:
-        from duet.agents.answers import normalize
-
-        return normalize(answer)
-    except Exception:
-        return " ".join(answer.split())
-
-
-def majority(answers: list[str | None]) -> tuple[str | None, list[dict[str, Any]]]:
-    """The most frequent answer up to equivalence (ties: sampled first), and the vote counts."""
-    groups: list[dict[str, Any]] = []
-    for answer in answers:
-        if answer is None:
-            continue
-        for group in groups:
-            if equivalent(group["answer"], answer):
-                group["count"] += 1
-                break
-        else:
-            groups.append({"answer": answer, "normalized": normalized(answer), "count": 1})
-    ranked = sorted(groups, key=lambda g: -g["count"])  # stable: ties keep the order of first appearance
-    return (ranked[0]["answer"] if ranked else None), ranked
 
 
 @dataclass

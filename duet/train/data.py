@@ -33,7 +33,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from duet.agents.critic import NO_ANSWER_REASON
+from duet.agents.critic import NO_ANSWER_REASON, own_solution_reason
 from duet.agents.grounding import check_numbers, number_check_reason
 from duet.agents.protocol import format_cell, format_output
 from duet.prompts import Prompts, load_prompts
@@ -150,7 +150,7 @@ class Conversation:
     """Messages of one training example; the last assistant message is the target."""
 
     messages: list[dict]
-    kind: str  # solve | critique_correct | critique_wrong | revise | revise_numbers
+    kind: str  # solve | critique_correct | critique_wrong | revise | revise_numbers | revise_own_solution
 
 
 def _solve(prompts: Prompts, question: str, solution: str) -> Conversation:
@@ -185,6 +185,17 @@ def _number_check_revision(prompts: Prompts, question: str, rejected: str, solut
 
 
 MISCOPY_RATE = 0.5  # of problems that also yield a number-check revision
+OWN_SOLUTION_RATE = 0.5  # of wrong solutions that also yield a revision after the critic's own solutions
+
+
+def _own_solution_revision(prompts: Prompts, question: str, rejected: str, claimed: str, reference: str,
+                           correct: str, rng: random.Random) -> Conversation:
+    """The revision after the critic's own solutions mostly reached `correct` (`Critic(solves=4)`): the critique
+    shows one of them (the reference), with the checker's answer, and the solver writes it out."""
+    reason = own_solution_reason(correct, rng.randint(2, 4), 4, claimed, reference)
+    revision = _revise(prompts, question, rejected, f"{reason} (the checker's answer: {correct})", reference)
+    revision.kind = "revise_own_solution"
+    return revision
 
 
 def miscopy(number: str, rng: random.Random) -> str | None:
@@ -253,9 +264,11 @@ def conversations(problem: Problem, prompts: Prompts, rng: random.Random) -> Ite
         if not critique:
             return
         yield _critique(prompts, problem.question, wrong_solution, text, "critique_wrong")
-        _, correct = run_cells(problem.cells)
-        yield _revise(prompts, problem.question, wrong_solution, f"{critique} (the checker's answer: {correct})",
+        yield _revise(prompts, problem.question, wrong_solution, f"{critique} (the checker's answer: {answer})",
                       solution)
+        if wrong_answer is not None and rng.random() < OWN_SOLUTION_RATE:
+            yield _own_solution_revision(prompts, problem.question, wrong_solution, wrong_answer, solution, answer,
+                                         rng)
 
 
 # ----------------------------------------------------------------------------- on-policy attempts
@@ -288,8 +301,10 @@ def load_attempts(path: Path) -> list[Attempt]:
     return attempts
 
 
-def attempt_conversations(attempt: Attempt, prompts: Prompts) -> Iterator[Conversation]:
-    """A critic turn on the model's own solution; for a wrong one, also the revision and the reference solve."""
+def attempt_conversations(attempt: Attempt, prompts: Prompts,
+                          rng: random.Random | None = None) -> Iterator[Conversation]:
+    """A critic turn on the model's own solution; for a wrong one, also the revisions (after the critic model's
+    reason and, with `rng`, sometimes after the critic's own solutions) and the reference solve."""
     problem = attempt.problem
     reference, correct = solution_text(problem.cells)
     if correct is None:
@@ -308,6 +323,9 @@ def attempt_conversations(attempt: Attempt, prompts: Prompts) -> Iterator[Conver
         if not critique:
             return
         critique = f"{critique} (the checker's answer: {correct})"
+        if rng is not None and rng.random() < OWN_SOLUTION_RATE:
+            yield _own_solution_revision(prompts, problem.question, attempt.solution, attempt.answer, reference,
+                                         correct, rng)
     yield _revise(prompts, problem.question, attempt.solution, critique, reference)
     yield _solve(prompts, problem.question, reference)
 
@@ -704,7 +722,7 @@ def example_stream(sources: Sources, seed: int, prompts: Prompts | None = None,
         if kind == "synthetic":
             problem = synthetic_problem(rng)
         elif kind == "onpolicy":
-            yield from attempt_conversations(rng.choice(sources.attempts), prompts)
+            yield from attempt_conversations(rng.choice(sources.attempts), prompts, rng)
             continue
         elif kind == "mawps":
             problem = mawps_problem(rng.choice(sources.mawps_train), rng)

@@ -27,7 +27,9 @@ from rich.syntax import Syntax
 from rich.text import Text
 
 AGENT_STYLE = {"solver": "cyan", "critic": "magenta"}
-TASK_LABEL = {"solve": "solving", "revise": "revising", "follow_up": "follow-up", "critique": "checking"}
+TASK_LABEL = {"solve": "solving", "revise": "revising", "follow_up": "follow-up", "critique": "checking",
+              "number_check": "checking the numbers", "own_solutions": "comparing with its own solutions",
+              "own_solution": "solving it itself"}
 SILENT_ERRORS = ("backend_error", "sandbox_error", "interrupted")
 BOXED = re.compile(r"\\boxed\{(?:[^{}]|\{[^{}]*\})*\}")
 

@@ -145,6 +145,7 @@ def dialogue_config(settings: Settings, **overrides: Any) -> Any:
         seed=settings.seed,
         critic=settings.critic,
         number_check=settings.number_check,
+        critic_solves=settings.critic_solves,
         sandbox_timeout=settings.timeout,
         sandbox_memory_mb=settings.memory,
         sandbox_isolation=settings.sandbox,
