@@ -72,6 +72,9 @@ def test_a_tie_or_a_lone_vote_is_not_enough_to_overrule_the_solver():
     # 104 and 71 have two votes each: not more than the solver's support
     tie, _ = run([RIGHT, OTHER, RIGHT, OTHER, RIGHT], solves=4)
     assert tie.turns[-1].task == "own_solutions" and tie.turns[-1].verdict == AGREE
+    # 104 has two votes, 71 one plus the solver's own: a tie with the solver, so the model decides
+    solver_vote, _ = run([RIGHT, OTHER, OTHER, RIGHT] + [MODEL_AGREE])
+    assert solver_vote.turns[-1].task == "critique" and solver_vote.answer == "71"
 
 
 def test_own_solutions_for_another_answer_come_before_the_number_check_which_comes_before_their_agreement():

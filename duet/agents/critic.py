@@ -16,13 +16,12 @@ have a reason, e.g. an intermediate result written out) goes to the model's chec
 
 With ``solves=k`` the critic also solves the problem itself ``k`` times (:class:`OwnSolutions`: solver
 turns sampled at ``solve_temperature``, each with its own sandbox), started with the dialogue so that
-they decode beside the solver's first turn. A check then compares the solution's answer with them
-(a model-free turn, ``task="own_solutions"``): when an answer other than the solver's has the most
-votes, at least two, it disagrees and shows one of those solutions (a small solver copies a worked
-solution far more often than it finds the answer from a number alone); this comes before the number
-check. When two or more agree with the solver, it agrees, unless the number check objects. Otherwise
-the model's check decides. On the embedded
-model this is what makes the critic help (self-consistency through the dialogue; see MODEL_CARD.md).
+they decode beside the solver's first turn. A check then compares the solution's answer with them (a
+model-free turn, ``task="own_solutions"``). When another answer has at least two votes and more than
+the solver's answer (the solver's own solution counting as one vote), the critic disagrees and shows
+one of those solutions: a small solver copies a worked solution far more often than it finds the
+answer from a number alone. This comes before the number check. When two or more own solutions agree
+with the solver, it agrees, unless the number check objects. Otherwise the model's check decides.
 """
 
 from __future__ import annotations
@@ -97,7 +96,9 @@ class OwnSolutions:
         best, groups = majority([t.answer for t in turns])
         support = next((g["count"] for g in groups if equivalent(g["answer"], claimed)), 0)
         votes, k = (groups[0]["count"] if groups else 0), len(self._jobs)
-        if best is not None and not equivalent(best, claimed) and votes >= MIN_VOTES and votes > support:
+        # the solver's answer is one more vote for `claimed`: another answer must beat that total, since a
+        # greedy solution is right more often than a sampled one
+        if best is not None and not equivalent(best, claimed) and votes >= MIN_VOTES and votes > support + 1:
             shown = next(t for t in turns if t.answer == best)
             return Verdict(DISAGREE, own_solution_reason(best, votes, k, claimed, shown.text)), best
         if support >= MIN_VOTES:
