@@ -81,7 +81,7 @@ NumberCheck = Annotated[Optional[bool], typer.Option("--number-check/--no-number
                         show_default=False)]
 CriticSolves = Annotated[Optional[int], typer.Option("--critic-solves", metavar="N",
                          help="Times the critic solves the problem itself (sampled) before its model check; "
-                              "0: never [default: 4 on the local runtime or a server].")]
+                              "0: never [default: 0].")]
 MaxRounds = Annotated[Optional[int], typer.Option("--max-rounds", metavar="N",
                       help="Solver turns the critic checks before giving up [default: 3].")]
 MaxTokens = Annotated[Optional[int], typer.Option("--max-tokens", metavar="N",

@@ -12,7 +12,7 @@ import threading
 import pytest
 
 from duet.agents.backends import Completion, ScriptedBackend
-from duet.agents.critic import DEFAULT_SOLVES, Critic, own_solution_reason
+from duet.agents.critic import Critic, own_solution_reason
 from duet.agents.dialogue import Dialogue, DialogueConfig
 from duet.agents.protocol import AGREE, DISAGREE
 from duet.prompts import load_prompts
@@ -117,17 +117,15 @@ class ConcurrentBackend:
 
 
 def test_on_a_concurrent_backend_they_run_beside_the_solvers_turn():
-    backend = ConcurrentBackend(parties=1 + DEFAULT_SOLVES)
-    result = Dialogue(backend).run(QUESTION)  # critic_solves unset: DEFAULT_SOLVES on a concurrent backend
+    backend = ConcurrentBackend(parties=1 + 4)
+    result = Dialogue(backend, config=DialogueConfig(critic_solves=4)).run(QUESTION)
     assert result.stop_reason == "agreed" and result.answer == "71", result.error
-    assert sum(t.task == "own_solution" for t in result.turns) == DEFAULT_SOLVES
+    assert sum(t.task == "own_solution" for t in result.turns) == 4
     assert all(t.answer == "71" for t in result.turns if t.task == "own_solution")
 
 
-def test_the_default_depends_on_whether_the_backend_decodes_requests_together():
-    assert Critic(ScriptedBackend([])).solves == 0
-    assert Critic(ConcurrentBackend(1)).solves == DEFAULT_SOLVES
-    assert Critic(ConcurrentBackend(1), solves=0).solves == 0
+def test_off_by_default():
+    assert Critic(ConcurrentBackend(1)).solves == 0 and DialogueConfig().critic_solves == 0
 
 
 def test_training_revisions_word_the_critique_as_the_live_critic_does():
@@ -145,7 +143,7 @@ def test_training_revisions_word_the_critique_as_the_live_critic_does():
     assert conv.messages[4]["content"] == result.turns[1].text and conv.kind == "revise_own_solution"
 
 
-@pytest.mark.parametrize("flag, expected", [((), None), (("--critic-solves", "2"), 2)])
+@pytest.mark.parametrize("flag, expected", [((), 0), (("--critic-solves", "2"), 2)])
 def test_critic_solves_is_a_setting(flag, expected, tmp_path, monkeypatch):
     monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path))  # no user config file
     from duet.ui.session import dialogue_config

@@ -43,7 +43,6 @@ NO_VERDICT_REASON = "the checker could not confirm the answer; check every step 
 NO_ANSWER_REASON = r"the solution has no final answer in \boxed{}."
 NUMBER_CHECK_MODEL = "duet:number-check"
 OWN_SOLUTIONS_MODEL = "duet:own-solutions"
-DEFAULT_SOLVES = 4  # own solutions on a concurrent backend (MODEL_CARD.md: the embedded model's dev runs)
 MIN_VOTES = 2  # own solutions that must share an answer before the critic acts on it without the model
 
 
@@ -110,14 +109,10 @@ class Critic:
     """Checks solutions with one backend."""
 
     def __init__(self, backend: Backend, prompts: Prompts | None = None, *, number_check: bool = True,
-                 solves: int | None = None, solve_temperature: float = 0.7) -> None:
+                 solves: int = 0, solve_temperature: float = 0.7) -> None:
         self.backend = backend
         self.prompts = prompts or load_prompts()
         self.number_check = number_check
-        # unset: own solutions only where they decode beside the solver's turn; on a backend that serves one
-        # request at a time (the scripted test backend) they would multiply the dialogue's time
-        if solves is None:
-            solves = DEFAULT_SOLVES if getattr(backend, "concurrent", False) else 0
         self.solves, self.solve_temperature = solves, solve_temperature
 
     def own_solutions(self, question: str, options: TurnOptions) -> OwnSolutions | None:

@@ -74,8 +74,7 @@ class DialogueConfig:
     seed: int | None = None
     critic: bool = True  # False: solver-only
     number_check: bool = True  # the critic's model-free check of the code's numbers (duet.agents.grounding)
-    # the critic's own sampled solutions, compared before its model check (None: 4 where they run concurrently)
-    critic_solves: int | None = None
+    critic_solves: int = 0  # the critic's own sampled solutions, compared before its checks (critic.py)
     critic_solve_temperature: float = 0.7
     sandbox_timeout: float = 5.0  # seconds per cell
     sandbox_memory_mb: int = 1024

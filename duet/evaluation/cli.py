@@ -128,7 +128,7 @@ def run_command(
                                       "[default: on]."),
     critic_solves: int = typer.Option(None, "--critic-solves", metavar="N", show_default=False,
                                       help="Times the critic solves the problem itself (sampled) before its "
-                                      "model check; 0: never [default: 4 on the local runtime or a server]."),
+                                      "model check; 0: never [default: 0]."),
     max_steps: int = typer.Option(None, "--max-steps", metavar="N", help="Code cells per turn [default: 8].",
                                   show_default=False),
     max_tokens: int = typer.Option(None, "--max-tokens", metavar="N", help="Generated tokens per turn "

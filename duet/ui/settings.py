@@ -64,9 +64,8 @@ KEYS: tuple[Key, ...] = (
     Key("critic_model_name", "str", None, "critic's model name on that server"),
     Key("critic", "bool", True, "run the critic (false: solver only)"),
     Key("number_check", "bool", True, "the critic rejects code numbers the problem never gives, before its model"),
-    Key("critic_solves", "int", None, "times the critic solves the problem itself (sampled) before its model "
-        "check; 0: never (unset: 4 on a backend that decodes requests together, the local runtime or a server)",
-        minimum=0),
+    Key("critic_solves", "int", 0, "times the critic solves the problem itself (sampled) before its number check "
+        "and model (0: never)", minimum=0),
     Key("max_rounds", "int", 3, "solver turns the critic checks before giving up", minimum=1),
     Key("max_tokens", "int", 1024, "generated tokens per turn", minimum=1),
     Key("max_steps", "int", 8, "code cells per turn", minimum=1),
