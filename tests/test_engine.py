@@ -349,3 +349,17 @@ def test_context_scaling_benchmark_runs():
                         "--threads", "1"], capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-2000:]
     assert "decode tok/s" in r.stdout and "1.00x" in r.stdout
+
+
+def test_mtp_bound_benchmark_runs(tmp_path):
+    """benchmarks/mtp_bound.py (part of `make bench`) still runs, on a tiny random checkpoint and few repeats."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    ckpt = make_engine_checkpoint(tmp_path / "tiny", seed=3)
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "mtp_bound.py"
+    r = subprocess.run([sys.executable, str(script), "--model", str(ckpt), "--context", "16", "--repeats", "2"],
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "main model, 2 token(s)" in r.stdout and "upper bound on the MTP speed-up: depth 1" in r.stdout
