@@ -193,7 +193,7 @@ def test_on_a_terminal_rich_rendering_and_ctrl_c_exits_130(home):
     child.sendintr()
     child.expect(pexpect.EOF)
     child.close()
-    assert child.exitstatus == 130 and "interrupted" in child.before
+    assert child.exitstatus == 130 and "interrupted" in child.before, child.before
     assert db(home).execute("SELECT stop_reason FROM exchanges ORDER BY id DESC").fetchone()[0] == "interrupted"
 
 
