@@ -17,6 +17,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.processes import default_sigint
+
 DUET = Path(sys.executable).with_name("duet")
 if not DUET.exists():  # pragma: no cover - an install without the console script next to python
     DUET = Path(shutil.which("duet") or "duet")
@@ -188,7 +190,7 @@ def test_on_a_terminal_rich_rendering_and_ctrl_c_exits_130(home):
     slow = home / "slow.json"
     slow.write_text(json.dumps({"replies": [SOLVE], "delay": 5}))
     child = pexpect.spawn(str(DUET), ["solve", QUESTION, "--backend", f"scripted:{slow}"], env=env, encoding="utf-8",
-                          timeout=30)
+                          timeout=30, preexec_fn=default_sigint)
     child.expect("thinking")
     child.sendintr()
     child.expect(pexpect.EOF)

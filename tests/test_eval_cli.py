@@ -15,6 +15,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.processes import default_sigint
+
 REPO = Path(__file__).resolve().parent.parent
 SHARED_DATA = REPO.parent / "shared" / "data"
 KEYS = ("id", "mode", "question", "gold", "prediction", "correct", "agreed", "rounds", "stop_reason", "tokens",
@@ -45,7 +47,7 @@ def duet_eval(*args: object, cwd: Path | None = None, timeout: float = 120) -> s
 
 def start_eval(*args: object, cwd: Path | None = None) -> subprocess.Popen:
     return subprocess.Popen([*eval_command(), *map(str, args)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True, cwd=cwd, env=clean_env())
+                            text=True, cwd=cwd, env=clean_env(), preexec_fn=default_sigint)
 
 
 def records(run: Path) -> list[dict]:

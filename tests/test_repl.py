@@ -24,6 +24,7 @@ from duet.agents.backends import ScriptedBackend
 from duet.ui.clipboard import copy_text, osc52_sequence, osc52_supported
 from duet.ui.conversation import Conversation
 from duet.ui.settings import load_settings
+from tests.processes import default_sigint
 
 pexpect = pytest.importorskip("pexpect")
 
@@ -49,7 +50,7 @@ class Terminal:
         self.raw = ""
         self.mark = 0
         self.child = pexpect.spawn(str(DUET), ["repl", *args], env=env or environment(home), cwd=str(home),
-                                   encoding="utf-8", dimensions=(40, 110), timeout=30)
+                                   encoding="utf-8", dimensions=(40, 110), timeout=30, preexec_fn=default_sigint)
 
     @property
     def screen(self) -> str:
