@@ -96,11 +96,11 @@ Device = Annotated[Optional[str], typer.Option("--device", metavar="DEV",
 Dtype = Annotated[Optional[str], typer.Option("--dtype", metavar="TYPE",
                   help="Local runtime dtype: auto, float32, bfloat16, float16 [default: auto].")]
 Mtp = Annotated[Optional[bool], typer.Option("--mtp/--no-mtp",
-                help="Speculative decoding with the model's MTP modules [default: on].", show_default=False)]
+                help="Speculative decoding with the model's MTP modules [default: on, off with --compile on "
+                     "a CPU].", show_default=False)]
 Compile = Annotated[Optional[bool], typer.Option("--compile/--no-compile",
                     help="Compile the local runtime's decode steps with torch.compile: a slow first start "
-                         "(cached on disk afterwards), faster decoding; on a small model pair it with --no-mtp "
-                         "[default: off].", show_default=False)]
+                         "(cached on disk afterwards), faster decoding [default: off].", show_default=False)]
 Timeout = Annotated[Optional[float], typer.Option("--timeout", metavar="SECONDS",
                     help="Sandbox time limit per code cell [default: 5].")]
 Memory = Annotated[Optional[int], typer.Option("--memory", metavar="MB",

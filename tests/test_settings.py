@@ -146,3 +146,17 @@ def test_backend_options_and_dialogue_config(env, tmp_path):
     config = dialogue_config(s)
     assert (config.max_rounds, config.critic, config.sandbox_timeout, config.sandbox_memory_mb) == (2, False, 2.5, 256)
     assert config.number_check is False
+
+
+@pytest.mark.parametrize("flags, device, mtp", [
+    ({}, "cpu", True),
+    ({"compile": True}, "cpu", False),  # compiled MTP decodes slower than compiled plain on a CPU
+    ({"compile": True, "mtp": True}, "cpu", True),  # unless asked for
+    ({"compile": True}, "cuda", True),
+])
+def test_mtp_is_off_by_default_only_for_compiled_decoding_on_a_cpu(env, flags, device, mtp):
+    from duet.ui.session import resolve_local
+
+    options = backend_options("local:/x", load_settings({"device": device, **flags}, env))
+    assert options["mtp"] == (flags.get("mtp", "auto"))
+    assert resolve_local(options)["mtp"] is mtp

@@ -91,7 +91,8 @@ def run_command(
                               "bfloat16, float16 [default: auto].", show_default=False),
     compile: bool = typer.Option(None, "--compile/--no-compile", show_default=False,
                                  help="Compile the local runtime's decode steps (torch.compile) [default: off]."),
-    mtp: bool = typer.Option(None, "--mtp/--no-mtp", help="MTP speculative decoding [default: on].",
+    mtp: bool = typer.Option(None, "--mtp/--no-mtp", help="MTP speculative decoding [default: on, off with "
+                             "--compile on a CPU].",
                              show_default=False),
     backend_option: list[str] = typer.Option(None, "--backend-option", "-O", metavar="KEY=VALUE",
                                              help="Extra make_backend option (repeatable), e.g. -O timeout=120.",

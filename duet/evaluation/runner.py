@@ -123,18 +123,14 @@ def backend_kind(spec: str) -> str:
 
 
 def _options_for(spec: str, options: dict[str, Any], concurrency: int) -> dict[str, Any]:
-    """make_backend options: for local, the engine's batch is the concurrency, and "auto" device and dtype are
-    resolved here (so the run's identity says what ran)."""
+    """make_backend options: for local, the engine's batch is the concurrency, and "auto" device, dtype and mtp
+    are resolved here (so the run's identity says what ran)."""
     options = dict(options)
     if backend_kind(spec) == "local":
-        options.setdefault("max_batch", concurrency)
-        if options.get("device") == "auto" or options.get("dtype") == "auto":
-            import torch
+        from duet.ui.session import resolve_local
 
-            if options.get("device") == "auto":
-                options["device"] = "cuda" if torch.cuda.is_available() else "cpu"
-            if options.get("dtype") == "auto":
-                options["dtype"] = "bfloat16" if str(options.get("device", "cpu")).startswith("cuda") else "float32"
+        options.setdefault("max_batch", concurrency)
+        options = resolve_local(options)
     return options
 
 

@@ -89,7 +89,8 @@ def backend_options(spec: str, settings: Settings) -> dict[str, Any]:
     """Keyword options for ``make_backend(spec, ...)``: runtime options for local, timeouts for servers."""
     kind, _, argument = spec.partition(":")
     if kind == "local":
-        return {"device": settings.device, "dtype": settings.dtype, "mtp": settings.mtp, "compile": settings.compile}
+        mtp = settings.mtp if settings.sources.get("mtp", "default") != "default" else "auto"
+        return {"device": settings.device, "dtype": settings.dtype, "mtp": mtp, "compile": settings.compile}
     if kind == "openai":
         return {"timeout": settings.server_timeout}
     if kind == "scripted":
@@ -103,7 +104,10 @@ def backend_options(spec: str, settings: Settings) -> dict[str, Any]:
 
 
 def resolve_local(options: dict[str, Any]) -> dict[str, Any]:
-    """``device``/``dtype`` "auto" resolved on this machine (imports torch: only for local backends)."""
+    """``device``/``dtype``/``mtp`` "auto" resolved on this machine (imports torch: only for local backends).
+
+    ``mtp`` "auto" (not set anywhere) is on, except for compiled decoding on a CPU, where MTP made decoding
+    slower (compiled + MTP at 0.45-0.7x compiled plain decoding in session 5's `duet bench --compile`)."""
     options = dict(options)
     if options.get("device", "auto") == "auto" or options.get("dtype", "auto") == "auto":
         import torch
@@ -113,6 +117,8 @@ def resolve_local(options: dict[str, Any]) -> dict[str, Any]:
             options["device"] = "cuda" if cuda else "cpu"
         if options.get("dtype", "auto") == "auto":
             options["dtype"] = "bfloat16" if str(options["device"]).startswith("cuda") else "float32"
+    if options.get("mtp") == "auto":
+        options["mtp"] = not (options.get("compile") and str(options.get("device", "cpu")) == "cpu")
     return options
 
 

@@ -75,9 +75,10 @@ KEYS: tuple[Key, ...] = (
     Key("device", "str", "auto", "local runtime device: auto, cpu, cuda, cuda:N"),
     Key("dtype", "str", "auto", "local runtime dtype: auto, float32, bfloat16, float16",
         choices=("auto", "float32", "bfloat16", "float16", "fp32", "bf16", "fp16")),
-    Key("mtp", "bool", True, "speculative decoding with the model's MTP modules"),
+    Key("mtp", "bool", True, "speculative decoding with the model's MTP modules (unset: on, but off when "
+        "compiling on a CPU, where it decodes slower)"),
     Key("compile", "bool", False, "compile the local runtime's decode steps (torch.compile: a slow first start, "
-        "faster decoding; pair with mtp = false on a small model)"),
+        "faster decoding)"),
     Key("timeout", "float", 5.0, "sandbox seconds per code cell", minimum=0.1),
     Key("memory", "int", 1024, "sandbox memory limit in MB", minimum=16),
     Key("sandbox", "str", "auto", "sandbox isolation: auto (strongest available), bwrap, landlock, rlimits, none",
