@@ -158,7 +158,6 @@ def run_command(
 ) -> None:
     """Run (or resume) an evaluation of DATA; prints a summary table per mode."""
     from duet.agents.backends import BackendError
-    from duet.agents.dialogue import DialogueConfig
     from duet.errors import DuetError
     from duet.evaluation.datasets import Fields
     from duet.evaluation.report import print_summary
@@ -170,9 +169,10 @@ def run_command(
              "critic_model_name": critic_model_name, "number_check": number_check, "critic_solves": critic_solves,
              "max_rounds": max_rounds,
              "max_tokens": max_tokens, "max_steps": max_steps, "temperature": temperature, "seed": seed,
-             "device": device, "dtype": dtype, "mtp": mtp, "compile": compile, "timeout": timeout, "memory": memory}
+             "device": device, "dtype": dtype, "mtp": mtp, "compile": compile, "timeout": timeout, "memory": memory,
+             "sandbox": sandbox_isolation}
     try:
-        from duet.ui.session import backend_options, backend_specs
+        from duet.ui.session import backend_options, backend_specs, dialogue_config
         from duet.ui.settings import load_settings
 
         settings = load_settings(flags)
@@ -184,13 +184,7 @@ def run_command(
             data=data, out=out, backend=specs.solver, critic_backend=specs.critic, modes=modes,
             fields=Fields(question_field, answer_field, id_field), format=data_format, limit=limit,
             shuffle=shuffle, seed=settings.seed, shard=shard, strict=strict, concurrency=concurrency,
-            dialogue=DialogueConfig(max_rounds=settings.max_rounds, max_steps=settings.max_steps,
-                                    max_tokens=settings.max_tokens, token_budget=token_budget,
-                                    temperature=settings.temperature, seed=settings.seed,
-                                    number_check=settings.number_check, critic_solves=settings.critic_solves,
-                                    sandbox_timeout=settings.timeout,
-                                    sandbox_memory_mb=settings.memory,
-                                    sandbox_isolation=sandbox_isolation, prompt_dir=prompt_dir),
+            dialogue=dialogue_config(settings, token_budget=token_budget, prompt_dir=prompt_dir),
             sc_temperature=sc_temperature,
             backend_options={**backend_options(specs.solver, settings), **extra},
             critic_options={**backend_options(specs.critic, settings), **extra} if specs.critic else None,
