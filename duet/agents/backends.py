@@ -24,6 +24,9 @@ Contract of ``complete(messages, *, stop, max_tokens, temperature, seed, on_text
   ``text`` (stop strings are never streamed). ``cancel`` is checked between pieces.
 * Failures (unreachable server, HTTP error, timeout, no model) raise :class:`BackendError` with a
   one-line message. Nothing else should escape; the dialogue still guards against it.
+* Optional: ``concurrent = True`` says that ``complete`` may be called from many threads at once and
+  serves those calls together (duet's engine batches them, a server takes them in parallel); the
+  critic's own solutions then run beside the solver's turn instead of after it.
 
 ``make_backend(spec)`` builds a backend from a string: ``scripted:<replies.json>``,
 ``openai:<base_url>[#<model>]``, ``local:<checkpoint dir>``; :func:`register_backend` adds kinds.

@@ -49,7 +49,7 @@ class Turn:
     steps: list[Step] = field(default_factory=list)
     answer: str | None = None
     verdict: str | None = None  # critic: "agree" | "disagree" | "none"
-    reason: str | None = None  # critic: the one-line reason of its verdict
+    reason: str | None = None  # critic: the reason of its verdict (one line; own_solutions adds its solution)
     finish: str = "eos"
     error: str | None = None  # one line when the turn failed or was cut short
     prompt_tokens: int = 0
