@@ -363,3 +363,24 @@ def test_mtp_bound_benchmark_runs(tmp_path):
                        capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-2000:]
     assert "main model, 2 token(s)" in r.stdout and "upper bound on the MTP speed-up: depth 1" in r.stdout
+    assert "bound with verification free" in r.stdout
+
+
+def test_weights_read_matches_deepseek_v3s_published_active_parameters():
+    """mtp_bound.py's count of the weights a token's pass reads gives DeepSeek-V3's published 37B activated
+    parameters (technical report) when run on V3's arguments on the meta device."""
+    import importlib.util
+    from pathlib import Path
+
+    from duet.model import Transformer
+    from duet.model.config import ModelArgs
+
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "mtp_bound.py"
+    spec = importlib.util.spec_from_file_location("mtp_bound", script)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    with torch.device("meta"):
+        main, mtp = bench.weights_read(Transformer(ModelArgs(), n_mtp=1))
+    assert 36e9 < main < 38e9
+    # the MTP module: one MoE block (8 of 256 routed experts + 1 shared), eh_proj and the shared head
+    assert 1.4e9 < mtp < 1.8e9
