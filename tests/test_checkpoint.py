@@ -268,6 +268,16 @@ def test_bad_checkpoint_gives_one_clear_line(case, hf_ckpt, tmp_path):
     assert "\n" not in message
 
 
+def test_num_hidden_layers_reaching_into_the_mtp_module_is_refused(mtp_ckpt, tmp_path):
+    """One layer too many in config.json would load the MTP module's block as a main layer, silently."""
+    path = _copy(mtp_ckpt, tmp_path)
+    layers = json.loads((path / "config.json").read_text())["num_hidden_layers"]
+    _edit_config(path, num_hidden_layers=layers + 1)
+    with pytest.raises(CheckpointError, match=f"set num_hidden_layers to {layers}") as info:
+        load_model(path)
+    assert "\n" not in str(info.value)
+
+
 def test_safetensors_are_memory_mapped(hf_ckpt):
     """The loader reads through safe_open (mmap); check the file really is read lazily by key."""
     with safe_open(str(hf_ckpt / "model.safetensors"), framework="pt") as f:

@@ -384,3 +384,16 @@ def test_weights_read_matches_deepseek_v3s_published_active_parameters():
     assert 36e9 < main < 38e9
     # the MTP module: one MoE block (8 of 256 routed experts + 1 shared), eh_proj and the shared head
     assert 1.4e9 < mtp < 1.8e9
+
+
+def test_a_checkpoint_without_tokenizer_json_says_so(tmp_path):
+    """tokenizer_config.json alone is not a tokenizer: one line naming the missing file, not transformers' error."""
+    from duet.engine.engine import load_tokenizer
+    from duet.errors import CheckpointError
+
+    ckpt = make_engine_checkpoint(tmp_path / "ckpt", seed=2)
+    assert (ckpt / "tokenizer_config.json").is_file()
+    (ckpt / "tokenizer.json").unlink()
+    with pytest.raises(CheckpointError, match="no tokenizer.json") as info:
+        load_tokenizer(ckpt)
+    assert "\n" not in str(info.value)

@@ -217,6 +217,9 @@ def test_model_resolved_from_the_server(server):
 def test_base_url_normalisation():
     assert normalize_base_url("http://h:8000/") == "http://h:8000/v1"
     assert normalize_base_url("https://h/v1/") == "https://h/v1"
+    # a path is the server's own: used as given, never suffixed (QA: /v2 became /v2/v1)
+    assert normalize_base_url("http://h:8000/v2") == "http://h:8000/v2"
+    assert normalize_base_url("https://h/v1beta/openai/") == "https://h/v1beta/openai"
     with pytest.raises(BackendError, match="not an http"):
         OpenAIBackend("ftp://h/v1", "m")
 

@@ -55,11 +55,14 @@ THINK_OPEN, THINK_CLOSE = "<think>", "</think>"
 
 
 def normalize_base_url(url: str) -> str:
-    """``host:8000`` / ``http://host:8000`` / ``http://host:8000/v1/`` -> ``http://host:8000/v1``."""
+    """``host:8000`` / ``http://host:8000`` / ``http://host:8000/v1/`` -> ``http://host:8000/v1``.
+
+    Only a bare host gets ``/v1`` (vLLM's and SGLang's path); a URL with a path is used as given, for
+    servers whose OpenAI API lives elsewhere (``.../v1beta/openai``, a proxy's prefix)."""
     url = url.strip().rstrip("/")
     if "://" not in url:
         url = "http://" + url
-    return url if url.endswith("/v1") else url + "/v1"
+    return url if urlsplit(url).path else url + "/v1"
 
 
 class ThinkSplitter:
@@ -186,7 +189,8 @@ class OpenAIBackend:
             data = json.loads(self._read_all(response))
             self.model = str(data["data"][0]["id"])
         except (ValueError, KeyError, IndexError, TypeError) as error:
-            raise BackendError(f"{self.base_url}/models: no model listed; use <url>#<model>") from error
+            raise BackendError(f"{self.base_url}/models: no model listed; name the model with --model-name "
+                               f"(or <url>#<model> in a backend spec)") from error
         finally:
             conn.close()
         return self.model

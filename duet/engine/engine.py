@@ -489,8 +489,10 @@ def load_tokenizer(path: str | Path):
     from transformers import AutoTokenizer
 
     directory = Path(path)
-    if not any((directory / f).is_file() for f in ("tokenizer.json", "tokenizer.model", "tokenizer_config.json")):
-        raise CheckpointError(f"{directory}: no tokenizer files (tokenizer.json / tokenizer_config.json)")
+    # the vocabulary itself: a fast tokenizer's tokenizer.json, a SentencePiece model, or BPE vocab.json
+    if not any((directory / f).is_file() for f in ("tokenizer.json", "tokenizer.model", "vocab.json")):
+        raise CheckpointError(f"{directory}: no tokenizer.json (nor tokenizer.model); copy the checkpoint's "
+                              "tokenizer files into it")
     try:
         return AutoTokenizer.from_pretrained(str(directory))
     except Exception as e:  # transformers raises many types for broken tokenizer files

@@ -68,6 +68,7 @@ def load_model(path: str | Path, device: str | torch.device = "cpu", dtype: torc
     directory = _checkpoint_dir(path)
     args = load_config(directory)
     tensors = _TensorIndex(directory)
+    _check_main_layers(tensors, args)
     n_mtp = _count_mtp_layers(tensors, args) if mtp else 0
     with torch.device("meta"):
         model = Transformer(args, dtype=dtype, n_mtp=n_mtp)
@@ -226,6 +227,22 @@ class _TensorIndex:
             return self._open(file).get_tensor(key)
         except (SafetensorError, OSError, ValueError, RuntimeError) as e:
             raise CheckpointError(f"{file}: cannot read tensor {key}: corrupt or truncated file ({e})") from None
+
+
+_MTP_ONLY = re.compile(r"^model\.layers\.(\d+)\.(eh_proj|enorm|hnorm|shared_head)\.")
+
+
+def _check_main_layers(tensors: _TensorIndex, args: ModelArgs) -> None:
+    """Refuse a config whose num_hidden_layers reaches into the MTP modules: their block would load as a
+    main layer (same tensor names) and the model would silently run one layer too many."""
+    for key in tensors.keys():
+        match = _MTP_ONLY.match(key)
+        if match and int(match.group(1)) < args.num_hidden_layers:
+            layer = int(match.group(1))
+            raise CheckpointError(
+                f"{tensors.directory}: tensor {key} belongs to an MTP module, but config.json's num_hidden_layers="
+                f"{args.num_hidden_layers} reads layer {layer} as a main layer; the checkpoint has {layer} main "
+                f"layers (set num_hidden_layers to {layer})")
 
 
 def _count_mtp_layers(tensors: _TensorIndex, args: ModelArgs) -> int:

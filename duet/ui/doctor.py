@@ -27,7 +27,8 @@ def _version(package: str) -> str | None:
 
 
 def safetensors_parameters(directory: Path) -> int:
-    """Parameter count from the safetensors headers (no weights are read)."""
+    """Distinct parameters from the safetensors headers (no weights are read). The MTP modules' stored copies
+    of the shared embedding and output head are not counted, as `duet.model.count_parameters` does not."""
     total = 0
     for file in sorted(directory.glob("*.safetensors")):
         with file.open("rb") as f:
@@ -36,6 +37,8 @@ def safetensors_parameters(directory: Path) -> int:
         for name, info in header.items():
             if name == "__metadata__" or name.endswith(("weight_scale_inv", "e_score_correction_bias")):
                 continue
+            if name.startswith("model.layers.") and name.endswith((".embed_tokens.weight", ".shared_head.head.weight")):
+                continue  # an MTP module's copy of a shared tensor
             count = 1
             for dim in info.get("shape", []):
                 count *= dim
