@@ -24,6 +24,9 @@ DEFAULT_PROMPTS = [
 ]
 
 
+DTYPES = ("float32", "bfloat16", "float16")
+
+
 @dataclass
 class Row:
     """One measured configuration."""
@@ -170,33 +173,45 @@ def print_table(report: dict) -> None:
 
 def bench_command(
     model: Path | None = typer.Option(None, "--model", help="Checkpoint directory (default: the embedded model)."),
-    batch: list[int] = typer.Option([1], "--batch", help="Batch sizes to measure (repeat the option)."),
-    context: list[int] = typer.Option([], "--context", help="Prompt lengths in tokens (default: the chat prompts)."),
-    new_tokens: int = typer.Option(64, "--new-tokens", help="Tokens generated per prompt."),
+    batch: list[int] = typer.Option([1], "--batch", min=1, help="Batch sizes to measure (repeat the option)."),
+    context: list[int] = typer.Option([], "--context", min=1,
+                                      help="Prompt lengths in tokens (default: the chat prompts)."),
+    new_tokens: int = typer.Option(64, "--new-tokens", min=2, help="Tokens generated per prompt (the first one "
+                                   "ends the prefill, the others are timed as decoding)."),
     vs_transformers: bool = typer.Option(False, "--vs-transformers", help="Also time transformers' generate."),
-    device: str = typer.Option("cpu", "--device"),
+    device: str = typer.Option("cpu", "--device", help="auto, cpu, cuda, cuda:N (mps on Apple)."),
     dtype: str = typer.Option("float32", "--dtype", help="float32 | bfloat16 | float16"),
-    prompts_file: Path | None = typer.Option(None, "--prompts", help="A text file with one prompt per line."),
-    mtp_depth: list[int] = typer.Option([1], "--mtp-depth", help="MTP draft depths to measure (repeat the "
+    prompts_file: Path | None = typer.Option(None, "--prompts", exists=True, dir_okay=False, readable=True,
+                                             help="A text file with one prompt per line."),
+    mtp_depth: list[int] = typer.Option([1], "--mtp-depth", min=1, help="MTP draft depths to measure (repeat the "
                                         "option; depth > 1 chains the MTP module)."),
-    threads: int = typer.Option(0, "--threads", help="torch threads for every configuration (0: the engine's "
-                                "choice, 1 for a small model on a CPU)."),
+    threads: int = typer.Option(0, "--threads", min=0, help="torch threads for every configuration (0: the "
+                                "engine's choice, 1 for a small model on a CPU)."),
     compile: bool = typer.Option(False, "--compile", help="Also time plain decoding with the decode step "
                                  "compiled by torch.compile (`Engine(compile=True)`; compiling takes a while)."),
     as_json: bool = typer.Option(False, "--json", help="Print the report as JSON."),
 ) -> None:
     """Prefill and decode tokens/s with and without MTP (and transformers' generate), in one run."""
+    from duet.ui.session import check_device
+
+    if dtype not in DTYPES:
+        raise typer.BadParameter(f"{dtype!r} is not one of {', '.join(DTYPES)}", param_hint="'--dtype'")
+    device = check_device(device)  # a usage error naming --device (imports torch once the name is valid)
     from duet.model.embedded import default_model_path
 
     path = model or default_model_path()
     prompts = DEFAULT_PROMPTS
     if prompts_file:
-        prompts = [line for line in prompts_file.read_text().splitlines() if line.strip()]
+        try:
+            prompts = [line for line in prompts_file.read_text(encoding="utf-8").splitlines() if line.strip()]
+        except (OSError, UnicodeDecodeError) as error:
+            raise typer.BadParameter(f"cannot read {prompts_file}: {getattr(error, 'strerror', None) or error}",
+                                     param_hint="'--prompts'") from None
         if not prompts:
-            raise typer.BadParameter(f"{prompts_file} has no prompts", param_hint="--prompts")
+            raise typer.BadParameter(f"{prompts_file} has no prompts", param_hint="'--prompts'")
     report = run_bench(path, sorted(set(batch)), list(context) or [None], new_tokens, vs_transformers, device,
-                       dtype, prompts, mtp_depths=tuple(sorted({d for d in mtp_depth if d > 0})),
-                       threads=threads or None, compile=compile)
+                       dtype, prompts, mtp_depths=tuple(sorted(set(mtp_depth))), threads=threads or None,
+                       compile=compile)
     if as_json:
         typer.echo(json.dumps(report, indent=2))
     else:

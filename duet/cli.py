@@ -65,7 +65,7 @@ BaseUrl = Annotated[Optional[str], typer.Option("--base-url", metavar="URL",
 ModelName = Annotated[Optional[str], typer.Option("--model-name", metavar="NAME",
                       help="Model name on the server [default: the first it lists].")]
 Replies = Annotated[Optional[str], typer.Option("--replies", metavar="FILE",
-                    help="Scripted replies (JSON) for --backend scripted: demos and tests.")]
+                    help="Scripted replies (JSON) for demos and tests (implies --backend scripted).")]
 CriticModel = Annotated[Optional[str], typer.Option("--critic-model", metavar="DIR",
                         help="Critic checkpoint directory [default: the solver's model].")]
 CriticBackend = Annotated[Optional[str], typer.Option("--critic-backend", metavar="KIND",
@@ -90,9 +90,9 @@ MaxSteps = Annotated[Optional[int], typer.Option("--max-steps", metavar="N",
                      help="Code cells per turn [default: 8].")]
 Temperature = Annotated[Optional[float], typer.Option("--temperature", "-t", metavar="T",
                         help="Sampling temperature; 0 is greedy [default: 0].")]
-Seed = Annotated[Optional[int], typer.Option("--seed", metavar="N", help="Sampling seed [default: 0].")]
+Seed = Annotated[Optional[int], typer.Option("--seed", metavar="N", help="Sampling seed, 0 to 2**63-1 [default: 0].")]
 Device = Annotated[Optional[str], typer.Option("--device", metavar="DEV",
-                   help="Local runtime device: auto, cpu, cuda, cuda:N [default: auto].")]
+                   help="Local runtime device: auto, cpu, cuda, cuda:N, mps [default: auto].")]
 Dtype = Annotated[Optional[str], typer.Option("--dtype", metavar="TYPE",
                   help="Local runtime dtype: auto, float32, bfloat16, float16 [default: auto].")]
 Mtp = Annotated[Optional[bool], typer.Option("--mtp/--no-mtp",
@@ -102,7 +102,7 @@ Compile = Annotated[Optional[bool], typer.Option("--compile/--no-compile",
                     help="Compile the local runtime's decode steps with torch.compile: a slow first start "
                          "(cached on disk afterwards), faster decoding [default: off].", show_default=False)]
 Timeout = Annotated[Optional[float], typer.Option("--timeout", metavar="SECONDS",
-                    help="Sandbox time limit per code cell [default: 5].")]
+                    help="Sandbox time limit per code cell, up to 86400 [default: 5].")]
 Memory = Annotated[Optional[int], typer.Option("--memory", metavar="MB",
                    help="Sandbox memory limit [default: 1024].")]
 Sandbox = Annotated[Optional[str], typer.Option("--sandbox", metavar="LEVEL",
@@ -122,27 +122,18 @@ def _flags(values: dict[str, Any]) -> dict[str, Any]:
 
 
 def _boundary(run: Callable[[], Any]) -> Any:
-    """Run a command body; user errors become `error: <one line>` and their exit code."""
+    """Run a command body; user errors (and OSErrors) become `error: <one line>` and their exit code."""
+    from duet.ui.errors import describe, is_user_error
+
     try:
         code = run()
     except Exception as error:
-        if _user_error(error):
-            _fail(str(error), getattr(error, "exit_code", 1))
-        if isinstance(error, OSError) and not os.environ.get("DUET_DEBUG"):  # an unreadable file, a full disk
-            _fail(f"{error.filename}: {error.strerror}" if error.filename and error.strerror else str(error), 1)
+        if is_user_error(error) or (isinstance(error, OSError) and not os.environ.get("DUET_DEBUG")):
+            _fail(*describe(error))
         raise
     if code:
         raise typer.Exit(code)
     return code
-
-
-def _user_error(error: BaseException) -> bool:
-    """Whether ``error`` is one of duet's one-line user errors."""
-    from duet.agents.backends import BackendError
-    from duet.errors import DuetError
-    from duet.prompts import PromptError
-
-    return isinstance(error, (DuetError, BackendError, PromptError))
 
 
 def _fail(message: str, code: int) -> None:
@@ -153,8 +144,9 @@ def _fail(message: str, code: int) -> None:
 # ------------------------------------------------------------------------------------------- solve
 
 
-@app.command(epilog=EXIT_CODES)
+@app.command(epilog=EXIT_CODES, context_settings={"allow_extra_args": True})  # extra words: see run_solve
 def solve(
+    ctx: typer.Context,
     question: Annotated[Optional[str], typer.Argument(
         help="The question; '-' or none reads stdin.", show_default=False)] = None,
     file: Annotated[Optional[str], typer.Option("--file", "-f", metavar="FILE",
@@ -190,15 +182,17 @@ def solve(
     """Solve one question: the solver works step by step with code, the critic checks.
 
     Live output on a terminal, plain text on a pipe, only the answer with --quiet, one JSON object
-    with --json (answer, agreed, rounds, stop_reason, turns: the schema is in the README and in
-    duet/ui/solve.py). The exchange is logged (`duet logs`) unless --no-log.
+    with --json, also when the command fails (answer, agreed, rounds, stop_reason, turns, error,
+    exit_code: the schema is in the README and in duet/ui/solve.py). The exchange is logged
+    (`duet logs`) unless --no-log.
     """
     flags = _flags(locals())
 
     def run() -> int:
         from duet.ui.solve import run_solve
 
-        return run_solve(question, file, as_json=as_json, quiet=quiet, flags=flags, replies=replies)
+        return run_solve(question, file, as_json=as_json, quiet=quiet, flags=flags, replies=replies,
+                         extra=ctx.args)
 
     _boundary(run)
 
@@ -257,12 +251,19 @@ def repl(
 
 @app.command("config")
 def config_command(as_json: Json = False) -> None:
-    """Show the effective settings and where each comes from (flag, env, file, default)."""
+    """Show the effective settings and where each comes from (flag, env, file, default).
+
+    A bad value in the config file or a DUET_* variable is shown with the source "invalid", and the command
+    then prints each problem as `error: ...` and exits with 2."""
 
     def run() -> int:
         from duet.ui.views import show_config
 
-        return show_config(as_json=as_json)
+        errors: list = []
+        code = show_config(as_json=as_json, errors=errors)
+        for error in errors:
+            print(f"error: {error}", file=sys.stderr)
+        return code or (errors[0].exit_code if errors else 0)
 
     _boundary(run)
 
@@ -412,7 +413,14 @@ def main(argv: Optional[list] = None) -> None:
             typer.echo(ctx.get_help())
             sys.exit(0)
         where = f" (see '{ctx.command_path} --help')" if ctx is not None else ""
-        print(f"error: {' '.join(error.format_message().split())}{where}", file=sys.stderr)
+        message = f"{' '.join(error.format_message().split())}{where}"
+        args = sys.argv[1:] if argv is None else list(argv)
+        args = args[: args.index("--")] if "--" in args else args
+        if ctx is not None and ctx.info_name == "solve" and "--json" in args:
+            from duet.ui.solve import print_failure  # `solve --json` always prints its one JSON object
+
+            print_failure(message, error.exit_code)
+        print(f"error: {message}", file=sys.stderr)
         sys.exit(error.exit_code)
     except exceptions.ClickException as error:
         print(f"error: {' '.join(error.format_message().split())}", file=sys.stderr)
@@ -426,13 +434,11 @@ def main(argv: Optional[list] = None) -> None:
     except Exception as error:
         if os.environ.get("DUET_DEBUG"):
             raise
-        message = " ".join(str(error).split())[:300]
-        if _user_error(error):  # from a mounted command that does not catch its own
-            print(f"error: {message}", file=sys.stderr)
-            sys.exit(getattr(error, "exit_code", 1))
-        print(f"error: unexpected {type(error).__name__}: {message} (rerun with DUET_DEBUG=1 for the traceback)",
-              file=sys.stderr)
-        sys.exit(1)
+        from duet.ui.errors import describe
+
+        message, code = describe(error)  # also a user error from a mounted command that does not catch its own
+        print(f"error: {message}", file=sys.stderr)
+        sys.exit(code)
     sys.exit(code if isinstance(code, int) else 0)
 
 

@@ -23,3 +23,21 @@ def test_help_without_torch():
     r = run("--help")
     assert r.returncode == 0, r.stderr
     assert "solver" in r.stdout.lower()
+
+
+def test_bench_checks_its_options_before_loading_anything(tmp_path):
+    cases = [
+        (["--batch", "0"], "Invalid value for '--batch'"),
+        (["--batch", "-1"], "Invalid value for '--batch'"),
+        (["--context", "0"], "Invalid value for '--context'"),
+        (["--new-tokens", "0"], "Invalid value for '--new-tokens'"),
+        (["--mtp-depth", "0"], "Invalid value for '--mtp-depth'"),
+        (["--threads", "-1"], "Invalid value for '--threads'"),
+        (["--dtype", "int8"], "Invalid value for '--dtype': 'int8' is not one of float32, bfloat16, float16"),
+        (["--device", "tpu"], "--device: 'tpu' is not valid for device"),
+        (["--prompts", str(tmp_path / "none.txt")], "Invalid value for '--prompts'"),
+    ]
+    for args, message in cases:
+        r = run("bench", *args)
+        assert r.returncode == 2, (args, r.stderr)
+        assert r.stderr.startswith("error: ") and r.stderr.count("\n") == 1 and message in r.stderr, r.stderr

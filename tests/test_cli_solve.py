@@ -167,6 +167,66 @@ def test_errors_are_one_line_with_an_exit_code(home, args, code, message):
     assert message in r.stderr and "Traceback" not in r.stderr
 
 
+def config_file(home: Path, text: str) -> Path:
+    path = home / "config" / "duet" / "config.toml"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text)
+    return path
+
+
+@pytest.mark.parametrize(("args", "env", "config", "message"), [
+    (["--temperature", "nan"], {}, "", "error: --temperature: temperature must be a finite number >= 0 (got nan)"),
+    (["--timeout", "inf"], {}, "", "error: --timeout: timeout must be a finite number from 0.1 to 86400 (got inf)"),
+    (["--seed", "99999999999999999999999"], {}, "", "error: --seed: seed must be an integer from 0 to 92233720368"),
+    ([], {"DUET_TEMPERATURE": "inf"}, "", "error: DUET_TEMPERATURE: temperature must be a finite number >= 0"),
+    ([], {}, "temperature = nan\n", "config.toml: temperature: temperature must be a finite number >= 0 (got nan)"),
+    (["--device", "tpu"], {}, "", "error: --device: 'tpu' is not valid for device: expected one of auto, cpu, cuda"),
+    (["--device", "cuda:99"], {}, "", "error: --device cuda:99: "),  # no CUDA here, or not 100 devices
+])
+def test_bad_settings_from_flags_env_and_config_exit_2(home, args, env, config, message):
+    if config:
+        config_file(home, config)
+    r = duet(home, "solve", QUESTION, *args, env=environment(home, **env))  # the local backend
+    assert (r.returncode, r.stdout) == (2, ""), r.stderr
+    assert r.stderr.count("\n") == 1 and message in r.stderr, r.stderr
+
+
+def test_json_prints_one_object_even_when_the_command_fails_before_the_dialogue(home):
+    for args, code, message in [
+        (["--model", str(home / "none"), QUESTION], 1, f"{home / 'none'}: no such checkpoint directory"),
+        (["--temperature", "nan", QUESTION], 2, "--temperature: temperature must be a finite number"),
+        (["   "], 2, "the question is empty"),
+        (["--bogus", QUESTION], 2, "No such option: --bogus"),
+    ]:
+        r = duet(home, "solve", "--json", *args)
+        data = json.loads(r.stdout)  # exactly one object on stdout
+        assert set(data) == RESULT_KEYS and r.returncode == code == data["exit_code"], (args, r.stderr)
+        assert message in data["error"] and r.stderr == f"error: {data['error']}\n"
+        assert (data["answer"], data["stop_reason"], data["turns"], data["log_id"]) == (None, None, [], None)
+    assert data["question"] is None
+
+
+def test_replies_implies_the_scripted_backend(home):
+    script = replies(home, SOLVE, AGREE)
+    r = duet(home, "solve", "-q", "--no-log", "--replies", script, QUESTION)
+    assert (r.returncode, r.stdout) == (0, "71\n"), r.stderr
+    r = duet(home, "solve", "-q", "--no-log", "--replies", script, "--base-url", "http://127.0.0.1:9/v1", QUESTION)
+    assert r.returncode == 2 and "--replies FILE is for the scripted backend, not --base-url" in r.stderr
+
+
+def test_an_unquoted_question_gets_a_hint(home):
+    r = duet(home, "solve", "What", "is", "17", "times", "23?", "--no-log")
+    assert r.returncode == 2
+    assert r.stderr == "error: the question must be one argument: duet solve 'What is 17 times 23?'\n"
+
+
+def test_a_model_from_the_config_file_says_where_it_came_from(home):
+    path = config_file(home, f'model = "{home / "none"}"\n')
+    r = duet(home, "solve", "--no-log", QUESTION)
+    assert r.returncode == 1
+    assert r.stderr == f"error: {home / 'none'}: no such checkpoint directory (model, from {path})\n"
+
+
 def test_missing_question_on_a_terminal_is_a_usage_error(home):
     pexpect = pytest.importorskip("pexpect")
     child = pexpect.spawn(str(DUET), ["solve"], env=environment(home), encoding="utf-8", timeout=30)
@@ -221,6 +281,23 @@ def test_config_shows_values_and_sources(home):
     assert data["paths"]["log_db"] == str(home / "data" / "duet" / "logs.sqlite3")
     table = duet(home, "config", env=env).stdout
     assert "max_rounds" in table and "file" in table and "env" in table and "config.toml" in table
+
+
+def test_config_shows_bad_values_marked_and_exits_2(home):
+    path = config_file(home, "max_rounds = -2\nseed = 4\n")
+    env = environment(home, DUET_TEMPERATURE="nan")
+    r = duet(home, "config", env=env)
+    assert r.returncode == 2
+    assert re.search(r"max_rounds +\S -2 +\S invalid", r.stdout) and re.search(r"seed +\S 4 +\S file", r.stdout)
+    assert r.stderr.splitlines() == [
+        f"error: {path}: max_rounds: max_rounds must be an integer >= 1 (got -2)",
+        "error: DUET_TEMPERATURE: temperature must be a finite number >= 0 (got nan)"]
+    r = duet(home, "config", "--json", env=env)
+    settings = json.loads(r.stdout)["settings"]  # valid JSON: the nan is shown as a string
+    assert r.returncode == 2
+    assert settings["max_rounds"] == {"value": -2, "source": f"invalid file {path}", "env": "DUET_MAX_ROUNDS"}
+    temperature = settings["temperature"]
+    assert (temperature["value"], temperature["source"]) == ("nan", "invalid env DUET_TEMPERATURE")
 
 
 def test_logs_list_search_show_and_feedback_export(home):

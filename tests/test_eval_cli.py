@@ -197,12 +197,14 @@ def test_kill_9_mid_run_loses_nothing_but_items_in_flight(tmp_path):
     complete = raw[: raw.rfind(b"\n") + 1]
     killed = [json.loads(line) for line in complete.splitlines()]  # every complete line parses
     assert 6 <= len(killed) < 48 and len({(x["id"], x["mode"]) for x in killed}) == len(killed)
-    # Ctrl-C: the problems in flight finish or are dropped, the file stays whole, exit status 130
+    # Ctrl-C: the problems in flight are abandoned (and say so), the file stays whole, exit status 130
     proc = start_eval(*args)
     wait_for_lines(results, len(killed) + 4, proc)
     proc.send_signal(signal.SIGINT)
     _, err = proc.communicate(timeout=60)
     assert proc.returncode == 130, err
+    assert re.search(r"interrupted: abandoning \d+ problem\(s\) in flight; they run again on resume", err)
+    assert "finishing" not in err
     assert "run the same command again to resume" in err
     interrupted = records(run)
     assert len(interrupted) < 48 and len({(x["id"], x["mode"]) for x in interrupted}) == len(interrupted)
@@ -222,19 +224,27 @@ def test_kill_9_mid_run_loses_nothing_but_items_in_flight(tmp_path):
 def test_retry_errors_runs_failed_problems_again(small, tmp_path):
     data, replies = small
     run = tmp_path / "run"
+    # 5 problems, fewer than the first max(4, -j 8) results that stop a run early: it ends, all errors (exit 1)
     failing = duet_eval(data, "--backend", f"scripted:{replies}", "--modes", "solver-only", "-o", run,
                         "-O", "delay=1", "-O", "timeout=0.01")
-    assert failing.returncode == 0, failing.stderr
+    assert failing.returncode == 1, failing.stderr
     assert {x["stop_reason"] for x in records(run)} == {"backend_error"}
+    last = failing.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: every result (5) ended in an error, e.g. ") and "no reply within" in last
+    assert last.endswith("-O delay=1 -O timeout=0.01 --retry-errors") and "solver-only" in failing.stdout
     summary = json.loads((run / "summary.json").read_text())
     assert summary["modes"]["solver-only"]["errors"] == 5 and summary["modes"]["solver-only"]["accuracy"] == 0
     plain = duet_eval(data, "--backend", f"scripted:{replies}", "--modes", "solver-only", "-o", run)
-    assert plain.returncode == 0 and "5 of 5 already done" in plain.stderr  # timeouts are not answer-affecting
+    assert plain.returncode == 1 and "5 of 5 already done" in plain.stderr  # timeouts are not answer-affecting
     retry = duet_eval(data, "--backend", f"scripted:{replies}", "--modes", "solver-only", "-o", run, "--retry-errors")
     assert retry.returncode == 0 and "5 failed record(s) will run again" in retry.stderr
     recs = records(run)
     assert len(recs) == 5 and sum(x["correct"] for x in recs) == 2
     assert [x["stop_reason"] for x in recs].count("backend_error") == 1  # the unscripted question
+    # some errors: one line says how many and how to run them again
+    assert retry.stderr.strip().splitlines()[-1] == (
+        f"warning: 1 of 5 result(s) ended in an error (backend, sandbox or duet eval); run them again with "
+        f"duet eval {data} --backend scripted:{replies} --modes solver-only -o {run} --retry-errors")
 
 
 def test_malformed_rows_strict_empty_and_missing(tmp_path):
@@ -257,7 +267,7 @@ def test_malformed_rows_strict_empty_and_missing(tmp_path):
     for args, message in ((("--modes", "bogus"), "unknown mode"), (("--shard", "3/2"), "--shard"),
                           (("-O", "novalue"), "KEY=VALUE")):
         r = duet_eval(data, "--backend", f"scripted:{replies}", *args, cwd=tmp_path)
-        assert r.returncode == 1 and message in r.stderr, r.stderr
+        assert r.returncode == 2 and message in r.stderr, r.stderr
     assert not (tmp_path / "runs").exists()
 
 
@@ -304,6 +314,145 @@ def test_report_side_by_side_with_flips(small, tmp_path):
     bad = duet_eval("report", tmp_path / "a", "--baseline", "zzz")
     assert bad.returncode == 1 and "--baseline" in bad.stderr
     assert duet_eval("report", tmp_path / "nope").returncode == 1
+
+
+def test_report_refuses_to_pair_runs_on_different_data(small, tmp_path):
+    data, replies = small
+    other = jsonl(tmp_path / "other.jsonl", [{"question": q, "answer": a} for q, a in reversed(PROBLEMS)])
+    for name, path in (("a", data), ("b", other)):
+        r = duet_eval(path, "--backend", f"scripted:{replies}", "--modes", "solver-only", "-o", tmp_path / name)
+        assert r.returncode == 0, r.stderr
+    # ids are line numbers: id "1" is the apples in a and the kites in b, so pairing them would be wrong
+    refused = duet_eval("report", tmp_path / "a", tmp_path / "b")
+    assert refused.returncode == 2 and refused.stdout == ""
+    (line,) = refused.stderr.strip().splitlines()
+    assert line.startswith("error: a and b were run on different data files (small.jsonl sha256 ")
+    assert "other.jsonl sha256 " in line and line.endswith("pass --unpaired to compare their accuracies only")
+    out = tmp_path / "report.json"
+    r = duet_eval("report", tmp_path / "a", tmp_path / "b", "--unpaired", "--json", out)
+    assert r.returncode == 0, r.stderr
+    assert "Flipped" not in r.stdout and "different data files, compared unpaired" in r.stdout
+    row = next(line for line in r.stdout.splitlines() if "b/solver-only" in line and "pts" in line)
+    assert row.rstrip(" │").endswith("no")
+    (comparison,) = json.loads(out.read_text())["comparisons"]
+    assert comparison["difference"]["paired"] is False and comparison["flips"] == []
+    assert comparison["same_data"] is False
+    merged = duet_eval("report", tmp_path / "a", tmp_path / "b", "--merge")
+    assert merged.returncode == 2 and "--merge: the runs were made on different data files" in merged.stderr
+
+
+def test_report_flips_show_a_dash_for_no_answer(small, tmp_path):
+    data, replies = small
+    wordy = scripted(tmp_path / "wordy.json", {**MATCH, "6 rows of 7 pens": "Many pens, I think."})
+    for name, spec in (("a", replies), ("b", wordy)):
+        r = duet_eval(data, "--backend", f"scripted:{spec}", "--modes", "solver-only", "-o", tmp_path / name)
+        assert r.returncode == 0, r.stderr
+    r = duet_eval("report", tmp_path / "a", tmp_path / "b")
+    assert r.returncode == 0, r.stderr
+    row = next(line for line in r.stdout.splitlines() if "broken" in line and "pens" in line)
+    assert "—" in row and "None" not in r.stdout
+
+
+def test_broken_backend_stops_early_and_the_run_resumes(tmp_path):
+    rows = [{"question": f"Problem {i}: what is {i} plus {i}?", "answer": f"#### {2 * i}"} for i in range(10)]
+    data = jsonl(tmp_path / "ten.jsonl", rows)
+    # nothing listens on port 9 (discard): every request is refused at once
+    run = tmp_path / "down"
+    r = duet_eval(data, "--base-url", "http://127.0.0.1:9/v1", "--modes", "solver-only", "-j", "2", "-o", run,
+                  "--no-progress")
+    assert r.returncode == 1 and r.stdout == ""
+    last = r.stderr.strip().splitlines()[-1]
+    assert re.fullmatch(r"error: cannot reach http://127\.0\.0\.1:9/v1: .*; every problem so far failed, "
+                        r"stopping \(fix it and resume with duet eval .* --retry-errors\)", last), last
+    recs = records(run)
+    assert len(recs) == 4 and {x["stop_reason"] for x in recs} == {"backend_error"}  # max(4, -j 2) results
+    # the same on a scripted backend that times out; then fixed, the run resumes and retries those
+    replies = tmp_path / "r.json"
+    replies.write_text(json.dumps({"replies": [], "match": {f"what is {i} plus": f"\\boxed{{{2 * i}}}"
+                                                             for i in range(10)}}))
+    run = tmp_path / "run"
+    args = (data, "--backend", f"scripted:{replies}", "--modes", "solver-only", "-o", run, "-j", "5")
+    r = duet_eval(*args, "-O", "delay=1", "-O", "timeout=0.01")
+    assert r.returncode == 1 and "no reply within 0.01 s; every problem so far failed, stopping" in r.stderr
+    assert len(records(run)) == 5  # max(4, -j 5); the problems in flight were abandoned
+    resumed = duet_eval(*args, "--retry-errors")
+    assert resumed.returncode == 0, resumed.stderr
+    assert "5 failed record(s) will run again" in resumed.stderr and "ended in an error" not in resumed.stderr
+    recs = records(run)
+    assert len(recs) == 10 and all(x["correct"] for x in recs)
+
+
+@pytest.mark.parametrize("args, message", [
+    (("-j", "0"), "--concurrency 0: must be >= 1"),
+    (("-n", "-3"), "--limit -3: must be >= 0"),
+    (("--shard", "5/4"), "--shard 5/4"),
+    (("--shard", "abc"), "expected i/n"),
+    (("--modes", "foo"), "unknown mode 'foo'"),
+    (("--modes", ","), "--modes is empty"),
+    (("--token-budget", "0"), "--token-budget 0: must be >= 1"),
+    (("--sc-temperature", "-1"), "--sc-temperature -1: must be a number >= 0"),
+    (("--format", "xml"), "--format xml: unknown data format"),
+    (("-O", "foo"), "expected KEY=VALUE"),
+    (("-O", "bogus=1"), "--backend-option bogus: not an option of the scripted backend; use one of: delay, timeout"),
+    (("-O", "timeout=abc"), "--backend-option timeout=abc: expected a number of seconds > 0"),
+    (("--max-rounds", "0"), "--max-rounds"),
+    (("--temperature", "-1"), "--temperature"),
+    (("--sandbox", "bogus"), "--sandbox"),
+])
+def test_usage_errors_exit_2(tmp_path, args, message):
+    data = jsonl(tmp_path / "d.jsonl", [{"question": "Q?", "answer": "#### 1"}])
+    replies = scripted(tmp_path / "r.json", {}, ["\\boxed{1}"])
+    r = duet_eval(data, "--backend", f"scripted:{replies}", *args, cwd=tmp_path)
+    assert r.returncode == 2, r.stderr
+    (line,) = r.stderr.strip().splitlines()
+    assert line.startswith("error: ") and message in line, line
+    assert not (tmp_path / "runs").exists()
+
+
+def test_missing_data_or_run_is_a_usage_error():
+    for args, name in ((("run",), "DATA"), (("report",), "RUN")):
+        r = duet_eval(*args)
+        assert r.returncode == 2 and "Missing argument" in r.stderr and name in r.stderr, r.stderr
+        assert "Usage" not in r.stdout
+
+
+def test_backend_options_of_another_kind_are_refused(tmp_path):
+    data = jsonl(tmp_path / "d.jsonl", [{"question": "Q?", "answer": "#### 1"}])
+    r = duet_eval(data, "--base-url", "http://127.0.0.1:9/v1", "-O", "max_batch=4", cwd=tmp_path)
+    assert r.returncode == 2 and "not an option of the openai backend; use one of: api_key, extra_body, timeout" \
+        in r.stderr
+    r = duet_eval(data, "--base-url", "http://127.0.0.1:9/v1", "-O", "extra_body=[1]", cwd=tmp_path)
+    assert r.returncode == 2 and "expected a JSON object" in r.stderr
+
+
+def test_out_is_a_file_and_report_json_is_a_directory(small, tmp_path):
+    data, replies = small
+    taken = tmp_path / "taken"
+    taken.write_text("not a run")
+    r = duet_eval(data, "--backend", f"scripted:{replies}", "--modes", "solver-only", "--out", taken)
+    assert r.returncode == 2 and r.stderr.strip() == f"error: --out {taken}: exists and is not a run directory"
+    assert taken.read_text() == "not a run"
+    run = tmp_path / "run"
+    assert duet_eval(data, "--backend", f"scripted:{replies}", "--modes", "solver-only", "-o", run).returncode == 0
+    folder = tmp_path / "folder"
+    folder.mkdir()
+    r = duet_eval("report", run, "--json", folder)
+    assert r.returncode == 2 and r.stderr.strip().splitlines() == [
+        f"error: --json {folder}: is a directory; give a file name, e.g. {folder / 'report.json'}"]
+    assert list(folder.iterdir()) == [] and not list(tmp_path.glob(".*.tmp"))
+
+
+def test_sandbox_option_is_named_as_in_solve(small, tmp_path):
+    data, replies = small
+    base = (data, "--backend", f"scripted:{replies}", "--modes", "solver-only", "--limit", "2")
+    r = duet_eval(*base, "--sandbox", "none", "-o", tmp_path / "new")
+    assert r.returncode == 0, r.stderr
+    assert json.loads((tmp_path / "new" / "config.json").read_text())["dialogue"]["sandbox_isolation"] == "none"
+    old = duet_eval(*base, "--sandbox-isolation", "rlimits", "-o", tmp_path / "old")  # the old name still works
+    assert old.returncode == 0, old.stderr
+    assert json.loads((tmp_path / "old" / "config.json").read_text())["dialogue"]["sandbox_isolation"] == "rlimits"
+    helptext = duet_eval("run", "--help").stdout
+    assert "--sandbox LEVEL" in helptext and "--sandbox-isolation" not in helptext
 
 
 def test_help_and_no_torch_at_import():

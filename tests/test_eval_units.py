@@ -14,7 +14,16 @@ from duet.errors import DuetError
 from duet.evaluation.datasets import DatasetError, Fields, Problem, Shard, load_dataset, restore_masks, select
 from duet.evaluation.modes import NO_CODE_MESSAGE, Context, majority, parse_modes, run_problem
 from duet.evaluation.report import compare, mode_stats, wall_seconds
-from duet.evaluation.results import RECORD_KEYS, ResultsError, ResultsFile, ordered, read_records, safe_name
+from duet.evaluation.results import (
+    RECORD_KEYS,
+    ResultsError,
+    ResultsFile,
+    ordered,
+    read_records,
+    safe_name,
+    write_json_atomic,
+)
+from duet.evaluation.runner import options_for_backend, parse_backend_options
 from duet.evaluation.stats import mcnemar_exact, paired_difference, unpaired_difference, wilson
 from duet.prompts import load_prompts
 
@@ -63,6 +72,22 @@ def test_json_array_svamp_style_body_is_prepended_and_ids_from_field(tmp_path):
     assert lines == [sorted(lines)[0], sorted(lines)[1]] and lines[0] > 2  # lines of the elements in the file
     # Without --id-field the id is the position in the array.
     assert [p.id for p in load_dataset(data).problems] == ["1", "2", "4"]
+
+
+def test_json_array_issues_name_the_element(tmp_path):
+    rows = [{"question": "Q1?", "answer": 1}, 5, {"question": "Q3?"}, {"question": "Q1?", "answer": 2, "id": "a"},
+            {"question": "Q5?", "answer": 5, "id": "a"}]
+    one_line = load_dataset(write(tmp_path / "one.json", json.dumps(rows)), Fields(id="id"))
+    assert [str(i).removeprefix(str(tmp_path / "one.json")) for i in one_line.issues] == [
+        ": element 1: no id in field 'id'", ": element 2: expected a JSON object, got a number",
+        ": element 3: no answer field (looked for 'answer', 'Answer', 'solution', 'Solution')",
+        ": element 5: duplicate id 'a' (first at element 4)"]
+    spread = load_dataset(write(tmp_path / "spread.json", json.dumps(rows, indent=1)))
+    assert [str(i).removeprefix(str(tmp_path / "spread.json")).split(": ")[0] for i in spread.issues] == [
+        f":{spread.issues[0].line} (element 2)", f":{spread.issues[1].line} (element 3)"]
+    assert spread.issues[0].line > 1
+    jsonl = load_dataset(write(tmp_path / "d.jsonl", '{"question": "Q?", "answer": 1}\n[1]\n'))
+    assert str(jsonl.issues[0]) == f"{tmp_path / 'd.jsonl'}:2: expected a JSON object, got an array"
 
 
 def test_csv_mawps_style_masks_restored(tmp_path):
@@ -149,6 +174,13 @@ def test_concurrent_appends_are_whole_lines(tmp_path):
     [t.join() for t in threads]
     loaded = read_records(tmp_path / "r.jsonl")
     assert len(loaded.records) == 80 and not loaded.bad_lines and not loaded.torn_bytes
+
+
+def test_write_json_atomic_leaves_nothing_behind_on_failure(tmp_path):
+    (tmp_path / "target").mkdir()
+    with pytest.raises(IsADirectoryError):
+        write_json_atomic(tmp_path / "target", {"x": 1}, sync=False)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["target"]
 
 
 def test_record_order_and_safe_names():
@@ -302,3 +334,51 @@ def test_compare_pairs_by_id_and_lists_flips():
     result = compare(a, b)
     assert result["difference"]["n"] == 2 and result["difference"]["paired"]
     assert sorted((f["id"], f["change"]) for f in result["flips"]) == [("2", "fixed"), ("3", "broken")]
+    unpaired = compare(a, b, paired=False)  # runs on different data files: the same id is another problem
+    assert not unpaired["difference"]["paired"] and unpaired["flips"] == []
+    assert unpaired["difference"]["accuracy_a"] == pytest.approx(2 / 3)
+    assert unpaired["difference"]["accuracy_b"] == pytest.approx(2 / 3)
+
+
+# ------------------------------------------------------------------------------------------ options
+
+
+def test_backend_options_are_checked_per_backend_kind():
+    assert parse_backend_options(["delay=0.5", "timeout=2"], ["scripted:r.json", None]) == {"delay": 0.5,
+                                                                                          "timeout": 2}
+    assert parse_backend_options(["api_key=123", "extra_body={\"top_p\": 0.9}"], ["openai:http://h/v1"]) == {
+        "api_key": "123", "extra_body": {"top_p": 0.9}}
+    assert parse_backend_options(["mtp=off", "max_batch=4", "device=cuda:1"], ["local:"]) == {
+        "mtp": False, "max_batch": 4, "device": "cuda:1"}
+    for items, message in ((["bogus=1"], "bogus: not an option of the scripted backend; use one of: delay, timeout"),
+                           (["timeout=abc"], "timeout=abc: expected a number of seconds > 0"),
+                           (["timeout=nan"], "expected a number of seconds"),
+                           (["delay=-1"], "expected a number of seconds >= 0"),
+                           (["novalue"], "expected KEY=VALUE")):
+        with pytest.raises(DuetError, match=message) as info:
+            parse_backend_options(items, ["scripted:r.json"])
+        assert info.value.exit_code == 2
+    with pytest.raises(DuetError, match="max_batch=0: expected a whole number >= 1"):
+        parse_backend_options(["max_batch=0"], ["local:"])
+    # solver and critic of different kinds: a key either takes is allowed, and goes only to the one that takes it
+    both = parse_backend_options(["api_key=k", "delay=1"], ["scripted:r.json", "openai:http://h/v1"])
+    assert options_for_backend("scripted:r.json", both) == {"delay": 1}
+    assert options_for_backend("openai:http://h/v1", both) == {"api_key": "k"}
+
+
+def test_usage_errors_have_exit_code_2():
+    for bad in ("nope", ""):
+        with pytest.raises(DuetError) as info:
+            parse_modes(bad)
+        assert info.value.exit_code == 2
+    for bad in ("abc", "5/4"):
+        with pytest.raises(DuetError) as info:
+            Shard.parse(bad)
+        assert info.value.exit_code == 2
+
+
+def test_readme_lists_every_mode():
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text(encoding="utf-8")
+    section = readme.split("### Evaluate on a dataset", 1)[1].split("\n### ", 1)[0]
+    for name in ("solver-only", "solver+critic", "no-code", "no-code+critic", "self-consistency@K"):
+        assert f"`{name}`" in section, name

@@ -5,12 +5,17 @@
 
 A first argument that is not a subcommand name is taken as DATA for ``run`` (a data file literally named
 ``report`` or ``run`` needs ``duet eval run ./report``). Nothing here imports torch at module level; the
-local backend loads it when the run starts. Errors are one line (``error: ...``, exit status 1);
-an interrupted run exits with 130 and resumes when run again.
+local backend loads it when the run starts.
+
+Exit status: 0 done; 1 an error (one line, ``error: ...``), also when every result of the run is an error or
+the run stopped early because its first results all failed (a broken backend); 2 a usage error (a bad flag
+or value, a missing DATA or RUN); 130 interrupted (Ctrl-C: the problems in flight are abandoned and run
+again on resume).
 """
 
 from __future__ import annotations
 
+import shlex
 import sys
 from pathlib import Path
 from typing import Any
@@ -54,7 +59,7 @@ def _consoles() -> tuple[Any, Any]:
     return out, err
 
 
-@eval_app.command("run", no_args_is_help=True)
+@eval_app.command("run")
 def run_command(
     data: Path = typer.Argument(..., metavar="DATA",
                                 help="JSONL (GSM8K style), JSON array (SVAMP style) or CSV (MAWPS style).",
@@ -95,7 +100,9 @@ def run_command(
                              "--compile on a CPU].",
                              show_default=False),
     backend_option: list[str] = typer.Option(None, "--backend-option", "-O", metavar="KEY=VALUE",
-                                             help="Extra make_backend option (repeatable), e.g. -O timeout=120.",
+                                             help="Backend option (repeatable), e.g. -O timeout=120. local: "
+                                             "device, dtype, mtp, compile, max_batch, max_seq_len; openai: "
+                                             "timeout, api_key, extra_body (JSON); scripted: delay, timeout.",
                                              show_default=False),
     # the data
     question_field: str = typer.Option(None, "--question-field", metavar="NAME",
@@ -146,9 +153,11 @@ def run_command(
                                   help="Sandbox time limit per code cell [default: 5]."),
     memory: int = typer.Option(None, "--memory", "--sandbox-memory", metavar="MB", show_default=False,
                                help="Sandbox memory limit [default: 1024]."),
-    sandbox_isolation: str = typer.Option(None, "--sandbox-isolation", metavar="LEVEL",
-                                          help="auto, bwrap, landlock, rlimits or "
-                                          "none [default: auto].", show_default=False),
+    sandbox: str = typer.Option(None, "--sandbox", metavar="LEVEL",
+                                help="Sandbox isolation: auto, bwrap, landlock, rlimits, or none (explicit "
+                                "opt-out) [default: auto].", show_default=False),
+    sandbox_isolation: str = typer.Option(None, "--sandbox-isolation", metavar="LEVEL", hidden=True,
+                                          help="The old name of --sandbox.", show_default=False),
     prompt_dir: Path = typer.Option(None, "--prompt-dir", metavar="DIR",
                                     help="Directory of prompt templates overriding the "
                                     "built-in ones.", show_default=False),
@@ -161,16 +170,20 @@ def run_command(
     from duet.errors import DuetError
     from duet.evaluation.datasets import Fields
     from duet.evaluation.report import print_summary
-    from duet.evaluation.runner import EvalOptions, parse_backend_options, run_eval
+    from duet.evaluation.runner import EvalOptions, options_for_backend, parse_backend_options, run_eval
+    from duet.ui.errors import UsageProblem
 
     stdout, stderr = _consoles()
+    if sandbox is not None and sandbox_isolation is not None and sandbox != sandbox_isolation:
+        raise _fail(f"--sandbox {sandbox} and --sandbox-isolation {sandbox_isolation} (its old name) disagree; "
+                    "give --sandbox only", UsageProblem.exit_code)
     flags = {"model": model, "backend": backend, "base_url": base_url, "model_name": model_name,
              "critic_model": critic_model, "critic_backend": critic_backend, "critic_base_url": critic_base_url,
              "critic_model_name": critic_model_name, "number_check": number_check, "critic_solves": critic_solves,
              "max_rounds": max_rounds,
              "max_tokens": max_tokens, "max_steps": max_steps, "temperature": temperature, "seed": seed,
              "device": device, "dtype": dtype, "mtp": mtp, "compile": compile, "timeout": timeout, "memory": memory,
-             "sandbox": sandbox_isolation}
+             "sandbox": sandbox if sandbox is not None else sandbox_isolation}
     try:
         from duet.ui.session import backend_options, backend_specs, dialogue_config
         from duet.ui.settings import load_settings
@@ -179,15 +192,16 @@ def run_command(
         for warning in settings.warnings:
             typer.echo(f"warning: {warning}", err=True)
         specs = backend_specs(settings, replies)
-        extra = parse_backend_options(backend_option or [])
+        extra = parse_backend_options(backend_option or [], [specs.solver, specs.critic])
         options = EvalOptions(
             data=data, out=out, backend=specs.solver, critic_backend=specs.critic, modes=modes,
             fields=Fields(question_field, answer_field, id_field), format=data_format, limit=limit,
             shuffle=shuffle, seed=settings.seed, shard=shard, strict=strict, concurrency=concurrency,
             dialogue=dialogue_config(settings, token_budget=token_budget, prompt_dir=prompt_dir),
             sc_temperature=sc_temperature,
-            backend_options={**backend_options(specs.solver, settings), **extra},
-            critic_options={**backend_options(specs.critic, settings), **extra} if specs.critic else None,
+            backend_options={**backend_options(specs.solver, settings), **options_for_backend(specs.solver, extra)},
+            critic_options={**backend_options(specs.critic, settings), **options_for_backend(specs.critic, extra)}
+            if specs.critic else None,
             retry_errors=retry_errors,
         )
         _check_numbers(options)
@@ -195,25 +209,59 @@ def run_command(
         outcome = run_eval(options, say=lambda line: typer.echo(line, err=True), live=live, console=stderr)
     except (DuetError, BackendError) as error:
         raise _fail(str(error), getattr(error, "exit_code", 1)) from None
+    if outcome.aborted is not None:
+        raise _fail(f"{outcome.aborted}; every problem so far failed, stopping (fix it and resume with "
+                    f"{_resume_command()})")
     print_summary(outcome.summary, stdout)
     stdout.print(f"results: {outcome.run_dir / 'results.jsonl'}  summary: {outcome.run_dir / 'summary.json'}")
     if outcome.interrupted:
         typer.echo(f"interrupted after {outcome.completed} new result(s); run the same command again to resume",
                    err=True)
         raise typer.Exit(130)
+    _report_errors(outcome)
+
+
+def _report_errors(outcome: Any) -> None:
+    """One line when some results are errors (how many, how to retry them); exit 1 when all of them are."""
+    from duet.evaluation.modes import FAILED
+
+    modes = outcome.summary.get("modes") or {}
+    total = sum(s["n"] for s in modes.values())
+    errors = sum(s["errors"] for s in modes.values())
+    if not errors:
+        return
+    if errors == total:
+        example = next((r.get("error") for r in outcome.records if r.get("stop_reason") in FAILED and r.get("error")),
+                       None)
+        raise _fail(f"every result ({total}) ended in an error{f', e.g. {example}' if example else ''}; fix it "
+                    f"and run them again with {_resume_command()}")
+    typer.echo(f"warning: {errors} of {total} result(s) ended in an error (backend, sandbox or duet eval); run "
+               f"them again with {_resume_command()}", err=True)
+
+
+def _resume_command(flag: str = "--retry-errors") -> str:
+    """This invocation's command line with ``flag`` added (the same --out, so it resumes the run)."""
+    args = sys.argv[1:]
+    if args[:1] == ["eval"]:
+        args = args[1:]
+    if flag not in args:
+        args = [*args, flag]
+    return "duet eval " + shlex.join(args)
 
 
 def _check_numbers(options: Any) -> None:
     """The options duet.ui.settings does not already check."""
-    from duet.errors import DuetError
+    import math
+
+    from duet.ui.errors import UsageProblem
 
     if options.dialogue.token_budget is not None and options.dialogue.token_budget < 1:
-        raise DuetError("--token-budget must be >= 1")
-    if options.sc_temperature < 0:
-        raise DuetError("--sc-temperature must be >= 0")
+        raise UsageProblem(f"--token-budget {options.dialogue.token_budget}: must be >= 1")
+    if not math.isfinite(options.sc_temperature) or options.sc_temperature < 0:
+        raise UsageProblem(f"--sc-temperature {options.sc_temperature:g}: must be a number >= 0")
 
 
-@eval_app.command("report", no_args_is_help=True)
+@eval_app.command("report")
 def report_command(
     runs: list[Path] = typer.Argument(..., metavar="RUN...",
                                       help="Run directories of `duet eval`.", show_default=False),
@@ -222,23 +270,33 @@ def report_command(
                                  "(one run) or RUN/MODE (default: the first).", show_default=False),
     merge: bool = typer.Option(False, "--merge", help="Treat the runs as one (e.g. the shards of one run)."),
     flips: int = typer.Option(20, "--flips", metavar="N", help="Flipped problems to list per comparison (0: none)."),
+    unpaired: bool = typer.Option(False, "--unpaired", help="Compare accuracies as independent samples, not "
+                                  "paired by problem id: needed for runs made on different data files "
+                                  "(no flips then)."),
     json_out: Path = typer.Option(None, "--json", metavar="FILE",
                                   help="Also write the whole report as JSON to this file.",
                                   show_default=False),
 ) -> None:
-    """Compare runs: modes side by side, differences with 95% intervals (paired by problem id), flips."""
+    """Compare runs: modes side by side, differences with 95% intervals (paired by problem id), flips.
+
+    Runs made on different data files (their data hashes differ) are refused unless --unpaired."""
     from duet.errors import DuetError
     from duet.evaluation.report import build_report, print_report
     from duet.evaluation.results import write_json_atomic
 
     stdout, _ = _consoles()
+    if json_out is not None and json_out.is_dir():
+        raise _fail(f"--json {json_out}: is a directory; give a file name, e.g. {json_out / 'report.json'}", 2)
     try:
-        report = build_report(runs, merge=merge, baseline=baseline)
+        report = build_report(runs, merge=merge, baseline=baseline, unpaired=unpaired)
     except DuetError as error:
-        raise _fail(str(error)) from None
+        raise _fail(str(error), getattr(error, "exit_code", 1)) from None
     print_report(report, stdout, flips=flips)
     if json_out is not None:
-        write_json_atomic(json_out, report, indent=2, sync=False)
+        try:
+            write_json_atomic(json_out, report, indent=2, sync=False)
+        except OSError as error:
+            raise _fail(f"--json {json_out}: cannot write it: {error.strerror or error}") from None
 
 
 def main() -> None:

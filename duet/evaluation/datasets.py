@@ -19,9 +19,10 @@ Masked numbers (MAWPS): when a row has a ``Numbers`` field, each ``numberK`` in 
 the K-th value (whole values without a trailing ``.0``).
 
 A row that cannot be used (invalid JSON, not an object, missing or empty question or answer, a mask without
-a value, a duplicate id) becomes an :class:`Issue` with ``file:line``; the caller skips it with a warning
-or, under ``--strict``, stops. A missing, empty or unreadable file, or one with no usable row, raises
-:class:`~duet.errors.DuetError`.
+a value, a duplicate id) becomes an :class:`Issue` with ``file:line`` (in a JSON array also the element's
+position: ``file:line (element N)``, or ``file: element N`` when the whole array is on one line); the
+caller skips it with a warning or, under ``--strict``, stops. A missing, empty or unreadable file, or one
+with no usable row, raises :class:`~duet.errors.DuetError`.
 """
 
 from __future__ import annotations
@@ -37,6 +38,7 @@ from pathlib import Path
 from typing import Any
 
 from duet.errors import DuetError
+from duet.ui.errors import UsageProblem
 
 QUESTION_FIELDS = ("question", "Question", "problem", "Problem")
 ANSWER_FIELDS = ("answer", "Answer", "solution", "Solution")
@@ -61,14 +63,25 @@ class Problem:
 
 @dataclass(frozen=True)
 class Issue:
-    """A row that was skipped: ``file:line: message``."""
+    """A row that was skipped: ``file:line: message`` (JSON arrays: with the element's 1-based position)."""
 
     path: str
     line: int
     message: str
+    element: int | None = None  # position in a JSON array
+    show_line: bool = True  # False when the whole JSON array is on one line (every element is on line 1)
+
+    @property
+    def where(self) -> str:
+        """``file:line``, ``file:line (element N)`` or ``file: element N``."""
+        if self.element is None:
+            return f"{self.path}:{self.line}"
+        if not self.show_line:
+            return f"{self.path}: element {self.element}"
+        return f"{self.path}:{self.line} (element {self.element})"
 
     def __str__(self) -> str:
-        return f"{self.path}:{self.line}: {self.message}"
+        return f"{self.where}: {self.message}"
 
 
 @dataclass(frozen=True)
@@ -96,7 +109,7 @@ def detect_format(path: Path, text: str, fmt: str | None = None) -> str:
     """``fmt`` when given; else from the extension (a ``.json`` file that starts with ``{`` is JSONL)."""
     if fmt:
         if fmt not in FORMATS:
-            raise DatasetError(f"unknown data format {fmt!r}; use one of: {', '.join(FORMATS)}")
+            raise UsageProblem(f"--format {fmt}: unknown data format; use one of: {', '.join(FORMATS)}")
         return fmt
     kind = _EXTENSIONS.get(path.suffix.lower())
     if kind is None:
@@ -113,6 +126,8 @@ def load_dataset(path: str | Path, fields: Fields | None = None, *, fmt: str | N
     """Read ``path``; raises DatasetError for a missing, unreadable or empty file or one with no usable row."""
     path = Path(path)
     fields = fields or Fields()
+    if fmt:
+        detect_format(path, "", fmt)  # a bad --format is a usage error, before the file is read
     try:
         raw = path.read_bytes()
     except FileNotFoundError:
@@ -130,25 +145,31 @@ def load_dataset(path: str | Path, fields: Fields | None = None, *, fmt: str | N
     kind = detect_format(path, text, fmt)
     rows = {"jsonl": _jsonl_rows, "json": _json_rows, "csv": _csv_rows, "tsv": _csv_rows}[kind](path, text, kind)
     data = Dataset(path, kind, [], sha256=hashlib.sha256(raw).hexdigest())
-    seen: dict[str, int] = {}
+    one_line = kind == "json" and "\n" not in text.strip()
+    seen: dict[str, str] = {}
     first_keys: list[str] | None = None
+
+    def issue(line: int, position: int, message: str) -> Issue:
+        if kind != "json":
+            return Issue(str(path), line, message)
+        return Issue(str(path), line, message, element=position, show_line=not one_line)
+
     for line, position, row in rows:
         data.rows += 1
         if isinstance(row, Issue):
-            data.issues.append(row)
+            data.issues.append(issue(row.line, position, row.message))
             continue
         if first_keys is None:
             first_keys = list(row)
         try:
             problem = _problem(row, fields, line, position, kind)
         except ValueError as error:
-            data.issues.append(Issue(str(path), line, str(error)))
+            data.issues.append(issue(line, position, str(error)))
             continue
         if problem.id in seen:
-            first = seen[problem.id]
-            data.issues.append(Issue(str(path), line, f"duplicate id {problem.id!r} (first on line {first})"))
+            data.issues.append(issue(line, position, f"duplicate id {problem.id!r} (first {seen[problem.id]})"))
             continue
-        seen[problem.id] = line
+        seen[problem.id] = f"at element {position}" if one_line else f"on line {line}"
         data.problems.append(problem)
     if not data.rows:
         raise DatasetError(f"{path}: no rows (an empty {kind.upper()} file)")
@@ -343,10 +364,10 @@ class Shard:
     def parse(cls, text: str) -> Shard:
         found = re.fullmatch(r"\s*(\d+)\s*/\s*(\d+)\s*", text or "")
         if not found:
-            raise DuetError(f"--shard {text!r}: expected i/n, e.g. --shard 1/4")
+            raise UsageProblem(f"--shard {text!r}: expected i/n, e.g. --shard 1/4")
         index, count = int(found.group(1)), int(found.group(2))
         if count < 1 or not 1 <= index <= count:
-            raise DuetError(f"--shard {text}: i must be between 1 and n (shards are numbered 1/{max(count, 1)}..)")
+            raise UsageProblem(f"--shard {text}: i must be between 1 and n (shards are numbered 1/{max(count, 1)}..)")
         return cls(index, count)
 
     def __str__(self) -> str:
@@ -371,7 +392,7 @@ def select(
         random.Random(seed).shuffle(chosen)
     if limit is not None:
         if limit < 0:
-            raise DuetError("--limit must be >= 0")
+            raise UsageProblem(f"--limit {limit}: must be >= 0")
         chosen = chosen[:limit]
     if shard is not None:
         chosen = chosen[shard.index - 1 :: shard.count]

@@ -35,9 +35,9 @@ from duet.agents.answers import majority
 from duet.agents.backends import Backend
 from duet.agents.dialogue import DialogueConfig, run_dialogue
 from duet.agents.transcript import DialogueResult
-from duet.errors import DuetError
 from duet.evaluation.datasets import Problem
 from duet.prompts import Prompts
+from duet.ui.errors import UsageProblem
 
 NO_CODE_MESSAGE = r"code execution is disabled in this mode: reason in words and write \boxed{answer}"
 NO_CODE_SOLVER_SYSTEM = (
@@ -82,7 +82,7 @@ def mode_names() -> str:
 
 
 def parse_mode(text: str) -> Mode:
-    """One mode name (or alias) -> Mode; DuetError for an unknown one."""
+    """One mode name (or alias) -> Mode; UsageProblem (a DuetError, exit 2) for an unknown one."""
     name = _ALIASES.get(text.strip().lower(), text.strip().lower())
     if name in _BASE:
         critic, code = _BASE[name]
@@ -91,20 +91,20 @@ def parse_mode(text: str) -> Mode:
     if found:
         k = int(found.group(1))
         if not 1 <= k <= 64:
-            raise DuetError(f"mode {text!r}: k must be between 1 and 64")
+            raise UsageProblem(f"--modes: mode {text!r}: k must be between 1 and 64")
         return Mode(f"self-consistency@{k}", critic=False, code=True, samples=k)
-    raise DuetError(f"unknown mode {text!r}; use one or more of: {mode_names()} (comma-separated)")
+    raise UsageProblem(f"--modes: unknown mode {text!r}; use one or more of: {mode_names()} (comma-separated)")
 
 
 def parse_modes(text: str) -> list[Mode]:
     """``"solver-only,solver+critic"`` -> modes in order; duplicates and an empty list are errors."""
     modes = [parse_mode(part) for part in text.split(",") if part.strip()]
     if not modes:
-        raise DuetError(f"--modes is empty; use one or more of: {mode_names()}")
+        raise UsageProblem(f"--modes is empty; use one or more of: {mode_names()}")
     names = [m.name for m in modes]
     dupes = sorted({n for n in names if names.count(n) > 1})
     if dupes:
-        raise DuetError(f"--modes lists {', '.join(dupes)} twice")
+        raise UsageProblem(f"--modes lists {', '.join(dupes)} twice")
     return modes
 
 

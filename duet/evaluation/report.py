@@ -20,6 +20,11 @@ Per mode (``summary.json`` -> ``modes`` -> name):
 ``tokens_per_second``       completion tokens / wall seconds
 ``problems_per_minute``     n / wall minutes; ``mean_seconds``: mean latency of one problem
 ==========================  =======================================================================
+
+``duet eval report`` pairs systems by problem id, and ids are only comparable within one data file: runs
+whose ``config.json`` records different data hashes (``data.sha256``) are refused, unless ``--unpaired``
+asks for accuracies compared as independent samples (no flips). ``--merge`` needs runs of the
+same data file (e.g. the shards of one run).
 """
 
 from __future__ import annotations
@@ -34,6 +39,7 @@ from duet.errors import DuetError
 from duet.evaluation.modes import FAILED
 from duet.evaluation.results import read_records
 from duet.evaluation.stats import paired_difference, unpaired_difference, wilson
+from duet.ui.errors import UsageProblem
 
 
 def _rate(correct: int, n: int) -> dict[str, Any]:
@@ -106,10 +112,12 @@ def group_by_mode(records: list[dict[str, Any]], order: list[str] | None = None)
     return {m: rs for m, rs in groups.items() if rs}
 
 
-def compare(a: list[dict[str, Any]], b: list[dict[str, Any]]) -> dict[str, Any]:
-    """B vs A: paired by id when they share problems (else unpaired), with the problems that flipped."""
+def compare(a: list[dict[str, Any]], b: list[dict[str, Any]], *, paired: bool = True) -> dict[str, Any]:
+    """B vs A: paired by id when they share problems (else unpaired), with the problems that flipped.
+
+    ``paired=False`` (different data files, whose ids name different problems): unpaired, no flips."""
     by_id_a = {r["id"]: r for r in a}
-    common = [r for r in b if r["id"] in by_id_a]
+    common = [r for r in b if r["id"] in by_id_a] if paired else []
     flips = []
     if common:
         outcome_a = [bool(by_id_a[r["id"]].get("correct")) for r in common]
@@ -243,9 +251,14 @@ def flips_table(a: str, b: str, flips: list[dict[str, Any]], limit: int) -> Any 
                          max_width=60 if name == "question" else 24)
     for f in flips[:limit]:
         question = " ".join(str(f.get("question") or "").split())
-        table.add_row(str(f["id"]), f["change"], str(f.get("gold")), str(f.get("a")), str(f.get("b")),
+        table.add_row(str(f["id"]), f["change"], _shown(f.get("gold")), _shown(f.get("a")), _shown(f.get("b")),
                       question[:120] + ("…" if len(question) > 120 else ""))
     return table
+
+
+def _shown(value: Any) -> str:
+    """A prediction or gold answer in a table: ``—`` when there is none."""
+    return "—" if value is None or value == "" else str(value)
 
 
 def print_summary(summary: dict[str, Any], console: Any) -> None:
@@ -293,15 +306,43 @@ def load_run(path: str | Path) -> Run:
     return Run(path, path.name or str(path), config, loaded.records, notes)
 
 
-def build_report(paths: list[str | Path], *, merge: bool = False, baseline: str | None = None) -> dict[str, Any]:
-    """Systems (run x mode) side by side, each against the baseline (the first unless named)."""
+def data_sha256(run: Run) -> str | None:
+    """The hash of the data file the run was made on (None: config.json does not say)."""
+    sha = (run.config.get("data") or {}).get("sha256")
+    return sha if isinstance(sha, str) and sha else None
+
+
+def _data_name(run: Run) -> str:
+    path = (run.config.get("data") or {}).get("path")
+    sha = data_sha256(run) or "?"
+    return f"{Path(path).name if path else 'data'} sha256 {sha[:12]}"
+
+
+def build_report(paths: list[str | Path], *, merge: bool = False, baseline: str | None = None,
+                 unpaired: bool = False) -> dict[str, Any]:
+    """Systems (run x mode) side by side, each against the baseline (the first unless named).
+
+    Systems from runs on different data files (their config.json's ``data.sha256`` differ) are not paired
+    by id: a UsageProblem unless ``unpaired``, which compares every pair's accuracies as independent samples
+    (no flips).
+    """
     runs = [load_run(p) for p in paths]
     notes = [n for r in runs for n in r.notes]
     labels = [r.label for r in runs]
     for i, run in enumerate(runs):  # make labels unique
         if labels.count(run.label) > 1:
             run.label = f"{run.label}#{i + 1}"
+    hashes = {data_sha256(r) for r in runs} - {None}
+    if len(runs) > 1 and len(hashes) > 1 and merge:
+        listed = "; ".join(f"{r.label}: {_data_name(r)}" for r in runs)
+        raise UsageProblem(f"--merge: the runs were made on different data files ({listed}); merge only runs of "
+                           "one data file, e.g. the shards of one run")
+    unhashed = [r.label for r in runs if data_sha256(r) is None]
+    if len(runs) > 1 and unhashed:
+        notes.append(f"{', '.join(unhashed)}: config.json records no data hash; problems are paired by id "
+                     "assuming the runs used the same data file")
     systems: dict[str, list[dict[str, Any]]] = {}
+    origin: dict[str, Run] = {}
     if merge:
         seen: set[tuple[str, str]] = set()
         merged = []
@@ -317,7 +358,9 @@ def build_report(paths: list[str | Path], *, merge: bool = False, baseline: str 
     else:
         for run in runs:
             for mode, records in group_by_mode(run.records, run.config.get("modes")).items():
-                systems[mode if len(runs) == 1 else f"{run.label}/{mode}"] = records
+                name = mode if len(runs) == 1 else f"{run.label}/{mode}"
+                systems[name] = records
+                origin[name] = run
     if not systems:
         raise DuetError("no records in " + ", ".join(str(p) for p in paths))
     names = list(systems)
@@ -328,9 +371,25 @@ def build_report(paths: list[str | Path], *, merge: bool = False, baseline: str 
     for name in names:
         if name == base:
             continue
-        result = compare(systems[base], systems[name])
-        comparisons.append({"a": base, "b": name, **result})
-    return {"runs": [str(r.path) for r in runs], "baseline": base, "notes": notes,
+        run_a, run_b = origin.get(base), origin.get(name)
+        same_data = True
+        if run_a is not None and run_b is not None and run_a is not run_b:
+            sha_a, sha_b = data_sha256(run_a), data_sha256(run_b)
+            same_data = sha_a is None or sha_b is None or sha_a == sha_b
+        if not same_data:
+            assert run_a is not None and run_b is not None
+            if not unpaired:
+                raise UsageProblem(
+                    f"{run_a.label} and {run_b.label} were run on different data files ({_data_name(run_a)}; "
+                    f"{_data_name(run_b)}), so their problem ids cannot be paired; pass --unpaired to compare "
+                    "their accuracies only"
+                )
+            notes.append(f"{base} and {name}: different data files, compared unpaired (accuracies only, no flips)")
+        result = compare(systems[base], systems[name], paired=same_data and not unpaired)
+        comparisons.append({"a": base, "b": name, "same_data": same_data, **result})
+    return {"runs": [str(r.path) for r in runs], "baseline": base, "notes": list(dict.fromkeys(notes)),
+            "data": {r.label: {"path": (r.config.get("data") or {}).get("path"), "sha256": data_sha256(r)}
+                     for r in runs},
             "systems": {name: mode_stats(rs) for name, rs in systems.items()}, "comparisons": comparisons}
 
 

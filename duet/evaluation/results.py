@@ -14,6 +14,7 @@ anything (for ``duet eval report`` on a run that may still be going).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -170,16 +171,24 @@ def transcript_path(mode: str, ident: str) -> str:
 
 
 def write_json_atomic(path: Path, data: Any, *, indent: int | None = None, sync: bool = True) -> None:
-    """Write ``data`` as JSON to ``path`` through a temporary file and a rename (fsynced when ``sync``)."""
+    """Write ``data`` as JSON to ``path`` through a temporary file and a rename (fsynced when ``sync``).
+
+    On any failure (``path`` is a directory, a full disk, ...) the temporary file is removed and the error raised.
+    """
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
-    with open(tmp, "w", encoding="utf-8") as handle:
-        json.dump(data, handle, ensure_ascii=False, indent=indent, default=str)
-        handle.write("\n")
-        handle.flush()
-        if sync:
-            os.fsync(handle.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "w", encoding="utf-8") as handle:
+            json.dump(data, handle, ensure_ascii=False, indent=indent, default=str)
+            handle.write("\n")
+            handle.flush()
+            if sync:
+                os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        raise
 
 
 def _fsync_dir(directory: Path) -> None:

@@ -22,6 +22,11 @@ requests are decoded together by the engine (continuous batching across problems
 OpenAI-compatible server they are concurrent HTTP requests. Scripted backends keep per-conversation state,
 so each dialogue gets its own copy. Problems run mode by mode (all of the first mode, then the next), so
 each mode's throughput is measured on its own.
+
+A broken backend stops the run early: when the first ``max(4, concurrency)`` results of an invocation are
+all errors (backend, sandbox or duet eval's own), the run stops (``Outcome.aborted`` holds the error) instead
+of recording an error for every problem; what was recorded stays, and ``--retry-errors`` runs it again.
+Ctrl-C abandons the problems in flight (they are not recorded, so they run again on resume).
 """
 
 from __future__ import annotations
@@ -31,6 +36,7 @@ import dataclasses
 import fcntl
 import hashlib
 import json
+import math
 import os
 import platform
 import queue
@@ -52,12 +58,24 @@ from duet.errors import DuetError
 from duet.evaluation.datasets import Dataset, Fields, Problem, Shard, load_dataset, select
 from duet.evaluation.modes import Context, Interrupted, Mode, error_record, parse_modes, run_problem
 from duet.evaluation.results import Loaded, ResultsFile, ordered, read_records, transcript_path, write_json_atomic
+from duet.ui.errors import UsageProblem
 
 RUN_FORMAT = "duet-eval/1"
 DEFAULT_CONCURRENCY = {"local": 8, "openai": 16}
 MAX_WARNINGS = 10
 NOT_ANSWER_AFFECTING = ("max_batch", "compile", "timeout", "delay", "api_key")
 """Backend options left out of the fingerprint: they change speed or failures, not answers."""
+MIN_ABORT_STREAK = 4
+"""The run stops when its first max(this, concurrency) results are all errors (a broken backend)."""
+
+BACKEND_OPTIONS: dict[str, dict[str, str]] = {
+    "local": {"device": "text", "dtype": "text", "mtp": "bool", "compile": "bool", "max_batch": "count",
+              "max_seq_len": "count"},
+    "openai": {"timeout": "seconds", "api_key": "text", "extra_body": "object"},
+    "scripted": {"delay": "seconds or 0", "timeout": "seconds"},
+}
+"""The ``--backend-option`` / ``-O`` keys each backend kind takes, and the kind of value (see _option_value).
+A backend kind registered elsewhere (not listed) gets every option as given."""
 
 
 @dataclass
@@ -93,6 +111,7 @@ class Outcome:
     skipped_done: int = 0
     completed: int = 0
     interrupted: bool = False
+    aborted: str | None = None  # the error that stopped the run early (every result so far failed)
     summary: dict[str, Any] = field(default_factory=dict)
     records: list[dict[str, Any]] = field(default_factory=list)
 
@@ -104,18 +123,72 @@ Say = Callable[[str], None]
 # Backends
 
 
-def parse_backend_options(items: list[str]) -> dict[str, Any]:
-    """``["delay=0.5", "api_key=x"]`` -> ``{"delay": 0.5, "api_key": "x"}`` (values read as JSON if they can be)."""
+def parse_backend_options(items: list[str], specs: list[str | None] | None = None) -> dict[str, Any]:
+    """``["delay=0.5", "api_key=x"]`` -> ``{"delay": 0.5, "api_key": "x"}``, checked against the backends of
+    ``specs`` (the solver's and the critic's; None: any kind of :data:`BACKEND_OPTIONS`).
+
+    A key no backend of the run takes, or a value of the wrong kind, is a UsageProblem (exit 2) naming the key
+    and the keys allowed. Text options take the value as written; the others read it as JSON.
+    """
+    kinds = sorted({backend_kind(s) for s in specs if s}) if specs else sorted(BACKEND_OPTIONS)
+    if any(kind not in BACKEND_OPTIONS for kind in kinds):
+        allowed = None  # a backend registered elsewhere: its options pass through unchecked
+    else:
+        allowed = {key: kind for k in kinds for key, kind in BACKEND_OPTIONS[k].items()}
     options: dict[str, Any] = {}
     for item in items:
         key, sep, value = item.partition("=")
-        if not sep or not key.strip():
-            raise DuetError(f"--backend-option {item!r}: expected KEY=VALUE, e.g. -O timeout=120")
-        try:
-            options[key.strip()] = json.loads(value)
-        except json.JSONDecodeError:
-            options[key.strip()] = value
+        key = key.strip()
+        if not sep or not key:
+            raise UsageProblem(f"--backend-option {item!r}: expected KEY=VALUE, e.g. -O timeout=120")
+        if allowed is not None and key not in allowed:
+            raise UsageProblem(f"--backend-option {key}: not an option of the {' and '.join(kinds)} backend; "
+                               f"use one of: {', '.join(sorted(allowed))}")
+        options[key] = _option_value(key, value, allowed[key] if allowed is not None else None)
     return options
+
+
+def _option_value(key: str, text: str, kind: str | None) -> Any:
+    """``text`` as an option value of ``kind`` (None: JSON if it parses, else the text)."""
+    if kind == "text":
+        if not text.strip():
+            raise UsageProblem(f"--backend-option {key}: empty value")
+        return text
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError:
+        value = text
+    if kind is None:
+        return value
+    if kind == "bool":
+        words = {"true": True, "yes": True, "on": True, "1": True, "false": False, "no": False, "off": False,
+                 "0": False}
+        if isinstance(value, bool):
+            return value
+        if text.strip().lower() in words:
+            return words[text.strip().lower()]
+        raise UsageProblem(f"--backend-option {key}={text}: expected true or false")
+    if kind == "count":
+        if isinstance(value, int) and not isinstance(value, bool) and value >= 1:
+            return value
+        raise UsageProblem(f"--backend-option {key}={text}: expected a whole number >= 1")
+    if kind in ("seconds", "seconds or 0"):
+        number = value if isinstance(value, (int, float)) and not isinstance(value, bool) else None
+        if number is None or not math.isfinite(number) or number < 0 or (number == 0 and kind == "seconds"):
+            least = ">= 0" if kind == "seconds or 0" else "> 0"
+            raise UsageProblem(f"--backend-option {key}={text}: expected a number of seconds {least}")
+        return number
+    if kind == "object":
+        if isinstance(value, dict):
+            return value
+        raise UsageProblem(f"--backend-option {key}={text}: expected a JSON object, e.g. {key}='{{\"top_p\": 0.9}}'")
+    raise AssertionError(kind)
+
+
+def options_for_backend(spec: str, options: dict[str, Any]) -> dict[str, Any]:
+    """The ``--backend-option`` values the backend of ``spec`` takes (the solver's and the critic's may differ)."""
+    known = BACKEND_OPTIONS.get(backend_kind(spec))
+    return dict(options) if known is None else {k: v for k, v in options.items() if k in known}
 
 
 def backend_kind(spec: str) -> str:
@@ -367,10 +440,14 @@ def prepare(opts: EvalOptions, say: Say) -> Prepared:
     """Load and check the data, build the backends, and decide the run directory (no work yet)."""
     from duet.prompts import PromptError, load_prompts
 
+    if opts.out is not None:
+        _check_run_dir(Path(opts.out), True)
     modes = parse_modes(opts.modes)
     shard = Shard.parse(opts.shard) if opts.shard else None
     if opts.concurrency is not None and opts.concurrency < 1:
-        raise DuetError("--concurrency must be >= 1")
+        raise UsageProblem(f"--concurrency {opts.concurrency}: must be >= 1")
+    if opts.limit is not None and opts.limit < 0:
+        raise UsageProblem(f"--limit {opts.limit}: must be >= 0")
     data = load_dataset(opts.data, opts.fields, fmt=opts.format)
     if data.issues:
         if opts.strict:
@@ -537,8 +614,13 @@ def run_eval(opts: EvalOptions, *, say: Say | None = None, live: bool = False, c
 
     say = say or (lambda line: print(line, file=sys.stderr))
     prep = prepare(opts, say)
+    _check_run_dir(prep.run_dir, opts.out is not None)
     created = [d for d in (prep.run_dir, *prep.run_dir.parents) if not d.exists()]
-    prep.run_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        prep.run_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise DuetError(f"{_run_dir_name(prep.run_dir, opts.out is not None)}: cannot create it: "
+                        f"{error.strerror or error}") from None
     outcome = Outcome(prep.run_dir, selected=len(prep.problems))
     results = ResultsFile(prep.run_dir / "results.jsonl")
     with RunLock(prep.run_dir):
@@ -571,7 +653,8 @@ def run_eval(opts: EvalOptions, *, say: Say | None = None, live: bool = False, c
             started = _now()
             progress = Progress(prep.modes, totals, prior, live=live, say=say, console=console)
             with progress:
-                outcome.completed, outcome.interrupted = _execute(prep, tasks, results, progress, say)
+                outcome.completed, outcome.interrupted, outcome.aborted = _execute(prep, tasks, results, progress,
+                                                                                   say)
             _log_invocation(prep, outcome, started)
         finally:
             results.close()
@@ -587,6 +670,16 @@ def run_eval(opts: EvalOptions, *, say: Say | None = None, live: bool = False, c
                                     mode_order=[m.name for m in prep.modes])
         write_json_atomic(prep.run_dir / "summary.json", outcome.summary, indent=2)
     return outcome
+
+
+def _run_dir_name(run_dir: Path, given: bool) -> str:
+    return f"--out {run_dir}" if given else f"the run directory {run_dir}"
+
+
+def _check_run_dir(run_dir: Path, given: bool) -> None:
+    """A path that exists must be a directory (a run's, or one to make a run in)."""
+    if run_dir.exists() and not run_dir.is_dir():
+        raise UsageProblem(f"{_run_dir_name(run_dir, given)}: exists and is not a run directory")
 
 
 def _remove_stale_temporaries(run_dir: Path) -> None:
@@ -617,17 +710,27 @@ def _drop_errors(results: ResultsFile, loaded: Loaded, say: Say) -> set[tuple[st
 
 
 def _execute(prep: Prepared, tasks: list[tuple[Problem, Mode]], results: ResultsFile, progress: Progress,
-             say: Say) -> tuple[int, bool]:
-    """Run ``tasks`` on the pool; the calling thread is the only writer. Returns (completed, interrupted)."""
+             say: Say) -> tuple[int, bool, str | None]:
+    """Run ``tasks`` on the pool; the calling thread is the only writer.
+
+    Returns (completed, interrupted, aborted): ``aborted`` is the error that stopped the run when its first
+    ``max(MIN_ABORT_STREAK, concurrency)`` results were all errors (a broken backend), else None.
+    """
+    from duet.evaluation.modes import FAILED
+
     ctx, run_dir = prep.context, prep.run_dir
     finished: queue.Queue[tuple[str, Any]] = queue.Queue()
     cancel = ctx.cancel
     assert cancel is not None
+    in_flight = [0]
+    count_lock = threading.Lock()
 
     def work(problem: Problem, mode: Mode) -> None:
         if cancel.is_set():
             finished.put(("skipped", None))
             return
+        with count_lock:
+            in_flight[0] += 1
         started = time.time()
         try:
             try:
@@ -646,10 +749,23 @@ def _execute(prep: Prepared, tasks: list[tuple[Problem, Mode]], results: Results
             finished.put(("record", ordered(record)))
         except BaseException as error:  # cannot write the transcript (disk full, ...): stop the run
             finished.put(("fatal", error))
+        finally:
+            with count_lock:
+                in_flight[0] -= 1
 
     completed = 0
     pending = len(tasks)
     interrupted = False
+    aborted: str | None = None
+    abort_after = max(MIN_ABORT_STREAK, prep.concurrency)
+    failures: list[str] = []  # the errors of this invocation's results until the first success
+    succeeded = False
+
+    def abandoning() -> str:
+        with count_lock:
+            running = in_flight[0]
+        return f"interrupted: abandoning {running} problem(s) in flight; they run again on resume"
+
     pool = ThreadPoolExecutor(max_workers=prep.concurrency, thread_name_prefix="duet-eval")
     try:
         for problem, mode in tasks:
@@ -663,7 +779,7 @@ def _execute(prep: Prepared, tasks: list[tuple[Problem, Mode]], results: Results
                 if not interrupted:
                     interrupted = True
                     cancel.set()
-                    say("interrupted: finishing the problems in flight (Ctrl-C again to stop now)")
+                    say(abandoning() + " (Ctrl-C again to stop now)")
                     continue
                 raise
             pending -= 1
@@ -671,21 +787,31 @@ def _execute(prep: Prepared, tasks: list[tuple[Problem, Mode]], results: Results
                 results.append(value)
                 completed += 1
                 progress.advance(value["mode"], bool(value.get("correct")))
+                if not succeeded and value.get("stop_reason") in FAILED:
+                    failures.append(str(value.get("error") or value.get("stop_reason")))
+                    if len(failures) >= abort_after and not interrupted:
+                        aborted = failures[0]
+                        cancel.set()
+                        break
+                else:
+                    succeeded = True
             elif kind == "fatal":
                 cancel.set()
                 raise DuetError(f"cannot write results into {run_dir}: {value}")
     except KeyboardInterrupt:
         cancel.set()
+        if not interrupted:  # the first Ctrl-C, caught outside the wait for results
+            say(abandoning())
         interrupted = True
     finally:
-        pool.shutdown(wait=not interrupted, cancel_futures=True)
-    return completed, interrupted
+        pool.shutdown(wait=not (interrupted or aborted), cancel_futures=True)
+    return completed, interrupted, aborted
 
 
 def _log_invocation(prep: Prepared, outcome: Outcome, started: str) -> None:
     entry = {"started": started, "ended": _now(), "argv": sys.argv, "selection": prep.config["selection"],
              "modes": prep.config["modes"], "concurrency": prep.concurrency, "skipped_done": outcome.skipped_done,
-             "completed": outcome.completed, "interrupted": outcome.interrupted,
+             "completed": outcome.completed, "interrupted": outcome.interrupted, "aborted": outcome.aborted,
              "versions": prep.config["versions"], "git": prep.config["git"]}
     with open(prep.run_dir / "invocations.jsonl", "a", encoding="utf-8") as handle:
         handle.write(json.dumps(entry, default=str) + "\n")

@@ -4,8 +4,9 @@ Backend selection (the solver; the critic the same way with its ``critic_*`` key
 
 * ``backend = "local"`` (the default): ``local:<model>``, the embedded default model when ``model`` is unset;
 * ``backend = "openai"`` or ``base_url`` set: ``openai:<base_url>[#<model_name>]``;
-* ``backend = "scripted:FILE"`` (or ``scripted`` with ``--replies FILE``): replayed replies, for demos and
-  tests. The JSON file may also hold ``"delay"`` (seconds before each reply) and ``"timeout"``;
+* ``backend = "scripted:FILE"`` (or ``scripted`` with ``--replies FILE``; ``--replies FILE`` alone implies it, as
+  ``base_url`` implies openai): replayed replies, for demos and tests. The JSON file may also hold ``"delay"``
+  (seconds before each reply) and ``"timeout"``;
 * any other ``kind:argument`` string is passed to ``make_backend`` as is.
 
 The critic uses the solver's backend object unless one of its keys is set.
@@ -41,20 +42,20 @@ def _spec(backend: str | None, model: str | None, base_url: str | None, model_na
         kind = "openai" if base_url else "local"
     if kind == "scripted":
         if not replies:
-            raise SettingsError(f"--{prefix.replace('_', '-')}backend scripted needs --replies FILE", flag=True)
+            raise SettingsError(f"--{prefix.replace('_', '-')}backend scripted needs --replies FILE")
         return f"scripted:{replies}"
     if kind == "openai":
         if not base_url:
             raise SettingsError(
                 f"--{prefix.replace('_', '-')}backend openai needs --{prefix.replace('_', '-')}base-url URL "
-                f"(or DUET_{prefix.upper()}BASE_URL)", flag=True
+                f"(or DUET_{prefix.upper()}BASE_URL)"
             )
         return f"openai:{base_url}" + (f"#{model_name}" if model_name else "")
     if kind == "local":
         return "local:" + (str(Path(model).expanduser()) if model else "")
     if ":" in kind:
         return kind
-    raise SettingsError(f"unknown backend {kind!r}; use local, openai or scripted:FILE", flag=True)
+    raise SettingsError(f"unknown backend {kind!r}; use local, openai or scripted:FILE")
 
 
 def backend_specs(settings: Settings, replies: str | None = None) -> Specs:
@@ -63,9 +64,15 @@ def backend_specs(settings: Settings, replies: str | None = None) -> Specs:
     if s.backend not in (None, "", "local") and s.sources.get("model") == "flag" and s.model:
         if not str(s.backend).startswith("local"):
             raise SettingsError("--model is a checkpoint directory for the local backend; "
-                                "with --backend openai use --model-name", flag=True)
-    # backend's built-in default ("local") gives way to a base_url set anywhere
+                                "with --backend openai use --model-name")
+    # backend's built-in default ("local") gives way to a base_url set anywhere, and to --replies FILE,
+    # which also wins over a backend or base_url from the environment or the config file
     backend = s.backend if s.sources.get("backend", "default") != "default" else None
+    if replies and backend != "scripted":
+        given = [f"--{k.replace('_', '-')} {s.values[k]}" for k in ("backend", "base_url") if s.sources[k] == "flag"]
+        if given:
+            raise SettingsError(f"--replies FILE is for the scripted backend, not {given[0]}; drop one of them")
+        backend = "scripted"
     solver = _spec(backend, s.model, s.base_url, s.model_name, replies, "solver")
     own = any(getattr(s, k) for k in ("critic_model", "critic_backend", "critic_base_url", "critic_model_name"))
     if not own:
@@ -103,33 +110,62 @@ def backend_options(spec: str, settings: Settings) -> dict[str, Any]:
     return {}
 
 
-def resolve_local(options: dict[str, Any]) -> dict[str, Any]:
-    """``device``/``dtype``/``mtp`` "auto" resolved on this machine (imports torch: only for local backends).
+def check_device(device: str, where: str = "--device") -> str:
+    """``device`` ("auto": cuda when there is one, else cpu) if this machine has it; SettingsError (a usage
+    error naming ``where``) if not. Imports torch."""
+    from duet.ui.settings import KEY_BY_NAME, convert
+
+    device = convert(KEY_BY_NAME["device"], device, where)  # auto, cpu, cuda, cuda:N or mps
+    import torch
+
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda"):
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if not count:
+            why = "this torch has no CUDA" if torch.version.cuda is None else "none is visible"
+            raise SettingsError(f"{where} {device}: no CUDA device here ({why}); use --device cpu")
+        index = int(device.partition(":")[2] or 0)
+        if index >= count:
+            raise SettingsError(f"{where} {device}: there are {count} CUDA device(s) here, cuda:0 to cuda:{count - 1}")
+    if device == "mps" and not torch.backends.mps.is_available():
+        raise SettingsError(f"{where} mps: no MPS device here (Apple silicon only); use --device cpu")
+    return device
+
+
+def resolve_local(options: dict[str, Any], where: str = "--device") -> dict[str, Any]:
+    """``device``/``dtype``/``mtp`` "auto" resolved on this machine, the device checked (:func:`check_device`,
+    errors naming ``where``); imports torch: only for local backends.
 
     ``mtp`` "auto" (not set anywhere) is on, except for compiled decoding on a CPU, where MTP made decoding
     slower (compiled + MTP at 0.45-0.7x compiled plain decoding in session 5's `duet bench --compile`)."""
     options = dict(options)
-    if options.get("device", "auto") == "auto" or options.get("dtype", "auto") == "auto":
-        import torch
-
-        cuda = torch.cuda.is_available()
-        if options.get("device", "auto") == "auto":
-            options["device"] = "cuda" if cuda else "cpu"
-        if options.get("dtype", "auto") == "auto":
-            options["dtype"] = "bfloat16" if str(options["device"]).startswith("cuda") else "float32"
+    options["device"] = check_device(options.get("device") or "auto", where)
+    if options.get("dtype", "auto") == "auto":
+        options["dtype"] = "bfloat16" if options["device"].startswith("cuda") else "float32"
     if options.get("mtp") == "auto":
-        options["mtp"] = not (options.get("compile") and str(options.get("device", "cpu")) == "cpu")
+        options["mtp"] = not (options.get("compile") and options["device"] == "cpu")
     return options
 
 
 def build_backend(spec: str, settings: Settings) -> Any:
-    """``make_backend(spec, **options)``; raises BackendError (one line) when it cannot be built."""
-    from duet.agents.backends import make_backend
+    """``make_backend(spec, **options)``; raises BackendError (one line) when it cannot be built, saying where a
+    checkpoint directory from the environment or the config file came from."""
+    from duet.agents.backends import BackendError, make_backend
 
     options = backend_options(spec, settings)
-    if spec.startswith("local:"):
-        options = resolve_local(options)
-    return make_backend(spec, **options)
+    if not spec.startswith("local:"):
+        return make_backend(spec, **options)
+    options = resolve_local(options, settings.where("device"))
+    try:
+        return make_backend(spec, **options)
+    except BackendError as error:
+        path = spec.partition(":")[2]
+        for key in ("model", "critic_model"):
+            value, (kind, _, origin) = settings.values[key], settings.sources[key].partition(" ")
+            if value and kind in ("env", "file") and str(Path(value).expanduser()) == path and path in str(error):
+                raise BackendError(f"{error} ({key}, from {origin})") from error
+        raise
 
 
 def build_backends(settings: Settings, specs: Specs) -> tuple[Any, Any | None]:

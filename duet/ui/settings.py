@@ -15,6 +15,7 @@ log, REPL history, the clipboard fallback file) lives in ``$XDG_DATA_HOME/duet``
 
 from __future__ import annotations
 
+import math
 import os
 import re
 from collections.abc import Mapping
@@ -26,19 +27,18 @@ from duet.errors import DuetError
 
 
 class SettingsError(DuetError):
-    """A bad value in a flag, an environment variable or the config file (one line, naming where).
+    """A bad value in a flag, an environment variable or the config file (one line, naming where): a usage
+    error, exit code 2, wherever the value came from."""
 
-    ``exit_code`` is 2 (a usage error) when the value came from a command-line flag, else 1.
-    """
-
-    def __init__(self, message: str, *, flag: bool = False) -> None:
-        super().__init__(message)
-        self.exit_code = 2 if flag else 1
+    exit_code = 2
 
 
 @dataclass(frozen=True)
 class Key:
-    """One setting: its name, type ("str", "path", "int", "float", "bool"), default and meaning."""
+    """One setting: its name, type ("str", "path", "int", "float", "bool"), default and meaning.
+
+    ``choices``: the values a string may take ("N" in a choice stands for a number: "cuda:N");
+    ``minimum``/``maximum``: the range of a number (a float must also be finite)."""
 
     name: str
     type: str
@@ -46,12 +46,15 @@ class Key:
     help: str
     choices: tuple[str, ...] = ()
     minimum: float | None = None
+    maximum: float | None = None
 
     @property
     def env(self) -> str:
         """The environment variable that sets it."""
         return "DUET_" + self.name.upper()
 
+
+DAY = 86400  # the longest time limit: larger ones overflow the clocks they are added to
 
 KEYS: tuple[Key, ...] = (
     Key("model", "path", None, "solver checkpoint directory (unset: the embedded default model)"),
@@ -70,20 +73,22 @@ KEYS: tuple[Key, ...] = (
     Key("max_tokens", "int", 1024, "generated tokens per turn", minimum=1),
     Key("max_steps", "int", 8, "code cells per turn", minimum=1),
     Key("temperature", "float", 0.0, "sampling temperature (0: greedy)", minimum=0),
-    Key("seed", "int", 0, "sampling seed (/regen uses seed + 1, + 2, ...)"),
+    Key("seed", "int", 0, "sampling seed (/regen uses seed + 1, + 2, ...)", minimum=0, maximum=2**63 - 1),
     Key("regen_temperature", "float", 0.7, "temperature /regen uses when temperature is 0", minimum=0),
-    Key("device", "str", "auto", "local runtime device: auto, cpu, cuda, cuda:N"),
+    Key("device", "str", "auto", "local runtime device: auto, cpu, cuda, cuda:N (mps on Apple)",
+        choices=("auto", "cpu", "cuda", "cuda:N", "mps")),
     Key("dtype", "str", "auto", "local runtime dtype: auto, float32, bfloat16, float16",
         choices=("auto", "float32", "bfloat16", "float16", "fp32", "bf16", "fp16")),
     Key("mtp", "bool", True, "speculative decoding with the model's MTP modules (unset: on, but off when "
         "compiling on a CPU, where it decodes slower)"),
     Key("compile", "bool", False, "compile the local runtime's decode steps (torch.compile: a slow first start, "
         "faster decoding)"),
-    Key("timeout", "float", 5.0, "sandbox seconds per code cell", minimum=0.1),
+    Key("timeout", "float", 5.0, "sandbox seconds per code cell", minimum=0.1, maximum=DAY),
     Key("memory", "int", 1024, "sandbox memory limit in MB", minimum=16),
     Key("sandbox", "str", "auto", "sandbox isolation: auto (strongest available), bwrap, landlock, rlimits, none",
         choices=("auto", "bwrap", "landlock", "rlimits", "none")),
-    Key("server_timeout", "float", 60.0, "seconds to wait for an OpenAI-compatible server", minimum=0.1),
+    Key("server_timeout", "float", 60.0, "seconds to wait for an OpenAI-compatible server", minimum=0.1,
+        maximum=DAY),
     Key("log", "bool", True, "log every exchange to the local SQLite database"),
     Key("clipboard", "str", "auto", "how /copy copies: auto, osc52, command, file",
         choices=("auto", "osc52", "command", "file")),
@@ -160,21 +165,28 @@ def convert(key: Key, value: Any, where: str) -> Any:
         if not text:
             raise ValueError("expected a string")
         value = value.strip()
-        if key.choices and value not in key.choices:
+        if key.choices and not any(re.fullmatch(c.replace("N", r"\d+"), value) for c in key.choices):
             raise ValueError(f"expected one of {', '.join(key.choices)}")
         return value or None
     except ValueError as error:
         message = str(error)
         if not message.startswith("expected"):
             message = {"int": "expected an integer", "float": "expected a number"}.get(key.type, message)
-        raise SettingsError(f"{where}: {value!r} is not valid for {key.name}: {message}",
-                            flag=where.startswith("--")) from None
+        raise SettingsError(f"{where}: {value!r} is not valid for {key.name}: {message}") from None
 
 
-def _check_range(key: Key, value: Any, where: str) -> None:
-    if key.minimum is not None and value is not None and value < key.minimum:
-        raise SettingsError(f"{where}: {key.name} must be at least {key.minimum:g} (got {value!r})",
-                            flag=where.startswith("--"))
+def check(key: Key, value: Any, where: str) -> Any:
+    """``value`` if it is within ``key``'s range (a float: also finite); SettingsError naming ``where`` if not."""
+    if value is None or key.type not in ("int", "float"):
+        return value
+    low, high = key.minimum, key.maximum
+    finite = key.type == "int" or math.isfinite(value)
+    if finite and (low is None or value >= low) and (high is None or value <= high):
+        return value
+    kind = "an integer" if key.type == "int" else "a finite number"
+    if low is not None:
+        kind += f" from {low} to {high}" if high is not None else f" >= {low}"
+    raise SettingsError(f"{where}: {key.name} must be {kind} (got {value!r})")
 
 
 # ---------------------------------------------------------------------------------------------- TOML
@@ -255,7 +267,8 @@ def _flat_value(value: str, number: int) -> Any:
 
 @dataclass
 class Settings:
-    """The effective value of every key, and where each came from ("flag", "env DUET_X", "file", "default")."""
+    """The effective value of every key, and where each came from ("flag", "env DUET_X", "file PATH", "default";
+    "invalid ..." for a bad value kept by :func:`load_settings` when it collects errors)."""
 
     values: dict[str, Any]
     sources: dict[str, str]
@@ -268,6 +281,12 @@ class Settings:
         except KeyError:
             raise AttributeError(name) from None
 
+    def where(self, name: str) -> str:
+        """How an error names where ``name``'s value came from: ``--max-rounds``, ``DUET_MAX_ROUNDS`` or
+        ``PATH: max_rounds``."""
+        kind, _, origin = self.sources.get(name, "default").removeprefix("invalid ").partition(" ")
+        return origin if kind == "env" else f"{origin}: {name}" if kind == "file" else "--" + name.replace("_", "-")
+
     def rows(self) -> list[dict[str, Any]]:
         """One dict per key: key, value, source, env, help (for ``duet config``)."""
         return [
@@ -277,33 +296,48 @@ class Settings:
         ]
 
 
-def load_settings(flags: Mapping[str, Any] | None = None, env: Mapping[str, str] | None = None) -> Settings:
-    """Merge flags (None values are "not given"), ``DUET_*`` variables, the config file and defaults."""
+def load_settings(flags: Mapping[str, Any] | None = None, env: Mapping[str, str] | None = None, *,
+                  errors: list[SettingsError] | None = None) -> Settings:
+    """Merge flags (None values are "not given"), ``DUET_*`` variables, the config file and defaults.
+
+    Every value is converted and range-checked (:func:`convert`, :func:`check`); the first bad one raises
+    SettingsError, unless ``errors`` is given: then each bad value is kept with the source "invalid <source>"
+    and its error appended there (``duet config`` shows them all)."""
     env = os.environ if env is None else env
     path = config_path(env)
     values = {k.name: k.default for k in KEYS}
     sources = {k.name: "default" for k in KEYS}
     warnings: list[str] = []
-    for name, value in read_toml(path).items():
+
+    def put(key: Key, value: Any, where: str, source: str) -> None:
+        try:
+            typed = source == "flag" and not isinstance(value, str)  # typer has converted it already
+            values[key.name] = check(key, value if typed else convert(key, value, where), where)
+            sources[key.name] = source
+        except SettingsError as error:
+            if errors is None:
+                raise
+            errors.append(error)
+            shown = value if not isinstance(value, float) or math.isfinite(value) else str(value)  # JSON has no nan
+            values[key.name], sources[key.name] = shown, f"invalid {source}"
+
+    try:
+        table = read_toml(path)
+    except SettingsError as error:
+        if errors is None:
+            raise
+        errors.append(error)
+        table = {}
+    for name, value in table.items():
         key = KEY_BY_NAME.get(name.replace("-", "_"))
         if key is None:
             warnings.append(f"{path}: unknown key {name!r} ignored (duet config lists the keys)")
             continue
-        where = f"{path}: {name}"
-        values[key.name] = convert(key, value, where)
-        _check_range(key, values[key.name], where)
-        sources[key.name] = f"file {path}"
+        put(key, value, f"{path}: {name}", f"file {path}")
     for key in KEYS:
         if key.env in env:
-            values[key.name] = convert(key, env[key.env], key.env)
-            _check_range(key, values[key.name], key.env)
-            sources[key.name] = f"env {key.env}"
+            put(key, env[key.env], key.env, f"env {key.env}")
     for name, value in (flags or {}).items():
-        if value is None:
-            continue
-        key = KEY_BY_NAME[name]
-        flag = "--" + name.replace("_", "-")
-        values[name] = convert(key, value, flag) if isinstance(value, str) else value
-        _check_range(key, values[name], flag)
-        sources[name] = "flag"
+        if value is not None:
+            put(KEY_BY_NAME[name], value, "--" + name.replace("_", "-"), "flag")
     return Settings(values, sources, path, warnings)

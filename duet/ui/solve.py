@@ -22,6 +22,11 @@ The ``--json`` object is ``DialogueResult.to_dict()`` (duet.agents.transcript) p
     exit_code          the exit code of the command (below)
     log_id             the exchange's id in the log (``duet logs show ID``), or null with --no-log
 
+When the command fails before the dialogue has a result (a bad flag or setting, no question, no model at that
+path), ``--json`` still prints one object with these keys: ``error`` and ``exit_code`` say what happened,
+``stop_reason`` is null, ``answer`` null, ``turns`` empty (:func:`failure`); ``question`` is null when it
+was not read yet.
+
 Exit codes: 0 answered and the critic agreed (or, with --no-critic, answered); 1 error (bad input,
 model, backend, sandbox); 2 usage error (bad flag, no question); 3 finished without agreement or
 without an answer; 130 interrupted (Ctrl-C).
@@ -30,6 +35,7 @@ without an answer; 130 interrupted (Ctrl-C).
 from __future__ import annotations
 
 import json
+import shlex
 import sys
 import threading
 from pathlib import Path
@@ -127,28 +133,62 @@ def make_renderer(mode: str) -> Any:
     return render.NullRenderer()
 
 
+def failure(message: str, code: int, question: str | None = None) -> dict[str, Any]:
+    """The ``--json`` object of a run that failed before its dialogue had a result: a finished run's keys."""
+    from duet.agents.transcript import TRANSCRIPT_VERSION
+
+    return {"version": TRANSCRIPT_VERSION, "question": question, "answer": None, "agreed": False, "rounds": 0,
+            "stop_reason": None, "turns": [], "error": message, "solver_model": None, "critic_model": None,
+            "prompt_tokens": 0, "completion_tokens": 0, "seconds": 0.0, "config": None, "exit_code": code,
+            "log_id": None}
+
+
+def print_json(data: dict[str, Any]) -> None:
+    """``data`` as the one JSON object on stdout."""
+    sys.stdout.write(json.dumps(data, indent=2, ensure_ascii=False, default=str) + "\n")
+    sys.stdout.flush()
+
+
+def print_failure(message: str, code: int, question: str | None = None) -> None:
+    """Print :func:`failure`'s object on stdout (``solve --json`` when the command cannot run)."""
+    print_json(failure(message, code, question))
+
+
 def run_solve(question: str | None, file: str | None, *, as_json: bool, quiet: bool, flags: dict[str, Any],
-              replies: str | None = None) -> int:
-    """The whole command; returns the exit code."""
+              replies: str | None = None, extra: list[str] | tuple[str, ...] = ()) -> int:
+    """The whole command; returns the exit code. ``extra``: words after the question (it was not quoted).
+
+    With ``as_json``, an error before the dialogue's result is printed still prints one JSON object
+    (:func:`failure`) before it propagates to the CLI's one-line error."""
     from duet.agents.dialogue import Dialogue
+    from duet.ui.errors import describe
     from duet.ui.session import dialogue_config, run_cancellable
 
-    if as_json and quiet:
-        raise UsageProblem("--json and --quiet do not go together")
-    text = read_question(question, file)
-    settings, specs, solver, critic = open_backends(flags, replies)
-    mode = "json" if as_json else "quiet" if quiet else "human"
-    renderer = make_renderer(mode)
-    cancel = threading.Event()
-    dialogue = Dialogue(solver, critic, dialogue_config(settings), on_event=renderer)
-
-    def interrupted(count: int) -> None:
-        renderer.note("stopping ..." if count == 1 else "still stopping (the current step is finishing) ...")
-
+    text = None
     try:
-        result = run_cancellable(lambda: dialogue.run(text, cancel=cancel), cancel, interrupted)
-    finally:
-        renderer.close()
+        if extra:
+            words = " ".join([question or "", *extra]).strip()
+            raise UsageProblem(f"the question must be one argument: duet solve {shlex.quote(words)}")
+        if as_json and quiet:
+            raise UsageProblem("--json and --quiet do not go together")
+        text = read_question(question, file)
+        settings, specs, solver, critic = open_backends(flags, replies)
+        mode = "json" if as_json else "quiet" if quiet else "human"
+        renderer = make_renderer(mode)
+        cancel = threading.Event()
+        dialogue = Dialogue(solver, critic, dialogue_config(settings), on_event=renderer)
+
+        def interrupted(count: int) -> None:
+            renderer.note("stopping ..." if count == 1 else "still stopping (the current step is finishing) ...")
+
+        try:
+            result = run_cancellable(lambda: dialogue.run(text, cancel=cancel), cancel, interrupted)
+        finally:
+            renderer.close()
+    except (Exception, KeyboardInterrupt) as error:
+        if as_json:
+            print_failure(*describe(error), question=text)
+        raise
     code = exit_code(result)
     if mode == "human":
         renderer.final(result, critic=settings.critic)
@@ -162,8 +202,7 @@ def run_solve(question: str | None, file: str | None, *, as_json: bool, quiet: b
         finally:
             store.close()
     if mode == "json":
-        data = {**result.to_dict(), "exit_code": code, "log_id": log_id}
-        sys.stdout.write(json.dumps(data, indent=2, ensure_ascii=False, default=str) + "\n")
+        print_json({**result.to_dict(), "exit_code": code, "log_id": log_id})
     elif mode == "quiet" and result.answer is not None:
         sys.stdout.write(result.answer + "\n")
     sys.stdout.flush()

@@ -41,9 +41,10 @@ def _local_time(stamp: str) -> str:
 # ---------------------------------------------------------------------------------------------- config
 
 
-def show_config(as_json: bool = False) -> int:
-    """Every key's effective value and its source, then the files duet uses."""
-    settings = load_settings()
+def show_config(as_json: bool = False, errors: list | None = None) -> int:
+    """Every key's effective value and its source, then the files duet uses. With ``errors``, bad values are
+    shown (source "invalid ...") and their errors appended there instead of raised."""
+    settings = load_settings(errors=errors)
     paths = {"config_file": str(settings.config_file), "data_dir": str(data_dir()), "log_db": str(log_path()),
              "history": str(history_path()), "clipboard_file": str(clipboard_path())}
     if as_json:
