@@ -280,7 +280,8 @@ def logs_list(
     ctx: typer.Context,
     search: Annotated[Optional[str], typer.Option("--search", "-s", metavar="TEXT",
                       help="Only exchanges whose question or answer contains TEXT.")] = None,
-    limit: Annotated[int, typer.Option("--limit", "-n", metavar="N", help="How many, newest first.")] = 20,
+    limit: Annotated[int, typer.Option("--limit", "-n", metavar="N", min=1,
+                                       help="How many, newest first.")] = 20,
     as_json: Json = False,
 ) -> None:
     """List the latest exchanges (newest first); `duet logs show ID` shows one."""

@@ -41,3 +41,10 @@ def test_bench_checks_its_options_before_loading_anything(tmp_path):
         r = run("bench", *args)
         assert r.returncode == 2, (args, r.stderr)
         assert r.stderr.startswith("error: ") and r.stderr.count("\n") == 1 and message in r.stderr, r.stderr
+
+
+def test_logs_limit_must_be_positive():
+    """`duet logs -n 0` listed nothing and said the log was empty (QA); it is now a usage error."""
+    r = run("logs", "-n", "0")
+    assert r.returncode == 2, r.stderr
+    assert r.stderr.startswith("error: ") and "'--limit'" in r.stderr

@@ -416,6 +416,14 @@ def test_missing_data_or_run_is_a_usage_error():
         assert "Usage" not in r.stdout
 
 
+def test_a_mistyped_subcommand_gets_a_hint(tmp_path):
+    r = duet_eval("reprot", "runs/x", cwd=tmp_path)
+    assert r.returncode == 2 and "did you mean 'duet eval report'?" in r.stderr, r.stderr
+    (tmp_path / "reprot").write_text('{"question": "Q?", "answer": "#### 1"}\n')  # a data file of that name is data
+    r = duet_eval("reprot", "--modes", "bogus", cwd=tmp_path)
+    assert "did you mean" not in r.stderr and "bogus" in r.stderr, r.stderr
+
+
 def test_backend_options_of_another_kind_are_refused(tmp_path):
     data = jsonl(tmp_path / "d.jsonl", [{"question": "Q?", "answer": "#### 1"}])
     r = duet_eval(data, "--base-url", "http://127.0.0.1:9/v1", "-O", "max_batch=4", cwd=tmp_path)

@@ -15,6 +15,7 @@ again on resume).
 
 from __future__ import annotations
 
+import difflib
 import shlex
 import sys
 from pathlib import Path
@@ -30,6 +31,11 @@ class _DefaultRunGroup(TyperGroup):
 
     def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
         if args and args[0] not in self.commands and args[0] not in ("--help", "-h"):
+            close = difflib.get_close_matches(args[0], list(self.commands), n=1, cutoff=0.7)
+            if close and not Path(args[0]).exists():  # a mistyped subcommand, not a data file
+                usage_error = sys.modules[typer.BadParameter.__module__].UsageError  # typer's click
+                raise usage_error(f"no such data file or command {args[0]!r}; did you mean 'duet eval {close[0]}'?",
+                                  ctx)
             args = ["run", *args]
         return super().parse_args(ctx, args)
 
