@@ -227,12 +227,16 @@ def repl(
     memory: Memory = None,
     sandbox: Sandbox = None,
     log: Log = None,
+    followups: Annotated[Optional[bool], typer.Option(
+        "--followups/--no-followups", help="Questions follow up on the earlier ones [default: on, but off with "
+        "the embedded model, trained on single problems].", show_default=False)] = None,
 ) -> None:
-    """Talk with the agents: follow-ups keep the context; /help lists the commands.
+    """Talk with the agents: follow-ups keep the context (with the embedded model each question starts afresh);
+    /help lists the commands.
 
     \b
     After a response: /copy, /good, /bad [comment], /regen; also /save FILE,
-    /model [DIR], /critic on|off, /clear, /help, /quit. Ctrl-C stops a response,
+    /model [DIR], /critic on|off, /followups on|off, /clear, /help, /quit. Ctrl-C stops a response,
     Ctrl-D leaves. End a line with \\ or open a \"\"\" block for multi-line input
     (pasting works too).
     """

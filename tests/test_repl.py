@@ -22,7 +22,7 @@ import pytest
 
 from duet.agents.backends import ScriptedBackend
 from duet.ui.clipboard import copy_text, osc52_sequence, osc52_supported
-from duet.ui.conversation import Conversation
+from duet.ui.conversation import Conversation, followups_for
 from duet.ui.settings import load_settings
 from tests.processes import default_sigint
 
@@ -225,6 +225,8 @@ def test_multi_line_blocks_critic_switch_and_errors_on_the_screen(tmp_path):
     shown = term.ask("/help")
     assert "/bad [comment]" in shown and "/copy [answer|response]" in shown and "/critic [on|off]" in shown
     assert "critic: off" in term.ask("/critic off")
+    assert "follow-ups: on (questions keep the context)" in term.ask("/followups")  # on: not the embedded model
+    assert "error: /followups takes on or off" in term.ask("/followups maybe")
     term.child.sendline('"""')
     term.child.sendline("first line")
     term.child.sendline('second line"""')  # not a closing line: the block goes on
@@ -276,6 +278,30 @@ def test_conversation_follow_up_regen_and_interrupt(tmp_path):
     assert conv.dialogue.critic is not None and conv.dialogue.questions == ["first?", "second?"]
     conv.clear()
     assert conv.dialogue.solver.conversation == [] and conv.last is None
+
+
+def test_without_followups_each_question_starts_afresh(tmp_path):
+    conv, backend = conversation(tmp_path, "A \\boxed{1}", "B \\boxed{2}", critic=False)
+    conv.followups = False
+    conv.ask("first?")
+    second = conv.ask("second?")
+    assert second.result.turns[0].task == "solve" and conv.dialogue.questions == ["second?"]
+    assert "first?" not in json.dumps(backend.calls[-1].messages)
+    assert [e.result.answer for e in conv.exchanges] == ["1", "2"]  # both stay for /save
+
+
+def test_followups_are_off_by_default_only_for_the_embedded_model(tmp_path, monkeypatch):
+    """The embedded model was trained on single problems: asked a follow-up, it solved the first problem again
+    and its critic agreed (QA). Unset, follow-ups are off for it and on for any other model."""
+    from duet.model.embedded import EMBEDDED_DIR
+
+    monkeypatch.delenv("DUET_MODEL", raising=False)
+    env = {"HOME": str(tmp_path), "XDG_CONFIG_HOME": str(tmp_path / "c"), "XDG_DATA_HOME": str(tmp_path / "d")}
+    unset = load_settings({}, env)
+    assert not followups_for(unset, "local:") and not followups_for(unset, f"local:{EMBEDDED_DIR}")
+    assert followups_for(unset, f"local:{tmp_path}") and followups_for(unset, "openai:http://h/v1#m")
+    assert followups_for(load_settings({"followups": True}, env), "local:")
+    assert not followups_for(load_settings({}, {**env, "DUET_FOLLOWUPS": "false"}), "scripted:x.json")
 
 
 def test_clipboard_choices(tmp_path, monkeypatch):

@@ -1,6 +1,7 @@
 """The REPL's conversation state, apart from the terminal: one Dialogue, its exchanges, /regen, switches.
 
-* :meth:`Conversation.ask` runs a question in the current conversation (a follow-up after the first);
+* :meth:`Conversation.ask` runs a question in the current conversation (a follow-up after the first),
+  or on its own when :attr:`Conversation.followups` is off (the exchanges are kept for /save either way);
   an interrupted run is undone (the partial response does not stay in the context) but stays
   available to /regen, /copy and the ratings.
 * :meth:`Conversation.regen` puts the conversation back to where it was before the last question and
@@ -14,6 +15,7 @@ from __future__ import annotations
 
 import threading
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from duet.ui.session import dialogue_config
@@ -46,10 +48,12 @@ class Exchange:
 class Conversation:
     """See the module docstring. ``critic=None`` means the critic uses the solver's backend."""
 
-    def __init__(self, settings: Settings, solver: Any, critic: Any | None = None, *, on_event: Any = None) -> None:
+    def __init__(self, settings: Settings, solver: Any, critic: Any | None = None, *, on_event: Any = None,
+                 followups: bool = True) -> None:
         self.settings = settings
         self.solver_backend, self.critic_backend = solver, critic
         self.critic_on = bool(settings.critic)
+        self.followups = followups  # off: every question starts afresh (see followups_for)
         self.on_event = on_event
         self.exchanges: list[Exchange] = []  # the conversation, in order (interrupted runs excluded)
         self.last: Exchange | None = None  # the latest exchange, interrupted or not
@@ -63,6 +67,8 @@ class Conversation:
         seed = self.settings.seed if seed is None else seed
         temperature = self.settings.temperature if temperature is None else temperature
         before = ([dict(m) for m in self.dialogue.solver.conversation], list(self.dialogue.questions))
+        if not self.followups:
+            self.dialogue.reset()
         self.dialogue.config.seed, self.dialogue.config.temperature = seed, temperature
         result = self.dialogue.run(question, cancel=cancel)
         exchange = Exchange(question, result, before, seed, temperature)
@@ -130,3 +136,17 @@ class Conversation:
         conversation, questions = state
         self.dialogue.solver.conversation = [dict(m) for m in conversation]
         self.dialogue.questions = list(questions)
+
+
+def followups_for(settings: Settings, spec: str) -> bool:
+    """Whether questions follow up on earlier ones with the solver backend ``spec``: the ``followups`` setting
+    when set anywhere; unset, on, except for the embedded model. It was trained on single problems and, asked
+    a follow-up, solves the first problem again (and its critic agrees)."""
+    if settings.sources.get("followups", "default") != "default":
+        return bool(settings.followups)
+    if not spec.startswith("local:"):
+        return True
+    from duet.model.embedded import EMBEDDED_DIR, default_model_path
+
+    path = Path(spec.removeprefix("local:")).expanduser() if spec != "local:" else default_model_path()
+    return path.resolve() != EMBEDDED_DIR.resolve()

@@ -17,7 +17,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from duet.ui.conversation import Conversation, Exchange
+from duet.ui.conversation import Conversation, Exchange, followups_for
 from duet.ui.settings import Settings, clipboard_path, history_path, log_path
 from duet.ui.store import Store, StoreError
 
@@ -31,6 +31,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "/save": ("FILE", "save the conversation: FILE.json as JSON, any other name as Markdown"),
     "/model": ("[DIR|SPEC]", "show the models, or switch the solver to a checkpoint DIR (or backend SPEC)"),
     "/critic": ("[on|off]", "turn the critic on or off (no argument: show)"),
+    "/followups": ("[on|off]", "questions follow up on the earlier ones, or each starts afresh (no argument: show)"),
     "/clear": ("", "start a new conversation"),
     "/quit": ("", "leave (also /exit and Ctrl-D)"),
 }
@@ -184,7 +185,11 @@ class Repl:
 
         critic = f"critic: {self.conversation.critic_name}" if self.conversation.critic_on else "critic: off"
         self.say(f"duet {__version__} · solver: {self.conversation.solver_name} · {critic}", "bold")
-        self.say("Ask a question; follow-ups keep the context. /help lists the commands, Ctrl-D leaves.", "dim")
+        if self.conversation.followups:
+            how = "follow-ups keep the context"
+        else:
+            how = "each question starts afresh (/followups on keeps the context)"
+        self.say(f"Ask a question; {how}. /help lists the commands, Ctrl-D leaves.", "dim")
 
     def loop(self) -> int:
         self.banner()
@@ -267,7 +272,7 @@ class Repl:
         handler = {
             "/help": self.cmd_help, "/copy": self.cmd_copy, "/good": self.cmd_good, "/bad": self.cmd_bad,
             "/regen": self.cmd_regen, "/save": self.cmd_save, "/model": self.cmd_model, "/critic": self.cmd_critic,
-            "/clear": self.cmd_clear,
+            "/clear": self.cmd_clear, "/followups": self.cmd_followups,
         }.get(name)
         if name == "/quit":
             return "quit"
@@ -391,6 +396,10 @@ class Repl:
         self.conversation.set_solver(backend, None if self.conversation.critic_backend is None
                                      else self.conversation.critic_backend)
         self.say(f"solver: {self.conversation.solver_name} (the conversation continues)", "green")
+        followups = followups_for(self.settings, spec)
+        if followups != self.conversation.followups:
+            self.conversation.followups = followups
+            self.cmd_followups("")
 
     def cmd_critic(self, arg: str) -> None:
         if arg not in ("", "on", "off"):
@@ -399,6 +408,15 @@ class Repl:
         if arg:
             self.conversation.set_critic(arg == "on")
         self.say(f"critic: {'on' if self.conversation.critic_on else 'off'}", "green")
+
+    def cmd_followups(self, arg: str) -> None:
+        if arg not in ("", "on", "off"):
+            self.error("/followups takes on or off")
+            return
+        if arg:
+            self.conversation.followups = arg == "on"
+        self.say("follow-ups: on (questions keep the context)" if self.conversation.followups
+                 else "follow-ups: off (each question starts afresh)", "green")
 
     def cmd_clear(self, arg: str) -> None:
         self.conversation.clear()
@@ -419,7 +437,8 @@ def run_repl(flags: dict[str, Any], replies: str | None = None) -> int:
     settings, specs, solver, critic = open_backends(flags, replies)
     console = Console(highlight=False)
     renderer = RichRenderer(console) if console.is_terminal else PlainRenderer(sys.stdout)
-    conversation = Conversation(settings, solver, critic, on_event=renderer)
+    conversation = Conversation(settings, solver, critic, on_event=renderer,
+                                followups=followups_for(settings, specs.solver))
     reader = LineReader(history_path(), color=console.is_terminal and not console.no_color)
     store = Store(log_path()) if settings.log else None
 

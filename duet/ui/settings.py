@@ -89,6 +89,8 @@ KEYS: tuple[Key, ...] = (
         choices=("auto", "bwrap", "landlock", "rlimits", "none")),
     Key("server_timeout", "float", 60.0, "seconds to wait for an OpenAI-compatible server", minimum=0.1,
         maximum=DAY),
+    Key("followups", "bool", True, "REPL: a question follows up on the earlier ones (unset: on, except with "
+        "the embedded model, trained on single problems, where each question starts afresh)"),
     Key("log", "bool", True, "log every exchange to the local SQLite database"),
     Key("clipboard", "str", "auto", "how /copy copies: auto, osc52, command, file",
         choices=("auto", "osc52", "command", "file")),
