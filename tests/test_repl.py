@@ -323,3 +323,34 @@ def test_clipboard_choices(tmp_path, monkeypatch):
     assert "wrote the answer to" in copied.describe("the answer")
     copied = copy_text("big" * 50_000, fallback=fallback, mode="osc52", terminal=tty, env={"TERM": "xterm-kitty"})
     assert copied.method == "file"  # too long for OSC 52
+
+
+def test_two_ctrl_cs_a_millisecond_apart_never_escape_the_wait():
+    """A KeyboardInterrupt raised while the previous one was being handled used to escape run_cancellable, and the
+    REPL showed its prompt while the agents went on printing (QA: 1 run in 16). Now SIGINT only counts there."""
+    import signal
+
+    from duet.ui.session import run_cancellable
+
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)  # CI may run us with SIGINT ignored
+    try:
+        for _ in range(5):
+            cancel, seen = threading.Event(), []
+
+            def work(cancel: threading.Event = cancel) -> str:
+                assert cancel.wait(5), "no Ctrl-C arrived"
+                time.sleep(0.5)  # winding down, while the second Ctrl-C is handled
+                return "wound down"
+
+            def press_twice() -> None:
+                time.sleep(0.1)
+                os.kill(os.getpid(), signal.SIGINT)
+                time.sleep(0.001)
+                os.kill(os.getpid(), signal.SIGINT)
+
+            threading.Thread(target=press_twice, daemon=True).start()
+            assert run_cancellable(work, cancel, seen.append) == "wound down"
+            assert seen == [1, 2]
+        assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # put back
+    finally:
+        signal.signal(signal.SIGINT, previous)

@@ -15,6 +15,7 @@ The critic uses the solver's backend object unless one of its keys is set.
 from __future__ import annotations
 
 import json
+import signal
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -201,7 +202,12 @@ def run_cancellable(
     work: Callable[[], T], cancel: threading.Event, on_interrupt: Callable[[int], None] | None = None
 ) -> T:
     """Run ``work`` in a worker thread; Ctrl-C sets ``cancel`` (and calls ``on_interrupt(count)``) instead
-    of killing the process, and the call returns what ``work`` returns once it has wound down."""
+    of killing the process, and the call returns what ``work`` returns once it has wound down.
+
+    While it waits, SIGINT has a handler that only counts (in the main thread, when Ctrl-C would raise
+    KeyboardInterrupt at all): a KeyboardInterrupt raised inside the handling of an earlier one, by two
+    Ctrl-Cs a millisecond apart, would escape while the work still runs. Elsewhere (another thread, or SIGINT
+    ignored, as in a shell's background job) the wait catches KeyboardInterrupt itself."""
     box: dict[str, Any] = {}
     done = threading.Event()
 
@@ -213,18 +219,32 @@ def run_cancellable(
         finally:
             done.set()
 
+    interrupts: list[int] = []
+
+    def on_sigint(signum: int, frame: Any) -> None:
+        cancel.set()
+        interrupts.append(signum)
+
+    own_handler = (threading.current_thread() is threading.main_thread()
+                   and signal.getsignal(signal.SIGINT) is signal.default_int_handler)
+    previous = signal.signal(signal.SIGINT, on_sigint) if own_handler else None
     thread = threading.Thread(target=target, name="duet-dialogue", daemon=True)
-    thread.start()
-    count = 0
-    while not done.is_set():
-        try:
-            # Event.wait is interruptible by SIGINT and, unlike Thread.join on Python 3.11, survives it
-            done.wait()
-        except KeyboardInterrupt:
-            count += 1
-            cancel.set()
-            if on_interrupt is not None:
-                on_interrupt(count)
+    try:
+        thread.start()
+        shown = 0
+        while not done.is_set():
+            try:
+                done.wait(0.05 if own_handler else None)  # with our handler, notices come at the next wake-up
+            except KeyboardInterrupt:
+                cancel.set()
+                interrupts.append(signal.SIGINT)
+            while shown < len(interrupts):
+                shown += 1
+                if on_interrupt is not None:
+                    on_interrupt(shown)
+    finally:
+        if own_handler:
+            signal.signal(signal.SIGINT, previous)
     thread.join()
     if "error" in box:
         raise box["error"]
