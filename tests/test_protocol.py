@@ -94,6 +94,12 @@ def test_format_output_caps_long_output_keeping_head_and_tail():
 
 def test_format_output_marks_sandbox_truncation_and_escapes_fences():
     assert format_output("abc", truncated=True) == f"abc\n{TRUNCATED}"
+    # a flood the sandbox cut: whole lines from the start and one marker, no cut-off last line (QA: "12" of 12774)
+    flood = "\n".join(map(str, range(100_000)))[:65_536]
+    out = format_output(flood, truncated=True)
+    assert out.count(TRUNCATED) == 1 and out.endswith(f"\n{TRUNCATED}") and out.startswith("0\n1\n")
+    shown = out.removesuffix(f"\n{TRUNCATED}").split("\n")
+    assert shown == [str(i) for i in range(len(shown))] and len(out) <= 1000 + len(TRUNCATED) + 1
     assert format_output("```\nx\n```") == "'''\nx\n'''"
 
 

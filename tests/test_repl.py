@@ -136,7 +136,7 @@ def test_a_session_ask_follow_up_regen_rate_copy_save_quit(tmp_path):
     assert "rated exchange #3 good: clear" in term.ask("/good clear")
     shown = term.ask("/copy")
     clipboard = tmp_path / "data" / "duet" / "clipboard.txt"
-    assert f"no clipboard reachable here: wrote the answer to {clipboard}" in shown
+    assert f"no clipboard reachable here: wrote the answer to {clipboard}" in " ".join(shown.split())  # wrapped
     assert clipboard.read_text() == "142\n"
     assert "wrote the response to" in term.ask("/copy response")
     assert clipboard.read_text().startswith("Doubling 71 gives")
@@ -238,9 +238,14 @@ def test_multi_line_blocks_critic_switch_and_errors_on_the_screen(tmp_path):
     shown = term.ask("/regen")  # no scripted reply left: a backend error, shown in one line, and the REPL goes on
     assert re.search(r"error: scripted:replies.json: no scripted reply left", shown), shown
     assert "error: /save needs a file name" in term.ask("/save")
+    shown = term.ask("/save /no/such/dir/x.md")  # a mistyped directory is not created (QA)
+    assert "error: cannot write /no/such/dir/x.md: no such directory /no/such/dir" in shown
     assert "error: /no/such/checkpoint: no such checkpoint directory" in term.ask("/model /no/such/checkpoint")
     assert "solver: scripted:other.json (the conversation continues)" in term.ask(f"/model {other}")
     assert "Other model: \\boxed{7}" in term.ask("and with the other model?")
+    term.child.send("/cl\t")  # Tab completes a command ("/" is not a word break)
+    term.child.send("\r")
+    assert "new conversation" in term.expect("duet> ")
     term.child.sendline("/quit")
     assert term.finish() == 0
     questions = [r[0] for r in db(tmp_path).execute("SELECT question FROM exchanges ORDER BY id")]
@@ -354,3 +359,40 @@ def test_two_ctrl_cs_a_millisecond_apart_never_escape_the_wait():
         assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # put back
     finally:
         signal.signal(signal.SIGINT, previous)
+
+
+def test_the_answer_summary_goes_below_the_panel_on_a_narrow_terminal(tmp_path):
+    """A panel's subtitle is cut, not wrapped: on 30 columns the stop reason and tokens were lost (QA)."""
+    from rich.console import Console
+
+    from duet.ui.render import RichRenderer, summary_line
+
+    conv, _ = conversation(tmp_path, "A \\boxed{12}", critic=False)
+    result = conv.ask("q?").result
+    for width, below in ((100, False), (30, True)):
+        out = io.StringIO()
+        RichRenderer(Console(file=out, width=width, force_terminal=False, color_system=None)).final(result,
+                                                                                                  critic=False)
+        text = out.getvalue()
+        summary = summary_line(result, critic=False)
+        assert "│ 12" in text and summary in " ".join(text.split()), text  # whole, if wrapped
+        assert text.rstrip().endswith("╯") != below, text  # below the panel only when narrow
+
+
+def test_stopping_comes_after_the_text_streamed_before_it():
+    """The note went above the live area, so "stopping ..." showed above text written before it (QA)."""
+    from rich.console import Console
+
+    from duet.agents.events import Event
+    from duet.ui.render import RichRenderer
+
+    out = io.StringIO()
+    renderer = RichRenderer(Console(file=out, width=80, force_terminal=False, color_system=None))
+    renderer(Event("turn_start", "solver", 1, data={"task": "solve"}))
+    renderer(Event("delta", "solver", 1, "Combine the numbers step by step."))
+    renderer.note("stopping ...")
+    renderer(Event("turn_end", "solver", 1, data={"finish": "cancelled"}))
+    renderer.close()
+    text = out.getvalue()
+    assert text.index("Combine the numbers") < text.index("stopping ...")
+    assert text.count("Combine the numbers") == 1

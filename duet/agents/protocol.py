@@ -40,7 +40,8 @@ So ```` ```python ```` inside a string on a code line is just code. Other fences
 Output block content (what the model reads): stdout (including the echo of a bare last expression);
 on an error, the trimmed traceback (the last frame's ``File`` line, its code line, the one-line error);
 a first line :data:`STATE_LOST_NOTE` when the session had to restart; capped at ~1,000 characters
-keeping the head and the tail around a ``... (truncated)`` line; ``(no output)`` when empty. Any
+keeping the head and the tail around a ``... (truncated)`` line (only the head's whole lines and that line when the
+sandbox itself cut the output, whose tail is then unknown); ``(no output)`` when empty. Any
 ```` ``` ```` in the output is written as ``'''`` so it cannot close the fence.
 
 Critic turn: the same step / code / output protocol in its own sandbox session, given the problem and
@@ -180,9 +181,12 @@ def format_output(
     """The content of an output block, from one sandbox run (see the module docstring)."""
     parts = [STATE_LOST_NOTE] if state_lost else []
     out = stdout.rstrip()
+    if truncated:  # the sandbox kept only the start: show its whole lines, up to the cap, then one marker
+        out = out[: limit - len(TRUNCATED) - 1]  # room for the marker, so clip leaves it alone
+        out = out[: out.rindex("\n")] if "\n" in out else out  # the last line was cut mid-way
     if out:
         parts.append(out)
-    if truncated and TRUNCATED not in out:
+    if truncated:
         parts.append(TRUNCATED)
     if not ok:
         parts.append(trim_traceback(stderr, error))

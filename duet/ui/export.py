@@ -11,6 +11,7 @@ code and output blocks are Markdown code fences), the critic's verdicts and the 
 
 from __future__ import annotations
 
+import errno
 import json
 import re
 from collections.abc import Sequence
@@ -69,6 +70,7 @@ def save_session(path: Path, results: Sequence[Any], saved: str) -> str:
         text, kind = session_json(results, saved), "JSON"
     else:
         text, kind = session_markdown(results), "Markdown"
-    path.parent.mkdir(parents=True, exist_ok=True)
+    if not path.parent.is_dir():  # a mistyped directory is an error, not a new directory tree
+        raise FileNotFoundError(errno.ENOENT, f"no such directory {path.parent}")
     path.write_text(text if text.endswith("\n") else text + "\n", encoding="utf-8")
     return kind

@@ -143,8 +143,12 @@ class RichRenderer:
             border = "green"
         else:
             border = "yellow"
-        self.console.print(Panel(body, title="answer", title_align="left", subtitle=summary_line(result, critic),
+        summary = summary_line(result, critic)
+        fits = len(summary) + 6 <= self.console.width  # a panel's subtitle is cut, not wrapped: else it goes below
+        self.console.print(Panel(body, title="answer", title_align="left", subtitle=summary if fits else None,
                                  subtitle_align="left", border_style=border, expand=True))
+        if not fits:
+            self.console.print(Text(summary, style="dim"))
 
     def close(self) -> None:
         """Stop the live area (safe to call twice)."""
@@ -152,8 +156,12 @@ class RichRenderer:
             self._stop_live()
 
     def note(self, message: str, style: str = "dim") -> None:
-        """A line above the live area (e.g. "stopping...")."""
-        self.console.print(Text(message, style=style))
+        """A line above the live area (e.g. "stopping ..."), after the text streamed so far."""
+        with self.lock:
+            if self.buffer.strip():  # written before the note: shown first, not after it at the turn's end
+                self.console.print(Text(self.buffer.strip(), style="dim"))
+                self.buffer = ""
+            self.console.print(Text(message, style=style))
 
     # -- internals ---------------------------------------------------------------------------
 

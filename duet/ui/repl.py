@@ -68,6 +68,7 @@ class LineReader:
         else:
             readline.parse_and_bind("tab: complete")
         readline.set_completer(self._complete)
+        readline.set_completer_delims(" \t\n")  # "/" is one of readline's default delimiters: keep "/cl" whole
         readline.set_auto_history(False)  # whole entries are added, multi-line ones included
         readline.clear_history()
         for entry in self._load_history():
@@ -173,7 +174,7 @@ class Repl:
     def say(self, message: str, style: str = "") -> None:
         from rich.text import Text
 
-        self.console.print(Text(message, style=style), soft_wrap=True)  # paths stay whole for copying
+        self.console.print(Text(message, style=style))  # wrapped at words (a path longer than a line is folded)
 
     def error(self, message: str) -> None:
         self.say(f"error: {message}", "red")
