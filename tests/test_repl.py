@@ -396,3 +396,21 @@ def test_stopping_comes_after_the_text_streamed_before_it():
     text = out.getvalue()
     assert text.index("Combine the numbers") < text.index("stopping ...")
     assert text.count("Combine the numbers") == 1
+
+
+def test_keys_typed_during_a_response_wait_for_the_next_prompt(tmp_path):
+    """They were echoed onto the live spinner line, then shown again at the prompt (QA); now they are type-ahead."""
+    backend = scripted(tmp_path, "Slow: \\boxed{1}", "Next: \\boxed{2}", delay=1.0)
+    term = Terminal(tmp_path, "--backend", backend, "--no-critic")
+    term.expect("duet> ")
+    term.child.sendline("first?")
+    term.expect("solver is thinking")
+    term.child.send("second?")
+    shown = term.expect("duet> ")
+    assert "Slow:" in shown and "second?" not in shown, shown
+    term.child.send("\r")  # the typed-ahead question, shown at the prompt by readline, is asked
+    assert "Next: \\boxed{2}" in term.expect("duet> ")
+    term.child.sendline("/quit")
+    assert term.finish() == 0
+    questions = [r[0] for r in db(tmp_path).execute("SELECT question FROM exchanges ORDER BY id")]
+    assert questions == ["first?", "second?"]

@@ -9,11 +9,12 @@ prompt); Ctrl-D or /quit leaves. A line starting with ``//`` is a question start
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import sys
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -118,6 +119,28 @@ class LineReader:
                 f.write(json.dumps(entry, ensure_ascii=False) + "\n")
         except OSError:
             pass
+
+    @contextlib.contextmanager
+    def quiet_typing(self) -> Iterator[None]:
+        """While a response runs, keys typed are not echoed over the live output; they wait, and the next
+        prompt shows them (type-ahead, as in a shell). Ctrl-C still interrupts (only ECHO is turned off)."""
+        try:
+            import termios
+
+            fd = sys.stdin.fileno()
+            saved = termios.tcgetattr(fd) if self.interactive else None
+        except (ImportError, OSError, ValueError):  # not a terminal, or no termios (Windows)
+            saved = None
+        if saved is None:
+            yield
+            return
+        quiet = list(saved)
+        quiet[3] &= ~termios.ECHO
+        termios.tcsetattr(fd, termios.TCSANOW, quiet)
+        try:
+            yield
+        finally:
+            termios.tcsetattr(fd, termios.TCSANOW, saved)
 
     def read(self) -> str | None:
         """The next entry, or None at end of input (Ctrl-D). Ctrl-C raises KeyboardInterrupt."""
@@ -235,7 +258,8 @@ class Repl:
             self.renderer.note("stopping ..." if count == 1 else "still stopping ...", "yellow")
 
         try:
-            exchange = run_cancellable(lambda: work(cancel), cancel, interrupted)
+            with self.reader.quiet_typing():
+                exchange = run_cancellable(lambda: work(cancel), cancel, interrupted)
         finally:
             self.renderer.close()
         self.renderer.final(exchange.result, critic=self.conversation.critic_on)
