@@ -392,6 +392,21 @@ def test_cancel_during_generation():
     assert result.stop_reason == "interrupted" and result.turns[0].steps == []
 
 
+def test_a_stopped_critic_turn_shows_no_verdict():
+    """Ctrl-C during the critic's check printed "? the critic gave no verdict" (QA): it was stopped, not silent."""
+    cancel, events = threading.Event(), []
+
+    def on_event(event: Event) -> None:
+        events.append(event)
+        if event.kind == "delta" and event.agent == "critic":
+            cancel.set()
+
+    result = run_dialogue(QUESTION, ScriptedBackend([RIGHT]), ScriptedBackend([AGREE]), config(), on_event=on_event,
+                          cancel=cancel)
+    assert result.stop_reason == "interrupted" and result.turns[-1].agent == "critic"
+    assert not [e for e in events if e.kind == "verdict"]
+
+
 def test_a_failing_event_callback_does_not_stop_the_dialogue():
     def on_event(event: Event) -> None:
         raise ValueError("renderer bug")

@@ -161,7 +161,7 @@ class Critic:
         if turn.model in MODEL_FREE:
             Emitter(options.on_event, "critic", round)("turn_start", model=turn.model, task=turn.task)
         turn.verdict, turn.reason = verdict.kind, verdict.reason
-        if turn.error is None or turn.text:
+        if (turn.error is None or turn.text) and turn.finish != "interrupted":  # a stopped check has no verdict
             Emitter(options.on_event, "critic", round)(
                 "verdict", verdict.kind, reason=verdict.reason, answer=turn.answer
             )
