@@ -3,14 +3,18 @@
 
 Everything is measured in one run on the same checkpoint and thread count, so the ratios hold on a
 noisy shared machine. Greedy decoding, EOS ignored, so every configuration generates the same number
-of tokens.
+of tokens. With ``--repeats N`` the configurations are measured round-robin N times (duet, duet + MTP,
+compiled, transformers, then again) and each figure is the median of its N measurements: a slow spell of
+the machine then hits every configuration alike instead of whichever was being timed.
 """
 
 from __future__ import annotations
 
 import json
 import resource
+import statistics
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -63,12 +67,17 @@ def measure_engine(engine, prompts: list[list[int]], new_tokens: int, mtp_depth:
                tokens_per_forward=sum(r.completion_tokens for r in results) / forwards if forwards else None)
 
 
-def measure_transformers(path: Path, prompts: list[list[int]], new_tokens: int, dtype) -> Row:
-    """transformers' DeepseekV3ForCausalLM.generate on the same checkpoint (its MTP weights are dropped)."""
-    import torch
+def load_transformers(path: Path, dtype):
+    """transformers' DeepseekV3ForCausalLM on the same checkpoint (its MTP weights are dropped)."""
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).eval()
+    return AutoModelForCausalLM.from_pretrained(path, dtype=dtype).eval()
+
+
+def measure_transformers(model, prompts: list[list[int]], new_tokens: int) -> Row:
+    """transformers' `generate` (greedy, exactly new_tokens per prompt) with the model of `load_transformers`."""
+    import torch
+
     ids = torch.tensor(prompts)
     kwargs = {"do_sample": False, "pad_token_id": 0}
     with torch.inference_mode():
@@ -83,6 +92,17 @@ def measure_transformers(path: Path, prompts: list[list[int]], new_tokens: int, 
                len(prompts) * (new_tokens - 1) / max(total - prefill, 1e-9))
 
 
+def _median_row(measured: list[Row]) -> Row:
+    """One configuration's repeated measurements -> their median figures (one Row, as measured once)."""
+    def median(values: list) -> float | None:
+        return None if values[0] is None else statistics.median(values)
+
+    first = measured[0]
+    return Row(first.name, first.batch, first.context, median([r.prefill_tok_s for r in measured]),
+               median([r.decode_tok_s for r in measured]), median([r.acceptance for r in measured]),
+               median([r.tokens_per_forward for r in measured]))
+
+
 def _prompts(engine, texts: list[str], batch: int, context: int | None) -> list[list[int]]:
     """`batch` prompts of equal length: the chat prompts, or filler text cut to `context` tokens."""
     encoded = [engine.encode_chat([{"role": "user", "content": t}]) for t in texts]
@@ -95,7 +115,8 @@ def _prompts(engine, texts: list[str], batch: int, context: int | None) -> list[
 
 def run_bench(model_path: Path, batches: list[int], contexts: list[int | None], new_tokens: int,
               vs_transformers: bool, device: str, dtype_name: str, prompts: list[str],
-              mtp_depths: tuple[int, ...] = (1,), threads: int | None = None, compile: bool = False) -> dict:
+              mtp_depths: tuple[int, ...] = (1,), threads: int | None = None, compile: bool = False,
+              repeats: int = 1) -> dict:
     import torch
 
     from duet.engine import Engine, SamplingParams
@@ -115,25 +136,28 @@ def run_bench(model_path: Path, batches: list[int], contexts: list[int | None], 
                 compiled.generate(_prompts(engine, prompts, n, None),
                                   SamplingParams(max_new_tokens=new_tokens + 4, stop_at_eos=False))
         compile_s = _now() - t0
+    hf_model = load_transformers(model_path, dtype) if vs_transformers else None
+    depths = mtp_depths if len(engine.model.mtp) else ()
     rows = []
     for context in contexts:
         for batch in batches:
             p = _prompts(engine, prompts, batch, context)
-            rows.append(measure_engine(engine, p, new_tokens, 0, "duet"))
-            for depth in mtp_depths if len(engine.model.mtp) else ():
-                name = "duet + MTP" if depth == 1 else f"duet + MTP depth {depth}"
-                rows.append(measure_engine(engine, p, new_tokens, depth, name))
+            configs: list[Callable[[], Row]] = [lambda p=p: measure_engine(engine, p, new_tokens, 0, "duet")]
+            configs += [lambda p=p, d=d: measure_engine(engine, p, new_tokens, d, "duet + MTP" if d == 1
+                                                        else f"duet + MTP depth {d}") for d in depths]
             if compiled is not None:
-                rows.append(measure_engine(compiled, p, new_tokens, 0, "duet compiled"))
-                for depth in mtp_depths if len(engine.model.mtp) else ():
-                    name = "duet compiled + MTP" + ("" if depth == 1 else f" depth {depth}")
-                    rows.append(measure_engine(compiled, p, new_tokens, depth, name))
-            if vs_transformers:
-                rows.append(measure_transformers(model_path, p, new_tokens, dtype))
+                configs.append(lambda p=p: measure_engine(compiled, p, new_tokens, 0, "duet compiled"))
+                configs += [lambda p=p, d=d: measure_engine(compiled, p, new_tokens, d, "duet compiled + MTP"
+                                                            + ("" if d == 1 else f" depth {d}")) for d in depths]
+            if hf_model is not None:
+                configs.append(lambda p=p: measure_transformers(hf_model, p, new_tokens))
+            rounds = [[measure() for measure in configs] for _ in range(repeats)]  # round-robin
+            rows += [_median_row(list(measured)) for measured in zip(*rounds, strict=True)]
     peak_mb = (torch.cuda.max_memory_allocated() / 2**20 if device.startswith("cuda")
                else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
     report = {"model": str(model_path), "device": device, "dtype": dtype_name, "threads": torch.get_num_threads(),
-              "new_tokens": new_tokens, "peak_memory_mb": round(peak_mb, 1), "rows": [asdict(r) for r in rows]}
+              "new_tokens": new_tokens, "repeats": repeats, "peak_memory_mb": round(peak_mb, 1),
+              "rows": [asdict(r) for r in rows]}
     if compile_s is not None:
         report["compile_seconds"] = round(compile_s, 1)
     return report
@@ -143,8 +167,10 @@ def print_table(report: dict) -> None:
     from rich.console import Console
     from rich.table import Table
 
+    repeats = report.get("repeats", 1)
+    medians = f", medians of {repeats} round-robin runs" if repeats > 1 else ""
     table = Table(title=f"duet bench: {report['model']} ({report['device']}, {report['dtype']}, "
-                        f"{report['threads']} threads, {report['new_tokens']} new tokens)")
+                        f"{report['threads']} threads, {report['new_tokens']} new tokens{medians})")
     for col in ("config", "batch", "context", "prefill tok/s", "decode tok/s", "vs duet", "MTP acceptance",
                 "tokens/forward"):
         table.add_column(col, justify="right" if col != "config" else "left")
@@ -189,6 +215,8 @@ def bench_command(
                                 "engine's choice, 1 for a small model on a CPU)."),
     compile: bool = typer.Option(False, "--compile", help="Also time plain decoding with the decode step "
                                  "compiled by torch.compile (`Engine(compile=True)`; compiling takes a while)."),
+    repeats: int = typer.Option(1, "--repeats", min=1, help="Measure the configurations round-robin N times and "
+                                "report medians (steadier ratios on a busy machine)."),
     as_json: bool = typer.Option(False, "--json", help="Print the report as JSON."),
 ) -> None:
     """Prefill and decode tokens/s with and without MTP (and transformers' generate), in one run."""
@@ -211,7 +239,7 @@ def bench_command(
             raise typer.BadParameter(f"{prompts_file} has no prompts", param_hint="'--prompts'")
     report = run_bench(path, sorted(set(batch)), list(context) or [None], new_tokens, vs_transformers, device,
                        dtype, prompts, mtp_depths=tuple(sorted(set(mtp_depth))), threads=threads or None,
-                       compile=compile)
+                       compile=compile, repeats=repeats)
     if as_json:
         typer.echo(json.dumps(report, indent=2))
     else:

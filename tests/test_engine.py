@@ -311,19 +311,31 @@ def test_duet_bench_reports_every_configuration_as_json(ckpt):
 
     code = "import sys; from duet.cli import main; sys.argv = ['duet', *sys.argv[1:]]; main()"
     r = subprocess.run([sys.executable, "-c", code, "bench", "--model", str(ckpt), "--batch", "1", "--batch", "2",
-                        "--new-tokens", "8", "--mtp-depth", "1", "--mtp-depth", "2", "--vs-transformers", "--json"],
+                        "--new-tokens", "8", "--mtp-depth", "1", "--mtp-depth", "2", "--vs-transformers", "--json",
+                        "--repeats", "2"],
                        capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr
     report = json.loads(r.stdout)
     names = [(row["name"], row["batch"]) for row in report["rows"]]
     configs = ["duet", "duet + MTP", "duet + MTP depth 2", "transformers generate"]
-    assert names == [(n, b) for b in (1, 2) for n in configs]
+    assert names == [(n, b) for b in (1, 2) for n in configs]  # one row per configuration, medians of 2 runs
+    assert report["repeats"] == 2
     for row in report["rows"]:
         assert row["decode_tok_s"] > 0 and row["prefill_tok_s"] > 0
         if "MTP" in row["name"]:
             depth = 2 if "depth 2" in row["name"] else 1
             assert 0 <= row["acceptance"] <= 1 and 1 <= row["tokens_per_forward"] <= depth + 1
     assert report["peak_memory_mb"] > 0
+
+
+def test_bench_repeats_report_each_figures_median():
+    from duet.bench import Row, _median_row
+
+    runs = [Row("duet + MTP", 1, 40, 900.0, 210.0, 0.9, 1.9), Row("duet + MTP", 1, 40, 300.0, 150.0, 0.8, 1.8),
+            Row("duet + MTP", 1, 40, 600.0, 400.0, 1.0, 2.0)]
+    assert _median_row(runs) == Row("duet + MTP", 1, 40, 600.0, 210.0, 0.9, 1.9)
+    plain = [Row("duet", 1, 40, 10.0, 5.0), Row("duet", 1, 40, 30.0, 7.0)]
+    assert _median_row(plain) == Row("duet", 1, 40, 20.0, 6.0, None, None)
 
 
 @pytest.mark.skipif(not (shutil.which("g++") or shutil.which("c++")),
