@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import resource
 import statistics
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
@@ -191,10 +192,11 @@ def print_table(report: dict) -> None:
         if hf:
             cells.append(f"{r['decode_tok_s'] / hf[key]:.2f}x" if key in hf else "-")
         table.add_row(*cells)
-    Console().print(table)
-    Console().print(f"peak memory: {report['peak_memory_mb']:.0f} MB")
+    console = Console(width=None if sys.stdout.isatty() else 160)  # a file or pipe gets whole column names
+    console.print(table)
+    console.print(f"peak memory: {report['peak_memory_mb']:.0f} MB")
     if "compile_seconds" in report:
-        Console().print(f"compiling the decode steps (every graph, before timing): {report['compile_seconds']:.0f} s")
+        console.print(f"compiling the decode steps (every graph, before timing): {report['compile_seconds']:.0f} s")
 
 
 def bench_command(
