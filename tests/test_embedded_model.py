@@ -62,6 +62,6 @@ def test_duet_solve_runs_on_it_without_flags(tmp_path):
                        capture_output=True, text=True, env=env, timeout=300)
     assert r.returncode in (0, 3), r.stderr
     result = json.loads(r.stdout)
-    assert result["solver_model"] == "local:model"
+    assert result["solver_model"] == "local:embedded"
     assert result["answer"], "the embedded model gave no answer"
     assert result["turns"][0]["steps"], "the solver wrote no code"

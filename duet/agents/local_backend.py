@@ -36,7 +36,7 @@ class LocalBackend:
 
         from duet.engine import Engine
         from duet.errors import DuetError
-        from duet.model.embedded import default_model_path
+        from duet.model.embedded import EMBEDDED_DIR, default_model_path
 
         torch_dtype = getattr(torch, _DTYPE_ALIASES.get(dtype, dtype), None)
         if not isinstance(torch_dtype, torch.dtype) or not torch_dtype.is_floating_point:
@@ -50,7 +50,8 @@ class LocalBackend:
                                                 max_batch=max_batch, max_seq_len=max_seq_len, compile=compile)
         except DuetError as e:
             raise BackendError(str(e)) from None
-        return cls(_ENGINES[key], name=f"local:{directory.name}")
+        embedded = directory.resolve() == EMBEDDED_DIR.resolve()  # its folder is just "model"
+        return cls(_ENGINES[key], name="local:embedded" if embedded else f"local:{directory.name}")
 
     def complete(self, messages: Sequence[Message], *, stop: Sequence[str] = (), max_tokens: int = 512,
                  temperature: float = 0.0, seed: int | None = None, on_text: TextCallback | None = None,
