@@ -11,6 +11,7 @@ from duet.agents.grounding import (
     question_numbers,
     reused_numbers,
     ungrounded_numbers,
+    unused_numbers,
 )
 
 
@@ -72,3 +73,22 @@ def test_a_number_the_problem_gives_once_on_both_sides_of_minus_or_divide():
     assert reused_numbers("Jack has 4 friends and 4 cookies. How many each?", solution("print(4 / 4)")) == []
     assert reused_numbers("A square has side 5. What is its area?", solution("print(5 * 5)")) == []
     assert reused_numbers(q, solution("a = 532\nprint(a - a)")) == []  # names, not literals
+
+
+def test_numbers_the_problem_gives_but_the_code_never_uses():
+    q = "A baker has 23 loaves and bakes 4 trays of 12 more. How many loaves does he have?"
+    [found] = check_numbers(q, solution("answer = 23 + 4\nprint(answer)"))  # make demo's mistake
+    assert (found.key, found.message) == ("unused 12", "the code never uses 12, which the problem gives")
+    assert check_numbers(q, solution("answer = 23 + 4 * 12\nprint(answer)")) == []
+    # a percentage is used in any of its forms; words and numbers outside code do not count; no code, no finding
+    grow = "A town of 1,200 grows 5% a year for two years. How many people live there then?"
+    assert unused_numbers(grow, solution("print(1200 * 1.05 ** 2)")) == []
+    assert [f.key for f in unused_numbers(grow, solution("print(1.05 ** 2)") + " 1200")] == ["unused 1200"]
+    assert unused_numbers(q, "23 + 4 * 12 = 71, so \\boxed{71}.") == []
+
+
+def test_unused_numbers_only_when_nothing_else_is_wrong():
+    """The established findings (trained into the embedded model's revisions) keep their exact critique."""
+    q = "Milford Lake had 809 algae plants. Now there are 3263. How many more are there now?"
+    assert [f.key for f in check_numbers(q, solution("print(8093 - 809)"))] == ["8093"]
+    assert [f.key for f in check_numbers(q, solution("print(809 * 2)"))] == ["unused 3263"]

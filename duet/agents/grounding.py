@@ -8,7 +8,12 @@ the solution's code blocks (with :mod:`ast`, so numbers inside strings and comme
 and finds:
 
 * *ungrounded* numbers: neither in the problem nor common constants;
-* *reused* numbers: ``a - a`` or ``a / a`` (always 0 or 1) where the problem gives ``a`` only once.
+* *reused* numbers: ``a - a`` or ``a / a`` (always 0 or 1) where the problem gives ``a`` only once;
+* when neither is found, *unused* numbers: numbers the problem writes in digits that no code block uses
+  (a percentage counts as used in any of its forms). On v0.5's dev run, 56 of the 72 solutions that left a
+  number unused were wrong (the rest skipped a distractor, such as carrots in a question about
+  watermelons); asking about them cut the answers the critic agreed to but were wrong from 62 to 39,
+  without changing accuracy.
 
 A number is *given* by the problem when it appears there as digits (``1,200``, ``3.5``; ``5%``
 also gives 0.05, 1.05 and 0.95), as a number word (``five``, ``dozen``, ``half``), or is a small integer or common
@@ -94,8 +99,22 @@ def code_numbers(code: str) -> list[tuple[Fraction, str]]:
 
 
 def check_numbers(question: str, solution: str) -> list[Finding]:
-    """What the number check finds in ``solution``'s code blocks for ``question`` (first use order)."""
-    return ungrounded_numbers(question, solution) + reused_numbers(question, solution)
+    """What the number check finds in ``solution``'s code blocks for ``question`` (first use order): ungrounded
+    and reused numbers, or, when there are none, unused ones."""
+    return ungrounded_numbers(question, solution) + reused_numbers(question, solution) or unused_numbers(
+        question, solution)
+
+
+def unused_numbers(question: str, solution: str) -> list[Finding]:
+    """Numbers the problem writes in digits that no code block of ``solution`` uses (none without code)."""
+    blocks = find_code_blocks(solution)
+    used = {value for block in blocks for value, _ in code_numbers(block.code)}
+    forms: dict[str, set[Fraction]] = {}  # "25" -> {25, 0.25, 1.25, 0.75} for "25%"
+    for value, text in question_mentions(question if blocks else ""):
+        if text[0].isdigit() or text[0] == ".":  # written in digits, not as a word
+            forms.setdefault(text, set()).add(value)
+    return [Finding(f"unused {text}", f"the code never uses {text}, which the problem gives")
+            for text, values in forms.items() if not values & used]
 
 
 def ungrounded_numbers(question: str, solution: str) -> list[Finding]:
