@@ -79,6 +79,8 @@ def test_numbers_the_problem_gives_but_the_code_never_uses():
     q = "A baker has 23 loaves and bakes 4 trays of 12 more. How many loaves does he have?"
     [found] = check_numbers(q, solution("answer = 23 + 4\nprint(answer)"))  # make demo's mistake
     assert (found.key, found.message) == ("unused 12", "the code never uses 12, which the problem gives")
+    assert number_check_reason([found]) == ("the code never uses 12, which the problem gives; check whether the "
+                                            "answer needs it.")  # a question: it may be a distractor
     assert check_numbers(q, solution("answer = 23 + 4 * 12\nprint(answer)")) == []
     # a percentage is used in any of its forms; words and numbers outside code do not count; no code, no finding
     grow = "A town of 1,200 grows 5% a year for two years. How many people live there then?"

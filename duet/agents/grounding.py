@@ -13,7 +13,7 @@ and finds:
   (a percentage counts as used in any of its forms). On v0.5's dev run, 56 of the 72 solutions that left a
   number unused were wrong (the rest skipped a distractor, such as carrots in a question about
   watermelons); asking about them cut the answers the critic agreed to but were wrong from 62 to 39,
-  without changing accuracy.
+  and the dialogue fixed 4 and broke none.
 
 A number is *given* by the problem when it appears there as digits (``1,200``, ``3.5``; ``5%``
 also gives 0.05, 1.05 and 0.95), as a number word (``five``, ``dozen``, ``half``), or is a small integer or common
@@ -161,7 +161,10 @@ def reused_numbers(question: str, solution: str) -> list[Finding]:
 
 
 def number_check_reason(findings: list[Finding]) -> str:
-    """The one-line critique of the findings."""
+    """The one-line critique of the findings. Unused numbers alone ask a question rather than give an order:
+    a number the problem gives may be a distractor, and a solver that can tell should keep its answer."""
+    if all(f.key.startswith("unused ") for f in findings):
+        return "; ".join(f.message for f in findings) + "; check whether the answer needs it."
     return "; ".join(f.message for f in findings) + "; use the problem's numbers exactly as given."
 
 
