@@ -87,6 +87,7 @@ def test_numbers_the_problem_gives_but_the_code_never_uses():
     assert unused_numbers(grow, solution("print(1200 * 1.05 ** 2)")) == []
     assert [f.key for f in unused_numbers(grow, solution("print(1.05 ** 2)") + " 1200")] == ["unused 1200"]
     assert unused_numbers(q, "23 + 4 * 12 = 71, so \\boxed{71}.") == []
+    assert unused_numbers("On the 3rd day she read 40 pages.", solution("print(40)")) == []  # an ordinal
 
 
 def test_unused_numbers_only_when_nothing_else_is_wrong():

@@ -47,6 +47,7 @@ NUMBER_WORDS = {
 
 _DIGITS = re.compile(r"\d[\d,]*(?:\.\d+)?|\.\d+")
 _WORDS = re.compile(r"[a-z]+")
+_ORDINAL = re.compile(r"\b(\d+)(?:st|nd|rd|th)\b")
 
 
 @dataclass(frozen=True)
@@ -110,8 +111,9 @@ def unused_numbers(question: str, solution: str) -> list[Finding]:
     blocks = find_code_blocks(solution)
     used = {value for block in blocks for value, _ in code_numbers(block.code)}
     forms: dict[str, set[Fraction]] = {}  # "25" -> {25, 0.25, 1.25, 0.75} for "25%"
+    ordinals = set(_ORDINAL.findall(question))  # "the 3rd day" names a day, it is not an amount
     for value, text in question_mentions(question if blocks else ""):
-        if text[0].isdigit() or text[0] == ".":  # written in digits, not as a word
+        if (text[0].isdigit() or text[0] == ".") and text not in ordinals:  # digits, not a word or an ordinal
             forms.setdefault(text, set()).add(value)
     return [Finding(f"unused {text}", f"the code never uses {text}, which the problem gives")
             for text, values in forms.items() if not values & used]
