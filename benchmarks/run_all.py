@@ -1,6 +1,7 @@
-"""Run every CPU benchmark in one command (`make bench`); each prints ratios measured in the same run.
+"""Run the CPU benchmarks in one command (`make bench`); each prints ratios measured in the same run.
 
-The GPU kernel benchmark (benchmarks/kernels.py) runs only where CUDA is available.
+The GPU kernel benchmark (benchmarks/kernels.py) runs only where CUDA is available; `context_scaling.py`
+(decode speed against context length, minutes on a CPU) runs on its own.
 """
 
 from __future__ import annotations

@@ -333,13 +333,16 @@ def test_corrupt_log_database(home):
 
 
 def test_doctor_reports_versions_sandbox_model_and_paths(home):
-    r = duet(home, "doctor", "--json", env=environment(home, DUET_MODEL=str(home / "none")))
+    r = duet(home, "doctor", "--json", env=environment(home, DUET_MODEL=str(home / "none"), DUET_SANDBOX="rlimits"))
     data = json.loads(r.stdout)
     names = {(c["section"], c["name"]) for c in data["checks"]}
     assert {("versions", "torch"), ("versions", "transformers"), ("device", "cuda"), ("device", "kernels"),
             ("sandbox", "rlimits"), ("paths", "config file"), ("paths", "log database")} <= names
     model = [c for c in data["checks"] if c["section"] == "model"]
     assert any(c["ok"] is False and "no such checkpoint directory" in c["detail"] for c in model)  # DUET_MODEL
+    assert any(c["name"] == "model" and c["detail"] == f"{home / 'none'} (env DUET_MODEL)" for c in model)
+    [setting] = [c for c in data["checks"] if (c["section"], c["name"]) == ("sandbox", "setting")]
+    assert setting["detail"].startswith("rlimits (env DUET_SANDBOX): duet runs code at that level")
     assert r.returncode == (0 if data["ok"] else 1)
 
 

@@ -61,7 +61,9 @@ def checks() -> list[dict[str, Any]]:
         out.append({"section": section, "name": name, "ok": ok, "detail": detail})
 
     from duet import __version__
+    from duet.ui.settings import load_settings
 
+    settings = load_settings(errors=[])  # a bad value is `duet config`'s to report; here it stays as given
     add("versions", "duet", None, __version__)
     add("versions", "python", None, f"{platform.python_version()} ({sys.executable})")
     torch = None
@@ -101,14 +103,19 @@ def checks() -> list[dict[str, Any]]:
                 f"{state}: {layer['detail']}")
         if not any(layer["used"] for layer in layers):
             add("sandbox", "isolation", False, "no isolation layer is usable here")
+        if settings.sandbox != "auto":
+            add("sandbox", "setting", None, f"{settings.sandbox} ({settings.sources['sandbox']}): duet runs code at "
+                "that level, not at the one above, which is what auto would use")
     except Exception as error:
         add("sandbox", "sandbox", False, f"cannot probe the sandbox: {error}")
 
     try:
-        from duet.model.embedded import default_model_path
+        from duet.model.embedded import EMBEDDED_DIR, default_model_path
 
-        path = default_model_path()
-        add("model", "embedded", None, str(path))
+        path = Path(settings.model).expanduser() if settings.model else default_model_path()
+        embedded = path.resolve() == EMBEDDED_DIR.resolve()
+        source = f" ({settings.sources['model']})" if settings.model else ""
+        add("model", "embedded" if embedded else "model", None, f"{path}{source}")
         try:
             from duet.model import load_config
 
@@ -127,10 +134,10 @@ def checks() -> list[dict[str, Any]]:
 
     config = config_path()
     add("paths", "config file", None, f"{config}" + ("" if config.is_file() else " (not created)"))
-    add("paths", "data dir", None, str(data_dir()))
+    add("paths", "data dir", None, f"{data_dir()}" + ("" if data_dir().is_dir() else " (not created)"))
     db = log_path()
     add("paths", "log database", None, f"{db}" + (f" ({_count(db)})" if db.exists() else " (not created)"))
-    add("paths", "history", None, str(history_path()))
+    add("paths", "history", None, f"{history_path()}" + ("" if history_path().is_file() else " (not created)"))
     return out
 
 
