@@ -14,6 +14,7 @@ import random
 import re
 import subprocess
 import sys
+from dataclasses import asdict
 from pathlib import Path
 
 import pytest
@@ -34,7 +35,7 @@ from duet.train.data import (
     synthetic_problem,
 )
 from duet.train.tokenizer import train_tokenizer
-from duet.train.trainer import TrainConfig, balance_experts, encode_example, losses, train
+from duet.train.trainer import TrainConfig, TrainError, balance_experts, encode_example, install_model, losses, train
 
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 
@@ -320,10 +321,10 @@ def test_runs_reproduce_resume_and_learn(tmp_path, data_dir):
     assert [r["step"] for r in log] == [1, 2, 3, 4]
     assert all(r["mtp_loss"] is not None and r["max_over_mean_load"] >= 1 for r in log)
 
-    with pytest.raises(ValueError, match="longer than seq_len"):  # nothing fits: an error, not an endless loop
+    with pytest.raises(TrainError, match="longer than seq_len"):  # nothing fits: an error, not an endless loop
         train(_config(tmp_path / "f", data_dir, seq_len=16), **quiet)
-    with pytest.raises(ValueError, match="different configuration"):
-        train(_config(tmp_path / "c", data_dir, batch_size=3, steps=6), **quiet)
+    with pytest.raises(TrainError, match="with batch-size=2, lr=0.002; this command has batch-size=3, lr=0.5 "):
+        train(_config(tmp_path / "c", data_dir, batch_size=3, lr=0.5, steps=6), **quiet)
 
     # the loss goes down, and a later run can start from the weights of an earlier one
     long = train(_config(tmp_path / "d", data_dir, steps=30, lr=5e-3, save_every=30), **quiet)
@@ -350,6 +351,140 @@ def test_cli_rejects_bad_options_in_one_line(tmp_path, data_dir):
     assert no_model.returncode == 2 and "--init-from" in no_model.stderr
     no_attempts = duet_train("--data", str(data_dir), "--out", str(tmp_path / "v"), "--mix", "onpolicy=1")
     assert no_attempts.returncode == 2 and "--onpolicy" in no_attempts.stderr and "Traceback" not in no_attempts.stderr
+    # a user error found after the options are parsed: the same one line as `duet train`, no traceback
+    bad_gsm8k = _data_copy(tmp_path / "bad", data_dir)
+    bad_gsm8k.joinpath("gsm8k", "train.jsonl").write_text('{"question": "Q?", "answer": "#### 1"}\n{oops\n')
+    broken = duet_train("--data", str(bad_gsm8k), "--out", str(tmp_path / "u"), "--steps", "1")
+    assert broken.returncode == 1 and broken.stderr.startswith("error: ") and len(broken.stderr.splitlines()) == 1
+    assert "train.jsonl:2: not JSON" in broken.stderr and not (tmp_path / "u").exists()
+
+
+def _data_copy(root: Path, data_dir: Path) -> Path:
+    import shutil
+
+    shutil.copytree(data_dir, root)
+    return root
+
+
+@pytest.fixture
+def duet_train(monkeypatch, capsys, tmp_path):
+    """`duet train ARGS` in this process: (exit code, stdout, stderr); --install goes to tmp_path/installed."""
+    import duet.model.embedded
+    from duet.cli import main
+
+    monkeypatch.setattr(duet.model.embedded, "EMBEDDED_DIR", tmp_path / "installed")  # never the shipped model
+
+    def run(*args):
+        with pytest.raises(SystemExit) as stop:
+            main(["train", *map(str, args)])
+        out, err = capsys.readouterr()
+        assert "Traceback" not in err and "unexpected" not in err, err
+        return stop.value.code, out, err
+
+    return run
+
+
+@pytest.mark.parametrize("args", [
+    ["--steps", "0"], ["--steps", "-1"], ["--lr", "nan"], ["--lr", "0"], ["--lr", "inf"], ["--mtp-lambda", "nan"],
+    ["--mtp-lambda", "-0.1"], ["--bias-gamma", "-1"], ["--bias-gamma", "inf"], ["--batch-size", "0"],
+    ["--seq-len", "0"], ["--save-every", "0"], ["--threads", "-1"], ["--mix", "mawps=nan"],
+    ["--mix", "mawps=inf,gsm8k=1"],
+])
+def test_cli_rejects_bad_numbers_before_anything_loads(duet_train, tmp_path, data_dir, args):
+    code, out, err = duet_train("--data", data_dir, "--out", tmp_path / "run", *args)
+    assert code == 2 and f"for {args[0]}:" in err and len(err.splitlines()) == 1, err
+    assert not (tmp_path / "run").exists() and "checkpoint" not in out
+
+
+def test_cli_checks_out_data_and_inputs_before_writing(duet_train, tmp_path, data_dir):
+    afile = tmp_path / "afile"
+    afile.write_text("x")
+    code, _, err = duet_train("--data", data_dir, "--out", afile)
+    assert code == 2 and f"--out: {afile}: exists and is not a directory" in err
+    code, _, err = duet_train("--data", data_dir, "--out", afile / "run")
+    assert code == 2 and "--out" in err and "is a file, not a directory" in err
+
+    out = tmp_path / "run"
+    no_csv = _data_copy(tmp_path / "no_csv", data_dir)
+    (no_csv / "mawps_asdiv_a" / "train.csv").unlink()
+    code, _, err = duet_train("--data", no_csv, "--out", out)
+    assert code == 2 and "--data" in err and "mawps_asdiv_a/train.csv" in err
+    bad_csv = _data_copy(tmp_path / "bad_csv", data_dir)
+    (bad_csv / "mawps_asdiv_a" / "train.csv").write_text("Problem,Result\nTwo and two?,4\n")
+    code, _, err = duet_train("--data", bad_csv, "--out", out, "--steps", "1")
+    assert code == 1 and "train.csv: its header (Problem, Result) lacks the column(s) Question, Numbers" in err
+    bad_jsonl = _data_copy(tmp_path / "bad_jsonl", data_dir)
+    with open(bad_jsonl / "gsm8k" / "train.jsonl", "a") as f:
+        f.write('{"question": "no answer"}\n')
+    code, _, err = duet_train("--data", bad_jsonl, "--out", out, "--steps", "1")
+    assert code == 1 and f"train.jsonl:{len(GSM8K_ROWS) + 1}: expected an object" in err
+
+    no_tokenizer = tmp_path / "model"
+    no_tokenizer.mkdir()
+    (no_tokenizer / "config.json").write_text("{}")
+    code, _, err = duet_train("--data", data_dir, "--out", out, "--steps", "1", "--init-from", no_tokenizer)
+    assert code == 1 and "no tokenizer.json" in err
+
+    attempts = tmp_path / "attempts.jsonl"
+    code, _, err = duet_train("--data", data_dir, "--out", out, "--onpolicy", tmp_path, "--mix", "onpolicy=1")
+    assert code == 2 and "is a directory" in err
+    attempts.write_text("")
+    code, _, err = duet_train("--data", data_dir, "--out", out, "--onpolicy", attempts, "--mix", "onpolicy=1")
+    assert code == 1 and "attempts.jsonl holds no attempts" in err
+    attempts.write_text('{"id": "x"}\n')
+    code, _, err = duet_train("--data", data_dir, "--out", out, "--onpolicy", attempts, "--mix", "onpolicy=1")
+    assert code == 1 and "attempts.jsonl:1: not an on-policy attempt" in err
+    code, _, err = duet_train("--data", data_dir, "--out", out, "--onpolicy", attempts)  # the mix never draws it
+    assert code == 2 and "--onpolicy" in err and "onpolicy=W" in err
+    assert not out.exists() and not (tmp_path / "installed").exists()
+
+
+def test_cli_resumes_only_the_same_run_and_only_forward(duet_train, tmp_path, data_dir):
+    """A saved run (its trainer state, as _save writes it) is checked before anything loads."""
+    out = tmp_path / "run"
+    (out / "checkpoint").mkdir(parents=True)
+    saved = TrainConfig(data_dir=str(data_dir), out_dir=str(out), steps=3, batch_size=1)  # the CLI's defaults
+    torch.save({"optimizer": {}, "step": 3, "config": asdict(saved)}, out / "checkpoint" / "trainer_state.pt")
+
+    code, out_text, err = duet_train("--data", data_dir, "--out", out, "--steps", "1", "--batch-size", "1",
+                                     "--install")
+    assert code == 1 and f"{out} is already at step 3 of 1; nothing to train" in err
+    assert "checkpoint:" not in out_text and not (tmp_path / "installed").exists()
+
+    other_data = _data_copy(tmp_path / "other", data_dir)
+    code, _, err = duet_train("--data", other_data, "--out", out, "--steps", "9", "--batch-size", "1", "--lr", "0.5",
+                              "--fp32", "--mix", "mawps=1", "--mtp-lambda", "0", "--save-every", "5")
+    assert code == 1 and len(err.splitlines()) == 1
+    assert (f"error: {out} holds a run with data-dir={data_dir}, lr=0.002, mtp-lambda=0.3, bf16=True, "
+            f"mix=synthetic=0.4,mawps=0.45,gsm8k=0.15; this command has data-dir={other_data}, lr=0.5, "
+            "mtp-lambda=0.0, bf16=False, mix=mawps=1 (use another --out, or the same settings to resume)") in err
+    assert torch.load(out / "checkpoint" / "trainer_state.pt")["config"] == asdict(saved)  # untouched
+
+
+def test_non_finite_training_is_stopped_and_never_installed(tmp_path, data_dir):
+    quiet = dict(progress=False, log=lambda *_: None)
+    with pytest.raises(TrainError, match="the loss became nan at step 1; stopped without saving"):
+        train(_config(tmp_path / "nan", data_dir, steps=2, batch_size=1, mtp_lambda=float("nan")), **quiet)
+    assert not (tmp_path / "nan" / "checkpoint").exists()
+
+    target = tmp_path / "installed"
+    with pytest.raises(TrainError, match="no trained checkpoint"):
+        install_model(tmp_path / "nan" / "checkpoint", target)
+    ckpt = train(_config(tmp_path / "ok", data_dir, steps=1, batch_size=1), **quiet)
+    broken = _data_copy(tmp_path / "broken", ckpt)  # a copy of the checkpoint with one weight made inf
+    from safetensors.torch import save_file
+
+    weights = _weights(broken)
+    name = next(iter(weights))
+    weights[name] = torch.full_like(weights[name], float("inf"))
+    for f in broken.glob("*.safetensors"):
+        f.unlink()
+    save_file(weights, broken / "model.safetensors")
+    with pytest.raises(TrainError, match="not finite"):
+        install_model(broken, target)
+    assert not target.exists()
+    assert install_model(ckpt, target) == target
+    assert (target / "config.json").is_file() and not (target / "trainer_state.pt").exists()
 
 
 # ----------------------------------------------------------------------------- on-policy attempts
@@ -410,3 +545,38 @@ def test_onpolicy_attempts_from_a_real_eval_run(tmp_path, data_dir):
     bad.write_text(out.read_text() + "{not json\n")
     with pytest.raises(ValueError, match=r"bad.jsonl:\d+: not an on-policy attempt"):
         load_attempts(bad)
+
+
+def test_onpolicy_commands_check_their_files_and_write_whole(tmp_path, data_dir, capsys):
+    from duet.train.onpolicy import main
+
+    def onpolicy(*args):
+        with pytest.raises(SystemExit) as stop:
+            main([*map(str, args)])
+        err = capsys.readouterr().err
+        assert "Traceback" not in err and len(err.splitlines()) == 1, err
+        return stop.value.code, err
+
+    afile = tmp_path / "afile"
+    afile.write_text("x")
+    code, err = onpolicy("problems", "--data", data_dir, "--out", tmp_path)
+    assert code == 2 and f"--out {tmp_path}: exists and is not a file" in err
+    code, err = onpolicy("problems", "--data", data_dir, "--out", afile / "p.jsonl")
+    assert code == 2 and "afile is a file" in err
+    no_gsm8k = _data_copy(tmp_path / "no_gsm8k", data_dir)
+    (no_gsm8k / "gsm8k" / "train.jsonl").unlink()
+    code, err = onpolicy("problems", "--data", no_gsm8k, "--out", tmp_path / "p.jsonl")
+    assert code == 2 and "no gsm8k/train.jsonl" in err and not (tmp_path / "p.jsonl").exists()
+
+    problems, eval_dir, attempts = tmp_path / "problems.jsonl", tmp_path / "eval", tmp_path / "attempts.jsonl"
+    main(["problems", "--data", str(data_dir), "--out", str(problems)])
+    assert problems.read_text().count("\n") > 0
+    eval_dir.mkdir()
+    (eval_dir / "results.jsonl").write_text('{"line": 1}\n')  # not a solver-only result: the join fails
+    attempts.write_text("earlier attempts\n")
+    code, err = onpolicy("build", problems, eval_dir, "--out", attempts)
+    assert code == 2 and "cannot join" in err
+    assert attempts.read_text() == "earlier attempts\n" and sorted(p.name for p in tmp_path.glob("*attempts*")) == [
+        "attempts.jsonl"]
+    code, err = onpolicy("build", problems, eval_dir, "--out", tmp_path)
+    assert code == 2 and "--out" in err and "cannot join" not in err

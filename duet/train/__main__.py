@@ -1,11 +1,7 @@
-import os
+"""`python -m duet.train ARGS`: the same as `duet train ARGS`, with its one-line errors."""
 
-# Idle OpenMP threads sleep instead of spinning: on a shared 2-core machine spinning threads make
-# training several times slower whenever another process runs.
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+import sys
 
-import typer  # noqa: E402
+from duet.cli import main  # sets OMP_WAIT_POLICY=PASSIVE before torch loads, like `duet train`
 
-from duet.train.cli import train_command  # noqa: E402
-
-typer.run(train_command)
+main(["train", *sys.argv[1:]])

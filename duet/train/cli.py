@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import re
 from pathlib import Path
 
@@ -11,7 +12,8 @@ from duet.train.data import MIX, SOURCES  # no torch: `duet --help` stays fast
 
 
 def train_command(
-    out: Path = typer.Option(Path("runs/embedded"), "--out", help="Run directory (resumes when it holds a run)."),
+    out: Path = typer.Option(Path("runs/embedded"), "--out", help="Run directory; resumes the run it holds when "
+                             "the settings match (--steps, --save-every, --threads and --device may differ)."),
     data: Path = typer.Option(Path("../shared/data"), "--data", help="Folder with gsm8k/ and mawps_asdiv_a/."),
     steps: int = typer.Option(1900, help="Optimizer steps."),
     batch_size: int = typer.Option(12, help="Sequences per step."),
@@ -28,30 +30,64 @@ def train_command(
     init_from: Path | None = typer.Option(None, "--init-from", help="Start from this model directory's weights "
                                           "and tokenizer (e.g. duet/assets/model) instead of from scratch."),
     onpolicy: Path | None = typer.Option(None, "--onpolicy", help="The model's own attempts on training problems "
-                                         "(python -m duet.train.onpolicy); drawn with weight onpolicy in --mix."),
+                                         "(python -m duet.train.onpolicy); needs weight onpolicy in --mix."),
     install: bool = typer.Option(False, "--install", help="Copy the final checkpoint into duet/assets/model."),
 ) -> None:
     """Train the embedded default model (a small DeepSeek-V3) on tool-integrated reasoning data."""
-    from duet.train.trainer import TrainConfig, install_model, train
-
-    if not (data / "gsm8k" / "train.jsonl").is_file():
-        raise typer.BadParameter(f"{data} has no gsm8k/train.jsonl; pass --data DIR", param_hint="--data")
+    _check_numbers(("--steps", steps, 1), ("--batch-size", batch_size, 1), ("--seq-len", seq_len, 1),
+                   ("--save-every", save_every, 1), ("--threads", threads, 0), ("--lr", lr, None),
+                   ("--mtp-lambda", mtp_lambda, 0), ("--bias-gamma", bias_gamma, 0))
     weights = _parse_mix(mix)
+    device = _check_device(device)
+    for name in DATA_FILES:
+        if not (data / name).is_file():
+            raise typer.BadParameter(f"{data} has no {name}; pass --data DIR", param_hint="--data")
+    if (problem := unusable_out(out)):
+        raise typer.BadParameter(problem, param_hint="--out")
     if init_from is not None and not (init_from / "config.json").is_file():
         raise typer.BadParameter(f"{init_from} has no config.json; pass a model directory", param_hint="--init-from")
     if onpolicy is not None and not onpolicy.is_file():
-        raise typer.BadParameter(f"{onpolicy} does not exist; build it with python -m duet.train.onpolicy",
+        what = "is a directory, not a file" if onpolicy.is_dir() else "does not exist"
+        raise typer.BadParameter(f"{onpolicy} {what}; build it with python -m duet.train.onpolicy",
                                  param_hint="--onpolicy")
     if weights.get("onpolicy", 0) > 0 and onpolicy is None:
         raise typer.BadParameter("the mix draws onpolicy attempts; pass --onpolicy FILE", param_hint="--mix")
+    if onpolicy is not None and not weights.get("onpolicy", 0) > 0:
+        raise typer.BadParameter("the attempts are drawn only with weight onpolicy in --mix; add onpolicy=W to "
+                                 "--mix, or leave out --onpolicy", param_hint="--onpolicy")
+
+    from duet.train.trainer import TrainConfig, install_model, train
+
     cfg = TrainConfig(data_dir=str(data), out_dir=str(out), steps=steps, batch_size=batch_size, seq_len=seq_len,
                       lr=lr, mtp_lambda=mtp_lambda, bias_gamma=bias_gamma, seed=seed, save_every=save_every,
-                      threads=threads, device=_check_device(device), bf16=bf16, mix=weights,
+                      threads=threads, device=device, bf16=bf16, mix=weights,
                       init_from=str(init_from) if init_from else None, onpolicy=str(onpolicy) if onpolicy else None)
     checkpoint = train(cfg)
     typer.echo(f"checkpoint: {checkpoint}")
     if install:
         typer.echo(f"installed: {install_model(checkpoint)}")
+
+
+DATA_FILES = ("gsm8k/train.jsonl", "mawps_asdiv_a/train.csv")  # what the trainer reads under --data
+
+
+def _check_numbers(*checks: tuple[str, float, float | None]) -> None:
+    """(option, value, lowest allowed) for each numeric option; a lowest of None means > 0. One-line usage errors."""
+    for option, value, low in checks:
+        if not math.isfinite(value) or (value <= 0 if low is None else value < low):
+            bound = "> 0" if low is None else f">= {low}"
+            number = "an integer" if isinstance(value, int) else "a finite number"
+            raise typer.BadParameter(f"{value}: must be {number} {bound}", param_hint=option)
+
+
+def unusable_out(path: Path, directory: bool = True) -> str | None:
+    """Why `path` cannot be written as an output directory (or, with directory=False, a file); None when it can."""
+    if path.exists() and path.is_dir() != directory:
+        return f"{path}: exists and is not a {'directory' if directory else 'file'}"
+    parent = next((p for p in path.parents if p.exists()), None)
+    if parent is not None and not parent.is_dir():
+        return f"{path}: {parent} is a file, not a directory"
+    return None
 
 
 def _parse_mix(text: str) -> dict[str, float]:
@@ -63,8 +99,8 @@ def _parse_mix(text: str) -> dict[str, float]:
             weights[name.strip()] = float(value)
         except ValueError:
             raise typer.BadParameter(f"{part!r} is not NAME=WEIGHT", param_hint="--mix") from None
-        if name.strip() not in SOURCES or weights[name.strip()] < 0:
-            raise typer.BadParameter(f"{part!r}: sources are {', '.join(SOURCES)} with weights >= 0",
+        if name.strip() not in SOURCES or not 0 <= weights[name.strip()] < math.inf:
+            raise typer.BadParameter(f"{part!r}: sources are {', '.join(SOURCES)} with finite weights >= 0",
                                      param_hint="--mix")
     if not any(weights.values()):
         raise typer.BadParameter("give at least one source a positive weight", param_hint="--mix")

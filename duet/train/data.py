@@ -36,9 +36,16 @@ from pathlib import Path
 from duet.agents.critic import NO_ANSWER_REASON, own_solution_reason
 from duet.agents.grounding import check_numbers, number_check_reason
 from duet.agents.protocol import format_cell, format_output
+from duet.errors import DuetError
 from duet.prompts import Prompts, load_prompts
 
 DEV_FRACTION = 0.1  # of each real source, held out by row
+MAWPS_COLUMNS = ("Question", "Numbers", "Equation", "Answer")
+
+
+class DataError(DuetError, ValueError):
+    """A training data file cannot be read: the message names the file (and line) and what is wrong."""
+
 Cell = tuple[str, str]  # (one short step in words, python code)
 
 
@@ -285,20 +292,29 @@ class Attempt:
 
 
 def load_attempts(path: Path) -> list[Attempt]:
-    """Attempts written by `duet.train.onpolicy.build_attempts` (one JSON object per line)."""
+    """Attempts written by `python -m duet.train.onpolicy build` (one JSON object per line)."""
     attempts = []
-    for number, line in enumerate(path.read_text().splitlines(), 1):
-        if not line.strip():
-            continue
+    for number, line in _lines(path):
         try:
             r = json.loads(line)
             cells: list[Cell] = [(step, code) for step, code in r["cells"]]
             problem = Problem(r["question"], cells, "onpolicy", r["id"])
             attempts.append(Attempt(problem, r["solution"], r["answer"], bool(r["correct"])))
         except (json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
-            raise ValueError(f"{path}:{number}: not an on-policy attempt ({e}); rebuild it with "
-                             "`python -m duet.train.onpolicy build`") from None
+            raise DataError(f"{path}:{number}: not an on-policy attempt ({e}); rebuild it with "
+                            "`python -m duet.train.onpolicy build`") from None
+    if not attempts:
+        raise DataError(f"{path} holds no attempts; build it with `python -m duet.train.onpolicy build`")
     return attempts
+
+
+def _lines(path: Path) -> list[tuple[int, str]]:
+    """(line number, line) of the non-blank lines of a UTF-8 text file."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise DataError(f"{path}: not a UTF-8 text file ({e.reason} at byte {e.start})") from None
+    return [(number, line) for number, line in enumerate(text.splitlines(), 1) if line.strip()]
 
 
 def attempt_conversations(attempt: Attempt, prompts: Prompts,
@@ -379,13 +395,40 @@ class MawpsRow:
 
 def load_mawps(path: Path) -> list[MawpsRow]:
     rows = []
-    with open(path, newline="", encoding="utf-8") as f:
-        for i, r in enumerate(csv.DictReader(f)):
-            try:
-                rows.append(MawpsRow(i, r["Question"], [float(x) for x in r["Numbers"].split()],
-                                     r["Equation"].split(), float(r["Answer"])))
-            except (KeyError, ValueError):
-                continue
+    try:
+        with open(path, newline="", encoding="utf-8") as f:
+            reader = csv.DictReader(f)
+            missing = [c for c in MAWPS_COLUMNS if c not in (reader.fieldnames or [])]
+            if missing:
+                raise DataError(f"{path}: its header ({', '.join(reader.fieldnames or [])}) lacks the column(s) "
+                                f"{', '.join(missing)}; expected {', '.join(MAWPS_COLUMNS)}")
+            for i, r in enumerate(reader):
+                try:
+                    rows.append(MawpsRow(i, r["Question"], [float(x) for x in r["Numbers"].split()],
+                                         r["Equation"].split(), float(r["Answer"])))
+                except (AttributeError, KeyError, TypeError, ValueError):  # a short row holds None
+                    continue
+    except (UnicodeDecodeError, csv.Error) as e:
+        raise DataError(f"{path}: not a UTF-8 CSV file ({e})") from None
+    if not rows:
+        raise DataError(f"{path}: no usable rows")
+    return rows
+
+
+def load_gsm8k(path: Path) -> list[dict]:
+    """The GSM8K rows ({"question", "answer", ...}) of a JSONL file, or a `FILE:LINE: ...` error."""
+    rows = []
+    for number, line in _lines(path):
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise DataError(f"{path}:{number}: not JSON ({e})") from None
+        if not (isinstance(row, dict) and isinstance(row.get("question"), str)
+                and isinstance(row.get("answer"), str)):
+            raise DataError(f"{path}:{number}: expected an object with text fields question and answer")
+        rows.append(row)
+    if not rows:
+        raise DataError(f"{path}: no rows")
     return rows
 
 
@@ -670,8 +713,7 @@ class Sources:
     @classmethod
     def load(cls, data_dir: Path, attempts: Path | None = None) -> Sources:
         mawps = load_mawps(data_dir / "mawps_asdiv_a" / "train.csv")
-        gsm_rows = [json.loads(line) for line in (data_dir / "gsm8k" / "train.jsonl").read_text().splitlines()
-                    if line.strip()]
+        gsm_rows = load_gsm8k(data_dir / "gsm8k" / "train.jsonl")
         gsm_train = []
         for i, row in enumerate(gsm_rows):
             if not is_dev("gsm8k", i):

@@ -21,51 +21,59 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 from pathlib import Path
 
+from duet.errors import DuetError
+from duet.train.cli import DATA_FILES, unusable_out
 from duet.train.data import Sources, mawps_problem
 
 
-def write_problems(sources: Sources, out: Path) -> int:
-    """The MAWPS training rows with their original numbers, in `duet eval` JSONL plus `cells`; returns the count."""
-    out.parent.mkdir(parents=True, exist_ok=True)
-    n = 0
-    with open(out, "w") as f:
-        for row in sources.mawps_train:
-            p = mawps_problem(row, None)
-            if p is None:
-                continue
-            f.write(json.dumps({"id": p.id, "question": p.question, "answer": f"#### {p.gold}",
-                                "cells": p.cells}) + "\n")
-            n += 1
-    return n
+def problem_records(sources: Sources) -> list[dict]:
+    """The MAWPS training rows with their original numbers, in `duet eval` JSONL form plus `cells`."""
+    records = []
+    for row in sources.mawps_train:
+        p = mawps_problem(row, None)
+        if p is not None:
+            records.append({"id": p.id, "question": p.question, "answer": f"#### {p.gold}", "cells": p.cells})
+    return records
 
 
-def build_attempts(problems: Path, eval_dir: Path, out: Path) -> dict[str, int]:
-    """Join the problems with the first solver turn of each solver-only result; returns counts."""
+def join_attempts(problems: Path, eval_dir: Path) -> tuple[list[dict], dict[str, int]]:
+    """The problems joined with the first solver turn of each solver-only result: (attempts, counts)."""
     rows = [json.loads(line) for line in problems.read_text().splitlines()]
     counts = {"correct": 0, "wrong": 0, "no_answer": 0, "skipped": 0}
+    attempts = []
+    for line in (eval_dir / "results.jsonl").read_text().splitlines():
+        result = json.loads(line)
+        # eval records name the dataset line they came from; the question must match it
+        row = rows[result["line"] - 1] if 0 < result.get("line", 0) <= len(rows) else None
+        if (result["mode"] != "solver-only" or row is None or row["question"] != result["question"]
+                or not result.get("transcript")):
+            counts["skipped"] += 1
+            continue
+        dialogue = json.loads((eval_dir / result["transcript"]).read_text())["dialogues"][0]
+        turn = next((t for t in dialogue["turns"] if t["agent"] == "solver"), None)
+        if turn is None or not turn["text"].strip():
+            counts["skipped"] += 1
+            continue
+        kind = "no_answer" if turn.get("answer") is None else "correct" if result["correct"] else "wrong"
+        counts[kind] += 1
+        attempts.append({"id": row["id"], "question": row["question"], "cells": row["cells"],
+                         "solution": turn["text"], "answer": turn.get("answer"), "correct": bool(result["correct"])})
+    return attempts, counts
+
+
+def write_jsonl(out: Path, records: list[dict]) -> None:
+    """Write `out` whole or not at all: a temporary file beside it, renamed over it when complete."""
     out.parent.mkdir(parents=True, exist_ok=True)
-    with open(out, "w") as f:
-        for line in (eval_dir / "results.jsonl").read_text().splitlines():
-            result = json.loads(line)
-            # eval records name the dataset line they came from; the question must match it
-            row = rows[result["line"] - 1] if 0 < result.get("line", 0) <= len(rows) else None
-            if (result["mode"] != "solver-only" or row is None or row["question"] != result["question"]
-                    or not result.get("transcript")):
-                counts["skipped"] += 1
-                continue
-            dialogue = json.loads((eval_dir / result["transcript"]).read_text())["dialogues"][0]
-            turn = next((t for t in dialogue["turns"] if t["agent"] == "solver"), None)
-            if turn is None or not turn["text"].strip():
-                counts["skipped"] += 1
-                continue
-            kind = "no_answer" if turn.get("answer") is None else "correct" if result["correct"] else "wrong"
-            counts[kind] += 1
-            f.write(json.dumps({"id": row["id"], "question": row["question"], "cells": row["cells"],
-                                "solution": turn["text"], "answer": turn.get("answer"),
-                                "correct": bool(result["correct"])}) + "\n")
-    return counts
+    tmp = out.with_name(f".{out.name}.tmp")
+    try:
+        with open(tmp, "w") as f:
+            f.writelines(json.dumps(r) + "\n" for r in records)
+        os.replace(tmp, out)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -79,24 +87,39 @@ def main(argv: list[str] | None = None) -> None:
     b.add_argument("eval_dir", type=Path)
     b.add_argument("--out", type=Path, required=True)
     args = parser.parse_args(argv)
+
+    def fail(message: str, code: int = 2) -> None:
+        parser.exit(code, f"error: {message}\n")  # one line: no usage text for a wrong file
+
+    if (problem := unusable_out(args.out, directory=False)):
+        fail(f"--out {problem}")
     if args.command == "problems":
-        if not (args.data / "mawps_asdiv_a" / "train.csv").is_file():
-            parser.error(f"{args.data} has no mawps_asdiv_a/train.csv; pass --data DIR")
-        print(f"{write_problems(Sources.load(args.data), args.out)} problems -> {args.out}")
+        for name in DATA_FILES:
+            if not (args.data / name).is_file():
+                fail(f"{args.data} has no {name}; pass --data DIR")
+        try:
+            records = problem_records(Sources.load(args.data))
+        except DuetError as e:
+            fail(str(e), 1)
+        summary = f"{len(records)} problems"
     else:
         if not (args.eval_dir / "results.jsonl").is_file():
-            parser.error(f"{args.eval_dir} has no results.jsonl; run `duet eval run` first")
+            fail(f"{args.eval_dir} has no results.jsonl; run `duet eval run` first")
         try:
-            counts = build_attempts(args.problems, args.eval_dir, args.out)
-        except (OSError, json.JSONDecodeError, KeyError, TypeError) as e:
-            parser.exit(2, f"error: cannot join {args.problems} with {args.eval_dir} ({type(e).__name__}: {e}); "
-                           "pass the problems file that the eval ran on\n")
-        if counts["skipped"] and not counts["correct"] + counts["wrong"] + counts["no_answer"]:
-            parser.exit(2, f"error: cannot join {args.problems} with {args.eval_dir} (no result matches a problem); "
-                           "pass the problems file that the eval ran on\n")
-        print(f"{counts} -> {args.out}")
+            records, counts = join_attempts(args.problems, args.eval_dir)
+        except (OSError, ValueError, KeyError, IndexError, TypeError, AttributeError) as e:  # not what eval writes
+            fail(f"cannot join {args.problems} with {args.eval_dir} ({type(e).__name__}: {e}); "
+                 "pass the problems file that the eval ran on")
+        if not records:
+            fail(f"cannot join {args.problems} with {args.eval_dir} (no result matches a problem); "
+                 "pass the problems file that the eval ran on")
+        summary = str(counts)
+    try:
+        write_jsonl(args.out, records)
+    except OSError as e:
+        fail(f"--out {args.out}: {e.strerror or e}", 1)
+    print(f"{summary} -> {args.out}")
 
 
 if __name__ == "__main__":
     main()
-

@@ -19,17 +19,22 @@ import math
 import os
 import shutil
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from duet.errors import DuetError
 from duet.model import ModelArgs, Transformer, count_parameters, load_model, save_model
 from duet.model.model import MoE
 from duet.train.data import MIX, Conversation, Sources, example_stream
 from duet.train.tokenizer import train_tokenizer
+
+
+class TrainError(DuetError):
+    """A run that cannot start, continue or be installed; the message says why."""
 
 
 @dataclass
@@ -124,7 +129,8 @@ def batch_for_step(tokenizer, sources: Sources, cfg: TrainConfig, step: int) -> 
         if len(t) > cfg.seq_len + 1:
             skipped += 1
             if skipped > 1000:
-                raise ValueError(f"1000 examples in a row are longer than seq_len={cfg.seq_len} tokens; raise it")
+                raise TrainError(f"1000 examples in a row are longer than seq_len={cfg.seq_len} tokens; "
+                                 "raise --seq-len")
             continue
         skipped = 0
         ids += t
@@ -191,43 +197,83 @@ def build_model(cfg: TrainConfig, tokenizer) -> Transformer:
     return Transformer(args).init_weights(std=0.02, generator=g)
 
 
-def train(cfg: TrainConfig, progress: bool = True, log=print) -> Path:
-    """Train (or resume) into cfg.out_dir; returns the final checkpoint directory."""
+# settings that do not change what is trained: a run may be resumed with other values
+RESUMABLE_WITH_OTHER = ("out_dir", "steps", "save_every", "threads", "device")
+
+
+def config_differences(saved: TrainConfig, cfg: TrainConfig) -> list[tuple[str, object, object]]:
+    """(setting, saved value, new value) for each setting in which `cfg` would train differently from `saved`."""
+    def norm(name: str, value):
+        if name in ("data_dir", "init_from", "onpolicy") and value is not None:
+            return str(Path(value).resolve())
+        return value
+
+    return [(f.name, getattr(saved, f.name), getattr(cfg, f.name)) for f in fields(TrainConfig)
+            if f.name not in RESUMABLE_WITH_OTHER
+            and norm(f.name, getattr(saved, f.name)) != norm(f.name, getattr(cfg, f.name))]
+
+
+def _setting(name: str, value) -> str:
+    if isinstance(value, dict) and name == "mix":
+        value = ",".join(f"{k}={v:g}" for k, v in value.items())
+    return f"{name.replace('_', '-')}={value}"
+
+
+def _load_state(cfg: TrainConfig, state_path: Path) -> dict:
+    """The saved trainer state of the run in cfg.out_dir, refused unless cfg continues that same run."""
     out = Path(cfg.out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    state = torch.load(state_path, weights_only=False)
+    known = {f.name for f in fields(TrainConfig)}
+    saved = TrainConfig(**{k: v for k, v in state["config"].items() if k in known})
+    diffs = config_differences(saved, cfg)
+    if diffs:
+        raise TrainError(f"{out} holds a run with {', '.join(_setting(n, old) for n, old, _ in diffs)}; this command "
+                         f"has {', '.join(_setting(n, new) for n, _, new in diffs)} (use another --out, or the same "
+                         "settings to resume)")
+    if state["step"] >= cfg.steps:
+        raise TrainError(f"{out} is already at step {state['step']} of {cfg.steps}; nothing to train (its "
+                         f"checkpoint: {state_path.parent}; pass a larger --steps to continue it)")
+    return state
+
+
+def train(cfg: TrainConfig, progress: bool = True, log=print) -> Path:
+    """Train (or resume) into cfg.out_dir; returns the final checkpoint directory.
+
+    Everything is read and checked (the data, a saved run's settings, --init-from) before cfg.out_dir is written.
+    """
+    from duet.engine.engine import load_tokenizer  # one-line errors for a missing or broken tokenizer
+
+    if cfg.steps < 1:
+        raise TrainError(f"steps={cfg.steps}: train at least one step")
+    out = Path(cfg.out_dir)
+    if out.exists() and not out.is_dir():
+        raise TrainError(f"{out}: exists and is not a directory")
     ckpt = out / "checkpoint"
     state_path = ckpt / "trainer_state.pt"
+    state = _load_state(cfg, state_path) if state_path.exists() else None
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     torch.manual_seed(cfg.seed)
     sources = Sources.load(Path(cfg.data_dir), Path(cfg.onpolicy) if cfg.onpolicy else None)
-    sources.write_dev(out / "dev")
 
-    if state_path.exists():
-        from transformers import AutoTokenizer
-
-        state = torch.load(state_path, weights_only=False)
-        saved = TrainConfig(**state["config"])
-        if (saved.seed, saved.model, saved.batch_size, saved.seq_len) != (cfg.seed, cfg.model, cfg.batch_size,
-                                                                        cfg.seq_len):
-            raise ValueError(f"{out} holds a run with a different configuration; use another --out")
-        tokenizer = AutoTokenizer.from_pretrained(ckpt)
+    if state is not None:
+        tokenizer = load_tokenizer(ckpt)
         model = load_model(ckpt)
         start = state["step"]
         log(f"resuming {out} at step {start}")
     elif cfg.init_from:
-        from transformers import AutoTokenizer
-
-        tokenizer = AutoTokenizer.from_pretrained(cfg.init_from)
+        tokenizer = load_tokenizer(cfg.init_from)
         model = load_model(cfg.init_from, dtype=torch.float32)
-        state, start = None, 0
+        start = 0
         log(f"starting from the weights of {cfg.init_from}")
     else:
         sample = itertools.islice(example_stream(sources, seed=cfg.seed + 99, mix=cfg.mix), cfg.tokenizer_sample)
         texts = (m["content"] for c in sample for m in c.messages)
         tokenizer = train_tokenizer(texts, vocab_size=cfg.vocab_size)
         model = build_model(cfg, tokenizer)
-        state, start = None, 0
+        start = 0
+    out.mkdir(parents=True, exist_ok=True)
+    sources.write_dev(out / "dev")
     device = torch.device(cfg.device if cfg.device != "auto" else "cuda" if torch.cuda.is_available() else "cpu")
     model.to(device).train()
     decay = [p for n, p in model.named_parameters() if p.ndim >= 2 and "norm" not in n]
@@ -242,36 +288,48 @@ def train(cfg: TrainConfig, progress: bool = True, log=print) -> Path:
         f"without MTP), vocab {len(tokenizer)}")
 
     bar = _progress(progress, cfg.steps, start)
-    log_file = open(out / "train_log.jsonl", "a")
     tokens_done, t0 = 0, time.perf_counter()
-    for step in range(start, cfg.steps):
-        ids, mask = (t.to(device) for t in batch_for_step(tokenizer, sources, cfg, step))
-        for group in opt.param_groups:
-            group["lr"] = lr_at(step, cfg)
-        with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=cfg.bf16):
-            main, mtp = losses(model, ids, mask)
-        loss = main + cfg.mtp_lambda * mtp if mtp is not None else main
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-        opt.step()
-        load = balance_experts(model, cfg.bias_gamma)
-        tokens_done += ids.numel()
-        rate = tokens_done / (time.perf_counter() - t0)
-        record = {"step": step + 1, "loss": round(main.item(), 4),
-                  "mtp_loss": round(mtp.item(), 4) if mtp is not None else None,
-                  "lr": round(lr_at(step, cfg), 6), "max_over_mean_load": round(load, 3),
-                  "tokens_per_s": round(rate), "time": round(time.time())}
-        log_file.write(json.dumps(record) + "\n")
-        log_file.flush()
+    try:
+        with open(out / "train_log.jsonl", "a") as log_file:
+            for step in range(start, cfg.steps):
+                ids, mask = (t.to(device) for t in batch_for_step(tokenizer, sources, cfg, step))
+                for group in opt.param_groups:
+                    group["lr"] = lr_at(step, cfg)
+                with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=cfg.bf16):
+                    main, mtp = losses(model, ids, mask)
+                loss = main + cfg.mtp_lambda * mtp if mtp is not None else main
+                if not torch.isfinite(loss):
+                    raise TrainError(f"the loss became {loss.item()} at step {step + 1}; stopped without saving "
+                                     f"(the last checkpoint, if any, is in {ckpt}; try a lower --lr)")
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+                opt.step()
+                load = balance_experts(model, cfg.bias_gamma)
+                tokens_done += ids.numel()
+                rate = tokens_done / (time.perf_counter() - t0)
+                record = {"step": step + 1, "loss": round(main.item(), 4),
+                          "mtp_loss": round(mtp.item(), 4) if mtp is not None else None,
+                          "lr": round(lr_at(step, cfg), 6), "max_over_mean_load": round(load, 3),
+                          "tokens_per_s": round(rate), "time": round(time.time())}
+                log_file.write(json.dumps(record) + "\n")
+                log_file.flush()
+                if bar:
+                    bar.update(step + 1, record)
+                if (step + 1) % cfg.save_every == 0 or step + 1 == cfg.steps:
+                    if not all_finite(model.state_dict().values()):
+                        raise TrainError(f"the weights are no longer finite at step {step + 1}; stopped without "
+                                         f"saving (the last checkpoint, if any, is in {ckpt}; try a lower --lr)")
+                    _save(model, tokenizer, opt, cfg, step + 1, out)
+    finally:
         if bar:
-            bar.update(step + 1, record)
-        if (step + 1) % cfg.save_every == 0 or step + 1 == cfg.steps:
-            _save(model, tokenizer, opt, cfg, step + 1, out)
-    log_file.close()
-    if bar:
-        bar.close()
+            bar.close()
     return ckpt
+
+
+def all_finite(tensors) -> bool:
+    """Whether every floating-point value of `tensors` is finite."""
+    return all(bool(torch.isfinite(t).all()) for t in tensors if t.is_floating_point())
 
 
 def _save(model: Transformer, tokenizer, opt, cfg: TrainConfig, step: int, out: Path) -> None:
@@ -317,12 +375,23 @@ class _progress:
 
 
 def install_model(checkpoint: Path, target: Path | None = None) -> Path:
-    """Copy a trained checkpoint's model and tokenizer files (not the optimizer) to the embedded model folder."""
+    """Copy a trained checkpoint's model and tokenizer files (not the optimizer) to the embedded model folder.
+
+    Refuses (TrainError) a checkpoint that is missing, has no weights, or holds a weight that is not finite.
+    """
+    from safetensors.torch import load_file
+
     from duet.model.embedded import EMBEDDED_DIR
 
+    checkpoint = Path(checkpoint)
+    weights = sorted(checkpoint.glob("*.safetensors")) if checkpoint.is_dir() else []
+    if not (checkpoint / "config.json").is_file() or not weights:
+        raise TrainError(f"{checkpoint}: no trained checkpoint (config.json and *.safetensors) to install")
+    if not all(all_finite(load_file(f).values()) for f in weights):
+        raise TrainError(f"{checkpoint}: holds weights that are not finite (NaN or inf); not installed")
     target = Path(target or EMBEDDED_DIR)
     target.mkdir(parents=True, exist_ok=True)
-    for f in Path(checkpoint).iterdir():
+    for f in checkpoint.iterdir():
         if f.name != "trainer_state.pt" and f.is_file():
             shutil.copy2(f, target / f.name)
     return target
