@@ -481,6 +481,8 @@ def prepare(opts: EvalOptions, say: Say) -> Prepared:
                      {"solver": solver_options, "critic": critic_options})
     digest = fingerprint_hash(fp)
     run_dir = opts.out or Path("runs") / "eval" / f"{data.path.stem}-{digest}"
+    if opts.out is None:  # a given --out was checked before the data was read
+        _check_run_dir(run_dir, False)
     config = {
         "format": RUN_FORMAT,
         "created": _now(),
@@ -614,7 +616,6 @@ def run_eval(opts: EvalOptions, *, say: Say | None = None, live: bool = False, c
 
     say = say or (lambda line: print(line, file=sys.stderr))
     prep = prepare(opts, say)
-    _check_run_dir(prep.run_dir, opts.out is not None)
     created = [d for d in (prep.run_dir, *prep.run_dir.parents) if not d.exists()]
     try:
         prep.run_dir.mkdir(parents=True, exist_ok=True)
