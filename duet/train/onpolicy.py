@@ -40,12 +40,14 @@ def problem_records(sources: Sources) -> list[dict]:
 
 
 def join_attempts(problems: Path, eval_dir: Path) -> tuple[list[dict], dict[str, int]]:
-    """The problems joined with the first solver turn of each solver-only result: (attempts, counts)."""
+    """The problems joined with the first solver turn of each solver-only result, in dataset order:
+    (attempts, counts)."""
     rows = [json.loads(line) for line in problems.read_text().splitlines()]
     counts = {"correct": 0, "wrong": 0, "no_answer": 0, "skipped": 0}
     attempts = []
-    for line in (eval_dir / "results.jsonl").read_text().splitlines():
-        result = json.loads(line)
+    results = [json.loads(line) for line in (eval_dir / "results.jsonl").read_text().splitlines()]
+    # in dataset order: the eval records results as problems finish, which varies from run to run
+    for result in sorted(results, key=lambda r: r.get("line", 0)):
         # eval records name the dataset line they came from; the question must match it
         row = rows[result["line"] - 1] if 0 < result.get("line", 0) <= len(rows) else None
         if (result["mode"] != "solver-only" or row is None or row["question"] != result["question"]
