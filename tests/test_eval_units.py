@@ -340,6 +340,26 @@ def test_compare_pairs_by_id_and_lists_flips():
     assert unpaired["difference"]["accuracy_b"] == pytest.approx(2 / 3)
 
 
+def test_kind_field_is_reported_per_kind_with_paired_differences(tmp_path):
+    path = write(tmp_path / "c.jsonl", "".join(json.dumps(r) + "\n" for r in [
+        {"id": "a1", "kind": "inverse", "question": "q1", "answer": "#### 1"},
+        {"id": "a2", "kind": "inverse", "question": "q2", "answer": "#### 2"},
+        {"id": "b1", "kind": "compare", "question": "q3", "answer": "#### 3"},
+        {"id": "c1", "question": "q4", "answer": "#### 4"}]))
+    problems = load_dataset(path).problems
+    assert [p.kind for p in problems] == ["inverse", "inverse", "compare", None]
+
+    def recs(mode, right):
+        return [{**rec(p.id, mode, ok), **({"kind": p.kind} if p.kind else {})}
+                for p, ok in zip(problems, right, strict=True)]
+
+    solver, critic = recs("s", [True, False, False, True]), recs("c", [True, True, True, True])
+    stats = mode_stats(critic)["kinds"]
+    assert stats["inverse"]["n"] == 2 and stats["inverse"]["accuracy"] == 1.0 and set(stats) == {"inverse", "compare"}
+    kinds = compare(solver, critic)["kinds"]
+    assert kinds["inverse"]["fixed"] == 1 and kinds["inverse"]["n"] == 2 and kinds["compare"]["fixed"] == 1
+
+
 # ------------------------------------------------------------------------------------------ options
 
 

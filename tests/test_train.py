@@ -25,6 +25,7 @@ from duet.agents.critic import NO_ANSWER_REASON
 from duet.agents.protocol import extract_final_answer, find_code_blocks, parse_verdict
 from duet.prompts import load_prompts
 from duet.train.data import (
+    MIX,
     Sources,
     attempt_conversations,
     conversations,
@@ -32,6 +33,7 @@ from duet.train.data import (
     is_dev,
     load_attempts,
     mawps_problem,
+    normalised,
     synthetic_problem,
 )
 from duet.train.tokenizer import train_tokenizer
@@ -51,7 +53,10 @@ MAWPS_ROWS = [
      "10.0 15.0 5.0", "+ + number0 number1 number2", "30.0"),
     ("A farm has number0 cows and number1 pigs . How many more cows than pigs ?", "50.0 20.0",
      "- number0 number1", "30.0"),
-] * 4
+]
+# four copies of each story, told a little differently: a story told the same way in two rows is kept out of
+# training when either row is in the dev split
+MAWPS_ROWS = [(q.replace(" ?", f" {w} ?", 1), *rest) for w in ("", "today", "then", "again") for q, *rest in MAWPS_ROWS]
 GSM8K_ROWS = [
     {"question": "Mia buys 3 packs of 6 eggs and uses 5. How many eggs are left?",
      "answer": "She has 3*6 = <<3*6=18>>18 eggs.\nLeft: 18-5 = <<18-5=13>>13.\n#### 13"},
@@ -143,7 +148,19 @@ def test_critic_examples_agree_with_right_and_reject_wrong_solutions(sources):
                 wrong, fixed = extract_final_answer(conv.messages[2]["content"]), conv.messages[4]["content"]
                 assert f"not {wrong}. My solution:\n{fixed}" in conv.messages[3]["content"]
                 assert f"(the checker's answer: {extract_final_answer(fixed)})" in conv.messages[3]["content"]
-    assert kinds == {"solve", "critique_correct", "critique_wrong", "revise", "revise_numbers", "revise_own_solution"}
+            if conv.kind.startswith("judge"):  # the verifier's one-line judgement, right or wrong as labelled
+                assert conv.messages[1]["content"] == prompts.verifier_request(problem.question,
+                                                                              conv.messages[1]["content"].split(
+                                                                                  "Solution:\n", 1)[1].rsplit(
+                                                                                  "\n\nIs this", 1)[0])
+                solution = conv.messages[1]["content"].split("Solution:\n", 1)[1]
+                code = "\n".join(b.code for b in find_code_blocks(solution))
+                right = answers_match(run_python(code).split()[-1], problem.gold or run_python(
+                    "\n".join(c for _, c in problem.cells)).split()[-1])
+                assert conv.messages[-1]["content"] == ("VERDICT: AGREE" if right else "VERDICT: DISAGREE")
+                assert conv.kind == ("judge_right" if right else "judge_wrong")
+    assert kinds == {"solve", "judge_right", "judge_wrong", "critique_correct", "critique_wrong", "revise",
+                     "revise_numbers", "revise_own_solution"}
 
 
 def test_number_check_revisions_are_what_the_live_critic_says(sources):
@@ -191,8 +208,11 @@ def test_wrong_solutions_really_are_wrong():
 def test_dev_split_is_held_out_by_row(sources, data_dir, tmp_path):
     train_ids = {r.index for r in sources.mawps_train}
     dev_ids = {r.index for r in sources.mawps_dev}
-    assert not train_ids & dev_ids and train_ids | dev_ids == set(range(len(MAWPS_ROWS)))
+    assert not train_ids & dev_ids and train_ids | dev_ids <= set(range(len(MAWPS_ROWS)))
     assert all(is_dev("mawps", i) for i in dev_ids) and not any(is_dev("mawps", i) for i in train_ids)
+    # a training row that tells a dev row's story (here the rows repeat) is left out, not trained on
+    dev_texts = {normalised(r.question) for r in sources.mawps_dev}
+    assert dev_texts and not any(normalised(r.question) in dev_texts for r in sources.mawps_train)
     paths = sources.write_dev(tmp_path)
     written = [json.loads(line)["id"] for line in paths["mawps"].read_text().splitlines()]
     assert written == [f"mawps-{i}" for i in sorted(dev_ids)]
@@ -456,7 +476,7 @@ def test_cli_resumes_only_the_same_run_and_only_forward(duet_train, tmp_path, da
                               "--fp32", "--mix", "mawps=1", "--mtp-lambda", "0", "--save-every", "5")
     assert code == 1 and len(err.splitlines()) == 1
     assert (f"error: {out} holds a run with data-dir={data_dir}, lr=0.002, mtp-lambda=0.3, bf16=True, "
-            f"mix=synthetic=0.4,mawps=0.45,gsm8k=0.15; this command has data-dir={other_data}, lr=0.5, "
+            f"mix={','.join(f'{k}={v}' for k, v in MIX.items())}; this command has data-dir={other_data}, lr=0.5, "
             "mtp-lambda=0.0, bf16=False, mix=mawps=1 (use another --out, or the same settings to resume)") in err
     assert torch.load(out / "checkpoint" / "trainer_state.pt")["config"] == asdict(saved)  # untouched
 

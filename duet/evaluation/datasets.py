@@ -59,6 +59,7 @@ class Problem:
     question: str
     gold: str
     line: int
+    kind: str | None = None  # the row's ``kind`` field (e.g. a challenge split's variation): reported apart
 
 
 @dataclass(frozen=True)
@@ -274,7 +275,8 @@ def _problem(row: dict[str, Any], fields: Fields, line: int, position: int, kind
         ident = _text(row[fields.id]) or ""
     else:
         ident = str(position if kind == "json" else line)
-    return Problem(ident.strip(), question, gold, line)
+    kind = row.get("kind")
+    return Problem(ident.strip(), question, gold, line, kind.strip() or None if isinstance(kind, str) else None)
 
 
 def _question(row: dict[str, Any], name: str | None) -> str:

@@ -91,6 +91,11 @@ def mode_stats(records: list[dict[str, Any]]) -> dict[str, Any]:
                            "difference": diff.to_dict() if diff else None}
     else:
         stats["round1"] = None
+    kinds: dict[str, list[dict[str, Any]]] = {}
+    for r in records:
+        if r.get("kind"):
+            kinds.setdefault(str(r["kind"]), []).append(r)
+    stats["kinds"] = {k: _rate(sum(1 for r in rs if r.get("correct")), len(rs)) for k, rs in sorted(kinds.items())}
     rounds = [r.get("rounds") for r in records if isinstance(r.get("rounds"), (int, float))]
     stats["mean_rounds"] = sum(rounds) / len(rounds) if rounds else None
     tokens = [r.get("tokens") or {} for r in records]
@@ -118,11 +123,16 @@ def compare(a: list[dict[str, Any]], b: list[dict[str, Any]], *, paired: bool = 
     ``paired=False`` (different data files, whose ids name different problems): unpaired, no flips."""
     by_id_a = {r["id"]: r for r in a}
     common = [r for r in b if r["id"] in by_id_a] if paired else []
-    flips = []
+    flips: list[dict[str, Any]] = []
+    kinds: dict[str, Any] = {}
     if common:
         outcome_a = [bool(by_id_a[r["id"]].get("correct")) for r in common]
         outcome_b = [bool(r.get("correct")) for r in common]
         diff = paired_difference(outcome_a, outcome_b)
+        for kind in sorted({str(r["kind"]) for r in common if r.get("kind")}):
+            pairs = [(x, y) for r, x, y in zip(common, outcome_a, outcome_b, strict=True) if r.get("kind") == kind]
+            kind_diff = paired_difference([x for x, _ in pairs], [y for _, y in pairs])
+            kinds[kind] = kind_diff.to_dict() if kind_diff else None
         for r, x, y in zip(common, outcome_a, outcome_b, strict=True):
             if x != y:
                 flips.append({"id": r["id"], "change": "fixed" if y else "broken", "question": r.get("question"),
@@ -131,7 +141,7 @@ def compare(a: list[dict[str, Any]], b: list[dict[str, Any]], *, paired: bool = 
     else:
         diff = unpaired_difference(sum(1 for r in a if r.get("correct")), len(a),
                                    sum(1 for r in b if r.get("correct")), len(b))
-    return {"difference": diff.to_dict() if diff else None, "flips": flips}
+    return {"difference": diff.to_dict() if diff else None, "flips": flips, "kinds": kinds}
 
 
 def summarize(records: list[dict[str, Any]], *, run_dir: Path | None = None, config: dict[str, Any] | None = None,
@@ -143,7 +153,7 @@ def summarize(records: list[dict[str, Any]], *, run_dir: Path | None = None, con
     for name in names[1:]:
         result = compare(groups[names[0]], groups[name])
         comparisons.append({"a": names[0], "b": name, "difference": result["difference"],
-                            "flipped": [f["id"] for f in result["flips"]]})
+                            "kinds": result["kinds"], "flipped": [f["id"] for f in result["flips"]]})
     return {
         "run": str(run_dir) if run_dir else None,
         "updated": datetime.now(timezone.utc).isoformat(timespec="seconds"),
@@ -199,6 +209,26 @@ def summary_table(modes: dict[str, dict[str, Any]], title: str = "duet eval") ->
     return table
 
 
+def kinds_table(modes: dict[str, dict[str, Any]]) -> Any | None:
+    """Accuracy per kind of problem (the data's ``kind`` field), one column per mode."""
+    from rich.table import Table
+
+    kinds = sorted({k for s in modes.values() for k in (s.get("kinds") or {})})
+    if not kinds:
+        return None
+    table = Table(title="Accuracy per kind", title_justify="left")
+    table.add_column("kind")
+    for name in modes:
+        table.add_column(name, justify="right")
+    for kind in kinds:
+        cells = []
+        for s in modes.values():
+            rate = (s.get("kinds") or {}).get(kind)
+            cells.append(f"{pct(rate['accuracy'])} {ci_text(rate['ci95'])} (n={rate['n']})" if rate else "-")
+        table.add_row(kind, *cells)
+    return table
+
+
 def critic_table(modes: dict[str, dict[str, Any]]) -> Any | None:
     """What the critic bought: the solver's first answer vs the final one, paired per problem."""
     from rich.table import Table
@@ -230,12 +260,12 @@ def differences_table(comparisons: list[dict[str, Any]], title: str = "Differenc
     for name in ("A", "B", "n", "acc A", "acc B", "B - A", "95% CI", "fixed", "broken", "p", "paired"):
         table.add_column(name, justify="left" if name in ("A", "B") else "right")
     for c in rows:
-        d = c["difference"]
-        paired = d["paired"]
-        table.add_row(c["a"], c["b"], str(d["n"]), pct(d["accuracy_a"]), pct(d["accuracy_b"]),
-                      signed(d["difference"]), _ci_pts(d), str(d["fixed"]) if paired else "-",
-                      str(d["broken"]) if paired else "-", _num(d["p_value"], "{:.3f}") if paired else "-",
-                      "yes" if paired else "no")
+        for label, d in [("", c["difference"]), *((f" [{k}]", v) for k, v in (c.get("kinds") or {}).items() if v)]:
+            paired = d["paired"]
+            table.add_row(c["a"] + label, c["b"] + label, str(d["n"]), pct(d["accuracy_a"]), pct(d["accuracy_b"]),
+                          signed(d["difference"]), _ci_pts(d), str(d["fixed"]) if paired else "-",
+                          str(d["broken"]) if paired else "-", _num(d["p_value"], "{:.3f}") if paired else "-",
+                          "yes" if paired else "no")
     return table
 
 
@@ -264,7 +294,8 @@ def _shown(value: Any) -> str:
 def print_summary(summary: dict[str, Any], console: Any) -> None:
     """The tables printed at the end of ``duet eval``."""
     console.print(summary_table(summary["modes"], title=f"duet eval: {summary.get('run')}"))
-    for table in (critic_table(summary["modes"]), differences_table(summary["comparisons"])):
+    for table in (kinds_table(summary["modes"]), critic_table(summary["modes"]),
+                  differences_table(summary["comparisons"])):
         if table is not None:
             console.print(table)
 
@@ -397,9 +428,9 @@ def print_report(report: dict[str, Any], console: Any, *, flips: int = 20) -> No
     for note in report["notes"]:
         console.print(f"[yellow]note:[/] {note}")
     console.print(summary_table(report["systems"], title="duet eval report"))
-    critic = critic_table(report["systems"])
-    if critic is not None:
-        console.print(critic)
+    for table in (kinds_table(report["systems"]), critic_table(report["systems"])):
+        if table is not None:
+            console.print(table)
     diffs = differences_table(report["comparisons"], title=f"Differences against {report['baseline']} (B - A)")
     if diffs is not None:
         console.print(diffs)

@@ -747,6 +747,8 @@ def _execute(prep: Prepared, tasks: list[tuple[Problem, Mode]], results: Results
             write_json_atomic(run_dir / rel, transcript)
             record.update(transcript=rel, line=problem.line, started=round(started, 3),
                           finished=round(time.time(), 3))
+            if problem.kind:
+                record["kind"] = problem.kind
             finished.put(("record", ordered(record)))
         except BaseException as error:  # cannot write the transcript (disk full, ...): stop the run
             finished.put(("fatal", error))

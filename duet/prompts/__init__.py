@@ -10,6 +10,7 @@ solver_user.md      the user message carrying a question    ``{question}``
 critic_system.md    the critic's system message             (none)
 critic_user.md      the critic's user message               ``{question}``, ``{solution}``
 revise_user.md      the user message asking for a revision  ``{critique}``
+verifier_user.md    the critic's yes/no judgement request   ``{question}``, ``{solution}``
 ==================  ======================================  ==============================
 
 Placeholders are replaced literally (not with ``str.format``), so braces such as ``\\boxed{answer}``
@@ -29,6 +30,7 @@ PLACEHOLDERS: dict[str, tuple[str, ...]] = {
     "critic_system": (),
     "critic_user": ("question", "solution"),
     "revise_user": ("critique",),
+    "verifier_user": ("question", "solution"),
 }
 
 
@@ -38,13 +40,14 @@ class PromptError(ValueError):
 
 @dataclass(frozen=True)
 class Prompts:
-    """The five templates, plus helpers that fill them in."""
+    """The six templates, plus helpers that fill them in."""
 
     solver_system: str
     solver_user: str
     critic_system: str
     critic_user: str
     revise_user: str
+    verifier_user: str
 
     def solver_question(self, question: str) -> str:
         """The solver's user message for ``question``."""
@@ -53,6 +56,10 @@ class Prompts:
     def critic_request(self, question: str, solution: str) -> str:
         """The critic's user message for a question and the solver's solution text."""
         return fill(self.critic_user, question=question, solution=solution)
+
+    def verifier_request(self, question: str, solution: str) -> str:
+        """The critic's user message asking only for a verdict on a solution (its P(AGREE) is the score)."""
+        return fill(self.verifier_user, question=question, solution=solution)
 
     def revise_request(self, critique: str) -> str:
         """The user message asking the solver to revise after ``critique``."""

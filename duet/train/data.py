@@ -38,6 +38,9 @@ from duet.agents.grounding import check_numbers, number_check_reason
 from duet.agents.protocol import format_cell, format_output
 from duet.errors import DuetError
 from duet.prompts import Prompts, load_prompts
+from duet.train.generator import generated_story
+from duet.train.story import Story, named_code, tidy
+from duet.train.variations import VARIATIONS, fresh_numbers, vary
 
 DEV_FRACTION = 0.1  # of each real source, held out by row
 MAWPS_COLUMNS = ("Question", "Numbers", "Equation", "Answer")
@@ -157,7 +160,9 @@ class Conversation:
     """Messages of one training example; the last assistant message is the target."""
 
     messages: list[dict]
-    kind: str  # solve | critique_correct | critique_wrong | revise | revise_numbers | revise_own_solution
+    # solve | judge_right | judge_wrong | critique_correct | critique_wrong | revise | revise_numbers
+    # | revise_own_solution
+    kind: str
 
 
 def _solve(prompts: Prompts, question: str, solution: str) -> Conversation:
@@ -179,6 +184,14 @@ def _critique(prompts: Prompts, question: str, solution: str, check: str, kind: 
     return Conversation([{"role": "system", "content": prompts.critic_system},
                          {"role": "user", "content": prompts.critic_request(question, solution)},
                          {"role": "assistant", "content": check}], kind)
+
+
+def _judge(prompts: Prompts, question: str, solution: str, right: bool) -> Conversation:
+    """The critic's one-line judgement of `solution` (the verifier's turn, see prompts/verifier_user.md)."""
+    return Conversation([{"role": "system", "content": prompts.critic_system},
+                         {"role": "user", "content": prompts.verifier_request(question, solution)},
+                         {"role": "assistant", "content": f"VERDICT: {'AGREE' if right else 'DISAGREE'}"}],
+                        "judge_right" if right else "judge_wrong")
 
 
 def _number_check_revision(prompts: Prompts, question: str, rejected: str, solution: str) -> Conversation | None:
@@ -248,12 +261,25 @@ def miscopied_cells(problem: Problem, rng: random.Random) -> list[Cell] | None:
     return [*problem.cells[:i], (step, code[:start] + wrong + code[end:]), *problem.cells[i + 1:]]
 
 
+JUDGE_RATE = 0.5  # of problems that also yield a judgement of a right or a wrong solution
+SOLVE_ONLY_RATE = 0.4  # of problems that yield only the solver's turn (solving is the skill everything rests on)
+
+
 def conversations(problem: Problem, prompts: Prompts, rng: random.Random) -> Iterator[Conversation]:
     """The solver, critic and revision examples that one problem yields."""
     solution, answer = solution_text(problem.cells)
     if answer is None:
         return
     yield _solve(prompts, problem.question, solution)
+    if rng.random() < JUDGE_RATE:  # balanced: a right solution or a wrong one
+        if problem.wrong and rng.random() < 0.5:
+            wrong_solution, wrong_answer = solution_text(rng.choice(problem.wrong))
+            if wrong_answer is not None:
+                yield _judge(prompts, problem.question, wrong_solution, False)
+        else:
+            yield _judge(prompts, problem.question, solution, True)
+    if rng.random() < SOLVE_ONLY_RATE:
+        return
     if (rng.random() < MISCOPY_RATE and not check_numbers(problem.question, solution)
             and (cells := miscopied_cells(problem, rng))):
         rejected, rejected_answer = solution_text(cells)
@@ -348,42 +374,6 @@ def attempt_conversations(attempt: Attempt, prompts: Prompts,
 
 # ----------------------------------------------------------------------------- MAWPS + ASDiv-A
 
-_OPS = {"+": "+", "-": "-", "*": "*", "/": "/"}
-_STEP_WORDS = {"+": "Add the amounts.", "-": "Subtract to find the difference.",
-               "*": "Multiply to find the total.", "/": "Divide to find the amount for each."}
-
-
-def _prefix_to_infix(tokens: list[str], values: dict[str, str]) -> tuple[str, str]:
-    """Prefix equation tokens -> (python expression, its top operator)."""
-    pos = 0
-
-    def parse() -> str:
-        nonlocal pos
-        tok = tokens[pos]
-        pos += 1
-        if tok in _OPS:
-            left, right = parse(), parse()
-            return f"({left} {tok} {right})"
-        return values.get(tok, tok)
-
-    expr = parse()
-    if pos != len(tokens):
-        raise ValueError("trailing tokens")
-    top = tokens[0] if tokens[0] in _OPS else ""
-    return (expr[1:-1] if expr.startswith("(") and expr.endswith(")") else expr), top
-
-
-def _number_text(value: float) -> str:
-    return str(int(value)) if value == int(value) else f"{value:g}"
-
-
-def _tidy(text: str) -> str:
-    """MAWPS text is tokenised ('books .'); join punctuation back."""
-    text = re.sub(r"\s+([.,?!;:%)])", r"\1", text.strip())
-    text = re.sub(r"([($])\s+", r"\1", text)
-    return re.sub(r"\s+", " ", text)
-
-
 @dataclass
 class MawpsRow:
     index: int
@@ -391,6 +381,9 @@ class MawpsRow:
     numbers: list[float]
     equation: list[str]
     answer: float
+
+    def story(self) -> Story:
+        return Story(tidy(self.question), tuple(self.numbers), tuple(self.equation), f"mawps-{self.index}")
 
 
 def load_mawps(path: Path) -> list[MawpsRow]:
@@ -433,47 +426,76 @@ def load_gsm8k(path: Path) -> list[dict]:
 
 
 def mawps_problem(row: MawpsRow, rng: random.Random | None) -> Problem | None:
-    """The row with its numbers (resampled when rng is given) and a solution; None if it does not work out."""
-    for _ in range(20 if rng else 1):
-        # Equal numbers stay equal: the dataset's equations do not always say which of two equal
-        # numbers they use, and resampling them apart would make the equation wrong.
-        fresh = {} if rng is None else {v: _resample(v, rng) for v in dict.fromkeys(row.numbers)}
-        numbers = [fresh.get(v, v) for v in row.numbers]
-        values = {f"number{i}": _number_text(v) for i, v in enumerate(numbers)}
-        try:
-            expr, top = _prefix_to_infix(row.equation, values)
-        except (IndexError, ValueError):
+    """The row with its numbers (fresh ones when rng is given) and a solution; None if it does not work out.
+
+    Without rng the row keeps its numbers and must reproduce the dataset's answer (its gold)."""
+    story = row.story()
+    if rng is not None:
+        story = fresh_numbers(story, rng)
+        if story is None:
             return None
-        cells = [(_STEP_WORDS.get(top, "Combine the numbers.") if len(row.equation) == 3
-                  else "Combine the numbers step by step.", f"answer = {expr}\nprint(answer)")]
-        answer = clean_result(cells)
-        if answer is None:
-            continue
-        if rng is not None and row.answer == int(row.answer) and float(answer) != int(float(answer)):
-            continue  # a whole-number question (how many toys?) keeps a whole-number answer
-        if rng is None and abs(float(answer) - row.answer) > 1e-6 * max(1, abs(row.answer)):
+    problem = story_problem(story, rng or random.Random(row.index))
+    if problem is None:
+        return None
+    if rng is None:
+        if abs(float(problem.gold or "nan") - row.answer) > 1e-6 * max(1, abs(row.answer)):
             return None
-        question = _tidy(re.sub(r"number(\d+)", lambda m, v=values: v.get(m.group(0), m.group(0)),
-                                row.question))
-        used = set(re.findall(r"number\d+", " ".join(row.equation)))
-        spare = [values[k] for k in values if k not in used]
-        wrong = _wrong_variants(cells, list(values.values()), spare, rng or random.Random(row.index))
-        return Problem(question, cells, "mawps", f"mawps-{row.index}", wrong,
-                       gold=None if rng else _number_text(row.answer))
-    return None
+    else:
+        problem.gold = None
+    return problem
 
 
-def _resample(value: float, rng: random.Random) -> float:
-    """A fresh number of the same kind and similar size."""
-    if value != int(value):
-        return round(rng.uniform(0.5, 2) * value, 1 if abs(value) >= 1 else 2) or value
-    v = int(value)
-    if v <= 1:
-        return value
-    if v <= 12:
-        return float(rng.randint(2, 12))
-    low, high = max(2, v // 3), v * 3
-    return float(rng.randint(low, high))
+_STEP_WORDS = {"+": "add them", "-": "subtract", "*": "multiply", "/": "divide"}
+
+
+def story_problem(story: Story, rng: random.Random, source: str = "mawps") -> Problem | None:
+    """A story solved with named quantities (see duet.train.story), with wrong solutions for the critic."""
+    try:
+        code = named_code(story)
+    except (ValueError, IndexError, KeyError):
+        return None
+    top = story.equation[0]
+    step = (f"Name the numbers, then {_STEP_WORDS[top]}." if len(story.equation) == 3 and top in _STEP_WORDS
+            else "Name the numbers, then combine them.")
+    cells = [(step, code)]
+    answer = clean_result(cells)
+    if answer is None:
+        return None
+    return Problem(story.question(), cells, source, story.source or source, _wrong_named(cells, rng), gold=answer)
+
+
+_NAME = re.compile(r"\b[a-z_][a-z_0-9]*\b")
+
+
+def _wrong_named(cells: list[Cell], rng: random.Random) -> list[list[Cell]]:
+    """Wrong solutions of a named-quantity solution: another operation, two names swapped, an unused name."""
+    step, code = cells[-1]
+    lines = code.splitlines()
+    i = next(k for k, line in enumerate(lines) if line.startswith("answer = "))
+    expr = lines[i][len("answer = "):]
+    given = [ln.split(" = ")[0] for ln in lines[:i]]
+    names = list(dict.fromkeys(m.group(0) for m in _NAME.finditer(expr) if m.group(0) in given))
+    spare = [g for g in given if g not in names]
+    variants = []
+    ops = list(re.finditer(r" ([-+*/]) ", expr))
+    if ops:
+        m = rng.choice(ops)
+        other = {"+": "-", "-": "+", "*": "/", "/": "*"}[m.group(1)]
+        variants.append(expr[: m.start(1)] + other + expr[m.end(1):])
+    if len(names) >= 2:
+        a, b = rng.sample(names, 2)
+        variants.append(_NAME.sub(lambda m: {a: b, b: a}.get(m.group(0), m.group(0)), expr))
+    if names and spare:
+        a, b = rng.choice(names), rng.choice(spare)
+        variants.append(_NAME.sub(lambda m: b if m.group(0) == a else m.group(0), expr, count=1))
+    correct = clean_result(cells)
+    out = []
+    for v in variants:
+        wrong = [*cells[:-1], (step, "\n".join([*lines[:i], f"answer = {v}", *lines[i + 1:]]))]
+        _, answer = run_cells(wrong)
+        if answer is not None and answer != correct:
+            out.append(wrong)
+    return out
 
 
 # ----------------------------------------------------------------------------- wrong solutions
@@ -695,6 +717,12 @@ def synthetic_problem(rng: random.Random) -> Problem | None:
 # ----------------------------------------------------------------------------- splits and the stream
 
 
+def normalised(text: str) -> str:
+    """A problem's text with its numbers, case, punctuation and spacing taken out (to find the same story)."""
+    text = re.sub(r"number\d+|\d[\d,.]*", " N ", text.lower())
+    return " ".join(re.findall(r"[a-z]+|N", text))
+
+
 def is_dev(source: str, index: int) -> bool:
     """The fixed dev split: about DEV_FRACTION of each real source's rows, chosen by a hash of the row."""
     return zlib.crc32(f"{source}:{index}".encode()) % 1000 < DEV_FRACTION * 1000
@@ -714,14 +742,18 @@ class Sources:
     def load(cls, data_dir: Path, attempts: Path | None = None) -> Sources:
         mawps = load_mawps(data_dir / "mawps_asdiv_a" / "train.csv")
         gsm_rows = load_gsm8k(data_dir / "gsm8k" / "train.jsonl")
+        # A training row whose text (numbers aside) is a dev row's would leak the dev split: MAWPS holds
+        # the same story under several rows, so a split by row alone is not enough.
+        dev_texts = {normalised(r.question) for r in mawps if is_dev("mawps", r.index)}
+        dev_texts |= {normalised(row["question"]) for i, row in enumerate(gsm_rows) if is_dev("gsm8k", i)}
         gsm_train = []
         for i, row in enumerate(gsm_rows):
-            if not is_dev("gsm8k", i):
+            if not is_dev("gsm8k", i) and normalised(row["question"]) not in dev_texts:
                 problem = gsm8k_problem(i, row["question"], row["answer"])
                 if problem:
                     gsm_train.append(problem)
         return cls(
-            mawps_train=[r for r in mawps if not is_dev("mawps", r.index)],
+            mawps_train=[r for r in mawps if not is_dev("mawps", r.index) and normalised(r.question) not in dev_texts],
             gsm8k_train=gsm_train,
             mawps_dev=[r for r in mawps if is_dev("mawps", r.index)],
             gsm8k_dev=[{"id": f"gsm8k-{i}", **row} for i, row in enumerate(gsm_rows) if is_dev("gsm8k", i)],
@@ -744,7 +776,7 @@ class Sources:
 
 
 # How often each source is drawn when building the stream (the default; `duet train --mix` changes it).
-MIX = {"synthetic": 0.4, "mawps": 0.45, "gsm8k": 0.15}
+MIX = {"synthetic": 0.1, "mawps": 0.3, "variations": 0.3, "stories": 0.25, "gsm8k": 0.05}
 SOURCES = (*MIX, "onpolicy")  # onpolicy: the attempts of `duet train --onpolicy FILE`
 
 
@@ -768,6 +800,12 @@ def example_stream(sources: Sources, seed: int, prompts: Prompts | None = None,
             continue
         elif kind == "mawps":
             problem = mawps_problem(rng.choice(sources.mawps_train), rng)
+        elif kind == "variations":
+            story = vary(rng.choice(sources.mawps_train).story(), rng.choice(list(VARIATIONS)), rng)
+            problem = story_problem(story, rng, "variations") if story else None
+        elif kind == "stories":
+            story = generated_story(rng)
+            problem = story_problem(story, rng, "stories") if story else None
         else:
             problem = rng.choice(sources.gsm8k_train)
         if problem is not None:

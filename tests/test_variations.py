@@ -1,0 +1,136 @@
+"""Stories, their variations, the story generator and the challenge dev split.
+
+Golds are checked against independent references: every equation is re-evaluated by sympy from its
+written-out form, every named-quantity solution is run in a separate Python process, and an inverse
+question's answer is put back into the original story's equation.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import sympy
+
+from duet.agents.answers import equivalent
+from duet.train.challenge import challenge_rows
+from duet.train.data import Sources, normalised, story_problem
+from duet.train.generator import generated_story
+from duet.train.story import Story, evaluate, infix, named_code, number_text, quantity_names
+from duet.train.variations import VARIATIONS, inverse, vary
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_DATA = REPO.parent / "shared" / "data"
+CHALLENGE = REPO / "data" / "dev" / "challenge.jsonl"
+needs_data = pytest.mark.skipif(not (SHARED_DATA / "mawps_asdiv_a" / "train.csv").is_file(), reason="no shared data")
+
+SHELF = Story("A shelf holds number0 novels and number1 comics . number2 more comics are added . "
+              "How many comics are on the shelf ?", (5.0, 7.0, 3.0), ("+", "number1", "number2"))
+
+
+def run_python(code: str) -> str:
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=30).stdout
+
+
+def test_named_code_names_every_number_after_its_words_and_computes_the_answer():
+    code = named_code(SHELF)
+    assert code.splitlines()[:3] == ["novels = 5", "comics = 7", "more_comics = 3"]
+    assert "answer = comics + more_comics" in code
+    assert run_python(code).strip() == "10"
+
+
+def test_names_are_unique_identifiers():
+    text = "Sam ate number0 cupcakes . Ann ate number1 cupcakes . number2 cupcakes were left ."
+    names = quantity_names(text, ["number0", "number1", "number2"])
+    assert len(set(names.values())) == 3 and all(n.isidentifier() for n in names.values())
+
+
+def test_infix_keeps_the_prefix_equations_order_of_operations():
+    for equation, numbers in [(("-", "number0", "-", "number1", "number2"), (10, 4, 3)),
+                              (("/", "number0", "*", "number1", "number2"), (24, 2, 3)),
+                              (("*", "+", "number0", "number1", "number2"), (1, 2, 3))]:
+        text = infix(equation, {f"number{i}": str(v) for i, v in enumerate(numbers)})
+        assert float(sympy.sympify(text)) == pytest.approx(evaluate(equation, [float(v) for v in numbers]))
+
+
+def test_inverse_asks_for_a_given_and_its_answer_solves_the_original_story():
+    story = Story("Ana had number0 coins . She spent number1 coins on snacks . How many coins does she have left ?",
+                  (26.0, 12.0), ("-", "number0", "number1"))
+    for seed in range(10):
+        varied = inverse(story, random.Random(seed))
+        assert varied is not None
+        assert "some" in varied.text and "14" in varied.question()
+        unknown = varied.value()
+        # put the answer back where "some" stands: the original equation must give the stated 14
+        restored = [unknown if number_text(unknown) not in varied.question() and v in (26.0, 12.0) and
+                    not re.search(rf"\b{number_text(v)}\b", varied.question()) else v for v in story.numbers]
+        assert evaluate(story.equation, restored) == pytest.approx(14.0)
+
+
+def test_every_variation_keeps_a_gold_that_sympy_agrees_with():
+    rng = random.Random(3)
+    stories = [SHELF, Story("Tom had number0 cards and gave number1 cards to Ann . How many cards does Tom have now ?",
+                            (30.0, 8.0), ("-", "number0", "number1"))]
+    made = 0
+    for kind in VARIATIONS:
+        for story in stories:
+            varied = vary(story, kind, rng)
+            if varied is None:
+                continue
+            made += 1
+            written = infix(varied.equation, {f"number{i}": number_text(v) for i, v in enumerate(varied.numbers)})
+            assert float(sympy.sympify(written)) == pytest.approx(varied.value())
+            problem = story_problem(varied, rng)
+            assert problem is not None
+            assert equivalent(run_python(problem.cells[0][1]).split()[-1], number_text(varied.value()))
+    assert made >= 8
+
+
+def test_generated_stories_are_solved_right_and_vary_in_kind():
+    rng = random.Random(0)
+    texts, sources = set(), set()
+    for _ in range(200):
+        story = generated_story(rng)
+        if story is None:
+            continue
+        problem = story_problem(story, rng, "stories")
+        assert problem is not None
+        written = infix(story.equation, {f"number{i}": number_text(v) for i, v in enumerate(story.numbers)})
+        assert equivalent(problem.gold, number_text(float(sympy.sympify(written))))
+        texts.add(normalised(story.text))
+        sources.add(story.source)
+    assert len(texts) > 100 and sources == {"generator-events", "generator-rates"}
+
+
+@needs_data
+def test_no_dev_story_is_in_any_training_source():
+    """No dev row's text (numbers, case and punctuation aside) occurs in MAWPS train, GSM8K train, or the
+    generator's output."""
+    real = Sources.load(SHARED_DATA)
+    dev = {normalised(r.question) for r in real.mawps_dev} | {normalised(r["question"]) for r in real.gsm8k_dev}
+    assert not dev & {normalised(r.question) for r in real.mawps_train}
+    assert not dev & {normalised(p.question) for p in real.gsm8k_train}
+    rng = random.Random(1)
+    generated = {normalised(s.text) for s in (generated_story(rng) for _ in range(3000)) if s}
+    assert not dev & generated
+
+
+@needs_data
+def test_the_challenge_split_is_built_from_dev_rows_only_and_is_reproducible():
+    real = Sources.load(SHARED_DATA)
+    rows = challenge_rows(real)
+    assert [json.loads(line) for line in CHALLENGE.read_text().splitlines()] == rows
+    dev_ids = {f"mawps-{r.index}" for r in real.mawps_dev}
+    assert {r["source"] for r in rows} <= dev_ids
+    kinds = {}
+    for r in rows:
+        kinds[r["kind"]] = kinds.get(r["kind"], 0) + 1
+        assert equivalent(r["answer"].removeprefix("#### "), number_text(float(sympy.sympify(r["equation"]))))
+    assert set(kinds) == set(VARIATIONS) and min(kinds.values()) >= 60 and len(rows) >= 500
+    train_texts = {normalised(r.question) for r in real.mawps_train}
+    assert not any(normalised(r["question"]) in train_texts for r in rows)
