@@ -402,3 +402,24 @@ def test_readme_lists_every_mode():
     section = readme.split("### Evaluate on a dataset", 1)[1].split("\n### ", 1)[0]
     for name in ("solver-only", "solver+critic", "no-code", "no-code+critic", "self-consistency@K"):
         assert f"`{name}`" in section, name
+
+
+def test_auroc_is_the_pairwise_ordering_probability():
+    import random as _random
+
+    from duet.evaluation.stats import auroc, calibration_bins
+
+    rng = _random.Random(0)
+    for _ in range(20):
+        labels = [rng.random() < 0.4 for _ in range(30)]
+        scores = [round(rng.random(), 1) for _ in range(30)]  # many ties
+        if all(labels) or not any(labels):
+            continue
+        pos = [s for s, y in zip(scores, labels, strict=True) if y]
+        neg = [s for s, y in zip(scores, labels, strict=True) if not y]
+        brute = sum(1.0 if p > n else 0.5 if p == n else 0.0 for p in pos for n in neg) / (len(pos) * len(neg))
+        assert auroc(scores, labels) == pytest.approx(brute)
+    assert auroc([0.1, 0.9], [False, True]) == 1.0 and auroc([0.5, 0.5], [True, False]) == 0.5
+    assert auroc([0.3], [True]) is None
+    bins = calibration_bins([0.05, 0.15, 0.95, 1.0], [False, True, True, True])
+    assert [b["n"] for b in bins] == [1, 1, 2] and bins[-1]["accuracy"] == 1.0
