@@ -93,7 +93,7 @@ def sandbox_factory_for(config: DialogueConfig) -> SandboxFactory:
     """Sessions of the real sandbox with the config's limits (imported when the first one opens)."""
 
     def factory() -> Any:
-        from duet.agents.sandbox import Sandbox
+        from duet.sandbox import Sandbox
 
         options: dict[str, Any] = {"timeout": config.sandbox_timeout, "memory_mb": config.sandbox_memory_mb}
         if config.sandbox_isolation is not None:

@@ -33,7 +33,7 @@ from duet.agents.transcript import Step, Turn
 
 
 class SandboxSession(Protocol):
-    """What a turn needs from a sandbox session (``duet.agents.sandbox.Sandbox`` provides it)."""
+    """What a turn needs from a sandbox session (``duet.sandbox.Sandbox`` provides it)."""
 
     def run(self, code: str) -> Any:
         """Run a cell; the result has stdout, stderr, error, ok, seconds, state_lost, truncated."""

@@ -94,7 +94,7 @@ def checks() -> list[dict[str, Any]]:
             add("device", "kernels", False, f"cannot load duet.kernels: {error}")
 
     try:
-        from duet.agents.sandbox import describe_isolation
+        from duet.sandbox import describe_isolation
 
         layers = describe_isolation()
         for layer in layers:
