@@ -29,13 +29,13 @@ from __future__ import annotations
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import replace
 
-from duet.agents.answers import equivalent, majority
 from duet.agents.backends import Backend
 from duet.agents.events import Emitter
 from duet.agents.grounding import check_numbers, number_check_reason
 from duet.agents.protocol import AGREE, DISAGREE, Verdict, extract_final_answer, parse_verdict
 from duet.agents.transcript import Turn
 from duet.agents.turn import TurnOptions, end_turn, run_turn
+from duet.answers import equivalent, majority
 from duet.prompts import Prompts, load_prompts
 
 GENERIC_DISAGREE = "the answer looks wrong; check every step again."

@@ -31,10 +31,10 @@ from dataclasses import dataclass, replace
 from types import SimpleNamespace
 from typing import Any
 
-from duet.agents.answers import majority
 from duet.agents.backends import Backend
 from duet.agents.dialogue import DialogueConfig, run_dialogue
 from duet.agents.transcript import DialogueResult
+from duet.answers import equivalent, majority
 from duet.evaluation.datasets import Problem
 from duet.prompts import Prompts
 from duet.ui.errors import UsageProblem
@@ -131,18 +131,6 @@ def derive_seed(*parts: object) -> int:
     """A 31-bit seed from ``parts`` (stable across runs and machines)."""
     digest = hashlib.sha256(":".join(str(p) for p in parts).encode()).digest()
     return int.from_bytes(digest[:4], "big") & 0x7FFFFFFF
-
-
-def equivalent(a: str | None, b: str | None) -> bool:
-    """``duet.agents.answers.equivalent``, False for a missing answer and on any failure."""
-    if a is None or b is None:
-        return False
-    try:
-        from duet.agents.answers import equivalent as same
-
-        return bool(same(a, b))
-    except Exception:
-        return False
 
 
 @dataclass
