@@ -74,7 +74,7 @@ class DialogueConfig:
     temperature: float = 0.0
     seed: int | None = None
     critic: bool = True  # False: solver-only
-    number_check: bool = True  # the critic's model-free check of the code's numbers (duet.agents.grounding)
+    number_check: bool = True  # the critic's model-free check of the code's numbers (duet.agents.number_check)
     critic_solves: int = 0  # the critic's own sampled solutions, compared before its checks (critic.py)
     critic_solve_temperature: float = 0.7
     sandbox_timeout: float = 5.0  # seconds per cell

@@ -34,7 +34,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from duet.agents.critic import NO_ANSWER_REASON, own_solution_reason
-from duet.agents.grounding import check_numbers, number_check_reason
+from duet.agents.number_check import check_numbers, number_check_reason
 from duet.agents.protocol import format_cell, format_output
 from duet.errors import DuetError
 from duet.prompts import Prompts, load_prompts
