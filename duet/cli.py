@@ -53,7 +53,7 @@ def _root(
 
 
 # ------------------------------------------------------------------------------------------- options
-# Every option defaults to None ("not given"), so duet.ui.settings can tell a flag from the env and the
+# Every option defaults to None ("not given"), so duet.app.settings can tell a flag from the env and the
 # config file. The names match the config keys.
 
 Model = Annotated[Optional[str], typer.Option("--model", "-m", metavar="DIR",
@@ -114,7 +114,7 @@ Json = Annotated[bool, typer.Option("--json", help="Print one JSON object on std
 
 
 def _flags(values: dict[str, Any]) -> dict[str, Any]:
-    """The settings given on the command line (the keys of duet.ui.settings.KEYS)."""
+    """The settings given on the command line (the keys of duet.app.settings.KEYS)."""
     names = ("model", "backend", "base_url", "model_name", "critic_model", "critic_backend", "critic_base_url",
              "critic_model_name", "critic", "number_check", "critic_solves", "max_rounds", "max_tokens", "max_steps",
              "temperature", "seed", "device", "dtype", "mtp", "compile", "timeout", "memory", "sandbox", "log")
@@ -123,7 +123,7 @@ def _flags(values: dict[str, Any]) -> dict[str, Any]:
 
 def _boundary(run: Callable[[], Any]) -> Any:
     """Run a command body; user errors (and OSErrors) become `error: <one line>` and their exit code."""
-    from duet.ui.errors import describe, is_user_error
+    from duet.app.errors import describe, is_user_error
 
     try:
         code = run()
@@ -439,7 +439,7 @@ def main(argv: Optional[list] = None) -> None:
     except Exception as error:
         if os.environ.get("DUET_DEBUG"):
             raise
-        from duet.ui.errors import describe
+        from duet.app.errors import describe
 
         message, code = describe(error)  # also a user error from a mounted command that does not catch its own
         print(f"error: {message}", file=sys.stderr)

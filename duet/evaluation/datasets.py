@@ -37,8 +37,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from duet.app.errors import UsageProblem
 from duet.errors import DuetError
-from duet.ui.errors import UsageProblem
 
 QUESTION_FIELDS = ("question", "Question", "problem", "Problem")
 ANSWER_FIELDS = ("answer", "Answer", "solution", "Solution")

@@ -35,9 +35,9 @@ from duet.agents.backends import Backend
 from duet.agents.dialogue import DialogueConfig, run_dialogue
 from duet.agents.transcript import DialogueResult
 from duet.answers import equivalent, majority
+from duet.app.errors import UsageProblem
 from duet.evaluation.datasets import Problem
 from duet.prompts import Prompts
-from duet.ui.errors import UsageProblem
 
 NO_CODE_MESSAGE = r"code execution is disabled in this mode: reason in words and write \boxed{answer}"
 NO_CODE_SOLVER_SYSTEM = (

@@ -54,11 +54,11 @@ from typing import Any
 
 from duet.agents.backends import Backend, BackendError, ScriptedBackend, make_backend
 from duet.agents.dialogue import DialogueConfig
+from duet.app.errors import UsageProblem
 from duet.errors import DuetError
 from duet.evaluation.datasets import Dataset, Fields, Problem, Shard, load_dataset, select
 from duet.evaluation.modes import Context, Interrupted, Mode, error_record, parse_modes, run_problem
 from duet.evaluation.results import Loaded, ResultsFile, ordered, read_records, transcript_path, write_json_atomic
-from duet.ui.errors import UsageProblem
 
 RUN_FORMAT = "duet-eval/1"
 DEFAULT_CONCURRENCY = {"local": 8, "openai": 16}
@@ -200,7 +200,7 @@ def _options_for(spec: str, options: dict[str, Any], concurrency: int) -> dict[s
     are resolved here (so the run's identity says what ran)."""
     options = dict(options)
     if backend_kind(spec) == "local":
-        from duet.ui.session import resolve_local
+        from duet.app.backends import resolve_local
 
         options.setdefault("max_batch", concurrency)
         options = resolve_local(options)

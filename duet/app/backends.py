@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
-from duet.ui.settings import Settings, SettingsError
+from duet.app.settings import Settings, SettingsError
 
 T = TypeVar("T")
 
@@ -114,7 +114,7 @@ def backend_options(spec: str, settings: Settings) -> dict[str, Any]:
 def check_device(device: str, where: str = "--device") -> str:
     """``device`` ("auto": cuda when there is one, else cpu) if this machine has it; SettingsError (a usage
     error naming ``where``) if not. Imports torch."""
-    from duet.ui.settings import KEY_BY_NAME, convert
+    from duet.app.settings import KEY_BY_NAME, convert
 
     device = convert(KEY_BY_NAME["device"], device, where)  # auto, cpu, cuda, cuda:N or mps
     import torch
