@@ -14,6 +14,9 @@ from typing import Annotated, Any, Optional
 import typer
 
 from duet import __version__
+from duet.bench import bench_command
+from duet.evaluation.cli import eval_app
+from duet.train.cli import train_command
 
 app = typer.Typer(
     name="duet",
@@ -356,49 +359,11 @@ def doctor(as_json: Json = False) -> None:
     _boundary(run)
 
 
-# ------------------------------------------------------------------------------------------- mounted
-# Commands written elsewhere, registered when their module exists. A module that exists but fails to
-# import still gets its command name, which then says why in one line.
-
-
-def _missing(module: str, error: BaseException) -> bool:
-    """True when ``error`` says ``module`` (or a parent package) does not exist yet."""
-    name = getattr(error, "name", None) or ""
-    return isinstance(error, ModuleNotFoundError) and bool(name) and module.startswith(name)
-
-
-def _unavailable(name: str, error: BaseException) -> None:
-    message = f"duet {name} is unavailable: {type(error).__name__}: {error}"
-
-    @app.command(name, help=f"(unavailable: {error})", context_settings={"ignore_unknown_options": True,
-                                                                      "allow_extra_args": True})
-    def stub() -> None:
-        _fail(message, 1)
-
-
-def _mount_group(name: str, module: str, attr: str) -> None:
-    try:
-        sub = getattr(__import__(module, fromlist=[attr]), attr)
-    except Exception as error:
-        if not _missing(module, error):
-            _unavailable(name, error)
-        return
-    app.add_typer(sub, name=name)
-
-
-def _mount_command(name: str, module: str, attr: str) -> None:
-    try:
-        function = getattr(__import__(module, fromlist=[attr]), attr)
-    except Exception as error:
-        if not _missing(module, error):
-            _unavailable(name, error)
-        return
-    app.command(name)(function)
-
-
-_mount_group("eval", "duet.evaluation.cli", "eval_app")
-_mount_command("train", "duet.train.cli", "train_command")
-_mount_command("bench", "duet.bench", "bench_command")
+# ------------------------------------------------------------------------------------------- eval, train, bench
+# Written in their own packages; each module imports torch only when its command runs.
+app.add_typer(eval_app, name="eval")
+app.command("train")(train_command)
+app.command("bench")(bench_command)
 
 
 # ------------------------------------------------------------------------------------------- main
