@@ -28,7 +28,6 @@ import re
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass, replace
-from types import SimpleNamespace
 from typing import Any
 
 from duet.agents.backends import Backend
@@ -38,6 +37,7 @@ from duet.answers import equivalent, majority
 from duet.app.errors import UsageProblem
 from duet.evaluation.datasets import Problem
 from duet.prompts import Prompts
+from duet.sandbox import RunResult
 
 NO_CODE_MESSAGE = r"code execution is disabled in this mode: reason in words and write \boxed{answer}"
 NO_CODE_SOLVER_SYSTEM = (
@@ -117,9 +117,8 @@ class NoCodeSandbox:
     def __exit__(self, *exc: object) -> None:
         return None
 
-    def run(self, code: str) -> Any:
-        return SimpleNamespace(stdout="", stderr="", error=NO_CODE_MESSAGE, ok=False, seconds=0.0,
-                               state_lost=False, truncated=False)
+    def run(self, code: str) -> RunResult:
+        return RunResult(stdout="", stderr="", error=NO_CODE_MESSAGE, ok=False, seconds=0.0)
 
 
 def no_code_prompts(prompts: Prompts) -> Prompts:
