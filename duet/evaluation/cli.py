@@ -175,9 +175,11 @@ def run_command(
     from duet.agents.backends import BackendError
     from duet.app.errors import UsageProblem
     from duet.errors import DuetError
+    from duet.evaluation.backend_options import options_for_backend, parse_backend_options
     from duet.evaluation.datasets import Fields
     from duet.evaluation.report import print_summary
-    from duet.evaluation.runner import EvalOptions, options_for_backend, parse_backend_options, run_eval
+    from duet.evaluation.run_types import EvalOptions
+    from duet.evaluation.runner import run_eval
 
     stdout, stderr = _consoles()
     if sandbox is not None and sandbox_isolation is not None and sandbox != sandbox_isolation:
