@@ -117,11 +117,10 @@ Json = Annotated[bool, typer.Option("--json", help="Print one JSON object on std
 
 
 def _flags(values: dict[str, Any]) -> dict[str, Any]:
-    """The settings given on the command line (the keys of duet.app.settings.KEYS)."""
-    names = ("model", "backend", "base_url", "model_name", "critic_model", "critic_backend", "critic_base_url",
-             "critic_model_name", "critic", "number_check", "critic_solves", "max_rounds", "max_tokens", "max_steps",
-             "temperature", "seed", "device", "dtype", "mtp", "compile", "timeout", "memory", "sandbox", "log")
-    return {k: values[k] for k in names if k in values}
+    """The settings given on the command line: the parameters named like a key of duet.app.settings.KEYS."""
+    from duet.app.settings import KEY_BY_NAME
+
+    return {k: v for k, v in values.items() if k in KEY_BY_NAME}
 
 
 def _boundary(run: Callable[[], Any]) -> Any:
