@@ -139,7 +139,7 @@ def resolve_local(options: dict[str, Any], where: str = "--device") -> dict[str,
     errors naming ``where``); imports torch: only for local backends.
 
     ``mtp`` "auto" (not set anywhere) is on, except for compiled decoding on a CPU, where MTP made decoding
-    slower (compiled + MTP at 0.45-0.7x compiled plain decoding in session 5's `duet bench --compile`)."""
+    slower (compiled + MTP ran at 0.45-0.7x compiled plain decoding in `duet bench --compile`)."""
     options = dict(options)
     options["device"] = check_device(options.get("device") or "auto", where)
     if options.get("dtype", "auto") == "auto":
