@@ -26,7 +26,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from duet.agents.sandbox import Sandbox, chosen_isolation  # noqa: E402
+from duet.sandbox import Sandbox, chosen_isolation  # noqa: E402
 
 TARGET_RATIO = 20.0
 

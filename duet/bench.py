@@ -222,7 +222,7 @@ def bench_command(
     as_json: bool = typer.Option(False, "--json", help="Print the report as JSON."),
 ) -> None:
     """Prefill and decode tokens/s with and without MTP (and transformers' generate), in one run."""
-    from duet.ui.session import check_device
+    from duet.app.backends import check_device
 
     if dtype not in DTYPES:
         raise typer.BadParameter(f"{dtype!r} is not one of {', '.join(DTYPES)}", param_hint="'--dtype'")

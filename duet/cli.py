@@ -14,6 +14,9 @@ from typing import Annotated, Any, Optional
 import typer
 
 from duet import __version__
+from duet.bench import bench_command
+from duet.evaluation.cli import eval_app
+from duet.train.cli import train_command
 
 app = typer.Typer(
     name="duet",
@@ -53,7 +56,7 @@ def _root(
 
 
 # ------------------------------------------------------------------------------------------- options
-# Every option defaults to None ("not given"), so duet.ui.settings can tell a flag from the env and the
+# Every option defaults to None ("not given"), so duet.app.settings can tell a flag from the env and the
 # config file. The names match the config keys.
 
 Model = Annotated[Optional[str], typer.Option("--model", "-m", metavar="DIR",
@@ -114,16 +117,15 @@ Json = Annotated[bool, typer.Option("--json", help="Print one JSON object on std
 
 
 def _flags(values: dict[str, Any]) -> dict[str, Any]:
-    """The settings given on the command line (the keys of duet.ui.settings.KEYS)."""
-    names = ("model", "backend", "base_url", "model_name", "critic_model", "critic_backend", "critic_base_url",
-             "critic_model_name", "critic", "number_check", "critic_solves", "max_rounds", "max_tokens", "max_steps",
-             "temperature", "seed", "device", "dtype", "mtp", "compile", "timeout", "memory", "sandbox", "log")
-    return {k: values[k] for k in names if k in values}
+    """The settings given on the command line: the parameters named like a key of duet.app.settings.KEYS."""
+    from duet.app.settings import KEY_BY_NAME
+
+    return {k: v for k, v in values.items() if k in KEY_BY_NAME}
 
 
 def _boundary(run: Callable[[], Any]) -> Any:
     """Run a command body; user errors (and OSErrors) become `error: <one line>` and their exit code."""
-    from duet.ui.errors import describe, is_user_error
+    from duet.app.errors import describe, is_user_error
 
     try:
         code = run()
@@ -356,49 +358,11 @@ def doctor(as_json: Json = False) -> None:
     _boundary(run)
 
 
-# ------------------------------------------------------------------------------------------- mounted
-# Commands written elsewhere, registered when their module exists. A module that exists but fails to
-# import still gets its command name, which then says why in one line.
-
-
-def _missing(module: str, error: BaseException) -> bool:
-    """True when ``error`` says ``module`` (or a parent package) does not exist yet."""
-    name = getattr(error, "name", None) or ""
-    return isinstance(error, ModuleNotFoundError) and bool(name) and module.startswith(name)
-
-
-def _unavailable(name: str, error: BaseException) -> None:
-    message = f"duet {name} is unavailable: {type(error).__name__}: {error}"
-
-    @app.command(name, help=f"(unavailable: {error})", context_settings={"ignore_unknown_options": True,
-                                                                      "allow_extra_args": True})
-    def stub() -> None:
-        _fail(message, 1)
-
-
-def _mount_group(name: str, module: str, attr: str) -> None:
-    try:
-        sub = getattr(__import__(module, fromlist=[attr]), attr)
-    except Exception as error:
-        if not _missing(module, error):
-            _unavailable(name, error)
-        return
-    app.add_typer(sub, name=name)
-
-
-def _mount_command(name: str, module: str, attr: str) -> None:
-    try:
-        function = getattr(__import__(module, fromlist=[attr]), attr)
-    except Exception as error:
-        if not _missing(module, error):
-            _unavailable(name, error)
-        return
-    app.command(name)(function)
-
-
-_mount_group("eval", "duet.evaluation.cli", "eval_app")
-_mount_command("train", "duet.train.cli", "train_command")
-_mount_command("bench", "duet.bench", "bench_command")
+# ------------------------------------------------------------------------------------------- eval, train, bench
+# Written in their own packages; each module imports torch only when its command runs.
+app.add_typer(eval_app, name="eval")
+app.command("train")(train_command)
+app.command("bench")(bench_command)
 
 
 # ------------------------------------------------------------------------------------------- main
@@ -439,7 +403,7 @@ def main(argv: Optional[list] = None) -> None:
     except Exception as error:
         if os.environ.get("DUET_DEBUG"):
             raise
-        from duet.ui.errors import describe
+        from duet.app.errors import describe
 
         message, code = describe(error)  # also a user error from a mounted command that does not catch its own
         print(f"error: {message}", file=sys.stderr)

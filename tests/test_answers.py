@@ -1,4 +1,4 @@
-"""Table-driven tests for duet.agents.answers: extraction, normalisation, parsing and equivalence."""
+"""Table-driven tests for duet.answers: extraction, normalisation, parsing and equivalence."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from duet.agents.answers import (
+from duet.answers import (
     Parsed,
     equivalent,
     extract_answer,
@@ -510,3 +510,8 @@ def test_plain_numbers_are_fast() -> None:
     assert not any(equivalent(a, str(int(a) + 1)) for a, _ in pairs[:500])
     rate = 3500 / (time.perf_counter() - start)
     assert rate > 1000, f"{rate:.0f} comparisons/s"
+
+
+def test_extract_boxed_balances_braces() -> None:
+    assert extract_boxed(r"\boxed{1} then \boxed{\frac{3}{4}}") == r"\frac{3}{4}"
+    assert extract_boxed(r"\boxed{unclosed") is None

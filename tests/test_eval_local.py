@@ -10,7 +10,8 @@ import pytest
 from duet.agents.backends import make_backend
 from duet.agents.dialogue import STOP_REASONS as DIALOGUE_STOPS
 from duet.agents.dialogue import DialogueConfig
-from duet.evaluation.runner import EvalOptions, run_eval
+from duet.evaluation.run_types import EvalOptions
+from duet.evaluation.runner import run_eval
 from tests.test_eval_cli import duet_eval, jsonl, records
 from tests.tiny_models import make_engine_checkpoint
 

@@ -11,6 +11,7 @@ import pytest
 from duet.agents.backends import Completion
 from duet.agents.dialogue import DialogueConfig
 from duet.errors import DuetError
+from duet.evaluation.backend_options import options_for_backend, parse_backend_options
 from duet.evaluation.datasets import DatasetError, Fields, Problem, Shard, load_dataset, restore_masks, select
 from duet.evaluation.modes import NO_CODE_MESSAGE, Context, majority, parse_modes, run_problem
 from duet.evaluation.report import compare, mode_stats, wall_seconds
@@ -23,7 +24,6 @@ from duet.evaluation.results import (
     safe_name,
     write_json_atomic,
 )
-from duet.evaluation.runner import options_for_backend, parse_backend_options
 from duet.evaluation.stats import mcnemar_exact, paired_difference, unpaired_difference, wilson
 from duet.prompts import load_prompts
 

@@ -146,8 +146,8 @@ def test_training_revisions_word_the_critique_as_the_live_critic_does():
 @pytest.mark.parametrize("flag, expected", [((), 0), (("--critic-solves", "2"), 2)])
 def test_critic_solves_is_a_setting(flag, expected, tmp_path, monkeypatch):
     monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path))  # no user config file
-    from duet.ui.session import dialogue_config
-    from duet.ui.settings import load_settings
+    from duet.app.backends import dialogue_config
+    from duet.app.settings import load_settings
 
     settings = load_settings({"critic_solves": int(flag[1])} if flag else {}, env={})
     assert dialogue_config(settings).critic_solves == expected

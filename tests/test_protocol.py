@@ -7,7 +7,6 @@ from duet.agents.protocol import (
     STATE_LOST_NOTE,
     TRUNCATED,
     clip,
-    extract_boxed_fallback,
     extract_final_answer,
     find_code_blocks,
     format_cell,
@@ -49,11 +48,6 @@ def test_prose_drops_code_and_output_blocks():
     assert prose(text) == "A\nB \\boxed{4}\n"
     assert extract_final_answer(text) == "4"
     assert extract_final_answer("```python\nx = '\\\\boxed{1}'\n```\n") is None
-
-
-def test_boxed_fallback_balances_braces():
-    assert extract_boxed_fallback(r"\boxed{1} then \boxed{\frac{3}{4}}") == r"\frac{3}{4}"
-    assert extract_boxed_fallback(r"\boxed{unclosed") is None
 
 
 def test_output_block_and_cell_exact_text():

@@ -21,9 +21,9 @@ from pathlib import Path
 import pytest
 
 from duet.agents.backends import ScriptedBackend
+from duet.app.settings import load_settings
 from duet.ui.clipboard import copy_text, osc52_sequence, osc52_supported
 from duet.ui.conversation import Conversation, followups_for
-from duet.ui.settings import load_settings
 from tests.processes import default_sigint
 
 pexpect = pytest.importorskip("pexpect")
@@ -335,7 +335,7 @@ def test_two_ctrl_cs_a_millisecond_apart_never_escape_the_wait():
     REPL showed its prompt while the agents went on printing (QA: 1 run in 16). Now SIGINT only counts there."""
     import signal
 
-    from duet.ui.session import run_cancellable
+    from duet.app.backends import run_cancellable
 
     previous = signal.signal(signal.SIGINT, signal.default_int_handler)  # CI may run us with SIGINT ignored
     try:

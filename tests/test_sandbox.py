@@ -27,8 +27,7 @@ from pathlib import Path
 
 import pytest
 
-from duet.agents import sandbox as sandbox_module
-from duet.agents.sandbox import (
+from duet.sandbox import (
     ISOLATION_LEVELS,
     RunResult,
     Sandbox,
@@ -37,6 +36,7 @@ from duet.agents.sandbox import (
     describe_isolation,
     shutdown_servers,
 )
+from duet.sandbox import servers as sandbox_servers
 
 LAYERS = {layer["name"]: layer for layer in describe_isolation()}
 IS_ROOT = os.geteuid() == 0
@@ -630,15 +630,15 @@ def test_isolation_none_is_an_explicit_opt_out_that_still_times_out():
 def test_fork_servers_are_shared_and_restarted_when_they_die():
     with Sandbox(timeout=5, isolation="rlimits") as sb:
         sb.start()
-        server = sandbox_module._servers["rlimits"]
+        server = sandbox_servers._servers["rlimits"]
         assert Sandbox(isolation="rlimits").run("1").stdout == "1\n"
-        assert sandbox_module._servers["rlimits"] is server  # one server for both
+        assert sandbox_servers._servers["rlimits"] is server  # one server for both
         server.process.kill()
         server.process.wait()
         assert sb.run("print('still')").stdout == "still\n"  # a running session outlives its server
         with Sandbox(timeout=5, isolation="rlimits") as fresh:
             assert fresh.run("1 + 1").stdout == "2\n"
-            assert sandbox_module._servers["rlimits"] is not server
+            assert sandbox_servers._servers["rlimits"] is not server
         # replacing the dead server did not pull the old session's work dir from under it
         assert sb.run("open('after.txt', 'w').write('ok')").stdout == "2\n"
     assert not os.path.exists(server.base_dir)  # the last one out removed the old server's dir

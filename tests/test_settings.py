@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from duet.ui.session import backend_options, backend_specs, check_device, dialogue_config
-from duet.ui.settings import (
+from duet.app.backends import backend_options, backend_specs, check_device, dialogue_config
+from duet.app.settings import (
     KEYS,
     SettingsError,
     config_path,
@@ -237,7 +237,7 @@ def test_backend_options_and_dialogue_config(env, tmp_path):
         not __import__("torch").cuda.is_available(), reason="resolve_local checks that the device exists")),
 ])
 def test_mtp_is_off_by_default_only_for_compiled_decoding_on_a_cpu(env, flags, device, mtp):
-    from duet.ui.session import resolve_local
+    from duet.app.backends import resolve_local
 
     options = backend_options("local:/x", load_settings({"device": device, **flags}, env))
     assert options["mtp"] == (flags.get("mtp", "auto"))

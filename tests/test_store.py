@@ -11,8 +11,8 @@ import threading
 import pytest
 
 from duet.agents.transcript import DialogueResult, Turn
+from duet.app.store import SCHEMA_VERSION, Store, StoreError
 from duet.ui.export import result_markdown, save_session
-from duet.ui.store import SCHEMA_VERSION, Store, StoreError
 
 
 def result(question: str = "2+2?", answer: str | None = "4", agreed: bool = True) -> DialogueResult:

@@ -20,9 +20,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from duet.agents.answers import equivalent as answers_match
 from duet.agents.critic import NO_ANSWER_REASON
 from duet.agents.protocol import extract_final_answer, find_code_blocks, parse_verdict
+from duet.answers import equivalent as answers_match
 from duet.prompts import load_prompts
 from duet.train.data import (
     MIX,

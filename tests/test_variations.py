@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 import sympy
 
-from duet.agents.answers import equivalent
+from duet.answers import equivalent
 from duet.train.challenge import challenge_rows
 from duet.train.data import Sources, normalised, story_problem
 from duet.train.generator import generated_story

@@ -5,7 +5,7 @@ history, which keeps it inside a small model's context), run with the same step 
 protocol in its own sandbox session. The verdict is read by :func:`duet.agents.protocol.parse_verdict`;
 the critic's own ``\boxed{}`` answer (if any) lets the dialogue detect agreement by equivalence.
 
-Before the model is asked, the *number check* (:mod:`duet.agents.grounding`, on unless
+Before the model is asked, the *number check* (:mod:`duet.agents.number_check`, on unless
 ``number_check=False``) looks for numbers in the solution's code that the problem does not give, or
 that it gives once and the code uses on both sides of ``-`` or ``/``. When it finds some, the check
 is a model-free turn (``task="number_check"``, model ``duet:number-check``) that disagrees and says
@@ -29,13 +29,13 @@ from __future__ import annotations
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import replace
 
-from duet.agents.answers import equivalent, majority
 from duet.agents.backends import Backend
 from duet.agents.events import Emitter
-from duet.agents.grounding import check_numbers, number_check_reason
+from duet.agents.number_check import check_numbers, number_check_reason
 from duet.agents.protocol import AGREE, DISAGREE, Verdict, extract_final_answer, parse_verdict
 from duet.agents.transcript import Turn
 from duet.agents.turn import TurnOptions, end_turn, run_turn
+from duet.answers import equivalent, majority
 from duet.prompts import Prompts, load_prompts
 
 GENERIC_DISAGREE = "the answer looks wrong; check every step again."

@@ -4,7 +4,7 @@ Round 1 is the solver's solution and the critic's check; each later round is a r
 critique, then a new check. It always terminates, with one of :data:`STOP_REASONS`:
 
 * ``agreed``: the critic said ``VERDICT: AGREE``, or its ``\boxed{}`` answer is equivalent to the
-  solver's (``duet.agents.answers.equivalent``).
+  solver's (``duet.answers.equivalent``).
 * ``max_rounds``: ``max_rounds`` solver turns were checked without agreement.
 * ``token_budget``: the dialogue generated ``token_budget`` tokens (completion tokens, all turns).
 * ``repeated_reply``: a revision was identical (whitespace aside) to an earlier solution of this
@@ -44,6 +44,7 @@ from duet.agents.protocol import AGREE
 from duet.agents.solver import Solver
 from duet.agents.transcript import DialogueResult, Turn
 from duet.agents.turn import SandboxFactory, TurnOptions
+from duet.answers import equivalent
 from duet.prompts import Prompts, load_prompts
 
 STOP_REASONS = (
@@ -73,7 +74,7 @@ class DialogueConfig:
     temperature: float = 0.0
     seed: int | None = None
     critic: bool = True  # False: solver-only
-    number_check: bool = True  # the critic's model-free check of the code's numbers (duet.agents.grounding)
+    number_check: bool = True  # the critic's model-free check of the code's numbers (duet.agents.number_check)
     critic_solves: int = 0  # the critic's own sampled solutions, compared before its checks (critic.py)
     critic_solve_temperature: float = 0.7
     sandbox_timeout: float = 5.0  # seconds per cell
@@ -93,7 +94,7 @@ def sandbox_factory_for(config: DialogueConfig) -> SandboxFactory:
     """Sessions of the real sandbox with the config's limits (imported when the first one opens)."""
 
     def factory() -> Any:
-        from duet.agents.sandbox import Sandbox
+        from duet.sandbox import Sandbox
 
         options: dict[str, Any] = {"timeout": config.sandbox_timeout, "memory_mb": config.sandbox_memory_mb}
         if config.sandbox_isolation is not None:
@@ -101,20 +102,6 @@ def sandbox_factory_for(config: DialogueConfig) -> SandboxFactory:
         return Sandbox(**options)
 
     return factory
-
-
-def answers_equivalent(a: str | None, b: str | None) -> bool:
-    """``duet.agents.answers.equivalent`` on two answers; False when either is missing."""
-    if not a or not b:
-        return False
-    try:
-        from duet.agents.answers import equivalent
-    except ImportError:
-        return " ".join(a.split()) == " ".join(b.split())
-    try:
-        return bool(equivalent(a, b))
-    except Exception:
-        return False
 
 
 class Dialogue:
@@ -271,7 +258,7 @@ class _Run:
                     critic.check(self.critic_question, turn.text, self.options, round=round_,
                                  budget=self.budget_left(), questioned=self.questioned, own=self.own)
                 )
-                if check.verdict == AGREE or answers_equivalent(check.answer, turn.answer):
+                if check.verdict == AGREE or equivalent(check.answer, turn.answer):
                     return "agreed", True, round_
                 failure = self.failed(check)
                 if failure:

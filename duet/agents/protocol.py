@@ -56,6 +56,8 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
+from duet.answers import extract_boxed
+
 STOP = "```output"
 """The stop string: the model opens the output fence and duet writes the output."""
 
@@ -194,28 +196,8 @@ def format_output(
     return text or NO_OUTPUT
 
 
-_BOXED = "\\boxed"
-
-
-def extract_boxed_fallback(text: str) -> str | None:
-    r"""The content of the last ``\boxed{...}`` (balanced braces); used if duet.agents.answers is absent."""
-    start = text.rfind(_BOXED + "{")
-    while start >= 0:
-        depth, i = 0, start + len(_BOXED)
-        for j in range(i, len(text)):
-            depth += {"{": 1, "}": -1}.get(text[j], 0)
-            if depth == 0:
-                return text[i + 1 : j].strip()
-        start = text.rfind(_BOXED + "{", 0, start)
-    return None
-
-
 def extract_final_answer(text: str) -> str | None:
     r"""The final answer of a turn: the last ``\boxed{...}`` outside code and output blocks."""
-    try:
-        from duet.agents.answers import extract_boxed
-    except ImportError:
-        extract_boxed = extract_boxed_fallback
     answer = extract_boxed(prose(text))
     return answer.strip() if answer and answer.strip() else None
 

@@ -42,11 +42,6 @@ class Solver:
         """Write a new full solution after ``critique`` (one line of reasons)."""
         return self._turn(self.prompts.revise_request(critique), options, round, "revise", budget)
 
-    @property
-    def last_solution(self) -> str:
-        """The text of the solver's latest assistant message ("" before the first)."""
-        return next((m["content"] for m in reversed(self.conversation) if m["role"] == "assistant"), "")
-
     def _turn(self, user: str, options: TurnOptions, round: int, task: str, budget: int | None) -> Turn:
         self.conversation.append({"role": "user", "content": user})
         turn = run_turn(self.backend, self.conversation, options, agent="solver", round=round, task=task,

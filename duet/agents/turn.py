@@ -14,7 +14,7 @@ import time
 from collections.abc import Callable, Sequence
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Protocol
 
 from duet.agents.backends import Backend, BackendError, ContextFullError, Message, one_line
 from duet.agents.events import Emitter, EventCallback, log
@@ -30,13 +30,14 @@ from duet.agents.protocol import (
     prose,
 )
 from duet.agents.transcript import Step, Turn
+from duet.sandbox import RunResult
 
 
 class SandboxSession(Protocol):
-    """What a turn needs from a sandbox session (``duet.agents.sandbox.Sandbox`` provides it)."""
+    """What a turn needs from a sandbox session (``duet.sandbox.Sandbox`` provides it)."""
 
-    def run(self, code: str) -> Any:
-        """Run a cell; the result has stdout, stderr, error, ok, seconds, state_lost, truncated."""
+    def run(self, code: str) -> RunResult:
+        """Run a cell."""
         ...
 
 
@@ -73,7 +74,7 @@ def run_turn(
 ) -> Turn:
     """Run one turn of ``agent`` on ``messages``; ``budget`` caps the tokens it may generate."""
     emit = Emitter(options.on_event, agent, round)
-    model = getattr(backend, "name", type(backend).__name__)
+    model = backend.name
     turn = Turn(agent, round, task, model, [dict(m) for m in messages])
     emit("turn_start", model=turn.model, task=task)
     started = time.perf_counter()
@@ -245,23 +246,16 @@ def _trailing_cell(segment: str, blocks: list) -> bool:
     )
 
 
-def _step_from_result(step_text: str, code: str, result: Any, limit: int) -> Step:
-    stdout = str(getattr(result, "stdout", "") or "")
-    stderr = str(getattr(result, "stderr", "") or "")
-    error = getattr(result, "error", None)
-    ok = bool(getattr(result, "ok", error is None))
-    state_lost = bool(getattr(result, "state_lost", False))
-    truncated = bool(getattr(result, "truncated", False))
-    output = format_output(
-        stdout, stderr, error, ok, state_lost=state_lost, truncated=truncated, limit=limit
-    )
+def _step_from_result(step_text: str, code: str, result: RunResult, limit: int) -> Step:
+    output = format_output(result.stdout, result.stderr, result.error, result.ok, state_lost=result.state_lost,
+                           truncated=result.truncated, limit=limit)
     return Step(
         step_text,
         code,
         output,
-        ok=ok,
-        error=one_line(error) if error else None,
-        seconds=float(getattr(result, "seconds", 0.0) or 0.0),
-        state_lost=state_lost,
-        truncated=truncated,
+        ok=result.ok,
+        error=one_line(result.error) if result.error else None,
+        seconds=result.seconds,
+        state_lost=result.state_lost,
+        truncated=result.truncated,
     )

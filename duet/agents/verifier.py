@@ -23,7 +23,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from typing import Any
 
-from duet.agents.answers import equivalent
+from duet.answers import equivalent
 from duet.agents.backends import Backend, BackendError
 from duet.agents.protocol import AGREE, parse_verdict
 from duet.agents.transcript import Turn

@@ -208,7 +208,7 @@ class Engine:
             # Tiny activations (softmax tails, SiLU of large negatives) fall into fp32's denormal range, which
             # x86 computes slowly; flushing them to zero changes nothing a model can see. The compiled steps'
             # C++ kernels do not flush them themselves: compiled decoding was 1.07-1.43x faster in 4 paired
-            # runs (session 5); eager decoding was unchanged. It applies to this thread only.
+            # runs; eager decoding was unchanged. It applies to this thread only.
             torch.set_flush_denormal(True)
         while True:
             with self._lock:

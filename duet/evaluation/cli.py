@@ -173,11 +173,13 @@ def run_command(
 ) -> None:
     """Run (or resume) an evaluation of DATA; prints a summary table per mode."""
     from duet.agents.backends import BackendError
+    from duet.app.errors import UsageProblem
     from duet.errors import DuetError
+    from duet.evaluation.backend_options import options_for_backend, parse_backend_options
     from duet.evaluation.datasets import Fields
     from duet.evaluation.report import print_summary
-    from duet.evaluation.runner import EvalOptions, options_for_backend, parse_backend_options, run_eval
-    from duet.ui.errors import UsageProblem
+    from duet.evaluation.run_types import EvalOptions
+    from duet.evaluation.runner import run_eval
 
     stdout, stderr = _consoles()
     if sandbox is not None and sandbox_isolation is not None and sandbox != sandbox_isolation:
@@ -191,8 +193,8 @@ def run_command(
              "device": device, "dtype": dtype, "mtp": mtp, "compile": compile, "timeout": timeout, "memory": memory,
              "sandbox": sandbox if sandbox is not None else sandbox_isolation}
     try:
-        from duet.ui.session import backend_options, backend_specs, dialogue_config
-        from duet.ui.settings import load_settings
+        from duet.app.backends import backend_options, backend_specs, dialogue_config
+        from duet.app.settings import load_settings
 
         settings = load_settings(flags)
         for warning in settings.warnings:
@@ -256,10 +258,10 @@ def _resume_command(flag: str = "--retry-errors") -> str:
 
 
 def _check_numbers(options: Any) -> None:
-    """The options duet.ui.settings does not already check."""
+    """The options duet.app.settings does not already check."""
     import math
 
-    from duet.ui.errors import UsageProblem
+    from duet.app.errors import UsageProblem
 
     if options.dialogue.token_budget is not None and options.dialogue.token_budget < 1:
         raise UsageProblem(f"--token-budget {options.dialogue.token_budget}: must be >= 1")

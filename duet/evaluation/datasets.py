@@ -12,7 +12,7 @@ Fields: ``question`` / ``answer`` / ``id`` name the columns; left unset they are
 * question: ``question``, ``Question``, ``problem``, ``Problem``. When the row also has ``Body`` and the
   question does not already start with it (SVAMP), the question is ``Body + " " + Question``.
 * answer: ``answer``, ``Answer``, ``solution``, ``Solution``; reduced to the bare answer by
-  :func:`duet.agents.answers.gold_answer` (``#### 72`` -> ``72``; a ``\\boxed{}``; ``504.0`` -> ``504``).
+  :func:`duet.answers.gold_answer` (``#### 72`` -> ``72``; a ``\\boxed{}``; ``504.0`` -> ``504``).
 * id: the row's line number (JSONL, CSV: the line its record starts on) or 1-based position (JSON array).
 
 Masked numbers (MAWPS): when a row has a ``Numbers`` field, each ``numberK`` in the question is replaced by
@@ -37,8 +37,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from duet.app.errors import UsageProblem
 from duet.errors import DuetError
-from duet.ui.errors import UsageProblem
 
 QUESTION_FIELDS = ("question", "Question", "problem", "Problem")
 ANSWER_FIELDS = ("answer", "Answer", "solution", "Solution")
@@ -328,7 +328,7 @@ def _gold(value: Any) -> str:
     text = _text(value)
     if text is None:
         return ""
-    from duet.agents.answers import gold_answer
+    from duet.answers import gold_answer
 
     return plain_number(gold_answer(text))
 

@@ -28,28 +28,18 @@ import re
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass, replace
-from types import SimpleNamespace
 from typing import Any
 
-from duet.agents.answers import majority
 from duet.agents.backends import Backend
 from duet.agents.dialogue import DialogueConfig, run_dialogue
 from duet.agents.transcript import DialogueResult
+from duet.answers import equivalent, majority
+from duet.app.errors import UsageProblem
 from duet.evaluation.datasets import Problem
-from duet.prompts import Prompts
-from duet.ui.errors import UsageProblem
+from duet.prompts import Prompts, no_code_prompts
+from duet.sandbox import RunResult
 
 NO_CODE_MESSAGE = r"code execution is disabled in this mode: reason in words and write \boxed{answer}"
-NO_CODE_SOLVER_SYSTEM = (
-    "Solve the problem step by step in words. No code will be run, so do every calculation yourself, "
-    "carefully, and check the result another way. Write the final answer as \\boxed{answer}."
-)
-NO_CODE_CRITIC_SYSTEM = (
-    "Check another solver's solution. Do not trust it: recompute the result yourself, in words (no code will "
-    "be run), substitute the answer back, and check units and what the question asks. End with one line: "
-    "VERDICT: AGREE, or VERDICT: DISAGREE: <the reason>. Then write your own answer as \\boxed{answer} if you "
-    "have one."
-)
 FAILED = ("backend_error", "sandbox_error", "error")
 """Stop reasons that count as errors in the summary (``error``: duet eval itself failed on the problem)."""
 
@@ -117,32 +107,14 @@ class NoCodeSandbox:
     def __exit__(self, *exc: object) -> None:
         return None
 
-    def run(self, code: str) -> Any:
-        return SimpleNamespace(stdout="", stderr="", error=NO_CODE_MESSAGE, ok=False, seconds=0.0,
-                               state_lost=False, truncated=False)
-
-
-def no_code_prompts(prompts: Prompts) -> Prompts:
-    """``prompts`` with system messages that ask for an answer in words (see :data:`NO_CODE_SOLVER_SYSTEM`)."""
-    return replace(prompts, solver_system=NO_CODE_SOLVER_SYSTEM, critic_system=NO_CODE_CRITIC_SYSTEM)
+    def run(self, code: str) -> RunResult:
+        return RunResult(stdout="", stderr="", error=NO_CODE_MESSAGE, ok=False, seconds=0.0)
 
 
 def derive_seed(*parts: object) -> int:
     """A 31-bit seed from ``parts`` (stable across runs and machines)."""
     digest = hashlib.sha256(":".join(str(p) for p in parts).encode()).digest()
     return int.from_bytes(digest[:4], "big") & 0x7FFFFFFF
-
-
-def equivalent(a: str | None, b: str | None) -> bool:
-    """``duet.agents.answers.equivalent``, False for a missing answer and on any failure."""
-    if a is None or b is None:
-        return False
-    try:
-        from duet.agents.answers import equivalent as same
-
-        return bool(same(a, b))
-    except Exception:
-        return False
 
 
 @dataclass

@@ -75,7 +75,6 @@ def load_model(path: str | Path, device: str | torch.device = "cpu", dtype: torc
     _allocate(model, torch.device(device))
     _fill(model, tensors, dtype)
     model.eval()
-    model.checkpoint_path = str(directory)  # type: ignore[attr-defined]
     return model
 
 
@@ -186,6 +185,7 @@ class _TensorIndex:
         index_path = self.directory / INDEX_FILE
         single = self.directory / WEIGHTS_FILE
         self.files: dict[str, Path] = {}
+        self._handles: dict[Path, object] = {}
         if index_path.is_file():
             try:
                 weight_map = json.loads(index_path.read_text())["weight_map"]
@@ -201,17 +201,14 @@ class _TensorIndex:
                 self.files[key] = single
         else:
             raise CheckpointError(f"{self.directory}: no {WEIGHTS_FILE} or {INDEX_FILE} (the weights are missing)")
-        self._handles: dict[Path, object] = {}
 
     def _open(self, file: Path):
-        handles = getattr(self, "_handles", {})
-        if file not in handles:
+        if file not in self._handles:
             try:
-                handles[file] = safe_open(str(file), framework="pt", device="cpu")
+                self._handles[file] = safe_open(str(file), framework="pt", device="cpu")
             except (SafetensorError, OSError, ValueError) as e:
                 raise CheckpointError(f"{file}: corrupt or truncated safetensors file ({e})") from None
-            self._handles = handles
-        return handles[file]
+        return self._handles[file]
 
     def __contains__(self, key: str) -> bool:
         return key in self.files

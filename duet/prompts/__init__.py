@@ -19,10 +19,11 @@ need no escaping. Templates are kept short: a small model with a 1-2K context is
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, replace
 from pathlib import Path
 
 BUILTIN_DIR = Path(__file__).resolve().parent
+NO_CODE_DIR = BUILTIN_DIR / "no_code"  # the system messages of the evaluation modes that run no code
 
 PLACEHOLDERS: dict[str, tuple[str, ...]] = {
     "solver_system": (),
@@ -113,3 +114,9 @@ def _read(path: Path, name: str) -> str:
         need = ", ".join(f"{{{p}}}" for p in missing)
         raise PromptError(f"{path}: missing placeholder {need} (required in {name}.md)")
     return text
+
+
+def no_code_prompts(prompts: Prompts) -> Prompts:
+    """``prompts`` with the system messages in ``no_code/``, which ask for an answer in words (no code is run)."""
+    return replace(prompts, solver_system=_read(NO_CODE_DIR / "solver_system.md", "solver_system"),
+                   critic_system=_read(NO_CODE_DIR / "critic_system.md", "critic_system"))

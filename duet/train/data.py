@@ -13,7 +13,7 @@ protocol (`duet.agents.protocol`) as a live dialogue, with code outputs obtained
 code: a solver turn; a critic turn on a correct or a deliberately wrong solution (wrong operation,
 swapped numbers, wrong quantity) ending in `VERDICT: AGREE` / `VERDICT: DISAGREE: reason`; a
 revision turn where the solver fixes a rejected solution; and a revision after the critic's number
-check (`duet.agents.grounding`) rejected a solution with a miscopied number. Only the final assistant message is
+check (`duet.agents.number_check`) rejected a solution with a miscopied number. Only the final assistant message is
 trained on, and within it only what the model writes (not the output blocks duet writes).
 
 A fixed dev split of the real problems (by source row) is never trained on.
@@ -34,7 +34,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from duet.agents.critic import NO_ANSWER_REASON, own_solution_reason
-from duet.agents.grounding import check_numbers, number_check_reason
+from duet.agents.number_check import check_numbers, number_check_reason
 from duet.agents.protocol import format_cell, format_output
 from duet.errors import DuetError
 from duet.prompts import Prompts, load_prompts

@@ -287,7 +287,7 @@ def train(cfg: TrainConfig, progress: bool = True, log=print) -> Path:
     log(f"model: {n_params / 1e6:.2f}M parameters ({count_parameters(model, include_mtp=False) / 1e6:.2f}M "
         f"without MTP), vocab {len(tokenizer)}")
 
-    bar = _progress(progress, cfg.steps, start)
+    bar = _Progress(cfg.steps, start) if progress else None
     tokens_done, t0 = 0, time.perf_counter()
     try:
         with open(out / "train_log.jsonl", "a") as log_file:
@@ -314,7 +314,7 @@ def train(cfg: TrainConfig, progress: bool = True, log=print) -> Path:
                           "tokens_per_s": round(rate), "time": round(time.time())}
                 log_file.write(json.dumps(record) + "\n")
                 log_file.flush()
-                if bar:
+                if bar is not None:
                     bar.update(step + 1, record)
                 if (step + 1) % cfg.save_every == 0 or step + 1 == cfg.steps:
                     if not all_finite(model.state_dict().values()):
@@ -322,7 +322,7 @@ def train(cfg: TrainConfig, progress: bool = True, log=print) -> Path:
                                          f"saving (the last checkpoint, if any, is in {ckpt}; try a lower --lr)")
                     _save(model, tokenizer, opt, cfg, step + 1, out)
     finally:
-        if bar:
+        if bar is not None:
             bar.close()
     return ckpt
 
@@ -349,15 +349,10 @@ def _save(model: Transformer, tokenizer, opt, cfg: TrainConfig, step: int, out: 
     shutil.rmtree(old, ignore_errors=True)
 
 
-class _progress:
+class _Progress:
     """A small rich progress bar showing loss, MTP loss, load balance and speed."""
 
-    def __new__(cls, enabled: bool, total: int, start: int):
-        if not enabled:
-            return None
-        return super().__new__(cls)
-
-    def __init__(self, enabled: bool, total: int, start: int):
+    def __init__(self, total: int, start: int):
         from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 
         self.p = Progress(TextColumn("step {task.completed}/{task.total}"), BarColumn(), TimeRemainingColumn(),

@@ -18,8 +18,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from duet.ui.session import dialogue_config
-from duet.ui.settings import Settings
+from duet.app.backends import dialogue_config
+from duet.app.settings import Settings
 
 
 @dataclass

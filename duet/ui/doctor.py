@@ -16,7 +16,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-from duet.ui.settings import config_path, data_dir, history_path, log_path
+from duet.app.settings import config_path, data_dir, history_path, log_path
 
 
 def _version(package: str) -> str | None:
@@ -61,7 +61,7 @@ def checks() -> list[dict[str, Any]]:
         out.append({"section": section, "name": name, "ok": ok, "detail": detail})
 
     from duet import __version__
-    from duet.ui.settings import load_settings
+    from duet.app.settings import load_settings
 
     settings = load_settings(errors=[])  # a bad value is `duet config`'s to report; here it stays as given
     add("versions", "duet", None, __version__)
@@ -94,7 +94,7 @@ def checks() -> list[dict[str, Any]]:
             add("device", "kernels", False, f"cannot load duet.kernels: {error}")
 
     try:
-        from duet.agents.sandbox import describe_isolation
+        from duet.sandbox import describe_isolation
 
         layers = describe_isolation()
         for layer in layers:
@@ -143,7 +143,7 @@ def checks() -> list[dict[str, Any]]:
 
 def _count(db: Path) -> str:
     try:
-        from duet.ui.store import Store
+        from duet.app.store import Store
 
         store = Store(db)
         conn = store.connect()

@@ -18,9 +18,9 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+from duet.app.settings import Settings, clipboard_path, history_path, log_path
+from duet.app.store import Store, StoreError
 from duet.ui.conversation import Conversation, Exchange, followups_for
-from duet.ui.settings import Settings, clipboard_path, history_path, log_path
-from duet.ui.store import Store, StoreError
 
 COMMANDS: dict[str, tuple[str, str]] = {
     # name: (arguments, what it does)
@@ -250,7 +250,7 @@ class Repl:
         return 0
 
     def run_turns(self, work: Callable[[threading.Event], Exchange]) -> Exchange:
-        from duet.ui.session import run_cancellable
+        from duet.app.backends import run_cancellable
 
         cancel = threading.Event()
 
@@ -384,8 +384,8 @@ class Repl:
         self.run_turns(lambda cancel: self.conversation.regen(cancel))
 
     def cmd_save(self, arg: str) -> None:
+        from duet.app.store import now
         from duet.ui.export import save_session
-        from duet.ui.store import now
 
         if not arg:
             self.error("/save needs a file name: /save notes.md or /save run.json")
@@ -455,8 +455,8 @@ def run_repl(flags: dict[str, Any], replies: str | None = None) -> int:
     """The whole command; returns the exit code."""
     from rich.console import Console
 
+    from duet.app.backends import build_backend
     from duet.ui.render import PlainRenderer, RichRenderer
-    from duet.ui.session import build_backend
     from duet.ui.solve import loading_status, open_backends
 
     settings, specs, solver, critic = open_backends(flags, replies)
@@ -468,7 +468,7 @@ def run_repl(flags: dict[str, Any], replies: str | None = None) -> int:
     store = Store(log_path()) if settings.log else None
 
     def build(spec: str) -> Any:
-        from duet.ui.session import Specs
+        from duet.app.backends import Specs
 
         with loading_status(settings, Specs(spec)):
             return build_backend(spec, settings)

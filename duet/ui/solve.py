@@ -41,9 +41,9 @@ import threading
 from pathlib import Path
 from typing import Any
 
-from duet.ui.errors import UsageProblem
-from duet.ui.settings import Settings, load_settings, log_path
-from duet.ui.store import Store, StoreError
+from duet.app.errors import UsageProblem
+from duet.app.settings import Settings, load_settings, log_path
+from duet.app.store import Store, StoreError
 
 EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_NO_AGREEMENT, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
 
@@ -105,7 +105,7 @@ def loading_status(settings: Settings, specs: Any) -> Any:
 
 def open_backends(flags: dict[str, Any], replies: str | None) -> tuple[Settings, Any, Any, Any]:
     """Settings (warnings printed), backend specs, and the solver's and critic's backends (with a spinner)."""
-    from duet.ui.session import backend_specs, build_backends
+    from duet.app.backends import backend_specs, build_backends
 
     settings = load_settings(flags)
     for message in settings.warnings:
@@ -161,8 +161,8 @@ def run_solve(question: str | None, file: str | None, *, as_json: bool, quiet: b
     With ``as_json``, an error before the dialogue's result is printed still prints one JSON object
     (:func:`failure`) before it propagates to the CLI's one-line error."""
     from duet.agents.dialogue import Dialogue
-    from duet.ui.errors import describe
-    from duet.ui.session import dialogue_config, run_cancellable
+    from duet.app.backends import dialogue_config, run_cancellable
+    from duet.app.errors import describe
 
     text = None
     try:

@@ -9,8 +9,8 @@ from typing import Any
 
 from rich.text import Text
 
-from duet.ui.errors import UsageProblem
-from duet.ui.settings import clipboard_path, data_dir, history_path, load_settings, log_path
+from duet.app.errors import UsageProblem
+from duet.app.settings import clipboard_path, data_dir, history_path, load_settings, log_path
 
 
 def _console() -> Any:
@@ -90,7 +90,7 @@ def show_config(as_json: bool = False, errors: list | None = None) -> int:
 
 def _store() -> Any:
     """The log store, or None when nothing was ever logged (a corrupt file raises StoreError here)."""
-    from duet.ui.store import Store
+    from duet.app.store import Store
 
     path = log_path()
     if not path.exists():
@@ -137,7 +137,7 @@ def list_logs(search: str | None = None, limit: int = 20, as_json: bool = False)
 
 def show_log(exchange_id: int, as_json: bool = False) -> int:
     """One exchange in full."""
-    from duet.ui.store import StoreError
+    from duet.app.store import StoreError
 
     store = _store()
     if store is None:
@@ -175,7 +175,7 @@ def export_feedback(fmt: str = "jsonl", output: str | None = None, rating: str |
     """Every rated exchange, as JSON lines or CSV, to stdout or a file."""
     import csv
 
-    from duet.ui.store import EXPORT_COLUMNS
+    from duet.app.store import EXPORT_COLUMNS
 
     if fmt not in ("jsonl", "csv"):
         raise UsageProblem(f"--format {fmt!r}: use jsonl or csv")

@@ -18,11 +18,11 @@ import json
 import signal
 import threading
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any, TypeVar
 
-from duet.ui.settings import Settings, SettingsError
+from duet.app.settings import Settings, SettingsError
 
 T = TypeVar("T")
 
@@ -114,7 +114,7 @@ def backend_options(spec: str, settings: Settings) -> dict[str, Any]:
 def check_device(device: str, where: str = "--device") -> str:
     """``device`` ("auto": cuda when there is one, else cpu) if this machine has it; SettingsError (a usage
     error naming ``where``) if not. Imports torch."""
-    from duet.ui.settings import KEY_BY_NAME, convert
+    from duet.app.settings import KEY_BY_NAME, convert
 
     device = convert(KEY_BY_NAME["device"], device, where)  # auto, cpu, cuda, cuda:N or mps
     import torch
@@ -139,7 +139,7 @@ def resolve_local(options: dict[str, Any], where: str = "--device") -> dict[str,
     errors naming ``where``); imports torch: only for local backends.
 
     ``mtp`` "auto" (not set anywhere) is on, except for compiled decoding on a CPU, where MTP made decoding
-    slower (compiled + MTP at 0.45-0.7x compiled plain decoding in session 5's `duet bench --compile`)."""
+    slower (compiled + MTP ran at 0.45-0.7x compiled plain decoding in `duet bench --compile`)."""
     options = dict(options)
     options["device"] = check_device(options.get("device") or "auto", where)
     if options.get("dtype", "auto") == "auto":
@@ -176,26 +176,21 @@ def build_backends(settings: Settings, specs: Specs) -> tuple[Any, Any | None]:
     return solver, critic
 
 
-def dialogue_config(settings: Settings, **overrides: Any) -> Any:
-    """The ``DialogueConfig`` the settings describe."""
-    from duet.agents.dialogue import DialogueConfig
+SETTING_FOR_FIELD = {"sandbox_timeout": "timeout", "sandbox_memory_mb": "memory", "sandbox_isolation": "sandbox"}
+"""The ``DialogueConfig`` fields whose setting has another name; the other fields share their setting's name."""
 
-    config = DialogueConfig(
-        max_rounds=settings.max_rounds,
-        max_steps=settings.max_steps,
-        max_tokens=settings.max_tokens,
-        temperature=settings.temperature,
-        seed=settings.seed,
-        critic=settings.critic,
-        number_check=settings.number_check,
-        critic_solves=settings.critic_solves,
-        sandbox_timeout=settings.timeout,
-        sandbox_memory_mb=settings.memory,
-        sandbox_isolation=settings.sandbox,
-    )
-    for name, value in overrides.items():
-        setattr(config, name, value)
-    return config
+
+def dialogue_config(settings: Settings, **overrides: Any) -> Any:
+    """The ``DialogueConfig`` the settings describe: every field that is also a setting, then ``overrides``."""
+    from duet.agents.dialogue import DialogueConfig
+    from duet.app.settings import KEY_BY_NAME
+
+    values = {}
+    for spec in fields(DialogueConfig):
+        key = SETTING_FOR_FIELD.get(spec.name, spec.name)
+        if key in KEY_BY_NAME:
+            values[spec.name] = getattr(settings, key)
+    return DialogueConfig(**{**values, **overrides})
 
 
 def run_cancellable(

@@ -10,8 +10,8 @@ and finds:
 * *ungrounded* numbers: neither in the problem nor common constants;
 * *reused* numbers: ``a - a`` or ``a / a`` (always 0 or 1) where the problem gives ``a`` only once;
 * when neither is found, *unused* numbers: numbers the problem writes in digits that no code block uses
-  (a percentage counts as used in any of its forms). On v0.5's dev run, 56 of the 72 solutions that left a
-  number unused were wrong (the rest skipped a distractor, such as carrots in a question about
+  (a percentage counts as used in any of its forms). On the dev set, most solutions that left a number
+  unused were wrong (the rest skipped a distractor, such as carrots in a question about
   watermelons); asking about them cut the answers the critic agreed to but were wrong from 62 to 39,
   and the dialogue fixed 4 and broke none.
 

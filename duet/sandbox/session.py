@@ -1,98 +1,29 @@
-"""A sandbox for model-written Python: isolated, stateful like a notebook, and fast.
+"""The host side of a sandbox session: `Sandbox` runs code in it and `RunResult` says what happened.
 
-    from duet.agents.sandbox import Sandbox
-
-    with Sandbox(timeout=5.0, memory_mb=1024) as sb:
-        r = sb.run("x = 6 * 7")
-        r = sb.run("x + 1")          # r.stdout == "43\\n", r.ok, r.error is None
-
-Code runs in a separate, forked worker process, never in the caller's. Protection comes in
-layers, each detected at run time (describe_isolation() says what this machine offers):
-
-1. rlimits (always): a separate process started with ``-I`` and an empty environment, a fresh
-   temporary work dir, its own session, rlimits (CPU, address space, file size, open files,
-   processes, no core), a wall-clock deadline after which the whole session is killed and reaped,
-   and stdout/stderr drained concurrently and capped. As root, each session runs under its own
-   unprivileged uid, because RLIMIT_NPROC is not enforced for uid 0.
-2. bwrap (Linux with user namespaces and bubblewrap): the fork server runs inside bubblewrap with
-   no network, a read-only view of only the system and the interpreter, and private PID, IPC and
-   UTS namespaces; each session further gets its own PID, mount, IPC and network namespaces and a
-   private tmpfs /tmp with the work dir /tmp/work, so nothing it starts survives it and it sees no
-   other session.
-3. landlock + seccomp (Linux, stacked on the above in every session process): Landlock allows
-   reading only the system and the interpreter, writing only the work dir, no TCP, and no signals
-   outside the session; a seccomp filter refuses inet sockets, ptrace, mount, unshare, setns, bpf,
-   io_uring and signals to the session's ancestors. This holds where namespaces are unavailable.
-4. Elsewhere (macOS) only layer 1 applies, and the memory limit is not enforced there.
-   ``isolation="none"`` keeps the separate process, deadline and output caps, and nothing else.
-
-Speed: sessions are forked from a per-process fork server (one per isolation mode, started on
-first use and restarted if it dies) that has already imported sympy, so a warm step costs about a
-millisecond instead of the ~0.5 s of a cold ``python -c "import sympy"``.
-
-A run that kills its session (timeout, crash, ``os._exit``) reports why; the next run starts a
-fresh session and says, with ``state_lost=True`` and a note on stderr, that earlier state is gone.
-Each Sandbox is thread-safe (runs are serialised); separate Sandboxes run in parallel.
+The layers of isolation and the speed are described in the package docstring (duet/sandbox/__init__.py).
 """
+
 
 from __future__ import annotations
 
-import atexit
 import codecs
-import concurrent.futures
 import dataclasses
 import errno
 import json
 import os
-import queue
 import secrets
 import select
 import selectors
-import shutil
 import signal
 import socket
-import struct
-import subprocess
-import sys
-import tempfile
 import threading
 import time
 from collections.abc import Collection
 
-from duet.agents import sandbox_isolation as iso
-from duet.agents import sandbox_worker as worker
+from duet.sandbox import framing, limits, processes
+from duet.sandbox.servers import SandboxError, _ForkServer, _get_server, _resolve
 
-__all__ = [
-    "ISOLATION_LEVELS",
-    "RunResult",
-    "Sandbox",
-    "SandboxError",
-    "SandboxUnavailable",
-    "chosen_isolation",
-    "describe_isolation",
-    "shutdown_servers",
-]
-
-ISOLATION_LEVELS = ("bwrap", "landlock", "rlimits", "none")  # strongest first
 SKIPPABLE_LAYERS = ("landlock", "seccomp", "uid")
-DEFAULT_OUTPUT_LIMIT = 64 * 1024
-_SERVER_START_TIMEOUT = 60.0  # importing sympy on a loaded machine can take seconds
-_SESSION_START_TIMEOUT = 30.0
-_KILL_GRACE = 3.0  # how long a session supervisor gets to clean up before SIGKILL
-_WORKER_PATHS = (os.path.abspath(worker.__file__), os.path.abspath(iso.__file__))
-# Capabilities the fork server keeps inside bubblewrap when we are root, to build each session's
-# namespaces and hand it its own uid. Sessions drop all of them before running any code.
-_ROOT_SERVER_CAPS = ("CAP_SYS_ADMIN", "CAP_SETUID", "CAP_SETGID", "CAP_SETPCAP", "CAP_KILL",
-                     "CAP_CHOWN", "CAP_DAC_OVERRIDE", "CAP_FOWNER")
-_CLEAN_ENV = {"PATH": "/usr/local/bin:/usr/bin:/bin", "LANG": "C.UTF-8", "LC_ALL": "C.UTF-8"}
-
-
-class SandboxError(RuntimeError):
-    """The sandbox itself failed (could not start, bad configuration); not an error in the code run."""
-
-
-class SandboxUnavailable(SandboxError):
-    """The requested isolation level is not available on this machine."""
 
 
 @dataclasses.dataclass
@@ -116,381 +47,11 @@ class RunResult:
     truncated: bool = False
 
 
-# ---------------------------------------------------------------------------------------------- probing
-_probe_lock = threading.Lock()
-_probe_cache: dict | None = None
 
 
-def _probe() -> dict:
-    """What this machine offers, found out once per process (runs bubblewrap once, ~50 ms)."""
-    global _probe_cache
-    with _probe_lock:
-        if _probe_cache is None:
-            posix = os.name == "posix" and hasattr(os, "fork")
-            abi = iso.landlock_abi()
-            info = {
-                "posix": posix,
-                "linux": iso.IS_LINUX,
-                "root": posix and os.geteuid() == 0,
-                "landlock_abi": abi,
-                "seccomp": iso.seccomp_available(),
-                "pidfd": iso.pidfd_available(),
-            }
-            info["bwrap"], info["bwrap_detail"] = _probe_bwrap(info)
-            _probe_cache = info
-        return _probe_cache
-
-
-def _probe_bwrap(info: dict) -> tuple[bool, str]:
-    if not info["linux"]:
-        return False, "Linux only"
-    path = shutil.which("bwrap")
-    if path is None:
-        return False, "bubblewrap not installed (Debian/Ubuntu: apt-get install bubblewrap)"
-    if not info["pidfd"]:
-        return False, "kernel lacks pidfd_open (Linux >= 5.3 needed to signal sessions in their namespace)"
-    try:
-        version = subprocess.run([path, "--version"], capture_output=True, text=True, timeout=10).stdout.strip()
-        argv = _bwrap_argv(path) + ["--", sys.executable, "-I", "-B", f"{worker.SANDBOX_DIR}/sandbox_worker.py",
-                                    "probe"]
-        proc = subprocess.run(argv, capture_output=True, text=True, timeout=30, env=_CLEAN_ENV)
-    except (OSError, subprocess.SubprocessError) as e:
-        return False, f"bubblewrap failed to run: {e}"
-    try:
-        result = json.loads(proc.stdout.strip().splitlines()[-1])
-    except (ValueError, IndexError):
-        result = {"ok": False, "error": (proc.stderr.strip().splitlines() or ["no output"])[-1]}
-    if not result.get("ok"):
-        return False, f"{version or 'bubblewrap'} cannot build a session here: {result.get('error')}"
-    return True, f"{version}: no network, read-only system, private PID/mount/IPC namespaces per session"
-
-
-def chosen_isolation() -> str:
-    """The isolation level ``isolation="auto"`` resolves to on this machine."""
-    info = _probe()
-    if not info["posix"]:
-        raise SandboxUnavailable("the sandbox needs a POSIX system with fork()")
-    if info["bwrap"]:
-        return "bwrap"
-    if info["landlock_abi"] > 0 or info["seccomp"]:
-        return "landlock"
-    return "rlimits"
-
-
-def describe_isolation() -> list[dict]:
-    """Each layer: name, whether it is available here, whether "auto" uses it, and a one-line detail."""
-    info = _probe()
-    chosen = chosen_isolation() if info["posix"] else "none"
-    abi = info["landlock_abi"]
-    stacked = chosen in ("bwrap", "landlock")
-    if info["linux"]:
-        process = "separate -I process, empty env, temp work dir, rlimits, deadline, group kill, 64 KB output caps"
-        if info["root"]:
-            process += "; as root each session gets its own unprivileged uid"
-        else:
-            process += "; alone it does not stop reading your files or signalling your processes"
-    elif info["posix"]:
-        process = ("separate process, empty env, temp work dir, CPU/file/process rlimits, deadline, output caps; "
-                   "NOT isolated: memory limit, filesystem, network")
-    else:
-        process = "unavailable: needs a POSIX system with fork()"
-    if abi >= 6:
-        landlock = f"ABI {abi}: read-only system, write only the work dir, no TCP, signals scoped to the session"
-    elif abi >= 4:
-        landlock = f"ABI {abi}: read-only system, write only the work dir, no TCP (no signal scoping before ABI 6)"
-    elif abi > 0:
-        landlock = f"ABI {abi}: read-only system, write only the work dir (no TCP rules before ABI 4)"
-    else:
-        landlock = "not available in this kernel (Linux >= 5.13 with landlock in the LSM list)"
-    if info["seccomp"]:
-        seccomp = "BPF filter: no inet sockets, ptrace, mount, unshare, setns, bpf, io_uring; ancestors unsignalable"
-    else:
-        seccomp = "not available (needs Linux on x86_64 or aarch64)"
-    return [
-        {"name": "rlimits", "available": info["posix"], "used": chosen != "none", "detail": process},
-        {"name": "bwrap", "available": info["bwrap"], "used": chosen == "bwrap", "detail": info["bwrap_detail"]},
-        {"name": "landlock", "available": abi > 0, "used": stacked and abi > 0, "detail": landlock},
-        {"name": "seccomp", "available": info["seccomp"], "used": stacked and info["seccomp"], "detail": seccomp},
-    ]
-
-
-def _resolve(isolation: str) -> str:
-    if isolation == "auto":
-        return chosen_isolation()
-    if isolation not in ISOLATION_LEVELS:
-        raise ValueError(f"isolation must be 'auto' or one of {ISOLATION_LEVELS}, not {isolation!r}")
-    info = _probe()
-    if not info["posix"]:
-        raise SandboxUnavailable("the sandbox needs a POSIX system with fork()")
-    if isolation == "bwrap" and not info["bwrap"]:
-        raise SandboxUnavailable(f"isolation='bwrap' is unavailable: {info['bwrap_detail']}")
-    if isolation == "landlock" and not (info["landlock_abi"] > 0 or info["seccomp"]):
-        raise SandboxUnavailable("isolation='landlock' is unavailable: neither Landlock nor seccomp in this kernel")
-    return isolation
-
-
-# ------------------------------------------------------------------------------------------ fork server
-def _bwrap_argv(bwrap: str) -> list[str]:
-    """bubblewrap for the fork server: no network, only the system and the interpreter, read-only."""
-    argv = [bwrap]
-    if os.geteuid() == 0:
-        # Everything --unshare-all does except the user namespace: inside one, real root could only
-        # map uid 0, and uid 0 is exempt from RLIMIT_NPROC. Outside one, the server can give each
-        # session its own uid; it keeps just the capabilities needed for that.
-        argv += ["--unshare-pid", "--unshare-net", "--unshare-ipc", "--unshare-uts", "--unshare-cgroup-try",
-                 "--cap-drop", "ALL"]
-        for cap in _ROOT_SERVER_CAPS:
-            argv += ["--cap-add", cap]
-    else:
-        argv += ["--unshare-all"]
-    argv += ["--die-with-parent", "--new-session", "--hostname", "sandbox",
-             "--proc", "/proc", "--dev", "/dev", "--tmpfs", "/tmp", "--ro-bind", "/usr", "/usr"]
-    for path in worker.SYSTEM_PATHS[1:]:
-        if os.path.islink(path):
-            argv += ["--symlink", os.readlink(path), path]
-        elif os.path.isdir(path):
-            argv += ["--ro-bind", path, path]
-    for path in worker.ETC_FILES:
-        if os.path.exists(path):
-            argv += ["--ro-bind", path, path]
-    created: set[str] = set()
-    for root in worker.python_roots():
-        if root == "/usr" or root.startswith("/usr/"):
-            continue
-        # Parents bwrap would create copy restrictive host modes (/root is 0700): make them
-        # traversable so a session's unprivileged uid reaches the interpreter (needs bwrap >= 0.5).
-        parent, parents = os.path.dirname(root), []
-        while parent not in ("/", "") and parent not in created:
-            parents.append(parent)
-            parent = os.path.dirname(parent)
-        for path in reversed(parents):
-            argv += ["--perms", "0755", "--dir", path]
-            created.add(path)
-        argv += ["--ro-bind", root, root]
-    for path in _WORKER_PATHS:
-        argv += ["--ro-bind", path, f"{worker.SANDBOX_DIR}/{os.path.basename(path)}"]
-    argv += ["--chdir", "/tmp"]
-    return argv
-
-
-class _Spawner:
-    """Starts fork servers from one thread that lives as long as the process.
-
-    bubblewrap's --die-with-parent (PR_SET_PDEATHSIG) fires when the *thread* that started it
-    exits, so starting a server from a short-lived worker thread would kill it with that thread.
-    """
-
-    def __init__(self) -> None:
-        self._jobs: queue.Queue = queue.Queue()
-        self._thread: threading.Thread | None = None
-        self._lock = threading.Lock()
-
-    def popen(self, argv: list[str], **kwargs) -> subprocess.Popen:
-        with self._lock:
-            if self._thread is None:
-                self._thread = threading.Thread(target=self._loop, name="duet-sandbox-spawner", daemon=True)
-                self._thread.start()
-        future: concurrent.futures.Future = concurrent.futures.Future()
-        self._jobs.put((argv, kwargs, future))
-        return future.result()
-
-    def _loop(self) -> None:
-        while True:
-            argv, kwargs, future = self._jobs.get()
-            try:
-                future.set_result(subprocess.Popen(argv, **kwargs))
-            except BaseException as e:  # noqa: BLE001 - hand any failure back to the caller
-                future.set_exception(e)
-
-
-_spawner = _Spawner()
-
-
-class _ForkServer:
-    """One fork server process (per isolation mode): has sympy imported, forks sessions on request."""
-
-    def __init__(self, mode: str) -> None:
-        self.mode = mode
-        self.lock = threading.Lock()
-        self.base_dir: str | None = None
-        host, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
-        self.channel = host
-        try:
-            if mode != "bwrap":
-                self.base_dir = tempfile.mkdtemp(prefix="duet-sandbox-")
-                if os.geteuid() == 0:
-                    os.chmod(self.base_dir, 0o711)  # sessions' own uids reach their dir, but cannot list
-            options = {"mode": mode, "channel_fd": child.fileno(), "base_dir": self.base_dir}
-            script = _WORKER_PATHS[0]
-            prefix: list[str] = []
-            if mode == "bwrap":
-                prefix = [*_bwrap_argv(shutil.which("bwrap") or "bwrap"), "--"]
-                script = f"{worker.SANDBOX_DIR}/sandbox_worker.py"
-            argv = [*prefix, sys.executable, "-I", "-B", script, "serve", json.dumps(options)]
-            debug = os.environ.get("DUET_SANDBOX_DEBUG") == "1"
-            self.process = _spawner.popen(
-                argv, pass_fds=[child.fileno()], stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                stderr=None if debug else subprocess.DEVNULL, env=_CLEAN_ENV,
-                cwd=self.base_dir or "/", start_new_session=True,
-            )
-        except BaseException:
-            host.close()
-            self._remove_base_dir()
-            raise
-        finally:
-            child.close()
-        try:
-            ready, _ = _recv_frame(self.channel, time.monotonic() + _SERVER_START_TIMEOUT)
-        except (OSError, ValueError) as e:
-            self.close()
-            raise SandboxError(f"the {mode} fork server did not start: {e}") from e
-        if not isinstance(ready, dict) or not ready.get("ready"):
-            self.close()
-            raise SandboxError(f"the {mode} fork server did not start: {ready!r}")
-        self.info = ready
-
-    def alive(self) -> bool:
-        return self.process.poll() is None
-
-    def spawn(self, request: dict, fds: list[int]) -> tuple[int, int | None]:
-        """Fork a session; returns its supervisor's pid (in the server's namespace) and a pidfd."""
-        data = _encode_frame(request)
-        with self.lock:
-            self.channel.settimeout(_SESSION_START_TIMEOUT)
-            socket.send_fds(self.channel, [data], fds)
-            reply, reply_fds = _recv_frame(self.channel, time.monotonic() + _SESSION_START_TIMEOUT)
-        if not isinstance(reply, dict) or "pid" not in reply:
-            for fd in reply_fds:
-                os.close(fd)
-            raise SandboxError(f"fork server refused the session: {reply!r}")
-        return int(reply["pid"]), (reply_fds[0] if reply_fds else None)
-
-    def close(self) -> None:
-        self.channel.close()  # the server exits on EOF; in bwrap mode every session dies with it
-        try:
-            self.process.wait(timeout=5)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-            self.process.wait()
-        self._remove_base_dir()
-
-    def _remove_base_dir(self) -> None:
-        # Only if empty: sessions can outlive their server, and their work dirs live in here.
-        worker._remove_if_empty(self.base_dir)
-
-
-_servers: dict[str, _ForkServer] = {}
-_servers_lock = threading.Lock()
-
-
-def _get_server(mode: str, replace: _ForkServer | None = None) -> _ForkServer:
-    """The shared fork server for `mode`, started on first use and restarted when it died."""
-    with _servers_lock:
-        server = _servers.get(mode)
-        if server is not None and (server is replace or not server.alive()):
-            _servers.pop(mode)
-            server.close()
-            server = None
-        if server is None:
-            server = _servers[mode] = _ForkServer(mode)
-        return server
-
-
-def shutdown_servers() -> None:
-    """Stop every fork server of this process (sessions of a bwrap server end with it)."""
-    with _servers_lock:
-        servers = list(_servers.values())
-        _servers.clear()
-    for server in servers:
-        server.close()
-
-
-atexit.register(shutdown_servers)
-
-
-def _forget_after_fork() -> None:
-    """In a forked child of the host, the parent's servers and spawner thread are not ours to use."""
-    global _servers_lock, _spawner, _probe_lock
-    _servers.clear()  # their channels are shared with the parent: never talk on them (or close them)
-    _servers_lock = threading.Lock()
-    _probe_lock = threading.Lock()
-    _spawner = _Spawner()
-
-
-if hasattr(os, "register_at_fork"):
-    os.register_at_fork(after_in_child=_forget_after_fork)
-
-
-# -------------------------------------------------------------------------------------------- framing
-def _encode_frame(obj: object) -> bytes:
-    body = json.dumps(obj, separators=(",", ":")).encode()
-    return struct.pack("!I", len(body)) + body
-
-
-def _recv_frame(sock: socket.socket, deadline: float) -> tuple[object, list[int]]:
-    """One frame (and fds sent with it) from a blocking socket, giving up at `deadline`."""
-    def remaining() -> float:
-        left = deadline - time.monotonic()
-        if left <= 0:
-            raise TimeoutError("timed out waiting for the sandbox")
-        return left
-
-    sock.settimeout(remaining())
-    head, fds, _flags, _addr = socket.recv_fds(sock, 4, 4)
-    while 0 < len(head) < 4:
-        sock.settimeout(remaining())
-        head += sock.recv(4 - len(head))
-    if len(head) < 4:
-        raise ConnectionError("the sandbox closed the connection")
-    (size,) = struct.unpack("!I", head)
-    body = b""
-    while len(body) < size:
-        sock.settimeout(remaining())
-        chunk = sock.recv(size - len(body))
-        if not chunk:
-            raise ConnectionError("the sandbox closed the connection")
-        body += chunk
-    return json.loads(body), fds
-
-
-class _ProtocolError(Exception):
-    """The worker sent something that is not a valid frame (the code in it can write to its socket)."""
-
-
-class _FrameBuffer:
-    """Collects frames from a non-blocking stream written by the worker, which is not trusted: a
-    frame may not exceed `max_size` and must decode to a JSON object."""
-
-    def __init__(self, max_size: int = 1 << 20) -> None:
-        self.data = b""
-        self.max_size = max_size
-
-    def feed(self, chunk: bytes) -> list[dict]:
-        self.data += chunk
-        frames = []
-        while len(self.data) >= 4:
-            (size,) = struct.unpack("!I", self.data[:4])
-            if size > self.max_size:
-                raise _ProtocolError(f"frame of {size} bytes")
-            if len(self.data) < 4 + size:
-                break
-            try:
-                frame = json.loads(self.data[4:4 + size])
-            except (ValueError, RecursionError) as e:
-                raise _ProtocolError(str(e)) from None
-            if not isinstance(frame, dict):
-                raise _ProtocolError("frame is not an object")
-            frames.append(frame)
-            self.data = self.data[4 + size:]
-        return frames
-
-
-def _one_line(value: object, limit: int = 500) -> str | None:
+def _one_line(value: object) -> str | None:
     """An error string from the worker, made safe to show: one line, bounded length."""
-    if value is None:
-        return None
-    text = " ".join(str(value).split())
-    return text if len(text) <= limit else text[:limit - 3] + "..."
+    return None if value is None else limits.one_line(value)
 
 
 class _Collector:
@@ -613,9 +174,9 @@ class _Session:
         """End the session for good: ask the supervisor to kill and reap everything, then make sure."""
         if not self.gone:
             self.signal(signal.SIGTERM)
-            if not self.wait_gone(_KILL_GRACE):
+            if not self.wait_gone(limits.KILL_GRACE_S):
                 self.signal(signal.SIGKILL)
-                self.wait_gone(_KILL_GRACE)
+                self.wait_gone(limits.KILL_GRACE_S)
 
     def close(self) -> None:
         """Graceful end between runs: closing the socket makes an idle worker exit on its own."""
@@ -631,9 +192,9 @@ class _Session:
         workdir = self.hello.get("cwd")
         base = self.server.base_dir
         if base and isinstance(workdir, str) and os.path.dirname(workdir) == base and os.path.isdir(workdir):
-            worker._remove_tree(workdir)  # the supervisor normally did this; it may have been SIGKILLed
+            processes.remove_tree(workdir)  # the supervisor normally did this; it may have been SIGKILLed
         if base and not self.server.alive():
-            worker._remove_if_empty(base)
+            processes.remove_if_empty(base)
 
     def close_fds(self) -> None:
         self.closed = True
@@ -686,21 +247,23 @@ class Sandbox:
 
     def __init__(
         self,
-        timeout: float = 5.0,
-        memory_mb: int = 1024,
+        timeout: float = limits.DEFAULT_TIMEOUT_S,
+        memory_mb: int = limits.DEFAULT_MEMORY_MB,
         isolation: str = "auto",
         *,
-        output_limit: int = DEFAULT_OUTPUT_LIMIT,
-        disk_mb: int = 128,
-        max_processes: int = 64,
-        max_open_files: int = 256,
+        output_limit: int = limits.DEFAULT_OUTPUT_LIMIT,
+        disk_mb: int = limits.DEFAULT_DISK_MB,
+        max_processes: int = limits.DEFAULT_MAX_PROCESSES,
+        max_open_files: int = limits.DEFAULT_MAX_OPEN_FILES,
         skip_layers: Collection[str] = (),
     ) -> None:
         if not timeout > 0:
             raise ValueError("timeout must be positive")
-        if memory_mb < 32 or disk_mb < 1 or max_processes < 2 or max_open_files < 16 or output_limit < 1:
-            raise ValueError("memory_mb >= 32, disk_mb >= 1, max_processes >= 2, max_open_files >= 16 "
-                             "and output_limit >= 1 are required")
+        if (memory_mb < limits.MIN_MEMORY_MB or disk_mb < limits.MIN_DISK_MB or max_processes < limits.MIN_MAX_PROCESSES
+                or max_open_files < limits.MIN_MAX_OPEN_FILES or output_limit < 1):
+            raise ValueError(f"memory_mb >= {limits.MIN_MEMORY_MB}, disk_mb >= {limits.MIN_DISK_MB}, "
+                             f"max_processes >= {limits.MIN_MAX_PROCESSES}, max_open_files >= "
+                             f"{limits.MIN_MAX_OPEN_FILES} and output_limit >= 1 are required")
         unknown = set(skip_layers) - set(SKIPPABLE_LAYERS)
         if unknown:
             raise ValueError(f"skip_layers: unknown {sorted(unknown)}; choose from {SKIPPABLE_LAYERS}")
@@ -806,8 +369,8 @@ class Sandbox:
         raise SandboxError(f"could not start a sandbox session: {last_error}")
 
     def _await_hello(self, session: _Session) -> dict:
-        frames = _FrameBuffer()
-        deadline = time.monotonic() + _SESSION_START_TIMEOUT
+        frames = framing.FrameBuffer()
+        deadline = time.monotonic() + limits.SESSION_START_TIMEOUT_S
         session.ctrl.setblocking(False)
         while time.monotonic() < deadline:
             ready = _readable([session.ctrl.fileno(), session.status], deadline - time.monotonic())
@@ -822,7 +385,7 @@ class Sandbox:
                     break
                 try:
                     received = frames.feed(chunk or b"")
-                except _ProtocolError as e:
+                except framing.ProtocolError as e:
                     raise SandboxError(f"sandbox session failed to start: bad hello ({e})") from None
                 for frame in received:
                     if frame.get("hello"):
@@ -883,12 +446,12 @@ class Sandbox:
         marker = b"\x00" + sentinel.encode() + b"\x00"
         out = _Collector(self.output_limit, marker)
         err = _Collector(self.output_limit, marker)
-        frames = _FrameBuffer()
+        frames = framing.FrameBuffer()
         reply: dict | None = None
         timed_out = broken = False
         start = time.monotonic()
         deadline = start + self.timeout
-        request = _encode_frame({"op": "run", "code": code, "timeout": self.timeout, "sentinel": sentinel})
+        request = framing.encode_frame({"op": "run", "code": code, "timeout": self.timeout, "sentinel": sentinel})
         try:
             session.ctrl.settimeout(self.timeout)
             session.ctrl.sendall(request)
@@ -925,12 +488,12 @@ class Sandbox:
                             chunk = b""
                         if not chunk:
                             sel.unregister(session.ctrl.fileno())
-                            session.wait_gone(_KILL_GRACE)  # the worker is exiting: collect its report
+                            session.wait_gone(limits.KILL_GRACE_S)  # the worker is exiting: collect its report
                             continue
                         try:
                             # only the reply to *this* run counts (the cell itself can write to fd 3)
                             reply = next((f for f in frames.feed(chunk) if f.get("run") == sentinel), reply)
-                        except _ProtocolError:
+                        except framing.ProtocolError:
                             broken = True
                     else:
                         self._drain(key.fd, key.data, sel)
@@ -1000,7 +563,7 @@ class Sandbox:
         if report.get("error"):
             return str(report["error"])
         sig, cpu, rss = report.get("signal"), report.get("cpu") or 0.0, report.get("maxrss_mb") or 0.0
-        if sig == getattr(signal, "SIGXCPU", None) or (sig == signal.SIGKILL and cpu >= worker.SESSION_CPU_BUDGET_S):
+        if sig == getattr(signal, "SIGXCPU", None) or (sig == signal.SIGKILL and cpu >= limits.SESSION_CPU_BUDGET_S):
             return f"timed out after {self.timeout:g} s (CPU time limit)"
         if sig is not None and rss >= 0.75 * self.memory_mb:
             return f"memory limit {self.memory_mb} MB exceeded ({_signal_name(sig)})"

@@ -1,7 +1,7 @@
 """Kernel confinement primitives for the duet sandbox: Landlock, seccomp, namespaces, capabilities.
 
 Standard library + ctypes only, because this file also runs *inside* the sandbox (bubblewrap binds
-it read-only next to sandbox_worker.py) where the duet package is not importable. Every function
+it read-only next to worker.py) where the duet package is not importable. Every function
 here either only asks the kernel a question (the ``*_abi`` / ``*_available`` probes, safe for the
 host to call) or says in its name that it restricts the calling process (``restrict_*``,
 ``install_*``, ``drop_*``); those are only ever called in a sandbox process.

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from fractions import Fraction
 
-from duet.agents.grounding import (
+from duet.agents.number_check import (
     check_numbers,
     code_numbers,
     number_check_reason,
