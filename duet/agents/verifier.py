@@ -23,11 +23,11 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from typing import Any
 
-from duet.answers import equivalent
 from duet.agents.backends import Backend, BackendError
 from duet.agents.protocol import AGREE, parse_verdict
 from duet.agents.transcript import Turn
 from duet.agents.turn import TurnOptions, run_turn
+from duet.answers import equivalent
 from duet.prompts import Prompts
 
 VERDICT_PREFIX = "VERDICT:"
