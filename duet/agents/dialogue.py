@@ -77,6 +77,10 @@ class DialogueConfig:
     number_check: bool = True  # the critic's model-free check of the code's numbers (duet.agents.number_check)
     critic_solves: int = 0  # the critic's own sampled solutions, compared before its checks (critic.py)
     critic_solve_temperature: float = 0.7
+    verify: bool = True  # the critic's verifier scores answers; low ones get sampled alternatives (verifier.py)
+    verify_threshold: float = 0.5
+    samples: int = 4
+    sample_temperature: float = 0.7
     sandbox_timeout: float = 5.0  # seconds per cell
     sandbox_memory_mb: int = 1024
     sandbox_isolation: str | None = None  # passed to Sandbox(isolation=...) when set

@@ -69,6 +69,12 @@ KEYS: tuple[Key, ...] = (
     Key("number_check", "bool", True, "the critic rejects code numbers the problem never gives, before its model"),
     Key("critic_solves", "int", 0, "times the critic solves the problem itself (sampled) before its number check "
         "and model (0: never)", minimum=0),
+    Key("verify", "bool", True, "the critic scores the solver's answer with its verifier (P(correct)); below "
+        "verify_threshold the solver samples alternatives and the answers vote, weighted by their scores"),
+    Key("verify_threshold", "float", 0.5, "verifier score below which alternatives are sampled", minimum=0,
+        maximum=1),
+    Key("samples", "int", 4, "alternatives the solver samples when its answer scores low (0: none)", minimum=0),
+    Key("sample_temperature", "float", 0.7, "temperature of those alternatives", minimum=0),
     Key("max_rounds", "int", 3, "solver turns the critic checks before giving up", minimum=1),
     Key("max_tokens", "int", 1024, "generated tokens per turn", minimum=1),
     Key("max_steps", "int", 8, "code cells per turn", minimum=1),
