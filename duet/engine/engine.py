@@ -159,11 +159,10 @@ class Engine:
         per_position = (n_main + n_mtp) * (args.kv_lora_rank + args.qk_rope_head_dim) * self.dtype.itemsize
         budget = (min(self.max_batch * self.max_seq_len * per_position, 1 << 30) if mb is None
                   else int(mb * 2**20))
-        capacity = budget // (block * per_position)
-        if capacity < 1:
+        if budget < block * per_position:  # not one block
             return None
         return PrefixCache(n_main, n_mtp, args.kv_lora_rank, args.qk_rope_head_dim, block_size=block,
-                           capacity=capacity, mtp=True, device=self.device, dtype=self.dtype)
+                           budget_bytes=budget, mtp=True, device=self.device, dtype=self.dtype)
 
     def prefix_cache_stats(self) -> dict | None:
         """Hit rate (prompt tokens reused / looked up), tokens reused, blocks and bytes held, evictions; None

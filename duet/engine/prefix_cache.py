@@ -63,14 +63,14 @@ class PrefixCache:
     """Blocks of latent cache entries indexed by token prefix (see the module docstring).
 
     `n_main` main layers followed by `n_mtp` MTP layers (stored only when `mtp`), latents of `rank` and
-    rotary keys of `rope_dim` numbers, at most `capacity` blocks of `block_size` positions."""
+    rotary keys of `rope_dim` numbers, blocks of `block_size` positions, at most `budget_bytes` of them."""
 
-    def __init__(self, n_main: int, n_mtp: int, rank: int, rope_dim: int, *, block_size: int, capacity: int,
+    def __init__(self, n_main: int, n_mtp: int, rank: int, rope_dim: int, *, block_size: int, budget_bytes: int,
                  mtp: bool, device: torch.device, dtype: torch.dtype):
-        if block_size < 1 or capacity < 1:
-            raise ValueError(f"block_size={block_size} and capacity={capacity} must be >= 1")
+        if block_size < 1:
+            raise ValueError(f"block_size={block_size} must be >= 1")
         self.n_main, self.n_mtp, self.rank, self.rope_dim = n_main, n_mtp, rank, rope_dim
-        self.block_size, self.capacity = block_size, capacity
+        self.block_size, self.budget_bytes = block_size, budget_bytes
         self.device, self.dtype = device, dtype
         self.stats = PrefixCacheStats()
         self.reset(mtp)
@@ -79,6 +79,7 @@ class PrefixCache:
         """Drop every block (the statistics stay); `mtp`: whether MTP layers are stored and relied on."""
         self.mtp = mtp and self.n_mtp > 0
         self.n_layers = self.n_main + (self.n_mtp if self.mtp else 0)
+        self.capacity = self.budget_bytes // self.block_bytes  # blocks
         self.root = _Block((), None, -1)
         self._lru: OrderedDict[_Block, None] = OrderedDict()  # every block, least recently used first
         self._free: list[int] = []
