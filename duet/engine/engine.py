@@ -122,7 +122,8 @@ class Engine:
         self.compile = compile
         self._compiled: tuple[Callable, Callable] | None = None  # compiled main and MTP steps, built on first use
         self._active: list[_Row] = []  # rows 0..len-1 of the cache, in order
-        self.prefix_cache = self._make_prefix_cache(prefix_cache_mb, prefix_block)
+        self.prefix_cache = self._make_prefix_cache(prefix_cache_mb, prefix_block)  # None: off
+        self._prefix_cache = self.prefix_cache  # kept while `set_prefix_cache(False)` turns it off
         self.set_mtp_depth(mtp_depth if use_mtp else 0)
         self._queue: deque[_Request] = deque()
         self._lock = threading.Lock()
@@ -141,9 +142,9 @@ class Engine:
         if self._active:
             raise RuntimeError("the MTP depth cannot change while requests are decoding")
         self.mtp_depth = depth if len(self.model.mtp) > 0 else 0
-        if self.prefix_cache is not None and self.prefix_cache.mtp != self.use_mtp:
+        if self._prefix_cache is not None and self._prefix_cache.mtp != self.use_mtp:
             # blocks stored without MTP entries cannot serve MTP decoding (nor the reverse: fewer positions)
-            self.prefix_cache.reset(self.use_mtp)
+            self._prefix_cache.reset(self.use_mtp)
         # cache positions a row may write past its last token: the drafts verified with it, then the
         # MTP module's chain, which runs past the accepted tokens (overwritten by the next step)
         self._lookahead = max(1, 2 * self.mtp_depth - 1)
@@ -164,10 +165,19 @@ class Engine:
         return PrefixCache(n_main, n_mtp, args.kv_lora_rank, args.qk_rope_head_dim, block_size=block,
                            budget_bytes=budget, mtp=True, device=self.device, dtype=self.dtype)
 
+    def set_prefix_cache(self, enabled: bool, clear: bool = False) -> None:
+        """Turn the prefix cache off (prefill everything, store nothing) or back on, and/or empty it (`clear`):
+        between generations only (benchmarks time prefill with and without it on one loaded model)."""
+        if self._active:
+            raise RuntimeError("the prefix cache cannot change while requests are decoding")
+        self.prefix_cache = self._prefix_cache if enabled else None
+        if clear and self._prefix_cache is not None:
+            self._prefix_cache.reset(self._prefix_cache.mtp)
+
     def prefix_cache_stats(self) -> dict | None:
         """Hit rate (prompt tokens reused / looked up), tokens reused, blocks and bytes held, evictions; None
         without a prefix cache."""
-        return None if self.prefix_cache is None else self.prefix_cache.summary()
+        return None if self._prefix_cache is None else self._prefix_cache.summary()
 
     @classmethod
     def load(cls, path: str | Path, device: str = "cpu", dtype: torch.dtype = torch.float32,

@@ -63,14 +63,14 @@ from duet.ui.errors import UsageProblem
 RUN_FORMAT = "duet-eval/1"
 DEFAULT_CONCURRENCY = {"local": 8, "openai": 16}
 MAX_WARNINGS = 10
-NOT_ANSWER_AFFECTING = ("max_batch", "compile", "timeout", "delay", "api_key")
+NOT_ANSWER_AFFECTING = ("max_batch", "compile", "prefix_cache_mb", "timeout", "delay", "api_key")
 """Backend options left out of the fingerprint: they change speed or failures, not answers."""
 MIN_ABORT_STREAK = 4
 """The run stops when its first max(this, concurrency) results are all errors (a broken backend)."""
 
 BACKEND_OPTIONS: dict[str, dict[str, str]] = {
     "local": {"device": "text", "dtype": "text", "mtp": "bool", "compile": "bool", "max_batch": "count",
-              "max_seq_len": "count"},
+              "max_seq_len": "count", "prefix_cache_mb": "MiB or 0"},
     "openai": {"timeout": "seconds", "api_key": "text", "extra_body": "object"},
     "scripted": {"delay": "seconds or 0", "timeout": "seconds"},
 }
@@ -172,11 +172,11 @@ def _option_value(key: str, text: str, kind: str | None) -> Any:
         if isinstance(value, int) and not isinstance(value, bool) and value >= 1:
             return value
         raise UsageProblem(f"--backend-option {key}={text}: expected a whole number >= 1")
-    if kind in ("seconds", "seconds or 0"):
+    if kind in ("seconds", "seconds or 0", "MiB or 0"):
         number = value if isinstance(value, (int, float)) and not isinstance(value, bool) else None
         if number is None or not math.isfinite(number) or number < 0 or (number == 0 and kind == "seconds"):
-            least = ">= 0" if kind == "seconds or 0" else "> 0"
-            raise UsageProblem(f"--backend-option {key}={text}: expected a number of seconds {least}")
+            least = ">= 0" if kind != "seconds" else "> 0"
+            raise UsageProblem(f"--backend-option {key}={text}: expected a number of {kind.split()[0]} {least}")
         return number
     if kind == "object":
         if isinstance(value, dict):
@@ -626,6 +626,7 @@ def run_eval(opts: EvalOptions, *, say: Say | None = None, live: bool = False, c
     results = ResultsFile(prep.run_dir / "results.jsonl")
     with RunLock(prep.run_dir):
         resuming = _check_config(prep)
+        cache_stats: dict[str, Any] = {}
         try:
             loaded = results.open() if resuming else None
             done = loaded.keys() if loaded else set()
@@ -653,9 +654,11 @@ def run_eval(opts: EvalOptions, *, say: Say | None = None, live: bool = False, c
             totals = {m.name: len(prep.problems) for m in prep.modes}
             started = _now()
             progress = Progress(prep.modes, totals, prior, live=live, say=say, console=console)
+            cache_before = _prefix_cache_stats(prep)
             with progress:
                 outcome.completed, outcome.interrupted, outcome.aborted = _execute(prep, tasks, results, progress,
                                                                                    say)
+            cache_stats = _prefix_cache_delta(cache_before, _prefix_cache_stats(prep))
             _log_invocation(prep, outcome, started)
         finally:
             results.close()
@@ -669,8 +672,40 @@ def run_eval(opts: EvalOptions, *, say: Say | None = None, live: bool = False, c
         outcome.records = records
         outcome.summary = summarize(records, run_dir=prep.run_dir, config=prep.config,
                                     mode_order=[m.name for m in prep.modes])
+        if cache_stats:
+            outcome.summary["prefix_cache"] = cache_stats
         write_json_atomic(prep.run_dir / "summary.json", outcome.summary, indent=2)
     return outcome
+
+
+def _prefix_cache_stats(prep: Prepared) -> dict[str, dict[str, Any]]:
+    """The prefix-cache statistics of the local engines of this run, by role (one entry when solver and critic
+    share an engine); empty without local engines or before they are built."""
+    out: dict[str, dict[str, Any]] = {}
+    seen: set[int] = set()
+    for role, provider in (("solver", prep.context.solver), ("critic", prep.context.critic)):
+        try:
+            engine = getattr(provider(), "engine", None)
+        except Exception:  # not built (nothing to run)
+            continue
+        stats = getattr(engine, "prefix_cache_stats", None)
+        if callable(stats) and id(engine) not in seen and (value := stats()) is not None:
+            seen.add(id(engine))
+            out[role] = value
+    return out
+
+
+def _prefix_cache_delta(before: dict[str, dict[str, Any]], after: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """This invocation's share of the engines' counters (an engine may have served earlier runs in-process)."""
+    out = {}
+    for role, now in after.items():
+        old = before.get(role, {})
+        d = {k: now[k] - old.get(k, 0) for k in ("requests", "hits", "prompt_tokens", "reused_tokens",
+                                                 "stored_blocks", "evicted_blocks")}
+        d["hit_rate"] = round(d["reused_tokens"] / d["prompt_tokens"], 4) if d["prompt_tokens"] else 0.0
+        d.update({k: now[k] for k in ("blocks", "held_bytes", "capacity_bytes")})
+        out[role] = d
+    return out
 
 
 def _run_dir_name(run_dir: Path, given: bool) -> str:
