@@ -133,7 +133,7 @@ def _prompts(engine, texts: list[str], batch: int, context: int | None) -> list[
 def run_bench(model_path: Path, batches: list[int], contexts: list[int | None], new_tokens: int,
               vs_transformers: bool, device: str, dtype_name: str, prompts: list[str],
               mtp_depths: tuple[int, ...] = (1,), threads: int | None = None, compile: bool = False,
-              repeats: int = 1) -> dict:
+              repeats: int = 1, prefix_cache: bool = False) -> dict:
     import torch
 
     from duet.engine import Engine, SamplingParams
@@ -162,7 +162,7 @@ def run_bench(model_path: Path, batches: list[int], contexts: list[int | None], 
             configs: list[Callable[[], Row]] = [lambda p=p: measure_engine(engine, p, new_tokens, 0, "duet")]
             configs += [lambda p=p, d=d: measure_engine(engine, p, new_tokens, d, "duet + MTP" if d == 1
                                                         else f"duet + MTP depth {d}") for d in depths]
-            if engine.prefix_cache is not None:  # the same prompts asked again: a dialogue's later turn
+            if prefix_cache and engine.prefix_cache is not None:  # the prompts asked again: a later turn
                 configs.append(lambda p=p: measure_engine(engine, p, new_tokens, 0, "duet, prompts cached",
                                                           prefix_cache=True))
             if compiled is not None:
@@ -177,7 +177,9 @@ def run_bench(model_path: Path, batches: list[int], contexts: list[int | None], 
                else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
     report = {"model": str(model_path), "device": device, "dtype": dtype_name, "threads": torch.get_num_threads(),
               "new_tokens": new_tokens, "repeats": repeats, "peak_memory_mb": round(peak_mb, 1),
-              "rows": [asdict(r) for r in rows], "prefix_cache": engine.prefix_cache_stats()}
+              "rows": [asdict(r) for r in rows]}
+    if prefix_cache:
+        report["prefix_cache"] = engine.prefix_cache_stats()
     if compile_s is not None:
         report["compile_seconds"] = round(compile_s, 1)
     return report
@@ -243,6 +245,9 @@ def bench_command(
                                 "engine's choice, 1 for a small model on a CPU)."),
     compile: bool = typer.Option(False, "--compile", help="Also time plain decoding with the decode step "
                                  "compiled by torch.compile (`Engine(compile=True)`; compiling takes a while)."),
+    prefix_cache: bool = typer.Option(False, "--prefix-cache", help="Also time the prompts asked a second time "
+                                      "with the prefix cache on (a dialogue's later turn; the other rows run "
+                                      "without it) and show its hit rate and memory."),
     repeats: int = typer.Option(1, "--repeats", min=1, help="Measure the configurations round-robin N times and "
                                 "report medians (steadier ratios on a busy machine)."),
     as_json: bool = typer.Option(False, "--json", help="Print the report as JSON."),
@@ -267,7 +272,7 @@ def bench_command(
             raise typer.BadParameter(f"{prompts_file} has no prompts", param_hint="'--prompts'")
     report = run_bench(path, sorted(set(batch)), list(context) or [None], new_tokens, vs_transformers, device,
                        dtype, prompts, mtp_depths=tuple(sorted(set(mtp_depth))), threads=threads or None,
-                       compile=compile, repeats=repeats)
+                       compile=compile, repeats=repeats, prefix_cache=prefix_cache)
     if as_json:
         typer.echo(json.dumps(report, indent=2))
     else:
