@@ -119,9 +119,9 @@ def main(model: Path | None = typer.Option(None, "--model", help="Checkpoint (de
         off_s, on_s = median(name, False, "seconds"), median(name, True, "seconds")
         entry = {"seconds_off": round(off_s, 2), "seconds_on": round(on_s, 2),
                  "speedup": round(off_s / on_s, 3),
-                 "prompt_tokens": median(name, True, "prompt_tokens"),
-                 "reused_tokens": median(name, True, "reused_tokens"),
-                 "completion_tokens": median(name, True, "completion_tokens"),
+                 "prompt_tokens": int(median(name, True, "prompt_tokens")),
+                 "reused_tokens": int(median(name, True, "reused_tokens")),
+                 "completion_tokens": int(median(name, True, "completion_tokens")),
                  "hit_rate": round(median(name, True, "hit_rate"), 4),
                  "held_mib": round(median(name, True, "held_mib"), 2),
                  "same_tokens": outputs[(name, False)] == outputs[(name, True)]}

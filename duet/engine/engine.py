@@ -15,6 +15,11 @@ hidden state (`mtp_depth`; `duet bench --mtp-depth` measures whether that pays).
 When a row finishes (EOS, a stop string, max_new_tokens, or the cache is full), the last active
 row moves into its place, so active rows stay contiguous and the next request takes the freed row.
 
+A prefix cache (`duet.engine.prefix_cache`, on by default, `prefix_cache_mb` sets its budget) keeps the
+latents of prompts and finished sequences by token prefix: a new request copies the longest cached prefix
+into its row and prefills only the rest (continuations, critic turns and revisions mostly reuse the
+conversation so far; every request shares its system prompt).
+
 `compile=True` runs decode steps (plain, MTP verification and drafting) through `torch.compile` (see
 `_forward`): a small model's step is bound by per-op overhead, which the compiled graph removes.
 Prefill stays eager.
