@@ -22,6 +22,7 @@ def main() -> int:
         [sys.executable, str(HERE / "generation.py"), "--batch", "1", "--batch", "8", "--new-tokens", "64"],
         [sys.executable, str(HERE / "mtp_acceptance.py")],
         [sys.executable, str(HERE / "mtp_bound.py")],
+        [sys.executable, str(HERE / "prefix_cache.py")],
     ]
     try:
         import torch

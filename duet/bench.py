@@ -43,29 +43,45 @@ class Row:
     decode_tok_s: float
     acceptance: float | None = None
     tokens_per_forward: float | None = None
+    prefix_hit_rate: float | None = None  # prompt tokens the prefix cache supplied (None: measured without it)
 
 
 def _now() -> float:
     return time.perf_counter()
 
 
-def measure_engine(engine, prompts: list[list[int]], new_tokens: int, mtp_depth: int, name: str) -> Row:
+def measure_engine(engine, prompts: list[list[int]], new_tokens: int, mtp_depth: int, name: str,
+                   prefix_cache: bool = False) -> Row:
     """Prefill: prompt tokens over the time until the last row's first token. Decode: the remaining
-    tokens over the time from then until the last row finished (all rows are admitted at once)."""
+    tokens over the time from then until the last row finished (all rows are admitted at once).
+
+    Without `prefix_cache` every prompt token is computed (the prefix cache off). With it, the cache is
+    emptied, the prompts run once (a first turn), and the timed run asks for them again (a later turn): its
+    prefill is what the cache leaves to compute."""
     from duet.engine import SamplingParams
 
     engine.set_mtp_depth(mtp_depth)
+    engine.set_prefix_cache(prefix_cache, clear=True)
     params = SamplingParams(max_new_tokens=new_tokens, stop_at_eos=False)
-    engine.generate(prompts[:1], SamplingParams(max_new_tokens=4, stop_at_eos=False))  # warm-up
+    warm = prompts if prefix_cache else prompts[:1]
+    engine.generate(warm, SamplingParams(max_new_tokens=4, stop_at_eos=False))  # warm-up
+    before = engine.prefix_cache_stats() or {}
     results = engine.generate(prompts, params)
+    engine.set_prefix_cache(True)
     prefill = max(r.first_token_seconds for r in results)
     decode = max(r.seconds for r in results) - prefill
     decoded = sum(r.completion_tokens - 1 for r in results)
     drafted = sum(r.drafted for r in results)
     forwards = sum(r.forward_passes for r in results)
+    hit_rate = None
+    if prefix_cache:
+        after = engine.prefix_cache_stats() or {}
+        looked_up = after.get("prompt_tokens", 0) - before.get("prompt_tokens", 0)
+        hit_rate = (after.get("reused_tokens", 0) - before.get("reused_tokens", 0)) / looked_up if looked_up else 0.0
     return Row(name, len(prompts), len(prompts[0]), sum(map(len, prompts)) / prefill, decoded / max(decode, 1e-9),
                acceptance=sum(r.accepted for r in results) / drafted if drafted else None,
-               tokens_per_forward=sum(r.completion_tokens for r in results) / forwards if forwards else None)
+               tokens_per_forward=sum(r.completion_tokens for r in results) / forwards if forwards else None,
+               prefix_hit_rate=hit_rate)
 
 
 def load_transformers(path: Path, dtype):
@@ -101,7 +117,7 @@ def _median_row(measured: list[Row]) -> Row:
     first = measured[0]
     return Row(first.name, first.batch, first.context, median([r.prefill_tok_s for r in measured]),
                median([r.decode_tok_s for r in measured]), median([r.acceptance for r in measured]),
-               median([r.tokens_per_forward for r in measured]))
+               median([r.tokens_per_forward for r in measured]), median([r.prefix_hit_rate for r in measured]))
 
 
 def _prompts(engine, texts: list[str], batch: int, context: int | None) -> list[list[int]]:
@@ -117,7 +133,7 @@ def _prompts(engine, texts: list[str], batch: int, context: int | None) -> list[
 def run_bench(model_path: Path, batches: list[int], contexts: list[int | None], new_tokens: int,
               vs_transformers: bool, device: str, dtype_name: str, prompts: list[str],
               mtp_depths: tuple[int, ...] = (1,), threads: int | None = None, compile: bool = False,
-              repeats: int = 1) -> dict:
+              repeats: int = 1, prefix_cache: bool = False) -> dict:
     import torch
 
     from duet.engine import Engine, SamplingParams
@@ -146,6 +162,9 @@ def run_bench(model_path: Path, batches: list[int], contexts: list[int | None], 
             configs: list[Callable[[], Row]] = [lambda p=p: measure_engine(engine, p, new_tokens, 0, "duet")]
             configs += [lambda p=p, d=d: measure_engine(engine, p, new_tokens, d, "duet + MTP" if d == 1
                                                         else f"duet + MTP depth {d}") for d in depths]
+            if prefix_cache and engine.prefix_cache is not None:  # the prompts asked again: a later turn
+                configs.append(lambda p=p: measure_engine(engine, p, new_tokens, 0, "duet, prompts cached",
+                                                          prefix_cache=True))
             if compiled is not None:
                 configs.append(lambda p=p: measure_engine(compiled, p, new_tokens, 0, "duet compiled"))
                 configs += [lambda p=p, d=d: measure_engine(compiled, p, new_tokens, d, "duet compiled + MTP"
@@ -159,6 +178,8 @@ def run_bench(model_path: Path, batches: list[int], contexts: list[int | None], 
     report = {"model": str(model_path), "device": device, "dtype": dtype_name, "threads": torch.get_num_threads(),
               "new_tokens": new_tokens, "repeats": repeats, "peak_memory_mb": round(peak_mb, 1),
               "rows": [asdict(r) for r in rows]}
+    if prefix_cache:
+        report["prefix_cache"] = engine.prefix_cache_stats()
     if compile_s is not None:
         report["compile_seconds"] = round(compile_s, 1)
     return report
@@ -173,7 +194,7 @@ def print_table(report: dict) -> None:
     table = Table(title=f"duet bench: {report['model']} ({report['device']}, {report['dtype']}, "
                         f"{report['threads']} threads, {report['new_tokens']} new tokens{medians})")
     for col in ("config", "batch", "context", "prefill tok/s", "decode tok/s", "vs duet", "MTP acceptance",
-                "tokens/forward"):
+                "tokens/forward", "prefix hit"):
         table.add_column(col, justify="right" if col != "config" else "left")
     hf = {(r["batch"], r["context"]): r["decode_tok_s"] for r in report["rows"] if r["name"] == "transformers generate"}
     if hf:
@@ -188,13 +209,20 @@ def print_table(report: dict) -> None:
                  f"{r['prefill_tok_s']:.0f}" if r["prefill_tok_s"] else "-", f"{r['decode_tok_s']:.1f}",
                  f"{ratio:.2f}x" if ratio else "-",
                  f"{r['acceptance']:.1%}" if r["acceptance"] is not None else "-",
-                 f"{r['tokens_per_forward']:.2f}" if r["tokens_per_forward"] else "-"]
+                 f"{r['tokens_per_forward']:.2f}" if r["tokens_per_forward"] else "-",
+                 f"{r['prefix_hit_rate']:.1%}" if r.get("prefix_hit_rate") is not None else "-"]
         if hf:
             cells.append(f"{r['decode_tok_s'] / hf[key]:.2f}x" if key in hf else "-")
         table.add_row(*cells)
     console = Console(width=None if sys.stdout.isatty() else 160)  # a file or pipe gets whole column names
     console.print(table)
     console.print(f"peak memory: {report['peak_memory_mb']:.0f} MB")
+    if report.get("prefix_cache"):
+        c = report["prefix_cache"]
+        console.print(f"prefix cache (the whole run): {c['hit_rate']:.1%} of {c['prompt_tokens']:,} prompt tokens "
+                      f"reused, {c['hits']}/{c['requests']} requests hit, {c['held_bytes'] / 2**20:.1f} MiB held "
+                      f"(budget {c['capacity_bytes'] / 2**20:.0f} MiB), {c['evicted_blocks']} blocks evicted; "
+                      "rows without 'prompts cached' ran with it off")
     if "compile_seconds" in report:
         console.print(f"compiling the decode steps (every graph, before timing): {report['compile_seconds']:.0f} s")
 
@@ -217,6 +245,9 @@ def bench_command(
                                 "engine's choice, 1 for a small model on a CPU)."),
     compile: bool = typer.Option(False, "--compile", help="Also time plain decoding with the decode step "
                                  "compiled by torch.compile (`Engine(compile=True)`; compiling takes a while)."),
+    prefix_cache: bool = typer.Option(False, "--prefix-cache", help="Also time the prompts asked a second time "
+                                      "with the prefix cache on (a dialogue's later turn; the other rows run "
+                                      "without it) and show its hit rate and memory."),
     repeats: int = typer.Option(1, "--repeats", min=1, help="Measure the configurations round-robin N times and "
                                 "report medians (steadier ratios on a busy machine)."),
     as_json: bool = typer.Option(False, "--json", help="Print the report as JSON."),
@@ -241,7 +272,7 @@ def bench_command(
             raise typer.BadParameter(f"{prompts_file} has no prompts", param_hint="'--prompts'")
     report = run_bench(path, sorted(set(batch)), list(context) or [None], new_tokens, vs_transformers, device,
                        dtype, prompts, mtp_depths=tuple(sorted(set(mtp_depth))), threads=threads or None,
-                       compile=compile, repeats=repeats)
+                       compile=compile, repeats=repeats, prefix_cache=prefix_cache)
     if as_json:
         typer.echo(json.dumps(report, indent=2))
     else:

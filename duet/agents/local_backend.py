@@ -30,7 +30,7 @@ class LocalBackend:
     @classmethod
     def load(cls, path: str | Path | None = None, *, device: str = "cpu", dtype: str = "float32",
              mtp: bool = True, max_batch: int = 8, max_seq_len: int | None = None,
-             compile: bool = False) -> LocalBackend:
+             compile: bool = False, prefix_cache_mb: float | None = None) -> LocalBackend:
         """Load (or reuse, when solver and critic share a checkpoint) the engine for `path`."""
         import torch
 
@@ -43,11 +43,13 @@ class LocalBackend:
             raise BackendError(f"dtype {dtype!r} is not supported; use float32, bfloat16 or float16")
         try:
             directory = Path(path).expanduser() if path else default_model_path()
-            key = (str(directory.resolve()), device, torch_dtype, mtp, max_batch, max_seq_len, compile)
+            key = (str(directory.resolve()), device, torch_dtype, mtp, max_batch, max_seq_len, compile,
+                   prefix_cache_mb)
             with _ENGINES_LOCK:
                 if key not in _ENGINES:
                     _ENGINES[key] = Engine.load(directory, device=device, dtype=torch_dtype, use_mtp=mtp,
-                                                max_batch=max_batch, max_seq_len=max_seq_len, compile=compile)
+                                                max_batch=max_batch, max_seq_len=max_seq_len, compile=compile,
+                                                prefix_cache_mb=prefix_cache_mb)
         except DuetError as e:
             raise BackendError(str(e)) from None
         embedded = directory.resolve() == EMBEDDED_DIR.resolve()  # its folder is just "model"
@@ -76,7 +78,7 @@ _DTYPE_ALIASES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
 
 def from_spec(argument: str, **options: Any) -> LocalBackend:
     """`local:<dir>` (empty: the embedded default model). Options: device, dtype, mtp, max_batch, max_seq_len,
-    compile."""
+    compile, prefix_cache_mb (the prefix cache's budget in MiB; 0: none; unset: the engine's default)."""
     known = {k: v for k, v in options.items()
-             if k in ("device", "dtype", "mtp", "max_batch", "max_seq_len", "compile")}
+             if k in ("device", "dtype", "mtp", "max_batch", "max_seq_len", "compile", "prefix_cache_mb")}
     return LocalBackend.load(argument or None, **known)

@@ -15,6 +15,11 @@ hidden state (`mtp_depth`; `duet bench --mtp-depth` measures whether that pays).
 When a row finishes (EOS, a stop string, max_new_tokens, or the cache is full), the last active
 row moves into its place, so active rows stay contiguous and the next request takes the freed row.
 
+A prefix cache (`duet.engine.prefix_cache`, on by default, `prefix_cache_mb` sets its budget) keeps the
+latents of prompts and finished sequences by token prefix: a new request copies the longest cached prefix
+into its row and prefills only the rest (continuations, critic turns and revisions mostly reuse the
+conversation so far; every request shares its system prompt).
+
 `compile=True` runs decode steps (plain, MTP verification and drafting) through `torch.compile` (see
 `_forward`): a small model's step is bound by per-op overhead, which the compiled graph removes.
 Prefill stays eager.
@@ -37,6 +42,7 @@ import torch
 from torch import Tensor
 
 from duet.engine.detokenize import TextStream
+from duet.engine.prefix_cache import PrefixCache
 from duet.engine.sampling import SamplingParams, accept_draft, draft_token, sample
 from duet.errors import CheckpointError
 from duet.model import CacheView, KVCache, Transformer, load_model
@@ -60,6 +66,7 @@ class GenerationResult:
     seconds: float = 0.0
     first_token_seconds: float = 0.0  # time to first token: queueing plus prefill
     error: str | None = None  # what went wrong when finish_reason is "error"
+    cached_tokens: int = 0  # prompt tokens whose prefill the prefix cache saved
 
 
 @dataclass
@@ -81,6 +88,7 @@ class _Request:
     accepted: int = 0
     finish_reason: str | None = None
     error: str | None = None
+    cached: int = 0  # prompt positions taken from the prefix cache
 
 
 @dataclass
@@ -92,13 +100,17 @@ class _Row:
     last: int  # the newest token, sampled but not yet fed to the model
     drafts: list[int] = field(default_factory=list)  # MTP's guesses for the tokens after `last`
     draft_logits: list[Tensor] = field(default_factory=list)  # the distribution each was drawn from
+    tokens: list[int] = field(default_factory=list)  # the token at every position 0..length (the last is `last`)
+    mtp_len: int = 0  # positions whose MTP-layer entries are valid (paired with the verified next token)
+    pinned: list = field(default_factory=list)  # prefix-cache blocks on this row's path, kept while it decodes
 
 
 class Engine:
     """Generates text from a `Transformer` and its tokenizer."""
 
     def __init__(self, model: Transformer, tokenizer, *, max_batch: int = 8, max_seq_len: int | None = None,
-                 use_mtp: bool = True, mtp_depth: int = 1, threads: int | None = None, compile: bool = False):
+                 use_mtp: bool = True, mtp_depth: int = 1, threads: int | None = None, compile: bool = False,
+                 prefix_cache_mb: float | None = None, prefix_block: int = 16):
         self.model = model.eval()
         self.tokenizer = tokenizer
         self.max_batch = max_batch
@@ -115,6 +127,8 @@ class Engine:
         self.compile = compile
         self._compiled: tuple[Callable, Callable] | None = None  # compiled main and MTP steps, built on first use
         self._active: list[_Row] = []  # rows 0..len-1 of the cache, in order
+        self.prefix_cache = self._make_prefix_cache(prefix_cache_mb, prefix_block)  # None: off
+        self._prefix_cache = self.prefix_cache  # kept while `set_prefix_cache(False)` turns it off
         self.set_mtp_depth(mtp_depth if use_mtp else 0)
         self._queue: deque[_Request] = deque()
         self._lock = threading.Lock()
@@ -133,9 +147,42 @@ class Engine:
         if self._active:
             raise RuntimeError("the MTP depth cannot change while requests are decoding")
         self.mtp_depth = depth if len(self.model.mtp) > 0 else 0
+        if self._prefix_cache is not None and self._prefix_cache.mtp != self.use_mtp:
+            # blocks stored without MTP entries cannot serve MTP decoding (nor the reverse: fewer positions)
+            self._prefix_cache.reset(self.use_mtp)
         # cache positions a row may write past its last token: the drafts verified with it, then the
         # MTP module's chain, which runs past the accepted tokens (overwritten by the next step)
         self._lookahead = max(1, 2 * self.mtp_depth - 1)
+
+    def _make_prefix_cache(self, mb: float | None, block: int) -> PrefixCache | None:
+        """The prefix cache under a budget of `mb` MiB (None: as many positions as the engine's cache holds
+        at full length, max_batch x max_seq_len, at most 1 GiB; 0: no prefix cache). Its pool grows as it
+        fills, so an unused budget costs nothing."""
+        if mb is not None and mb < 0:
+            raise ValueError(f"prefix_cache_mb={mb} must be >= 0")
+        args = self.model.args
+        n_main, n_mtp = len(self.model.layers), len(self.model.mtp)
+        per_position = (n_main + n_mtp) * (args.kv_lora_rank + args.qk_rope_head_dim) * self.dtype.itemsize
+        budget = (min(self.max_batch * self.max_seq_len * per_position, 1 << 30) if mb is None
+                  else int(mb * 2**20))
+        if budget < block * per_position:  # not one block
+            return None
+        return PrefixCache(n_main, n_mtp, args.kv_lora_rank, args.qk_rope_head_dim, block_size=block,
+                           budget_bytes=budget, mtp=True, device=self.device, dtype=self.dtype)
+
+    def set_prefix_cache(self, enabled: bool, clear: bool = False) -> None:
+        """Turn the prefix cache off (prefill everything, store nothing) or back on, and/or empty it (`clear`):
+        between generations only (benchmarks time prefill with and without it on one loaded model)."""
+        if self._active:
+            raise RuntimeError("the prefix cache cannot change while requests are decoding")
+        self.prefix_cache = self._prefix_cache if enabled else None
+        if clear and self._prefix_cache is not None:
+            self._prefix_cache.reset(self._prefix_cache.mtp)
+
+    def prefix_cache_stats(self) -> dict | None:
+        """Hit rate (prompt tokens reused / looked up), tokens reused, blocks and bytes held, evictions; None
+        without a prefix cache."""
+        return None if self._prefix_cache is None else self._prefix_cache.summary()
 
     @classmethod
     def load(cls, path: str | Path, device: str = "cpu", dtype: torch.dtype = torch.float32,
@@ -226,6 +273,9 @@ class Engine:
                 self._step()
             except Exception as e:  # fail the requests in flight, never the loop or the waiting callers
                 failed = [row.req for row in self._active] + [r for r in admitted if not r.done.is_set()]
+                if self.prefix_cache is not None:  # the rows' entries may be half written: store nothing
+                    for row in self._active:
+                        self.prefix_cache.release(row.pinned)
                 for req in failed:
                     if req.finish_reason is None:
                         req.finish_reason, req.error = "error", f"{type(e).__name__}: {e}"
@@ -276,21 +326,27 @@ class Engine:
         i = len(self._active)
         n = len(req.prompt)
         self._reserve(n + req.max_new + self._lookahead + 1)
-        ids = torch.tensor([req.prompt], device=self.device)
-        h = self.model.hidden(ids, self._view(slice(i, i + 1), [0]))
+        prefix = self.prefix_cache
+        # the longest cached prefix goes straight into the row; only the rest is computed
+        r = prefix.load(req.prompt, self.cache.kv[:, i], self.cache.pe[:, i]) if prefix is not None else 0
+        req.cached = r
+        ids = torch.tensor([req.prompt[r:]], device=self.device)
+        h = self.model.hidden(ids, self._view(slice(i, i + 1), [r]))
         req.forward_passes += 1
         first = sample(self.model.logits(h[0, -1]), req.params, req.generator) if req.max_new > 0 else None
         req.first_token_at = time.perf_counter()
-        row = _Row(req, length=n, last=first if first is not None else 0)
+        row = _Row(req, length=n, last=first if first is not None else 0, mtp_len=r,
+                   tokens=req.prompt + ([first] if first is not None else []))
         self._active.append(row)
         if first is None:
             req.finish_reason = "length"
-            return
-        if self._emit(row, [first]) or not self.use_mtp:
-            return
-        next_ids = torch.tensor([req.prompt[1:] + [first]], device=self.device)
-        logits, hidden = self.model.mtp_logits(0, h, next_ids, self._view(slice(i, i + 1), [0]))
-        self._draft([row], slice(i, i + 1), logits[:, -1], hidden[:, -1], [n - 1])
+        elif not self._emit(row, [first]) and self.use_mtp:
+            next_ids = torch.tensor([req.prompt[r + 1:] + [first]], device=self.device)
+            logits, hidden = self.model.mtp_logits(0, h, next_ids, self._view(slice(i, i + 1), [r]))
+            row.mtp_len = n
+            self._draft([row], slice(i, i + 1), logits[:, -1], hidden[:, -1], [n - 1])
+        if prefix is not None:  # the prompt, for requests that come while this one decodes
+            row.pinned = prefix.store(row.tokens, n, row.mtp_len, self.cache.kv[:, i], self.cache.pe[:, i])
 
     def _step(self) -> None:
         live = [row for row in self._active if row.req.finish_reason is None]
@@ -306,6 +362,7 @@ class Engine:
             row.req.forward_passes += 1
             row.length += 1
             row.last = token
+            row.tokens.append(token)
             self._emit(row, [token])
 
     def _forward(self, tokens: Tensor, start: list[int]) -> tuple[Tensor, Tensor]:
@@ -371,6 +428,8 @@ class Engine:
                 emitted.append(sample(logits[i, k], req.params, req.generator))
             row.length += len(emitted)
             row.last = emitted[-1]
+            row.tokens += emitted
+            row.mtp_len = row.length  # the MTP pass below writes up to the newest verified token
             # MTP input at position p pairs h_p with token p+1; past the accepted ones the slots are
             # padding whose cache entries are overwritten next step before anyone reads them.
             next_ids.append(emitted + [emitted[-1]] * (k + 1 - len(emitted)))
@@ -426,6 +485,11 @@ class Engine:
             row = self._active[i]
             if row.req.finish_reason is None:
                 continue
+            if self.prefix_cache is not None:  # its whole verified sequence, before the row is reused
+                path = self.prefix_cache.store(row.tokens, row.length, row.mtp_len, self.cache.kv[:, i],
+                                               self.cache.pe[:, i])
+                self.prefix_cache.release(path)
+                self.prefix_cache.release(row.pinned)
             self._finish(row.req)
             last = len(self._active) - 1
             if i != last:
@@ -446,7 +510,7 @@ class Engine:
             text=req.stream.text, token_ids=req.out, finish_reason=req.finish_reason or "length",
             stop_string=req.stream.stop_string, prompt_tokens=len(req.prompt), completion_tokens=len(req.out),
             forward_passes=req.forward_passes, drafted=req.drafted, accepted=req.accepted,
-            seconds=time.perf_counter() - req.started, error=req.error,
+            seconds=time.perf_counter() - req.started, error=req.error, cached_tokens=req.cached,
             first_token_seconds=(req.first_token_at or time.perf_counter()) - req.started,
         )
         req.done.set()

@@ -13,7 +13,7 @@ from duet.app.errors import UsageProblem
 
 BACKEND_OPTIONS: dict[str, dict[str, str]] = {
     "local": {"device": "text", "dtype": "text", "mtp": "bool", "compile": "bool", "max_batch": "count",
-              "max_seq_len": "count"},
+              "max_seq_len": "count", "prefix_cache_mb": "MiB or 0"},
     "openai": {"timeout": "seconds", "api_key": "text", "extra_body": "object"},
     "scripted": {"delay": "seconds or 0", "timeout": "seconds"},
 }
@@ -70,11 +70,11 @@ def _option_value(key: str, text: str, kind: str | None) -> Any:
         if isinstance(value, int) and not isinstance(value, bool) and value >= 1:
             return value
         raise UsageProblem(f"--backend-option {key}={text}: expected a whole number >= 1")
-    if kind in ("seconds", "seconds or 0"):
+    if kind in ("seconds", "seconds or 0", "MiB or 0"):
         number = value if isinstance(value, (int, float)) and not isinstance(value, bool) else None
         if number is None or not math.isfinite(number) or number < 0 or (number == 0 and kind == "seconds"):
-            least = ">= 0" if kind == "seconds or 0" else "> 0"
-            raise UsageProblem(f"--backend-option {key}={text}: expected a number of seconds {least}")
+            least = ">= 0" if kind != "seconds" else "> 0"
+            raise UsageProblem(f"--backend-option {key}={text}: expected a number of {kind.split()[0]} {least}")
         return number
     if kind == "object":
         if isinstance(value, dict):

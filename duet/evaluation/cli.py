@@ -107,7 +107,8 @@ def run_command(
                              show_default=False),
     backend_option: list[str] = typer.Option(None, "--backend-option", "-O", metavar="KEY=VALUE",
                                              help="Backend option (repeatable), e.g. -O timeout=120. local: "
-                                             "device, dtype, mtp, compile, max_batch, max_seq_len; openai: "
+                                             "device, dtype, mtp, compile, max_batch, max_seq_len, "
+                                             "prefix_cache_mb (MiB, 0: off); openai: "
                                              "timeout, api_key, extra_body (JSON); scripted: delay, timeout.",
                                              show_default=False),
     # the data

@@ -14,7 +14,7 @@ from typing import Any
 from duet.evaluation.datasets import Dataset
 from duet.evaluation.run_types import EvalOptions
 
-NOT_ANSWER_AFFECTING = ("max_batch", "compile", "timeout", "delay", "api_key")
+NOT_ANSWER_AFFECTING = ("max_batch", "compile", "prefix_cache_mb", "timeout", "delay", "api_key")
 """Backend options left out of the fingerprint: they change speed or failures, not answers."""
 
 

@@ -298,6 +298,10 @@ def print_summary(summary: dict[str, Any], console: Any) -> None:
                   differences_table(summary["comparisons"])):
         if table is not None:
             console.print(table)
+    for role, c in (summary.get("prefix_cache") or {}).items():
+        console.print(f"prefix cache ({role}): {pct(c['hit_rate'])} of {c['prompt_tokens']:,} prompt tokens "
+                      f"reused ({c['hits']}/{c['requests']} requests hit), {c['held_bytes'] / 2**20:.1f} MiB held, "
+                      f"{c['evicted_blocks']} blocks evicted")
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -202,6 +202,7 @@ def run_eval(opts: EvalOptions, *, say: Say | None = None, live: bool = False, c
     results = ResultsFile(prep.run_dir / "results.jsonl")
     with RunLock(prep.run_dir):
         resuming = _check_config(prep)
+        cache_stats: dict[str, Any] = {}
         try:
             loaded = results.open() if resuming else None
             done = loaded.keys() if loaded else set()
@@ -229,9 +230,11 @@ def run_eval(opts: EvalOptions, *, say: Say | None = None, live: bool = False, c
             totals = {m.name: len(prep.problems) for m in prep.modes}
             started = now()
             progress = Progress(prep.modes, totals, prior, live=live, say=say, console=console)
+            cache_before = _prefix_cache_stats(prep)
             with progress:
                 outcome.completed, outcome.interrupted, outcome.aborted = execute(prep, tasks, results, progress,
                                                                                    say)
+            cache_stats = _prefix_cache_delta(cache_before, _prefix_cache_stats(prep))
             _log_invocation(prep, outcome, started)
         finally:
             results.close()
@@ -245,8 +248,40 @@ def run_eval(opts: EvalOptions, *, say: Say | None = None, live: bool = False, c
         outcome.records = records
         outcome.summary = summarize(records, run_dir=prep.run_dir, config=prep.config,
                                     mode_order=[m.name for m in prep.modes])
+        if cache_stats:
+            outcome.summary["prefix_cache"] = cache_stats
         write_json_atomic(prep.run_dir / "summary.json", outcome.summary, indent=2)
     return outcome
+
+
+def _prefix_cache_stats(prep: Prepared) -> dict[str, dict[str, Any]]:
+    """The prefix-cache statistics of the local engines of this run, by role (one entry when solver and critic
+    share an engine); empty without local engines or before they are built."""
+    out: dict[str, dict[str, Any]] = {}
+    seen: set[int] = set()
+    for role, provider in (("solver", prep.context.solver), ("critic", prep.context.critic)):
+        try:
+            engine = getattr(provider(), "engine", None)
+        except Exception:  # not built (nothing to run)
+            continue
+        stats = getattr(engine, "prefix_cache_stats", None)
+        if callable(stats) and id(engine) not in seen and (value := stats()) is not None:
+            seen.add(id(engine))
+            out[role] = value
+    return out
+
+
+def _prefix_cache_delta(before: dict[str, dict[str, Any]], after: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """This invocation's share of the engines' counters (an engine may have served earlier runs in-process)."""
+    out = {}
+    for role, now_ in after.items():
+        old = before.get(role, {})
+        d = {k: now_[k] - old.get(k, 0) for k in ("requests", "hits", "prompt_tokens", "reused_tokens",
+                                                  "stored_blocks", "evicted_blocks")}
+        d["hit_rate"] = round(d["reused_tokens"] / d["prompt_tokens"], 4) if d["prompt_tokens"] else 0.0
+        d.update({k: now_[k] for k in ("blocks", "held_bytes", "capacity_bytes")})
+        out[role] = d
+    return out
 
 
 def _run_dir_name(run_dir: Path, given: bool) -> str:
