@@ -27,6 +27,8 @@ Contract of ``complete(messages, *, stop, max_tokens, temperature, seed, on_text
 * Optional: ``concurrent = True`` says that ``complete`` may be called from many threads at once and
   serves those calls together (duet's engine batches them, a server takes them in parallel); the
   critic's own solutions then run beside the solver's turn instead of after it.
+* Optional: ``model_backed = True`` says that a model answers (duet's engine, a server), not a script: the
+  critic's verifier (``duet.agents.verifier``) is then on by default; it would desync scripted replies.
 
 ``make_backend(spec)`` builds a backend from a string: ``scripted:<replies.json>``,
 ``openai:<base_url>[#<model>]``, ``local:<checkpoint dir>``; :func:`register_backend` adds kinds.

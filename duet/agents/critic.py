@@ -29,12 +29,13 @@ from __future__ import annotations
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import replace
 
-from duet.agents.backends import Backend
+from duet.agents.backends import Backend, BackendError
 from duet.agents.events import Emitter
 from duet.agents.number_check import check_numbers, number_check_reason
 from duet.agents.protocol import AGREE, DISAGREE, Verdict, extract_final_answer, parse_verdict
 from duet.agents.transcript import Turn
 from duet.agents.turn import TurnOptions, end_turn, run_turn
+from duet.agents.verifier import VERDICT_PREFIX, Samples, Score, Verifier, weighted_vote
 from duet.answers import equivalent, majority
 from duet.prompts import Prompts, load_prompts
 
@@ -105,15 +106,41 @@ class OwnSolutions:
         return None
 
 
+class Judgement:
+    """The verifier's side of one dialogue: every solution it scored, and the solver's sampled alternatives
+    (started the first time an answer scores below the threshold, then reused by every later check)."""
+
+    def __init__(self, verifier: Verifier, solver: Backend, prompts: Prompts, question: str, options: TurnOptions,
+                 *, threshold: float, samples: int, temperature: float) -> None:
+        self.verifier, self.solver, self.prompts, self.question = verifier, solver, prompts, question
+        self.options, self.threshold, self.k, self.temperature = options, threshold, samples, temperature
+        self.scored: list[tuple[str, float]] = []  # (answer, P(correct)) of the solver's checked solutions
+        self.samples: Samples | None = None
+
+    def sampled(self) -> list[tuple[Turn, Score | None]]:
+        if self.samples is None:
+            self.samples = Samples(self.solver, self.verifier, self.prompts, self.question, self.options, self.k,
+                                   self.temperature)
+        return self.samples.results()
+
+    def vote(self) -> tuple[str | None, list[dict]]:
+        """The verifier-weighted vote over the solver's scored answers and the sampled ones."""
+        pairs = list(self.scored)
+        if self.samples is not None:
+            pairs += [(t.answer, s.p) for t, s in self.samples.results() if t.answer is not None and s]
+        return weighted_vote([a for a, _ in pairs], [p for _, p in pairs])
+
+
 class Critic:
     """Checks solutions with one backend."""
 
     def __init__(self, backend: Backend, prompts: Prompts | None = None, *, number_check: bool = True,
-                 solves: int = 0, solve_temperature: float = 0.7) -> None:
+                 solves: int = 0, solve_temperature: float = 0.7, verify: bool = False) -> None:
         self.backend = backend
         self.prompts = prompts or load_prompts()
         self.number_check = number_check
         self.solves, self.solve_temperature = solves, solve_temperature
+        self.verifier = Verifier(backend, self.prompts) if verify else None
 
     def own_solutions(self, question: str, options: TurnOptions) -> OwnSolutions | None:
         """Start the critic's own solutions of ``question`` (None with ``solves=0``)."""
@@ -123,7 +150,7 @@ class Critic:
 
     def check(
         self, question: str, solution: str, options: TurnOptions, *, round: int, budget: int | None = None,
-        questioned: set[str] | None = None, own: OwnSolutions | None = None,
+        questioned: set[str] | None = None, own: OwnSolutions | None = None, judgement: Judgement | None = None,
     ) -> Turn:
         """Critique ``solution`` to ``question``; the turn carries ``verdict``, ``reason`` and ``answer``.
 
@@ -154,19 +181,60 @@ class Critic:
         elif compared is not None:
             verdict = compared[0]
             turn = _model_free_turn(round, "own_solutions", messages, "Compare with my own solutions.", verdict)
+        elif judgement is not None and claimed is not None and (judged := self._judge(
+                judgement, question, solution, claimed, round, options)) is not None:
+            turn, verdict = judged
         else:
             turn = run_turn(self.backend, messages, options, agent="critic", round=round, task="critique",
                             budget=budget)
             verdict = parse_verdict(turn.text)
-        if turn.model in MODEL_FREE:
+        if turn.model in MODEL_FREE or turn.task == "verify":
             Emitter(options.on_event, "critic", round)("turn_start", model=turn.model, task=turn.task)
         turn.verdict, turn.reason = verdict.kind, verdict.reason
         if (turn.error is None or turn.text) and turn.finish != "interrupted":  # a stopped check has no verdict
             Emitter(options.on_event, "critic", round)(
-                "verdict", verdict.kind, reason=verdict.reason, answer=turn.answer
+                "verdict", verdict.kind, reason=verdict.reason, answer=turn.answer,
+                score=turn.score["p"] if turn.score else None,
             )
         end_turn(turn, options)
         return turn
+
+
+    def _judge(self, judgement: Judgement, question: str, solution: str, claimed: str, round: int,
+               options: TurnOptions) -> tuple[Turn, Verdict] | None:
+        """The verifier's check: agree when the solution scores at least the threshold; else the answers of the
+        sampled alternatives vote, weighted by their scores. None when the backend could not score it, or the
+        score is low and there are no samples to vote (the model's own check then decides)."""
+        assert self.verifier is not None
+        messages = self.verifier.messages(question, solution)
+        try:
+            score = self.verifier.score(question, solution, options.cancel)
+        except BackendError:
+            return None
+        judgement.scored.append((claimed, score.p))
+        turn = Turn("critic", round, "verify", self.backend.name, messages, prompt_tokens=score.prompt_tokens,
+                    seconds=score.seconds, score=score.to_dict())
+        if score.p >= judgement.threshold:
+            verdict = Verdict(AGREE, f"the verifier gives this answer P(correct) = {score.p:.2f}.")
+        elif judgement.k <= 0:
+            return None
+        else:
+            judgement.sampled()
+            winner, votes = judgement.vote()
+            turn.votes = [{**v, "weight": round(v["weight"], 4)} for v in votes]
+            if winner is None or equivalent(winner, claimed):
+                verdict = Verdict(AGREE, f"the verifier gives this answer P(correct) = {score.p:.2f}, and the "
+                                         f"sampled solutions' weighted vote also chooses {claimed}.")
+            else:
+                best = max(((t, s) for t, s in judgement.sampled() if s and t.answer is not None
+                            and equivalent(t.answer, winner)), key=lambda ts: ts[1].p)[0]
+                # worded as the critic's own solutions are (the embedded model is trained to follow it)
+                verdict = Verdict(DISAGREE, own_solution_reason(winner, votes[0]["count"], judgement.k, claimed,
+                                                                best.text))
+                turn.answer = winner
+        label = "AGREE" if verdict.kind == AGREE else "DISAGREE"
+        turn.text = f"{VERDICT_PREFIX} {label} (P(correct) = {score.p:.2f}, read from {score.method})"
+        return turn, verdict
 
 
 MODEL_FREE = (NUMBER_CHECK_MODEL, OWN_SOLUTIONS_MODEL)

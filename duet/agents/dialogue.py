@@ -38,7 +38,7 @@ from pathlib import Path
 from typing import Any
 
 from duet.agents.backends import Backend
-from duet.agents.critic import NO_ANSWER_REASON, Critic, OwnSolutions, critique_message
+from duet.agents.critic import NO_ANSWER_REASON, Critic, Judgement, OwnSolutions, critique_message
 from duet.agents.events import Emitter, EventCallback
 from duet.agents.protocol import AGREE
 from duet.agents.solver import Solver
@@ -77,7 +77,9 @@ class DialogueConfig:
     number_check: bool = True  # the critic's model-free check of the code's numbers (duet.agents.number_check)
     critic_solves: int = 0  # the critic's own sampled solutions, compared before its checks (critic.py)
     critic_solve_temperature: float = 0.7
-    verify: bool = True  # the critic's verifier scores answers; low ones get sampled alternatives (verifier.py)
+    # the critic's verifier scores answers, and low ones get sampled alternatives (verifier.py); None: on when
+    # a model answers (a backend with model_backed = True), off for scripted replies, which it would desync
+    verify: bool | None = None
     verify_threshold: float = 0.5
     samples: int = 4
     sample_temperature: float = 0.7
@@ -130,7 +132,9 @@ class Dialogue:
         self.prompts = prompts or load_prompts(self.config.prompt_dir)
         self.solver = Solver(solver, self.prompts)
         self.critic = (Critic(critic or solver, self.prompts, number_check=self.config.number_check,
-                              solves=self.config.critic_solves, solve_temperature=self.config.critic_solve_temperature)
+                              solves=self.config.critic_solves, solve_temperature=self.config.critic_solve_temperature,
+                              verify=(self.config.verify if self.config.verify is not None
+                                      else getattr(critic or solver, "model_backed", False)))
                        if self.config.critic else None)
         self.on_event = on_event
         self.sandbox_factory = sandbox_factory or sandbox_factory_for(self.config)
@@ -176,6 +180,7 @@ class _Run:
         self.questioned: set[str] = set()  # numbers the critic's number check questioned
         self.own: OwnSolutions | None = None  # the critic's own solutions, started with the dialogue
         self.own_recorded = False
+        self.judgement: Judgement | None = None  # the verifier's scores and the solver's sampled alternatives
         self.answer: str | None = None
         self.error: str | None = None
         self.started = time.perf_counter()
@@ -210,6 +215,11 @@ class _Run:
         stop, agreed, rounds = self.loop()
         if self.own is not None and self.own.started:  # ended before any check: wait for what is running
             self.record_own_solutions()
+        if self.judgement is not None and self.judgement.samples is not None:
+            self.turns.extend(t for t, _ in self.judgement.samples.results())
+            if not agreed and stop not in FAILURES:  # without agreement, the verifier-weighted vote answers
+                winner, _ = self.judgement.vote()
+                self.answer = winner or self.answer
         if stop in ("max_rounds", "no_critic") and self.answer is None:
             stop = "no_answer"
         cfg = self.d.config
@@ -239,6 +249,10 @@ class _Run:
         round_ = 1
         if critic is not None:
             self.own = critic.own_solutions(self.critic_question, self.options)
+            if critic.verifier is not None:
+                self.judgement = Judgement(critic.verifier, solver.backend, self.d.prompts, self.question,
+                                           self.options, threshold=cfg.verify_threshold, samples=cfg.samples,
+                                           temperature=cfg.sample_temperature)
         turn = self.add(solver.solve(self.question, self.options, round=1, budget=self.budget_left()))
         while True:
             if turn.answer is not None:
@@ -260,7 +274,8 @@ class _Run:
                 self.record_own_solutions()
                 check = self.add(
                     critic.check(self.critic_question, turn.text, self.options, round=round_,
-                                 budget=self.budget_left(), questioned=self.questioned, own=self.own)
+                                 budget=self.budget_left(), questioned=self.questioned, own=self.own,
+                                 judgement=self.judgement)
                 )
                 if check.verdict == AGREE or equivalent(check.answer, turn.answer):
                     return "agreed", True, round_

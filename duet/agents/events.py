@@ -11,7 +11,8 @@ Every event is ``Event(kind, agent, round, text, data)``; ``agent`` is "solver",
 ``output``     its output block content. data: ``step``, ``ok``, ``error``, ``seconds``, ``state_lost``,
                ``truncated``
 ``answer``     the turn's final ``\\boxed{}`` answer
-``verdict``    critic only: text "agree" / "disagree" / "none". data: ``reason``, ``answer``
+``verdict``    critic only: text "agree" / "disagree" / "none". data: ``reason``, ``answer``, ``score`` (the
+               verifier's P(correct) of the solution, when it scored it)
 ``error``      something went wrong, one line (backend error, unterminated block, no answer, ...).
                data: ``reason`` (a stop reason or a short code)
 ``turn_end``   the turn ended. data: ``finish``, ``prompt_tokens``, ``completion_tokens``, ``seconds``

@@ -22,6 +22,7 @@ class LocalBackend:
     """A `Backend` over a `duet.engine.Engine`."""
 
     concurrent = True  # requests from many threads are decoded together (continuous batching)
+    model_backed = True  # a model answers (not a script): the critic's verifier is on by default
 
     def __init__(self, engine: Any, name: str):
         self.engine = engine

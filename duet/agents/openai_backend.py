@@ -118,6 +118,7 @@ class OpenAIBackend:
     """Chat completions from an OpenAI-compatible server. ``model=None``: the server's first model."""
 
     concurrent = True  # the server takes requests in parallel
+    model_backed = True  # a model answers (not a script): the critic's verifier is on by default
 
     def __init__(
         self,

@@ -40,7 +40,8 @@ class Turn:
     agent: str  # "solver" | "critic"
     round: int
     # "solve" | "revise" | "follow_up" | "critique" | "own_solution" (the critic solving the problem itself) |
-    # "number_check" / "own_solutions" (the critic's model-free checks)
+    # "number_check" / "own_solutions" (the critic's model-free checks) | "verify" (the critic's verifier
+    # score, and the vote among sampled solutions when it is low) | "sample" (a sampled alternative solution)
     task: str
     model: str
     messages: list[dict[str, str]]  # the conversation sent to the model, before this reply
@@ -50,6 +51,8 @@ class Turn:
     answer: str | None = None
     verdict: str | None = None  # critic: "agree" | "disagree" | "none"
     reason: str | None = None  # critic: the reason of its verdict (one line; own_solutions adds its solution)
+    score: dict[str, Any] | None = None  # verify/sample: the verifier's {"p": P(correct), "method": ...}
+    votes: list[dict[str, Any]] | None = None  # verify: the weighted vote, [{"answer", "weight", "count"}, ...]
     finish: str = "eos"
     error: str | None = None  # one line when the turn failed or was cut short
     prompt_tokens: int = 0

@@ -190,6 +190,8 @@ def dialogue_config(settings: Settings, **overrides: Any) -> Any:
         key = SETTING_FOR_FIELD.get(spec.name, spec.name)
         if key in KEY_BY_NAME:
             values[spec.name] = getattr(settings, key)
+    if settings.sources.get("verify", "default") == "default":
+        values["verify"] = None  # unset: on when a model answers, off for scripted replies
     return DialogueConfig(**{**values, **overrides})
 
 

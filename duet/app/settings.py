@@ -70,7 +70,8 @@ KEYS: tuple[Key, ...] = (
     Key("critic_solves", "int", 0, "times the critic solves the problem itself (sampled) before its number check "
         "and model (0: never)", minimum=0),
     Key("verify", "bool", True, "the critic scores the solver's answer with its verifier (P(correct)); below "
-        "verify_threshold the solver samples alternatives and the answers vote, weighted by their scores"),
+        "verify_threshold the solver samples alternatives and the answers vote, weighted by their scores "
+        "(unset: on, except for scripted replies)"),
     Key("verify_threshold", "float", 0.5, "verifier score below which alternatives are sampled", minimum=0,
         maximum=1),
     Key("samples", "int", 4, "alternatives the solver samples when its answer scores low (0: none)", minimum=0),

@@ -29,7 +29,7 @@ from rich.text import Text
 AGENT_STYLE = {"solver": "cyan", "critic": "magenta"}
 TASK_LABEL = {"solve": "solving", "revise": "revising", "follow_up": "follow-up", "critique": "checking",
               "number_check": "checking the numbers", "own_solutions": "comparing with its own solutions",
-              "own_solution": "solving it itself"}
+              "own_solution": "solving it itself", "verify": "judging the answer"}
 SILENT_ERRORS = ("backend_error", "sandbox_error", "interrupted")
 BOXED = re.compile(r"\\boxed\{(?:[^{}]|\{[^{}]*\})*\}")
 
@@ -103,8 +103,10 @@ class RichRenderer:
 
     def on_verdict(self, e: Any) -> None:
         reason = e.data.get("reason") or ""
+        score = e.data.get("score")
+        scored = f" (P(correct) {score:.2f})" if isinstance(score, (int, float)) else ""
         if e.text == "agree":
-            line = Text("✔ the critic agrees", style="bold green")
+            line = Text(f"✔ the critic agrees{scored}", style="bold green")
         elif e.text == "disagree":
             line = Text.assemble(("✘ the critic disagrees", "bold red"), (f": {reason}" if reason else "", "red"))
         else:
@@ -229,7 +231,9 @@ class PlainRenderer:
 
     def on_verdict(self, e: Any) -> None:
         reason = e.data.get("reason")
-        self.line(f"verdict: {e.text}" + (f": {reason}" if reason and e.text == "disagree" else ""))
+        score = e.data.get("score")
+        scored = f" (P(correct) {score:.2f})" if isinstance(score, (int, float)) else ""
+        self.line(f"verdict: {e.text}{scored}" + (f": {reason}" if reason and e.text == "disagree" else ""))
 
     def on_error(self, e: Any) -> None:
         if e.data.get("reason") not in SILENT_ERRORS:
