@@ -21,7 +21,7 @@ from duet.answers import equivalent
 from duet.train.challenge import challenge_rows
 from duet.train.data import Sources, normalised, story_problem
 from duet.train.generator import generated_story
-from duet.train.story import Story, evaluate, infix, named_code, number_text, quantity_names
+from duet.train.story import Story, evaluate, infix, number_text
 from duet.train.variations import VARIATIONS, inverse, vary
 
 REPO = Path(__file__).resolve().parents[1]
@@ -37,25 +37,24 @@ def run_python(code: str) -> str:
     return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=30).stdout
 
 
-def test_named_code_names_every_number_after_its_words_and_computes_the_answer():
-    code = named_code(SHELF)
-    assert code.splitlines()[:3] == ["novels = 5", "comics = 7", "more_comics = 3"]
-    assert "answer = comics + more_comics" in code
-    assert run_python(code).strip() == "10"
-
-
-def test_names_are_unique_identifiers():
-    text = "Sam ate number0 cupcakes . Ann ate number1 cupcakes . number2 cupcakes were left ."
-    names = quantity_names(text, ["number0", "number1", "number2"])
-    assert len(set(names.values())) == 3 and all(n.isidentifier() for n in names.values())
+def test_a_story_is_solved_by_its_equation_with_its_numbers_and_wrong_solutions_are_wrong():
+    problem = story_problem(SHELF, random.Random(0))
+    assert problem is not None and problem.cells[0][1] == "answer = 7 + 3\nprint(answer)"
+    assert run_python(problem.cells[0][1]).strip() == "10" and problem.gold == "10"
+    assert problem.wrong  # another operation, swapped operands, the unneeded 5
+    for cells in problem.wrong:
+        assert not equivalent(run_python(cells[0][1]).split()[-1], "10")
 
 
 def test_infix_keeps_the_prefix_equations_order_of_operations():
     for equation, numbers in [(("-", "number0", "-", "number1", "number2"), (10, 4, 3)),
                               (("/", "number0", "*", "number1", "number2"), (24, 2, 3)),
                               (("*", "+", "number0", "number1", "number2"), (1, 2, 3))]:
-        text = infix(equation, {f"number{i}": str(v) for i, v in enumerate(numbers)})
-        assert float(sympy.sympify(text)) == pytest.approx(evaluate(equation, [float(v) for v in numbers]))
+        for minimal in (True, False):
+            text = infix(equation, {f"number{i}": str(v) for i, v in enumerate(numbers)}, minimal=minimal)
+            assert float(sympy.sympify(text)) == pytest.approx(evaluate(equation, [float(v) for v in numbers]))
+    assert infix(("-", "*", "number0", "number1", "number2"), {"number0": "8", "number1": "8", "number2": "2"},
+                 minimal=False) == "(8 * 8) - 2"
 
 
 def test_inverse_asks_for_a_given_and_its_answer_solves_the_original_story():

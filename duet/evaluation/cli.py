@@ -285,6 +285,9 @@ def report_command(
     json_out: Path = typer.Option(None, "--json", metavar="FILE",
                                   help="Also write the whole report as JSON to this file.",
                                   show_default=False),
+    plot: Path = typer.Option(None, "--plot", metavar="DIR", help="Also draw the verifier's calibration and the "
+                              "accuracy per mode and kind as PNG files in DIR (needs matplotlib: duet[plot]).",
+                              show_default=False),
 ) -> None:
     """Compare runs: modes side by side, differences with 95% intervals (paired by problem id), flips.
 
@@ -301,6 +304,17 @@ def report_command(
     except DuetError as error:
         raise _fail(str(error), getattr(error, "exit_code", 1)) from None
     print_report(report, stdout, flips=flips)
+    if plot is not None:
+        from duet.evaluation.plots import write_plots
+        from duet.evaluation.report import system_records
+
+        try:
+            for path in write_plots(system_records(runs, merge=merge), plot):
+                stdout.print(f"wrote {path}")
+        except DuetError as error:
+            raise _fail(str(error), getattr(error, "exit_code", 1)) from None
+        except OSError as error:
+            raise _fail(f"--plot {plot}: cannot write there: {error.strerror or error}") from None
     if json_out is not None:
         try:
             write_json_atomic(json_out, report, indent=2, sync=False)

@@ -11,6 +11,10 @@ mode                     what runs
 ``no-code+critic``       the dialogue with neither agent running code
 ``self-consistency@k``   k solver-only samples at ``--sc-temperature`` with distinct seeds; the answer is
                          the majority over equivalent answers (ties: the answer sampled first)
+``verifier@k``           the greedy solution and k samples (at ``--sample-temperature``), every one scored
+                         by the critic's verifier; the answer is their verifier-weighted vote. The record
+                         also holds greedy's, the plain majority's and pass@k's outcomes, and greedy's
+                         score: the ceiling and the parts of what the dialogue's verifier can buy
 =======================  ==========================================================================
 
 Aliases: ``solver`` = solver-only, ``critic`` / ``dialogue`` = solver+critic, ``sc@k`` =
@@ -30,9 +34,10 @@ from collections.abc import Callable
 from dataclasses import dataclass, replace
 from typing import Any
 
-from duet.agents.backends import Backend
+from duet.agents.backends import Backend, BackendError
 from duet.agents.dialogue import DialogueConfig, run_dialogue
 from duet.agents.transcript import DialogueResult
+from duet.agents.verifier import Score, Verifier, weighted_vote
 from duet.answers import equivalent, majority
 from duet.app.errors import UsageProblem
 from duet.evaluation.datasets import Problem
@@ -51,6 +56,7 @@ _BASE = {
     "no-code+critic": (True, False),
 }
 _SC = re.compile(r"(?:self-consistency|sc)@(\d+)")
+_VERIFIER = re.compile(r"verifier@(\d+)")
 
 
 @dataclass(frozen=True)
@@ -66,9 +72,13 @@ class Mode:
     def voting(self) -> bool:
         return self.name.startswith("self-consistency@")
 
+    @property
+    def verifying(self) -> bool:
+        return self.name.startswith("verifier@")
+
 
 def mode_names() -> str:
-    return ", ".join([*_BASE, "self-consistency@k"])
+    return ", ".join([*_BASE, "self-consistency@k", "verifier@k"])
 
 
 def parse_mode(text: str) -> Mode:
@@ -83,6 +93,12 @@ def parse_mode(text: str) -> Mode:
         if not 1 <= k <= 64:
             raise UsageProblem(f"--modes: mode {text!r}: k must be between 1 and 64")
         return Mode(f"self-consistency@{k}", critic=False, code=True, samples=k)
+    found = _VERIFIER.fullmatch(name)
+    if found:
+        k = int(found.group(1))
+        if not 1 <= k <= 64:
+            raise UsageProblem(f"--modes: mode {text!r}: k must be between 1 and 64")
+        return Mode(f"verifier@{k}", critic=False, code=True, samples=k + 1)  # greedy, then k samples
     raise UsageProblem(f"--modes: unknown mode {text!r}; use one or more of: {mode_names()} (comma-separated)")
 
 
@@ -146,6 +162,11 @@ def run_problem(problem: Problem, mode: Mode, ctx: Context) -> tuple[dict[str, A
         if mode.voting:
             seed = derive_seed(ctx.seed, problem.id, "sample", i)
             config = replace(ctx.config, critic=False, temperature=ctx.sc_temperature, seed=seed)
+        elif mode.verifying and i > 0:
+            seed = derive_seed(ctx.seed, problem.id, "sample", i)
+            config = replace(ctx.config, critic=False, temperature=ctx.config.sample_temperature, seed=seed)
+        elif mode.verifying:  # the greedy solution, as solver-only has it
+            config = replace(ctx.config, critic=False, seed=derive_seed(ctx.seed, problem.id))
         else:
             config = replace(ctx.config, critic=mode.critic, seed=derive_seed(ctx.seed, problem.id))
         solver = ctx.solver()
@@ -155,13 +176,30 @@ def run_problem(problem: Problem, mode: Mode, ctx: Context) -> tuple[dict[str, A
         if result.stop_reason == "interrupted" or (ctx.cancel is not None and ctx.cancel.is_set()):
             raise Interrupted(problem.id)
         results.append(result)
-    record = _record(problem, mode, results)
+    scores = _scores(problem, results, ctx) if mode.verifying else None
+    record = _record(problem, mode, results, scores)
     transcript = {"version": 1, "id": problem.id, "mode": mode.name, "question": problem.question,
                   "gold": problem.gold, "dialogues": [r.to_dict() for r in results]}
+    if scores is not None:
+        transcript["scores"] = [s.to_dict() if s else None for s in scores]
     return record, transcript
 
 
-def _record(problem: Problem, mode: Mode, results: list[DialogueResult]) -> dict[str, Any]:
+def _scores(problem: Problem, results: list[DialogueResult], ctx: Context) -> list[Score | None]:
+    """The critic's verifier score of each solution (None: no answer, or the backend failed)."""
+    verifier = Verifier(ctx.critic() or ctx.solver(), ctx.prompts)
+    scores: list[Score | None] = []
+    for r in results:
+        turn = r.solver_turns[-1] if r.solver_turns else None
+        try:
+            scores.append(verifier.score(problem.question, turn.text, ctx.cancel) if turn and r.answer else None)
+        except BackendError:
+            scores.append(None)
+    return scores
+
+
+def _record(problem: Problem, mode: Mode, results: list[DialogueResult],
+            scores: list[Score | None] | None = None) -> dict[str, Any]:
     tokens = {"prompt": sum(r.prompt_tokens for r in results),
               "completion": sum(r.completion_tokens for r in results)}
     record: dict[str, Any] = {"id": problem.id, "mode": mode.name, "question": problem.question, "gold": problem.gold}
@@ -179,6 +217,22 @@ def _record(problem: Problem, mode: Mode, results: list[DialogueResult]) -> dict
         record.update(prediction=prediction, agreed=None, rounds=sum(r.rounds for r in results) / len(results),
                       stop_reason=stop, error=errors[0] if errors and prediction is None else None,
                       samples=answers, votes=[{"answer": v["answer"], "count": v["count"]} for v in votes])
+    elif mode.verifying:
+        assert scores is not None
+        answers = [r.answer for r in results]
+        weights = [s.p if s else 0.0 for s in scores]
+        prediction, votes = weighted_vote(answers, weights)
+        right = [equivalent(a, problem.gold) for a in answers]
+        record.update(prediction=prediction, agreed=None, rounds=1,
+                      stop_reason="weighted_vote" if prediction is not None else "no_answer", error=None,
+                      first_prediction=answers[0], first_correct=right[0],
+                      first_score=scores[0].p if scores[0] else None,
+                      score_method=next((s.method for s in scores if s), None),
+                      majority_correct=equivalent(majority(answers)[0], problem.gold),
+                      pass_at_k=any(right[1:]), samples=[{"answer": a, "p": round(w, 4), "correct": c}
+                                                         for a, w, c in zip(answers, weights, right, strict=True)],
+                      votes=[{"answer": v["answer"], "weight": round(v["weight"], 4), "count": v["count"]}
+                             for v in votes])
     else:
         (r,) = results
         record.update(prediction=r.answer, agreed=r.agreed if mode.critic else None, rounds=r.rounds,
@@ -187,6 +241,10 @@ def _record(problem: Problem, mode: Mode, results: list[DialogueResult]) -> dict
             first = next((t for t in r.solver_turns if t.round == 1), None)
             record["first_prediction"] = first.answer if first is not None else None
             record["first_correct"] = equivalent(record["first_prediction"], problem.gold)
+            verify = next((t for t in r.critic_turns if t.task == "verify" and t.round == 1 and t.score), None)
+            if verify is not None:  # the verifier's score of the solver's first answer
+                record["first_score"] = verify.score["p"]
+                record["score_method"] = verify.score["method"]
     record["correct"] = equivalent(record["prediction"], problem.gold)
     record["tokens"] = tokens
     record["seconds"] = round(sum(r.seconds for r in results), 4)

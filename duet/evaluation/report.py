@@ -39,7 +39,7 @@ from duet.app.errors import UsageProblem
 from duet.errors import DuetError
 from duet.evaluation.modes import FAILED
 from duet.evaluation.results import read_records
-from duet.evaluation.stats import paired_difference, unpaired_difference, wilson
+from duet.evaluation.stats import auroc, paired_difference, unpaired_difference, wilson
 
 
 def _rate(correct: int, n: int) -> dict[str, Any]:
@@ -91,6 +91,14 @@ def mode_stats(records: list[dict[str, Any]]) -> dict[str, Any]:
                            "difference": diff.to_dict() if diff else None}
     else:
         stats["round1"] = None
+    scored = [r for r in records if isinstance(r.get("first_score"), (int, float)) and "first_correct" in r]
+    stats["verifier_auroc"] = (auroc([r["first_score"] for r in scored], [bool(r["first_correct"]) for r in scored])
+                               if scored else None)
+    verifying = [r for r in records if "pass_at_k" in r]
+    if verifying:  # verifier@k: the parts of what a verifier can buy
+        stats["verifier"] = {name: _rate(sum(1 for r in verifying if r.get(key)), len(verifying))
+                             for name, key in (("greedy", "first_correct"), ("majority", "majority_correct"),
+                                               ("weighted", "correct"), ("pass_at_k", "pass_at_k"))}
     kinds: dict[str, list[dict[str, Any]]] = {}
     for r in records:
         if r.get("kind"):
@@ -229,6 +237,25 @@ def kinds_table(modes: dict[str, dict[str, Any]]) -> Any | None:
     return table
 
 
+def verifier_table(modes: dict[str, dict[str, Any]]) -> Any | None:
+    """What a verifier can buy: its AUROC on the solver's first answers; for verifier@k the accuracy of greedy,
+    the plain majority and the weighted vote, and pass@k (some sample right: the ceiling)."""
+    from rich.table import Table
+
+    rows = [(name, s) for name, s in modes.items() if s.get("verifier_auroc") is not None or s.get("verifier")]
+    if not rows:
+        return None
+    table = Table(title="The verifier", title_justify="left")
+    for name in ("mode", "AUROC (first answers)", "greedy", "majority", "weighted vote", "pass@k"):
+        table.add_column(name, justify="left" if name == "mode" else "right")
+    for name, s in rows:
+        v = s.get("verifier") or {}
+        table.add_row(name, _num(s.get("verifier_auroc"), "{:.3f}"),
+                      *(f"{pct(v[k]['accuracy'])} {ci_text(v[k]['ci95'])}" if k in v else "-"
+                        for k in ("greedy", "majority", "weighted", "pass_at_k")))
+    return table
+
+
 def critic_table(modes: dict[str, dict[str, Any]]) -> Any | None:
     """What the critic bought: the solver's first answer vs the final one, paired per problem."""
     from rich.table import Table
@@ -260,7 +287,7 @@ def differences_table(comparisons: list[dict[str, Any]], title: str = "Differenc
     for name in ("A", "B", "n", "acc A", "acc B", "B - A", "95% CI", "fixed", "broken", "p", "paired"):
         table.add_column(name, justify="left" if name in ("A", "B") else "right")
     for c in rows:
-        for label, d in [("", c["difference"]), *((f" [{k}]", v) for k, v in (c.get("kinds") or {}).items() if v)]:
+        for label, d in [("", c["difference"]), *((f" ({k})", v) for k, v in (c.get("kinds") or {}).items() if v)]:
             paired = d["paired"]
             table.add_row(c["a"] + label, c["b"] + label, str(d["n"]), pct(d["accuracy_a"]), pct(d["accuracy_b"]),
                           signed(d["difference"]), _ci_pts(d), str(d["fixed"]) if paired else "-",
@@ -294,7 +321,7 @@ def _shown(value: Any) -> str:
 def print_summary(summary: dict[str, Any], console: Any) -> None:
     """The tables printed at the end of ``duet eval``."""
     console.print(summary_table(summary["modes"], title=f"duet eval: {summary.get('run')}"))
-    for table in (kinds_table(summary["modes"]), critic_table(summary["modes"]),
+    for table in (kinds_table(summary["modes"]), verifier_table(summary["modes"]), critic_table(summary["modes"]),
                   differences_table(summary["comparisons"])):
         if table is not None:
             console.print(table)
@@ -428,11 +455,24 @@ def build_report(paths: list[str | Path], *, merge: bool = False, baseline: str 
             "systems": {name: mode_stats(rs) for name, rs in systems.items()}, "comparisons": comparisons}
 
 
+def system_records(paths: list[str | Path], *, merge: bool = False) -> dict[str, list[dict[str, Any]]]:
+    """The records of each system (run x mode) as the report names them (for --plot)."""
+    runs = [load_run(p) for p in paths]
+    if merge:
+        merged: dict[str, list[dict[str, Any]]] = {}
+        for run in runs:
+            for mode, records in group_by_mode(run.records, run.config.get("modes")).items():
+                merged.setdefault(mode, []).extend(records)
+        return merged
+    return {(mode if len(runs) == 1 else f"{run.path.name}/{mode}"): records
+            for run in runs for mode, records in group_by_mode(run.records, run.config.get("modes")).items()}
+
+
 def print_report(report: dict[str, Any], console: Any, *, flips: int = 20) -> None:
     for note in report["notes"]:
         console.print(f"[yellow]note:[/] {note}")
     console.print(summary_table(report["systems"], title="duet eval report"))
-    for table in (kinds_table(report["systems"]), critic_table(report["systems"])):
+    for table in (kinds_table(report["systems"]), verifier_table(report["systems"]), critic_table(report["systems"])):
         if table is not None:
             console.print(table)
     diffs = differences_table(report["comparisons"], title=f"Differences against {report['baseline']} (B - A)")

@@ -39,7 +39,7 @@ from duet.agents.protocol import format_cell, format_output
 from duet.errors import DuetError
 from duet.prompts import Prompts, load_prompts
 from duet.train.generator import generated_story
-from duet.train.story import Story, named_code, tidy
+from duet.train.story import Story, infix, masks_used, number_text, tidy
 from duet.train.variations import VARIATIONS, fresh_numbers, vary
 
 DEV_FRACTION = 0.1  # of each real source, held out by row
@@ -445,57 +445,28 @@ def mawps_problem(row: MawpsRow, rng: random.Random | None) -> Problem | None:
     return problem
 
 
-_STEP_WORDS = {"+": "add them", "-": "subtract", "*": "multiply", "/": "divide"}
+_STEP_WORDS = {"+": "Add the amounts.", "-": "Subtract to find the difference.",
+               "*": "Multiply to find the total.", "/": "Divide to find the amount for each."}
 
 
 def story_problem(story: Story, rng: random.Random, source: str = "mawps") -> Problem | None:
-    """A story solved with named quantities (see duet.train.story), with wrong solutions for the critic."""
+    """A story solved in one code cell, ``answer = <the equation with its numbers>``, with wrong solutions
+    for the critic (another operation, swapped operands, a number the answer does not need)."""
+    values = {f"number{i}": number_text(v) for i, v in enumerate(story.numbers)}
     try:
-        code = named_code(story)
+        expression = infix(story.equation, values, minimal=False)
     except (ValueError, IndexError, KeyError):
         return None
     top = story.equation[0]
-    step = (f"Name the numbers, then {_STEP_WORDS[top]}." if len(story.equation) == 3 and top in _STEP_WORDS
-            else "Name the numbers, then combine them.")
-    cells = [(step, code)]
+    step = _STEP_WORDS[top] if len(story.equation) == 3 and top in _STEP_WORDS else "Combine the numbers step by step."
+    cells = [(step, f"answer = {expression}\nprint(answer)")]
     answer = clean_result(cells)
     if answer is None:
         return None
-    return Problem(story.question(), cells, source, story.source or source, _wrong_named(cells, rng), gold=answer)
-
-
-_NAME = re.compile(r"\b[a-z_][a-z_0-9]*\b")
-
-
-def _wrong_named(cells: list[Cell], rng: random.Random) -> list[list[Cell]]:
-    """Wrong solutions of a named-quantity solution: another operation, two names swapped, an unused name."""
-    step, code = cells[-1]
-    lines = code.splitlines()
-    i = next(k for k, line in enumerate(lines) if line.startswith("answer = "))
-    expr = lines[i][len("answer = "):]
-    given = [ln.split(" = ")[0] for ln in lines[:i]]
-    names = list(dict.fromkeys(m.group(0) for m in _NAME.finditer(expr) if m.group(0) in given))
-    spare = [g for g in given if g not in names]
-    variants = []
-    ops = list(re.finditer(r" ([-+*/]) ", expr))
-    if ops:
-        m = rng.choice(ops)
-        other = {"+": "-", "-": "+", "*": "/", "/": "*"}[m.group(1)]
-        variants.append(expr[: m.start(1)] + other + expr[m.end(1):])
-    if len(names) >= 2:
-        a, b = rng.sample(names, 2)
-        variants.append(_NAME.sub(lambda m: {a: b, b: a}.get(m.group(0), m.group(0)), expr))
-    if names and spare:
-        a, b = rng.choice(names), rng.choice(spare)
-        variants.append(_NAME.sub(lambda m: b if m.group(0) == a else m.group(0), expr, count=1))
-    correct = clean_result(cells)
-    out = []
-    for v in variants:
-        wrong = [*cells[:-1], (step, "\n".join([*lines[:i], f"answer = {v}", *lines[i + 1:]]))]
-        _, answer = run_cells(wrong)
-        if answer is not None and answer != correct:
-            out.append(wrong)
-    return out
+    used = masks_used(story.equation)
+    spare = [v for k, v in values.items() if k not in used]
+    wrong = _wrong_variants(cells, list(values.values()), spare, rng)
+    return Problem(story.question(), cells, source, story.source or source, wrong, gold=answer)
 
 
 # ----------------------------------------------------------------------------- wrong solutions
@@ -757,7 +728,8 @@ class Sources:
             gsm8k_train=gsm_train,
             mawps_dev=[r for r in mawps if is_dev("mawps", r.index)],
             gsm8k_dev=[{"id": f"gsm8k-{i}", **row} for i, row in enumerate(gsm_rows) if is_dev("gsm8k", i)],
-            attempts=load_attempts(attempts) if attempts else [],
+            attempts=[a for a in (load_attempts(attempts) if attempts else [])
+                      if normalised(a.problem.question) not in dev_texts],
         )
 
     def write_dev(self, out_dir: Path) -> dict[str, Path]:

@@ -1,37 +1,21 @@
-"""A word problem as a masked story, and its solution written with named quantities.
+"""A word problem as a masked story, solved from its equation.
 
 A :class:`Story` is a problem's text with its numbers masked (``number0``, ``number1``, ...), the values of
 those masks, and the equation in prefix notation over the masks (MAWPS' own representation). Every source
 of one- and two-step problems (MAWPS + ASDiv-A rows, their variations, the story generator) is a Story, so
 they are all solved the same way.
 
-The solution names every number the problem gives after the words around it, then combines the names::
-
-    novels = 5
-    comics = 7
-    more_comics = 3
-    answer = comics + more_comics
-    print(answer)
-
-Copying a number next to its name is easy for a small model; choosing which names to combine is then a
-matter of matching the question's words against the names, which carries over to stories it never saw
-(a solution written as ``answer = 7 + 3`` leaves the model to memorise which template uses which number).
+The solution is one line of Python over the numbers, ``answer = 7 + 3``, from the equation.
 """
 
 from __future__ import annotations
 
-import keyword
 import math
 import re
 from dataclasses import dataclass, replace
 
 _MASK = re.compile(r"\bnumber(\d+)\b")
 _OPS = ("+", "-", "*", "/")
-_STOP = {"a", "an", "the", "of", "and", "or", "in", "on", "at", "to", "for", "each", "every", "with", "from", "by",
-         "per", "is", "are", "was", "were", "be", "it", "them", "they", "he", "she", "his", "her", "their", "its",
-         "that", "this", "these", "those", "than", "as", "if", "so", "then", "into", "out", "up", "all", "some",
-         "had", "has", "have", "did", "does", "do", "how", "many", "much", "what", "there", "s", "times"}
-_MODIFIERS = {"more", "fewer", "less", "extra", "additional", "other", "new", "old"}
 
 
 @dataclass(frozen=True)
@@ -127,8 +111,10 @@ def evaluate(equation: tuple[str, ...] | list[str], numbers: tuple[float, ...] |
         raise ValueError(str(e)) from None
 
 
-def infix(equation: tuple[str, ...] | list[str], names: dict[str, str]) -> str:
-    """The prefix equation as a Python expression over ``names`` (masks) and literal constants."""
+def infix(equation: tuple[str, ...] | list[str], names: dict[str, str], *, minimal: bool = True) -> str:
+    """The prefix equation as a Python expression over ``names`` (what each mask is written as) and literal
+    constants: with the fewest parentheses, or (``minimal=False``) each inner operation in parentheses, as the
+    embedded model's solutions write it: ``(8 * 8) - 2``."""
     precedence = {"+": 1, "-": 1, "*": 2, "/": 2}
 
     def render(t, parent: int = 0, right: bool = False) -> str:
@@ -138,88 +124,13 @@ def infix(equation: tuple[str, ...] | list[str], names: dict[str, str]) -> str:
         p = precedence[op]
         text = f"{render(a, p)} {op} {render(b, p, True)}"
         needs = p < parent or (right and p == parent)  # a - (b - c), a / (b * c)
-        return f"({text})" if needs else text
+        return f"({text})" if needs or (parent and not minimal) else text
 
     return render(_parse(equation))
 
 
 def masks_used(equation: tuple[str, ...] | list[str]) -> set[str]:
     return {t for t in equation if _MASK.fullmatch(t)}
-
-
-# ----------------------------------------------------------------------------- naming the numbers
-
-
-def _words_around(text: str, mask: str) -> tuple[list[str], list[str]]:
-    """The lower-case words before and after ``mask`` in its sentence (other masks and symbols dropped)."""
-    for sentence in sentences(text):
-        if re.search(rf"\b{mask}\b", sentence):
-            before, after = re.split(rf"\b{mask}\b", sentence, maxsplit=1)
-            words = lambda s: re.findall(r"[a-z]+|number\d+|[.,?!;:]", s.lower())  # noqa: E731
-            return words(before), words(after)
-    return [], []
-
-
-def _noun_after(after: list[str]) -> tuple[str | None, str | None]:
-    """(modifier, noun): the first content word after a number, with a `more`-like word before it."""
-    modifier = None
-    for w in after[:3]:
-        if w in _MODIFIERS and modifier is None:
-            modifier = w
-            continue
-        if not w.isalpha() or w in _STOP or w.startswith("number"):
-            return modifier, None
-        return modifier, w
-    return modifier, None
-
-
-def _word_before(before: list[str]) -> str | None:
-    for w in reversed(before[-3:]):
-        if w.isalpha() and w not in _STOP and not w.startswith("number"):
-            return w
-    return None
-
-
-def quantity_names(text: str, masks: list[str]) -> dict[str, str]:
-    """A Python name for each mask from the words around it: ``3 more comics`` -> ``more_comics``; a name
-    already taken gets the word before the number (``ate_cupcakes``), then a number."""
-    names: dict[str, str] = {}
-    taken: set[str] = {"answer", "print"}
-    for mask in masks:
-        before, after = _words_around(text, mask)
-        modifier, noun = _noun_after(after)
-        prev = _word_before(before)
-        candidates = []
-        if noun:
-            candidates.append(f"{modifier}_{noun}" if modifier else noun)
-            if prev:
-                candidates.append(f"{prev}_{noun}")
-        elif prev:
-            candidates.append(f"{prev}_{modifier}" if modifier else prev)
-        base = candidates[0] if candidates else "number"
-        candidates += [f"{base}_{i}" for i in range(2, 20)]
-        for c in candidates:
-            c = re.sub(r"\W", "_", c)
-            if c not in taken and c.isidentifier() and not keyword.iskeyword(c):
-                names[mask] = c
-                taken.add(c)
-                break
-    return names
-
-
-def masks_in_order(text: str) -> list[str]:
-    """The masks as they appear in the text, each once."""
-    return list(dict.fromkeys(m.group(0) for m in _MASK.finditer(text)))
-
-
-def named_code(story: Story) -> str:
-    """The solution code: one line per number of the problem, then the answer over the names."""
-    masks = masks_in_order(story.text)
-    names = quantity_names(story.text, masks)
-    lines = [f"{names[m]} = {number_text(story.numbers[int(m[6:])])}" for m in masks]
-    lines.append(f"answer = {infix(story.equation, names)}")
-    lines.append("print(answer)")
-    return "\n".join(lines)
 
 
 def is_clean(value: float) -> bool:
