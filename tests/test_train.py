@@ -408,7 +408,8 @@ def duet_train(monkeypatch, capsys, tmp_path):
     ["--steps", "0"], ["--steps", "-1"], ["--lr", "nan"], ["--lr", "0"], ["--lr", "inf"], ["--mtp-lambda", "nan"],
     ["--mtp-lambda", "-0.1"], ["--bias-gamma", "-1"], ["--bias-gamma", "inf"], ["--batch-size", "0"],
     ["--seq-len", "0"], ["--save-every", "0"], ["--threads", "-1"], ["--mix", "mawps=nan"],
-    ["--mix", "mawps=inf,gsm8k=1"],
+    ["--mix", "mawps=inf,gsm8k=1"], ["--arch", "num_hidden_layers=0"], ["--arch", "depth=8"],
+    ["--arch", "hidden_size=wide"],
 ])
 def test_cli_rejects_bad_numbers_before_anything_loads(duet_train, tmp_path, data_dir, args):
     code, out, err = duet_train("--data", data_dir, "--out", tmp_path / "run", *args)

@@ -31,6 +31,9 @@ def train_command(
                                           "and tokenizer (e.g. duet/assets/model) instead of from scratch."),
     onpolicy: Path | None = typer.Option(None, "--onpolicy", help="The model's own attempts on training problems "
                                          "(python -m duet.train.onpolicy); needs weight onpolicy in --mix."),
+    arch: str = typer.Option("", "--arch", metavar="KEY=N,...", help="Architecture of a model trained from scratch, "
+                             "over the embedded model's (e.g. num_hidden_layers=8,hidden_size=320); not with "
+                             "--init-from."),
     install: bool = typer.Option(False, "--install", help="Copy the final checkpoint into duet/assets/model."),
 ) -> None:
     """Train the embedded default model (a small DeepSeek-V3) on tool-integrated reasoning data."""
@@ -38,6 +41,9 @@ def train_command(
                    ("--save-every", save_every, 1), ("--threads", threads, 0), ("--lr", lr, None),
                    ("--mtp-lambda", mtp_lambda, 0), ("--bias-gamma", bias_gamma, 0))
     weights = _parse_mix(mix)
+    architecture = _parse_arch(arch)
+    if architecture and init_from is not None:
+        raise typer.BadParameter("--init-from takes its model's architecture; leave out --arch", param_hint="--arch")
     device = _check_device(device)
     for name in DATA_FILES:
         if not (data / name).is_file():
@@ -62,6 +68,7 @@ def train_command(
                       lr=lr, mtp_lambda=mtp_lambda, bias_gamma=bias_gamma, seed=seed, save_every=save_every,
                       threads=threads, device=device, bf16=bf16, mix=weights,
                       init_from=str(init_from) if init_from else None, onpolicy=str(onpolicy) if onpolicy else None)
+    cfg.model.update(architecture)
     checkpoint = train(cfg)
     typer.echo(f"checkpoint: {checkpoint}")
     if install:
@@ -105,6 +112,26 @@ def _parse_mix(text: str) -> dict[str, float]:
     if not any(weights.values()):
         raise typer.BadParameter("give at least one source a positive weight", param_hint="--mix")
     return weights
+
+
+def _parse_arch(text: str) -> dict[str, int]:
+    """'num_hidden_layers=8,hidden_size=320' -> their values over the default architecture, or a one-line error."""
+    from duet.train.trainer import TrainConfig
+
+    known = TrainConfig().model
+    out = {}
+    for part in filter(None, (p.strip() for p in text.split(","))):
+        name, _, value = (x.strip() for x in part.partition("="))
+        if name not in known:
+            raise typer.BadParameter(f"{name!r} is not an architecture key; use some of: {', '.join(known)}",
+                                     param_hint="--arch")
+        try:
+            out[name] = int(value)
+        except ValueError:
+            raise typer.BadParameter(f"{part!r} is not KEY=INTEGER", param_hint="--arch") from None
+        if out[name] < 0 or (out[name] == 0 and name != "first_k_dense_replace"):
+            raise typer.BadParameter(f"{part!r}: must be a positive integer", param_hint="--arch")
+    return out
 
 
 def _check_device(device: str) -> str:
