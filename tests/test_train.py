@@ -539,13 +539,19 @@ def test_onpolicy_attempts_from_a_real_eval_run(tmp_path, data_dir):
     by_kind = {("no_answer" if a.answer is None else a.correct): a for a in attempts}
     assert set(by_kind) == {True, False, "no_answer"}  # the unscripted questions were skipped
     prompts = load_prompts()
-    right = list(attempt_conversations(by_kind[True], prompts))
-    assert [c.kind for c in right] == ["critique_correct"]
+    right = list(attempt_conversations(by_kind[True], prompts))  # without rng every right attempt is judged
+    assert [c.kind for c in right] == ["judge_right", "critique_correct"]
+    assert right[0].messages[1]["content"] == prompts.verifier_request(by_kind[True].problem.question,
+                                                                       by_kind[True].solution)
+    assert right[0].messages[-1]["content"] == "VERDICT: AGREE"
+    right = right[1:]
     assert by_kind[True].solution in right[0].messages[1]["content"]  # the model's own text is what is judged
     assert parse_verdict(right[0].messages[-1]["content"]).kind == "agree"
 
     wrong = list(attempt_conversations(by_kind[False], prompts))
-    assert [c.kind for c in wrong] == ["critique_wrong", "revise", "solve"]
+    assert [c.kind for c in wrong] == ["judge_wrong", "critique_wrong", "revise", "solve"]
+    assert wrong[0].messages[-1]["content"] == "VERDICT: DISAGREE"
+    wrong = wrong[1:]
     check = wrong[0].messages[-1]["content"]
     assert parse_verdict(check).kind == "disagree" and extract_final_answer(check) == "60"
     assert run_python("\n".join(b.code for b in find_code_blocks(check))).split()[:2] == ["60", "False"]
@@ -559,7 +565,8 @@ def test_onpolicy_attempts_from_a_real_eval_run(tmp_path, data_dir):
 
     with_attempts = Sources.load(data_dir, out)
     kinds = {c.kind for c in itertools.islice(example_stream(with_attempts, 0, prompts, {"onpolicy": 1}), 50)}
-    assert kinds == {"critique_correct", "critique_wrong", "revise", "revise_own_solution", "solve"}
+    assert kinds == {"judge_right", "judge_wrong", "critique_correct", "critique_wrong", "revise",
+                     "revise_own_solution", "solve"}
     with pytest.raises(ValueError, match="--onpolicy"):
         next(example_stream(Sources.load(data_dir), 0, prompts, {"onpolicy": 1}))
     bad = tmp_path / "bad.jsonl"

@@ -262,6 +262,7 @@ def miscopied_cells(problem: Problem, rng: random.Random) -> list[Cell] | None:
 
 
 JUDGE_RATE = 0.5  # of problems that also yield a judgement of a right or a wrong solution
+JUDGE_RIGHT_RATE = 0.35  # of the model's own right solutions judged (all wrong ones are: they are rarer)
 SOLVE_ONLY_RATE = 0.4  # of problems that yield only the solver's turn (solving is the skill everything rests on)
 
 
@@ -351,6 +352,8 @@ def attempt_conversations(attempt: Attempt, prompts: Prompts,
     reference, correct = solution_text(problem.cells)
     if correct is None:
         return
+    if attempt.answer is not None and (not attempt.correct or rng is None or rng.random() < JUDGE_RIGHT_RATE):
+        yield _judge(prompts, problem.question, attempt.solution, attempt.correct)
     if attempt.answer is None:
         critique = NO_ANSWER_REASON  # the dialogue asks for a revision without asking the critic
     elif (revision := _number_check_revision(prompts, problem.question, attempt.solution, reference)):
