@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from duet.agents.backends import Completion
+from duet.agents.backends import Completion, Request
 from duet.agents.dialogue import DialogueConfig
 from duet.errors import DuetError
 from duet.evaluation.backend_options import options_for_backend, parse_backend_options
@@ -259,7 +259,8 @@ class SeedBackend:
     def __init__(self) -> None:
         self.calls: list[dict] = []
 
-    def complete(self, messages, *, stop=(), max_tokens=512, temperature=0.0, seed=None, on_text=None, cancel=None):
+    def complete(self, messages, request=Request(), *, on_text=None, cancel=None):
+        seed, temperature = request.seed, request.temperature
         self.calls.append({"seed": seed, "temperature": temperature, "system": messages[0]["content"]})
         text = f"\\boxed{{{seed % 2}}}" if temperature > 0 else "```python\nprint(6*7)\n```\n```output"
         if "\\boxed" not in text and any(m["role"] == "assistant" for m in messages):

@@ -7,17 +7,20 @@ Implementations:
 * :class:`duet.agents.openai_backend.OpenAIBackend`: any OpenAI-compatible server (vLLM, SGLang);
 * ``duet.agents.local_backend``: duet's own runtime on a checkpoint (plugged in through the registry).
 
-Contract of ``complete(messages, *, stop, max_tokens, temperature, seed, on_text, cancel)``:
+Contract of ``complete(messages, request, *, on_text, cancel)`` (``request``: a :class:`Request`):
 
 * ``messages`` are ``{"role": "system" | "user" | "assistant", "content": str}`` dicts. When the last
   message has role ``"assistant"`` it is a *partial* reply to continue: the backend generates text
   that follows it, inside the same assistant turn (it does not close the turn or open a new one).
-* Generation stops at end-of-turn / EOS, at ``max_tokens`` generated tokens, or at the first of the
-  ``stop`` strings. The returned ``Completion.text`` never contains the stop string;
+* Generation stops at end-of-turn / EOS, at ``request.max_tokens`` generated tokens, or at the first
+  of the ``request.stop`` strings. The returned ``Completion.text`` never contains the stop string;
   ``Completion.stop_string`` says which one matched (``None`` when none did).
 * ``finish_reason`` is one of :data:`FINISH_REASONS`: ``"stop"`` (a stop string matched),
   ``"eos"`` (the model ended its turn), ``"length"`` (``max_tokens`` reached) or ``"cancelled"``
   (``cancel`` was set; ``text`` holds what was generated so far).
+* With ``request.logprobs = k > 0``, ``Completion.top_logprobs`` holds, for each generated token in
+  order, the log-probabilities of the model's top ``k`` tokens there (text -> log-probability, the
+  sampled token included); ``None`` where the backend cannot give them.
 * A reasoning model's thinking (``<think>...</think>`` or a server's ``reasoning_content``) goes to
   ``Completion.reasoning``, never to ``text``.
 * ``on_text`` receives the answer text as it is generated, in order, in pieces whose concatenation is
@@ -77,6 +80,21 @@ def one_line(text: str, limit: int = 300) -> str:
     return line if len(line) <= limit else line[: limit - 3] + "..."
 
 
+@dataclass(frozen=True)
+class Request:
+    """How to generate one completion: the parameters of a ``complete`` call besides the messages."""
+
+    stop: tuple[str, ...] = ()
+    max_tokens: int = 512
+    temperature: float = 0.0
+    seed: int | None = None
+    logprobs: int = 0
+    """How many top alternatives to return per generated token (``Completion.top_logprobs``); 0: none."""
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "stop", tuple(self.stop))  # a list is accepted, a tuple is kept
+
+
 @dataclass
 class Completion:
     """What one ``complete`` call produced."""
@@ -88,6 +106,9 @@ class Completion:
     prompt_tokens: int = 0
     completion_tokens: int = 0
     seconds: float = 0.0
+    top_logprobs: list[dict[str, float]] | None = None
+    """Per generated token, in order: token text -> log-probability of the top ``Request.logprobs``
+    alternatives (the sampled token included); None when not asked for or the backend cannot give them."""
 
 
 @runtime_checkable
@@ -99,11 +120,8 @@ class Backend(Protocol):
     def complete(
         self,
         messages: Sequence[Message],
+        request: Request = Request(),
         *,
-        stop: Sequence[str] = (),
-        max_tokens: int = 512,
-        temperature: float = 0.0,
-        seed: int | None = None,
         on_text: TextCallback | None = None,
         cancel: threading.Event | None = None,
     ) -> Completion:
@@ -129,10 +147,7 @@ class Call:
     """One recorded ``ScriptedBackend.complete`` call (for assertions in tests)."""
 
     messages: list[Message]
-    stop: list[str]
-    max_tokens: int
-    temperature: float
-    seed: int | None
+    request: Request
 
 
 Reply = Union[str, BaseException]
@@ -158,7 +173,8 @@ class ScriptedBackend:
 
     ``delay`` waits that many seconds before each reply (checking ``cancel``); with ``timeout`` set and
     ``delay > timeout`` it waits ``timeout`` seconds and raises BackendError, like a server timing out.
-    Tokens are whitespace-separated pieces; ``on_text`` receives one piece at a time.
+    Tokens are whitespace-separated pieces; ``on_text`` receives one piece at a time. It has no
+    log-probabilities to give (``top_logprobs`` is None).
     """
 
     replies: ReplySource = ()
@@ -175,18 +191,16 @@ class ScriptedBackend:
     def complete(
         self,
         messages: Sequence[Message],
+        request: Request = Request(),
         *,
-        stop: Sequence[str] = (),
-        max_tokens: int = 512,
-        temperature: float = 0.0,
-        seed: int | None = None,
         on_text: TextCallback | None = None,
         cancel: threading.Event | None = None,
     ) -> Completion:
         """Serve the next piece of the scripted reply (see the class docstring)."""
         started = time.perf_counter()
         messages = [dict(m) for m in messages]
-        self.calls.append(Call(messages, list(stop), max_tokens, temperature, seed))
+        self.calls.append(Call(messages, request))
+        stop, max_tokens = request.stop, request.max_tokens
         if self.delay > 0 and self._wait(cancel):
             return Completion("", finish_reason="cancelled", seconds=time.perf_counter() - started)
         if is_continuation(messages):

@@ -12,7 +12,15 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from duet.agents.backends import CONTEXT_FULL_HINTS, BackendError, Completion, ContextFullError, Message, TextCallback
+from duet.agents.backends import (
+    CONTEXT_FULL_HINTS,
+    BackendError,
+    Completion,
+    ContextFullError,
+    Message,
+    Request,
+    TextCallback,
+)
 
 _ENGINES: dict[tuple, Any] = {}
 _ENGINES_LOCK = threading.Lock()
@@ -55,14 +63,14 @@ class LocalBackend:
         embedded = directory.resolve() == EMBEDDED_DIR.resolve()  # its folder is just "model"
         return cls(_ENGINES[key], name="local:embedded" if embedded else f"local:{directory.name}")
 
-    def complete(self, messages: Sequence[Message], *, stop: Sequence[str] = (), max_tokens: int = 512,
-                 temperature: float = 0.0, seed: int | None = None, on_text: TextCallback | None = None,
-                 cancel: threading.Event | None = None) -> Completion:
+    def complete(self, messages: Sequence[Message], request: Request = Request(), *,
+                 on_text: TextCallback | None = None, cancel: threading.Event | None = None) -> Completion:
         from duet.engine import SamplingParams
 
         try:
             prompt = self.engine.encode_chat(messages)
-            params = SamplingParams(max_new_tokens=max_tokens, temperature=temperature, seed=seed, stop=list(stop))
+            params = SamplingParams(max_new_tokens=request.max_tokens, temperature=request.temperature,
+                                    seed=request.seed, stop=list(request.stop), logprobs=request.logprobs)
             r = self.engine.submit(prompt, params, on_text=on_text, cancel=cancel)
         except ValueError as e:  # the prompt does not fit the context, bad sampling values
             error = ContextFullError if any(h in str(e) for h in CONTEXT_FULL_HINTS) else BackendError
@@ -70,7 +78,8 @@ class LocalBackend:
         if r.finish_reason == "error":
             raise BackendError(f"{self.name}: generation failed ({r.error})")
         return Completion(text=r.text, finish_reason=r.finish_reason, stop_string=r.stop_string,
-                          prompt_tokens=r.prompt_tokens, completion_tokens=r.completion_tokens, seconds=r.seconds)
+                          prompt_tokens=r.prompt_tokens, completion_tokens=r.completion_tokens, seconds=r.seconds,
+                          top_logprobs=r.top_logprobs)
 
 
 _DTYPE_ALIASES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
