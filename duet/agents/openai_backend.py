@@ -41,6 +41,7 @@ import socket
 import threading
 import time
 from collections.abc import Sequence
+from dataclasses import asdict, dataclass
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -54,6 +55,7 @@ from duet.agents.backends import (
     StreamCutter,
     TextCallback,
     is_continuation,
+    option,
 )
 
 THINK_OPEN, THINK_CLOSE = "<think>", "</think>"
@@ -117,6 +119,16 @@ class ThinkSplitter:
     def _out(self, out: list[tuple[str, str]], text: str) -> None:
         if text:
             out.append(("reasoning" if self.inside else "text", text))
+
+
+@dataclass(frozen=True)
+class OpenAIOptions:
+    """The OpenAI backend's options (``timeout``: seconds for the connection and each streamed chunk; duet's
+    commands pass the ``server_timeout`` setting; ``extra_body``: fields added to each request)."""
+
+    timeout: float = option("seconds", 60.0, setting="server_timeout", answers=False)
+    api_key: str | None = option("text", None, answers=False)  # None: $DUET_API_KEY, else $OPENAI_API_KEY
+    extra_body: dict[str, Any] | None = option("object", None)
 
 
 class OpenAIBackend:
@@ -404,4 +416,4 @@ def from_spec(argument: str, **options: Any) -> OpenAIBackend:
     url, _, model = argument.partition("#")
     if not url:
         raise BackendError("openai backend needs a URL: openai:http://host:8000/v1#<model>")
-    return OpenAIBackend(url, model or None, **options)
+    return OpenAIBackend(url, model or None, **asdict(OpenAIOptions(**options)))
