@@ -12,6 +12,7 @@ from duet.agents import backends
 from duet.agents.backends import (
     Backend,
     BackendError,
+    Request,
     ScriptedBackend,
     StreamCutter,
     count_tokens,
@@ -31,19 +32,19 @@ def test_scripted_backend_is_a_backend():
 def test_scripted_stops_at_stop_string_and_continues_after_the_placeholder_output():
     backend = ScriptedBackend([SOLUTION])
     pieces: list[str] = []
-    first = backend.complete(USER, stop=[STOP], on_text=pieces.append)
+    first = backend.complete(USER, Request(stop=[STOP]), on_text=pieces.append)
     assert first.text == "Add.\n```python\nprint(2 + 2)\n```\n"
     assert (first.finish_reason, first.stop_string) == ("stop", STOP)
     assert "".join(pieces) == first.text and len(pieces) > 1
     partial = first.text + "```output\n4\n```\n"
-    second = backend.complete([*USER, {"role": "assistant", "content": partial}], stop=[STOP])
+    second = backend.complete([*USER, {"role": "assistant", "content": partial}], Request(stop=[STOP]))
     assert second.text == "So \\boxed{4}."
     assert (second.finish_reason, second.stop_string) == ("eos", None)
     assert second.completion_tokens == 2 and second.prompt_tokens == count_tokens("s What is 2+2? " + partial)
 
 
 def test_scripted_max_tokens_cuts_with_length():
-    done = ScriptedBackend(["one two three four"]).complete(USER, max_tokens=2)
+    done = ScriptedBackend(["one two three four"]).complete(USER, Request(max_tokens=2))
     assert (done.text, done.finish_reason, done.completion_tokens) == ("one two", "length", 2)
 
 
@@ -59,10 +60,11 @@ def test_scripted_match_by_substring_or_regex_then_in_order():
 
 def test_scripted_callable_and_exception_replies_and_recorded_calls():
     backend = ScriptedBackend(lambda messages: f"echo {messages[-1]['content']}")
-    done = backend.complete(USER, stop=["x"], max_tokens=7, temperature=0.5, seed=3)
+    done = backend.complete(USER, Request(stop=["x"], max_tokens=7, temperature=0.5, seed=3))
     assert done.text == "echo What is 2+2?"
     call = backend.calls[0]
-    assert (call.stop, call.max_tokens, call.temperature, call.seed) == (["x"], 7, 0.5, 3)
+    assert call.request == Request(stop=("x",), max_tokens=7, temperature=0.5, seed=3)
+    assert done.top_logprobs is None  # a script has no log-probabilities
     with pytest.raises(BackendError, match="down"):
         ScriptedBackend([BackendError("server down")]).complete(USER)
 

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import json
 import threading
+from dataclasses import replace
 
 import pytest
 
-from duet.agents.backends import BackendError, ContextFullError, ScriptedBackend
+from duet.agents.backends import BackendError, ContextFullError, Request, ScriptedBackend
 from duet.agents.critic import GENERIC_DISAGREE, NO_ANSWER_REASON, NO_VERDICT_REASON
 from duet.agents.dialogue import STOP_REASONS, Dialogue, DialogueConfig, run_dialogue
 from duet.agents.events import EVENT_KINDS, Event
@@ -128,14 +129,14 @@ def test_continuation_requests_carry_the_partial_assistant_message():
     solver = ScriptedBackend([RIGHT])
     run_dialogue(QUESTION, solver, config=config(critic=False))
     first, second, third = solver.calls
-    assert first.messages[-1]["role"] == "user" and first.stop == [STOP]
+    assert first.messages[-1]["role"] == "user" and first.request.stop == (STOP,)
     assert second.messages[-1] == {
         "role": "assistant",
         "content": "Count the baked loaves, then add the 23.\n```python\nbaked = 4 * 12\nprint(baked)\n```\n"
         "```output\n48\n```\n",
     }
     assert third.messages[-1]["content"].endswith("total\n```\n```output\n71\n```\n")
-    assert first.max_tokens == 400 and second.max_tokens < 400  # the turn's token limit shrinks
+    assert first.request.max_tokens == 400 and second.request.max_tokens < 400  # the turn's token limit shrinks
 
 
 def test_disagreement_then_fix():
@@ -250,8 +251,8 @@ def test_a_closed_block_at_end_of_turn_is_run_and_generation_continues():
 class _NoStopBackend(ScriptedBackend):
     """Serves each reply whole, ignoring stop strings and continuations (a forgetful server)."""
 
-    def complete(self, messages, **kw):
-        return super().complete([m for m in messages if m["role"] != "assistant"], **{**kw, "stop": []})
+    def complete(self, messages, request=Request(), **kw):
+        return super().complete([m for m in messages if m["role"] != "assistant"], replace(request, stop=()), **kw)
 
 
 def test_output_without_code_and_the_step_limit():

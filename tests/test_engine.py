@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import shutil
 import threading
 
@@ -109,6 +110,48 @@ def test_compiled_mtp_decoding_is_token_for_token_plain(ckpt, plain):
     assert [r.token_ids for r in got] == [r.token_ids for r in plain.generate(PROMPTS, params)]
     assert dynamo_utils.counters["stats"]["unique_graphs"] - before <= 6
     assert all(r.drafted == r.forward_passes - 1 for r in got)  # every step verified a draft
+
+
+@torch.no_grad()
+def reference_top_logprobs(engine: Engine, prompt: list[int], out: list[int], k: int) -> list[dict[str, float]]:
+    """The top-k log-softmax of a full forward pass (no cache) at every generated position, as token text."""
+    logp = engine.model(torch.tensor([prompt + out]))[0, len(prompt) - 1: -1].float().log_softmax(-1)
+    values, ids = logp.topk(k)
+    tops = []
+    for row_ids, row_values in zip(ids.tolist(), values.tolist(), strict=True):
+        top: dict[str, float] = {}
+        for i, v in zip(row_ids, row_values, strict=True):
+            top.setdefault(engine.tokenizer.decode([i]), v)
+        tops.append(top)
+    return tops
+
+
+def test_top_logprobs_are_the_target_models_with_and_without_mtp_and_prefix_cache(ckpt, plain):
+    """Greedy with logprobs=5: the emitted token is each position's likeliest, the values are log-probabilities of
+    the main model (MTP's verify logits, not its drafts) and match a full forward pass; the same with MTP (depths
+    1 and 2), without it, and with the prefix cache cold, warm, and off."""
+    params = SamplingParams(max_new_tokens=20, stop_at_eos=False, logprobs=5)
+    engines = [plain, Engine.load(ckpt, max_batch=3, prefix_cache_mb=0), Engine.load(ckpt, max_batch=3, mtp_depth=2)]
+    runs = [e.generate(PROMPTS, params) for e in engines] + [engines[2].generate(PROMPTS, params)]  # warm cache
+    assert engines[2].prefix_cache_stats()["reused_tokens"] > 0
+    assert plain.generate(PROMPTS[:1], SamplingParams(max_new_tokens=4))[0].top_logprobs is None  # not asked
+    for prompt, *results in zip(PROMPTS, *runs, strict=True):
+        ids = plain.encode(prompt)
+        expected = reference_top_logprobs(plain, ids, results[0].token_ids, 5)
+        for r in results:
+            assert r.token_ids == results[0].token_ids and len(r.top_logprobs) == len(r.token_ids) == 20
+            for token, top, ref in zip(r.token_ids, r.top_logprobs, expected, strict=True):
+                assert max(top, key=top.get) == plain.tokenizer.decode([token])
+                assert all(v <= 0 for v in top.values()) and sum(math.exp(v) for v in top.values()) <= 1 + 1e-6
+                assert top.keys() == ref.keys()
+                assert all(abs(top[t] - ref[t]) < 1e-4 for t in ref)
+
+
+def test_sampled_tokens_are_in_their_top_logprobs(engine):
+    params = SamplingParams(max_new_tokens=20, temperature=1.5, seed=3, stop_at_eos=False, logprobs=1)
+    [r] = engine.generate([PROMPTS[1]], params)
+    for token, top in zip(r.token_ids, r.top_logprobs, strict=True):
+        assert engine.tokenizer.decode([token]) in top and 1 <= len(top) <= 2
 
 
 def test_batched_equals_one_at_a_time(plain):

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from duet.agents.backends import Completion
+from duet.agents.backends import Completion, Request
 from duet.agents.dialogue import DialogueConfig
 from duet.errors import DuetError
 from duet.evaluation.backend_options import options_for_backend, parse_backend_options
@@ -259,7 +259,8 @@ class SeedBackend:
     def __init__(self) -> None:
         self.calls: list[dict] = []
 
-    def complete(self, messages, *, stop=(), max_tokens=512, temperature=0.0, seed=None, on_text=None, cancel=None):
+    def complete(self, messages, request=Request(), *, on_text=None, cancel=None):
+        seed, temperature = request.seed, request.temperature
         self.calls.append({"seed": seed, "temperature": temperature, "system": messages[0]["content"]})
         text = f"\\boxed{{{seed % 2}}}" if temperature > 0 else "```python\nprint(6*7)\n```\n```output"
         if "\\boxed" not in text and any(m["role"] == "assistant" for m in messages):
@@ -384,6 +385,33 @@ def test_backend_options_are_checked_per_backend_kind():
     both = parse_backend_options(["api_key=k", "delay=1"], ["scripted:r.json", "openai:http://h/v1"])
     assert options_for_backend("scripted:r.json", both) == {"delay": 1}
     assert options_for_backend("openai:http://h/v1", both) == {"api_key": "k"}
+
+
+def test_a_backend_kinds_option_schema_is_read_by_make_backend_eval_and_settings(monkeypatch, tmp_path):
+    """One dataclass per backend kind: adding an option there is all make_backend, -O and settings need."""
+    from dataclasses import dataclass
+
+    from duet.agents import backends
+    from duet.agents.backends import BackendError, ScriptedBackend, make_backend, option, register_backend
+    from duet.app.backends import backend_options
+    from duet.app.settings import load_settings
+
+    @dataclass(frozen=True)
+    class EchoOptions:
+        reply: str = option("text", "hi")
+        patience: float = option("seconds", 1.0, setting="server_timeout")
+
+    monkeypatch.setattr(backends, "_REGISTRY", dict(backends._REGISTRY))  # keep the registry clean
+    register_backend("echo-test", lambda argument, reply="hi", patience=1.0: ScriptedBackend([reply]), EchoOptions)
+    assert parse_backend_options(["reply=yo", "patience=2"], ["echo-test:x"]) == {"reply": "yo", "patience": 2}
+    with pytest.raises(DuetError, match="bogus: not an option of the echo-test backend; use one of: patience, reply"):
+        parse_backend_options(["bogus=1"], ["echo-test:x"])
+    assert make_backend("echo-test:x", reply="yo").complete([{"role": "user", "content": "?"}]).text == "yo"
+    with pytest.raises(BackendError, match="backend 'echo-test' has no option 'bogus'; use one of: patience, reply"):
+        make_backend("echo-test:x", bogus=1)
+    settings = load_settings({"server_timeout": 5}, {"DUET_CONFIG": str(tmp_path / "none.toml")})
+    assert backend_options("echo-test:x", settings) == {"patience": 5}
+    assert "reply" in parse_backend_options(["reply=a"])  # no specs: every registered kind's options
 
 
 def test_usage_errors_have_exit_code_2():

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from duet.agents.backends import BackendError, ContextFullError, make_backend
+from duet.agents.backends import BackendError, ContextFullError, Request, make_backend
 from duet.agents.dialogue import DialogueConfig, run_dialogue
 from duet.engine import SamplingParams
 from tests.tiny_models import make_engine_checkpoint
@@ -18,33 +18,42 @@ def backend(tmp_path_factory):
 def test_complete_matches_the_engine_on_the_chat_prompt(backend):
     messages = [{"role": "user", "content": "Tom has 12 apples. How many?"}]
     pieces: list[str] = []
-    c = backend.complete(messages, max_tokens=20, on_text=pieces.append)
+    c = backend.complete(messages, Request(max_tokens=20), on_text=pieces.append)
     ids = backend.engine.encode_chat(messages)
     [r] = backend.engine.generate([ids], SamplingParams(max_new_tokens=20))
     assert c.text == r.text == "".join(pieces)
     assert c.completion_tokens == r.completion_tokens and c.prompt_tokens == len(ids)
     assert c.finish_reason in ("eos", "length")
+    assert c.top_logprobs is None  # not asked for
+
+
+def test_top_logprobs_pass_through_from_the_engine(backend):
+    messages = [{"role": "user", "content": "Tom has 12 apples. How many?"}]
+    c = backend.complete(messages, Request(max_tokens=8, logprobs=3))
+    [r] = backend.engine.generate([backend.engine.encode_chat(messages)], SamplingParams(max_new_tokens=8, logprobs=3))
+    assert c.top_logprobs == r.top_logprobs and len(c.top_logprobs) == c.completion_tokens
+    assert all(1 <= len(top) <= 3 for top in c.top_logprobs)
 
 
 def test_continuation_extends_the_partial_assistant_message(backend):
     messages = [{"role": "user", "content": "2+2?"}, {"role": "assistant", "content": "```python\nprint(2+2)\n"}]
     prompt = backend.engine.tokenizer.decode(backend.engine.encode_chat(messages))
     assert prompt.endswith("<|assistant|>```python\nprint(2+2)\n")
-    assert backend.complete(messages, max_tokens=5).completion_tokens <= 5
+    assert backend.complete(messages, Request(max_tokens=5)).completion_tokens <= 5
 
 
 def test_stop_string_is_reported(backend):
     messages = [{"role": "user", "content": "Go"}]
-    free = backend.complete(messages, max_tokens=40)
+    free = backend.complete(messages, Request(max_tokens=40))
     assert len(free.text) > 6
     stop = free.text[3:6]
-    cut = backend.complete(messages, max_tokens=40, stop=[stop])
+    cut = backend.complete(messages, Request(max_tokens=40, stop=[stop]))
     assert cut.finish_reason == "stop" and cut.stop_string == stop and cut.text == free.text[: free.text.find(stop)]
 
 
 def test_prompt_longer_than_context_is_context_full(backend):
     with pytest.raises(ContextFullError, match="context holds"):
-        backend.complete([{"role": "user", "content": "many words " * 400}], max_tokens=4)
+        backend.complete([{"role": "user", "content": "many words " * 400}], Request(max_tokens=4))
 
 
 def test_missing_checkpoint_is_one_line(tmp_path):

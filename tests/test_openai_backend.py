@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 
-from duet.agents.backends import BackendError, ContextFullError, ScriptedBackend, make_backend
+from duet.agents.backends import BackendError, ContextFullError, Request, ScriptedBackend, make_backend
 from duet.agents.openai_backend import OpenAIBackend, ThinkSplitter, normalize_base_url
 from duet.agents.protocol import STOP
 
@@ -96,9 +96,8 @@ def scripted_responder(backend: ScriptedBackend) -> Responder:
 
     def respond(handler: BaseHTTPRequestHandler, body: dict[str, Any]) -> None:
         pieces: list[str] = []
-        done = backend.complete(
-            body["messages"], stop=body.get("stop", []), max_tokens=body["max_tokens"], on_text=pieces.append
-        )
+        request = Request(stop=body.get("stop", []), max_tokens=body["max_tokens"])
+        done = backend.complete(body["messages"], request, on_text=pieces.append)
         reason = "length" if done.finish_reason == "length" else "stop"
         usage = {"prompt_tokens": done.prompt_tokens, "completion_tokens": done.completion_tokens}
         chunks = [content_chunk(p) for p in pieces]
@@ -127,9 +126,8 @@ def test_streams_text_and_sends_the_request_fields(server, monkeypatch):
     )
     streamed: list[str] = []
     backend = OpenAIBackend(server.url, "m1")
-    done = backend.complete(
-        USER, stop=[STOP], max_tokens=64, temperature=0.3, seed=7, on_text=streamed.append
-    )
+    done = backend.complete(USER, Request(stop=[STOP], max_tokens=64, temperature=0.3, seed=7),
+                            on_text=streamed.append)
     assert (done.text, done.finish_reason, done.stop_string) == ("The answer is 4.", "eos", None)
     assert (done.prompt_tokens, done.completion_tokens) == (11, 5)
     assert "".join(streamed) == done.text and len(streamed) >= 2
@@ -139,7 +137,8 @@ def test_streams_text_and_sends_the_request_fields(server, monkeypatch):
     body = request["body"]
     assert body["model"] == "m1" and body["messages"] == USER and body["stream"] is True
     assert (body["stop"], body["max_tokens"], body["temperature"], body["seed"]) == ([STOP], 64, 0.3, 7)
-    assert "continue_final_message" not in body
+    assert "continue_final_message" not in body and "logprobs" not in body and "top_logprobs" not in body
+    assert done.top_logprobs is None
     assert backend.name == "m1"
 
 
@@ -188,7 +187,7 @@ def test_think_splitter_holds_partial_tags():
 def test_stop_string_reported_by_server(server):
     chunks = [content_chunk("```python\nx=1\n```\n"), finish_chunk("stop", STOP)]
     server.respond = lambda h, body: sse(h, chunks)
-    done = OpenAIBackend(server.url, "m").complete(USER, stop=[STOP])
+    done = OpenAIBackend(server.url, "m").complete(USER, Request(stop=[STOP]))
     assert (done.text, done.finish_reason, done.stop_string) == ("```python\nx=1\n```\n", "stop", STOP)
 
 
@@ -196,14 +195,14 @@ def test_stop_string_enforced_client_side_when_the_server_ignores_it(server):
     pieces = ["code\n```", "out", "put\n42 (invented)"]
     server.respond = lambda h, body: sse(h, [*map(content_chunk, pieces), finish_chunk("stop")])
     streamed: list[str] = []
-    done = OpenAIBackend(server.url, "m").complete(USER, stop=[STOP], on_text=streamed.append)
+    done = OpenAIBackend(server.url, "m").complete(USER, Request(stop=[STOP]), on_text=streamed.append)
     assert (done.text, done.finish_reason, done.stop_string) == ("code\n", "stop", STOP)
     assert "".join(streamed) == "code\n"
 
 
 def test_length_finish(server):
     server.respond = lambda h, body: sse(h, [content_chunk("one two"), finish_chunk("length")])
-    assert OpenAIBackend(server.url, "m").complete(USER, max_tokens=2).finish_reason == "length"
+    assert OpenAIBackend(server.url, "m").complete(USER, Request(max_tokens=2)).finish_reason == "length"
 
 
 def test_model_resolved_from_the_server(server):
@@ -309,12 +308,56 @@ def test_non_streaming_json_reply_is_accepted(server):
     assert (done.text, done.reasoning, done.finish_reason) == ("4", "add", "eos")
 
 
+def logprob_entry(token: str, *alternatives: tuple[str, float]) -> dict[str, Any]:
+    """One token's entry of ``choices[0].logprobs.content`` as vLLM sends it."""
+    top = [{"token": t, "logprob": lp, "bytes": list(t.encode())} for t, lp in alternatives]
+    return {"token": token, "logprob": dict(alternatives)[token], "bytes": list(token.encode()), "top_logprobs": top}
+
+
+def test_top_logprobs_are_asked_for_and_read_from_the_stream(server):
+    first = logprob_entry("AG", ("AG", -0.1), ("DIS", -2.5))
+    second = logprob_entry("REE", ("REE", -0.01), ("RE", -5.0))
+
+    def chunk(text: str, entry: dict[str, Any]) -> dict[str, Any]:
+        return {"choices": [{"index": 0, "delta": {"content": text}, "logprobs": {"content": [entry]},
+                             "finish_reason": None}]}
+
+    server.respond = lambda h, body: sse(h, [chunk("AG", first), chunk("REE", second), finish_chunk("stop")])
+    done = OpenAIBackend(server.url, "m").complete(USER, Request(max_tokens=4, logprobs=2))
+    body = server.requests[0]["body"]
+    assert body["logprobs"] is True and body["top_logprobs"] == 2 and body["stream"] is True
+    assert done.text == "AGREE"
+    assert done.top_logprobs == [{"AG": -0.1, "DIS": -2.5}, {"REE": -0.01, "RE": -5.0}]
+
+
+def test_top_logprobs_from_a_non_streaming_reply_and_a_server_without_them(server):
+    def respond(handler: BaseHTTPRequestHandler, body: dict[str, Any]) -> None:
+        choice: dict[str, Any] = {"message": {"content": "4"}, "finish_reason": "stop"}
+        if with_logprobs:
+            # the sampled token left out of top_logprobs (top_logprobs=1, a lower-ranked sample): added
+            choice["logprobs"] = {"content": [{"token": "4", "logprob": -1.2,
+                                               "top_logprobs": [{"token": "5", "logprob": -0.4}]}]}
+        handler.send_response(200)
+        handler.send_header("Content-Type", "application/json")
+        handler.end_headers()
+        handler.wfile.write(json.dumps({"choices": [choice]}).encode())
+
+    with_logprobs = True
+    server.respond = respond
+    backend = OpenAIBackend(server.url, "m")
+    assert backend.complete(USER, Request(logprobs=1)).top_logprobs == [{"5": -0.4, "4": -1.2}]
+    with_logprobs = False
+    assert backend.complete(USER, Request(logprobs=1)).top_logprobs is None  # the server gave none
+    server.respond = lambda h, body: sse(h, [content_chunk("4"), finish_chunk("stop")])
+    assert backend.complete(USER, Request(logprobs=5)).top_logprobs is None
+
+
 def test_scripted_responder_serves_a_tool_loop_like_vllm(server):
     server.respond = scripted_responder(
         ScriptedBackend(["Add.\n```python\nprint(2+2)\n```\n```output\n4\n```\n\\boxed{4}"])
     )
     backend = OpenAIBackend(server.url, "m")
-    first = backend.complete(USER, stop=[STOP])
+    first = backend.complete(USER, Request(stop=[STOP]))
     assert (first.text, first.finish_reason) == ("Add.\n```python\nprint(2+2)\n```\n", "stop")
     second = backend.complete([*USER, {"role": "assistant", "content": first.text + "```output\n4\n```\n"}])
     assert (second.text, second.finish_reason) == ("\\boxed{4}", "eos")

@@ -11,7 +11,7 @@ import threading
 
 import pytest
 
-from duet.agents.backends import Completion, ScriptedBackend
+from duet.agents.backends import Completion, Request, ScriptedBackend
 from duet.agents.critic import Critic, own_solution_reason
 from duet.agents.dialogue import Dialogue, DialogueConfig
 from duet.agents.protocol import AGREE, DISAGREE
@@ -53,7 +53,7 @@ def test_a_majority_for_another_answer_disagrees_and_shows_one_of_its_solutions(
     assert f"A checker disagrees: {expected} (the checker's answer: 71)" in revise_request
     assert result.turns[6].verdict == AGREE and result.turns[6].reason == "2 of my 3 own solutions also give 71."
     # the own solutions are sampled (temperature 0.7) with seeds seed + 1 + i; the solver stays greedy
-    assert [(c.temperature, c.seed) for c in calls[:4]] == [(0.0, 7), (0.7, 8), (0.7, 9), (0.7, 10)]
+    assert [(c.request.temperature, c.request.seed) for c in calls[:4]] == [(0.0, 7), (0.7, 8), (0.7, 9), (0.7, 10)]
     assert calls[1].messages == calls[0].messages  # the solver's own prompt, fresh
 
 
@@ -107,8 +107,7 @@ class ConcurrentBackend:
         self.lock = threading.Lock()
         self.pending: dict[int, str] = {}  # thread -> rest of its reply after the code block
 
-    def complete(self, messages, *, stop=(), max_tokens=512, temperature=0.0, seed=None, on_text=None,
-                 cancel=None) -> Completion:
+    def complete(self, messages, request=Request(), *, on_text=None, cancel=None) -> Completion:
         if messages[-1]["role"] == "assistant":  # the continuation after the output block
             return Completion("So \\boxed{71}.", finish_reason="eos")
         self.barrier.wait()  # raises BrokenBarrierError unless all requests arrive at once

@@ -271,7 +271,7 @@ def test_conversation_follow_up_regen_and_interrupt(tmp_path):
     before = [dict(m) for m in conv.dialogue.solver.conversation]
     regen = conv.regen()
     assert (regen.seed, regen.temperature, regen.result.answer) == (1, 0.7, "3")
-    assert backend.calls[-1].seed == 1 and backend.calls[-1].temperature == 0.7
+    assert backend.calls[-1].request.seed == 1 and backend.calls[-1].request.temperature == 0.7
     assert [e.result.answer for e in conv.exchanges] == ["1", "3"]
     assert len(conv.dialogue.solver.conversation) == len(before)
     cancel = threading.Event()

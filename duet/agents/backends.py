@@ -7,17 +7,20 @@ Implementations:
 * :class:`duet.agents.openai_backend.OpenAIBackend`: any OpenAI-compatible server (vLLM, SGLang);
 * ``duet.agents.local_backend``: duet's own runtime on a checkpoint (plugged in through the registry).
 
-Contract of ``complete(messages, *, stop, max_tokens, temperature, seed, on_text, cancel)``:
+Contract of ``complete(messages, request, *, on_text, cancel)`` (``request``: a :class:`Request`):
 
 * ``messages`` are ``{"role": "system" | "user" | "assistant", "content": str}`` dicts. When the last
   message has role ``"assistant"`` it is a *partial* reply to continue: the backend generates text
   that follows it, inside the same assistant turn (it does not close the turn or open a new one).
-* Generation stops at end-of-turn / EOS, at ``max_tokens`` generated tokens, or at the first of the
-  ``stop`` strings. The returned ``Completion.text`` never contains the stop string;
+* Generation stops at end-of-turn / EOS, at ``request.max_tokens`` generated tokens, or at the first
+  of the ``request.stop`` strings. The returned ``Completion.text`` never contains the stop string;
   ``Completion.stop_string`` says which one matched (``None`` when none did).
 * ``finish_reason`` is one of :data:`FINISH_REASONS`: ``"stop"`` (a stop string matched),
   ``"eos"`` (the model ended its turn), ``"length"`` (``max_tokens`` reached) or ``"cancelled"``
   (``cancel`` was set; ``text`` holds what was generated so far).
+* With ``request.logprobs = k > 0``, ``Completion.top_logprobs`` holds, for each generated token in
+  order, the log-probabilities of the model's top ``k`` tokens there (text -> log-probability, the
+  sampled token included); ``None`` where the backend cannot give them.
 * A reasoning model's thinking (``<think>...</think>`` or a server's ``reasoning_content``) goes to
   ``Completion.reasoning``, never to ``text``.
 * ``on_text`` receives the answer text as it is generated, in order, in pieces whose concatenation is
@@ -30,8 +33,11 @@ Contract of ``complete(messages, *, stop, max_tokens, temperature, seed, on_text
 * Optional: ``model_backed = True`` says that a model answers (duet's engine, a server), not a script: the
   critic's verifier (``duet.agents.verifier``) is then on by default; it would desync scripted replies.
 
-``make_backend(spec)`` builds a backend from a string: ``scripted:<replies.json>``,
-``openai:<base_url>[#<model>]``, ``local:<checkpoint dir>``; :func:`register_backend` adds kinds.
+``make_backend(spec, **options)`` builds a backend from a string: ``scripted:<replies.json>``,
+``openai:<base_url>[#<model>]``, ``local:<checkpoint dir>``; :func:`register_backend` adds kinds. Each kind
+owns its option schema, a dataclass of :func:`option` fields (:class:`ScriptedOptions`, ``OpenAIOptions``,
+``LocalOptions``): ``make_backend`` checks options against it, ``duet eval -O`` parses them by it, and the
+settings that supply options (``device``, ``server_timeout``, ...) are named in it.
 """
 
 from __future__ import annotations
@@ -42,7 +48,7 @@ import re
 import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, Protocol, Union, runtime_checkable
 
@@ -79,6 +85,21 @@ def one_line(text: str, limit: int = 300) -> str:
     return line if len(line) <= limit else line[: limit - 3] + "..."
 
 
+@dataclass(frozen=True)
+class Request:
+    """How to generate one completion: the parameters of a ``complete`` call besides the messages."""
+
+    stop: tuple[str, ...] = ()
+    max_tokens: int = 512
+    temperature: float = 0.0
+    seed: int | None = None
+    logprobs: int = 0
+    """How many top alternatives to return per generated token (``Completion.top_logprobs``); 0: none."""
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "stop", tuple(self.stop))  # a list is accepted, a tuple is kept
+
+
 @dataclass
 class Completion:
     """What one ``complete`` call produced."""
@@ -90,6 +111,9 @@ class Completion:
     prompt_tokens: int = 0
     completion_tokens: int = 0
     seconds: float = 0.0
+    top_logprobs: list[dict[str, float]] | None = None
+    """Per generated token, in order: token text -> log-probability of the top ``Request.logprobs``
+    alternatives (the sampled token included); None when not asked for or the backend cannot give them."""
 
 
 @runtime_checkable
@@ -101,11 +125,8 @@ class Backend(Protocol):
     def complete(
         self,
         messages: Sequence[Message],
+        request: Request = Request(),
         *,
-        stop: Sequence[str] = (),
-        max_tokens: int = 512,
-        temperature: float = 0.0,
-        seed: int | None = None,
         on_text: TextCallback | None = None,
         cancel: threading.Event | None = None,
     ) -> Completion:
@@ -131,10 +152,7 @@ class Call:
     """One recorded ``ScriptedBackend.complete`` call (for assertions in tests)."""
 
     messages: list[Message]
-    stop: list[str]
-    max_tokens: int
-    temperature: float
-    seed: int | None
+    request: Request
 
 
 Reply = Union[str, BaseException]
@@ -160,7 +178,8 @@ class ScriptedBackend:
 
     ``delay`` waits that many seconds before each reply (checking ``cancel``); with ``timeout`` set and
     ``delay > timeout`` it waits ``timeout`` seconds and raises BackendError, like a server timing out.
-    Tokens are whitespace-separated pieces; ``on_text`` receives one piece at a time.
+    Tokens are whitespace-separated pieces; ``on_text`` receives one piece at a time. It has no
+    log-probabilities to give (``top_logprobs`` is None).
     """
 
     replies: ReplySource = ()
@@ -177,18 +196,16 @@ class ScriptedBackend:
     def complete(
         self,
         messages: Sequence[Message],
+        request: Request = Request(),
         *,
-        stop: Sequence[str] = (),
-        max_tokens: int = 512,
-        temperature: float = 0.0,
-        seed: int | None = None,
         on_text: TextCallback | None = None,
         cancel: threading.Event | None = None,
     ) -> Completion:
         """Serve the next piece of the scripted reply (see the class docstring)."""
         started = time.perf_counter()
         messages = [dict(m) for m in messages]
-        self.calls.append(Call(messages, list(stop), max_tokens, temperature, seed))
+        self.calls.append(Call(messages, request))
+        stop, max_tokens = request.stop, request.max_tokens
         if self.delay > 0 and self._wait(cancel):
             return Completion("", finish_reason="cancelled", seconds=time.perf_counter() - started)
         if is_continuation(messages):
@@ -271,21 +288,59 @@ def _safe_search(pattern: str, text: str) -> bool:
 
 
 # ---------------------------------------------------------------------------------------------
+# Option schemas
+
+OPTION_KINDS = ("text", "bool", "count", "seconds", "seconds or 0", "MiB or 0", "object")
+"""The kinds of value a backend option takes: how ``duet eval -O key=value`` reads and checks it."""
+
+
+def option(kind: str, default: Any = None, *, setting: str | None = None, unset: Any = None,
+           answers: bool = True) -> Any:
+    """One field of a backend's option schema (a dataclass; see :class:`ScriptedOptions`): the ``kind`` of value
+    (:data:`OPTION_KINDS`) and its default. ``setting``: the duet setting that supplies it (``duet solve``,
+    ``repl`` and ``eval`` pass the setting's value); ``unset``: what they pass while that setting is not set
+    anywhere (None: its default); ``answers=False``: it changes speed or failures, never answers (an eval run's
+    fingerprint leaves it out)."""
+    if kind not in OPTION_KINDS:
+        raise ValueError(f"option kind {kind!r}: use one of {', '.join(OPTION_KINDS)}")
+    return field(default=default, metadata={"kind": kind, "setting": setting, "unset": unset, "answers": answers})
+
+
+def option_kinds(schema: type) -> dict[str, str]:
+    """``{option: kind}`` of a backend's option schema."""
+    return {f.name: f.metadata["kind"] for f in fields(schema)}
+
+
+def option_settings(schema: type) -> dict[str, tuple[str, Any]]:
+    """``{option: (setting, value while unset)}`` for the options that a duet setting supplies."""
+    return {f.name: (f.metadata["setting"], f.metadata["unset"]) for f in fields(schema) if f.metadata["setting"]}
+
+
+@dataclass(frozen=True)
+class ScriptedOptions:
+    """The scripted backend's options (also read from the replies file by duet's commands)."""
+
+    delay: float = option("seconds or 0", 0.0, answers=False)
+    timeout: float | None = option("seconds", None, answers=False)
+
+
+# ---------------------------------------------------------------------------------------------
 # Registry and factory
 
 BackendFactory = Callable[..., Backend]
 """``factory(argument: str, **options) -> Backend``; ``argument`` is the spec after ``kind:``."""
 
-_REGISTRY: dict[str, BackendFactory | str] = {
-    "scripted": "duet.agents.backends:scripted_from_spec",
-    "openai": "duet.agents.openai_backend:from_spec",
-    "local": "duet.agents.local_backend:from_spec",
+_REGISTRY: dict[str, tuple[BackendFactory | str, type | str | None]] = {
+    "scripted": ("duet.agents.backends:scripted_from_spec", "duet.agents.backends:ScriptedOptions"),
+    "openai": ("duet.agents.openai_backend:from_spec", "duet.agents.openai_backend:OpenAIOptions"),
+    "local": ("duet.agents.local_backend:from_spec", "duet.agents.local_backend:LocalOptions"),
 }
 
 
-def register_backend(kind: str, factory: BackendFactory | str) -> None:
-    """Register a backend kind: a factory, or ``"module:function"`` imported on first use."""
-    _REGISTRY[kind] = factory
+def register_backend(kind: str, factory: BackendFactory | str, options: type | str | None = None) -> None:
+    """Register a backend kind: a factory, or ``"module:function"`` imported on first use, and its option schema
+    (a dataclass of :func:`option` fields, or ``"module:Class"``; None: its options are not checked)."""
+    _REGISTRY[kind] = (factory, options)
 
 
 def backend_kinds() -> list[str]:
@@ -293,22 +348,37 @@ def backend_kinds() -> list[str]:
     return sorted(_REGISTRY)
 
 
+def _load(kind: str, ref: Any) -> Any:
+    """A registry entry, imported when it is a ``"module:attribute"`` string."""
+    if not isinstance(ref, str):
+        return ref
+    module_name, _, attr = ref.partition(":")
+    try:
+        return getattr(importlib.import_module(module_name), attr)
+    except (ImportError, AttributeError) as error:
+        raise BackendError(f"backend {kind!r} is not available: {error}") from error
+
+
+def options_schema(kind: str) -> type | None:
+    """The option schema of backend ``kind`` (None: an unknown kind, or one registered without a schema)."""
+    return _load(kind, _REGISTRY[kind][1]) if kind in _REGISTRY else None
+
+
 def make_backend(spec: str, **options: Any) -> Backend:
     """Build a backend from ``"kind:argument"``, e.g. ``"openai:http://127.0.0.1:8000/v1#deepseek-r1"``.
 
-    Raises BackendError (one line) for an unknown kind or a factory that fails.
+    Raises BackendError (one line) for an unknown kind, an option its schema does not have, or a factory
+    that fails.
     """
     kind, sep, argument = spec.partition(":")
     if not sep or kind not in _REGISTRY:
         kinds = ", ".join(f"{k}:..." for k in backend_kinds())
         raise BackendError(f"unknown backend {spec!r}; use one of: {kinds}")
-    factory = _REGISTRY[kind]
-    if isinstance(factory, str):
-        module_name, _, attr = factory.partition(":")
-        try:
-            factory = getattr(importlib.import_module(module_name), attr)
-        except (ImportError, AttributeError) as error:
-            raise BackendError(f"backend {kind!r} is not available: {error}") from error
+    factory, schema = (_load(kind, ref) for ref in _REGISTRY[kind])
+    unknown = sorted(set(options) - set(option_kinds(schema))) if schema is not None else []
+    if unknown:
+        raise BackendError(f"backend {kind!r} has no option {unknown[0]!r}; use one of: "
+                           f"{', '.join(sorted(option_kinds(schema)))}")
     try:
         return factory(argument, **options)
     except BackendError:
@@ -330,5 +400,5 @@ def scripted_from_spec(argument: str, **options: Any) -> ScriptedBackend:
         data = {"replies": data}
     if not isinstance(data, dict) or not all(isinstance(r, str) for r in data.get("replies", [])):
         raise BackendError(f"{path}: expected a list of strings or {{'replies': [...], 'match': {{...}}}}")
-    options.setdefault("name", f"scripted:{path.name}")
-    return ScriptedBackend(replies=list(data.get("replies", [])), match=data.get("match"), **options)
+    return ScriptedBackend(replies=list(data.get("replies", [])), match=data.get("match"),
+                           name=f"scripted:{path.name}", **asdict(ScriptedOptions(**options)))

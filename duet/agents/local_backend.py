@@ -9,10 +9,34 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Sequence
+from dataclasses import astuple, dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from duet.agents.backends import CONTEXT_FULL_HINTS, BackendError, Completion, ContextFullError, Message, TextCallback
+from duet.agents.backends import (
+    CONTEXT_FULL_HINTS,
+    BackendError,
+    Completion,
+    ContextFullError,
+    Message,
+    Request,
+    TextCallback,
+    option,
+)
+
+
+@dataclass(frozen=True)
+class LocalOptions:
+    """The local backend's options: the engine's runtime. duet's commands pass the settings named here."""
+
+    device: str = option("text", "cpu", setting="device")
+    dtype: str = option("text", "float32", setting="dtype")  # float32, bfloat16, float16 (fp32, bf16, fp16)
+    mtp: bool = option("bool", True, setting="mtp", unset="auto")  # "auto": resolved by duet.app.backends
+    compile: bool = option("bool", False, setting="compile", answers=False)
+    max_batch: int = option("count", 8, answers=False)
+    max_seq_len: int | None = option("count", None)  # None: the model's own
+    prefix_cache_mb: float | None = option("MiB or 0", None, answers=False)  # its budget (0: none; None: default)
+
 
 _ENGINES: dict[tuple, Any] = {}
 _ENGINES_LOCK = threading.Lock()
@@ -29,9 +53,7 @@ class LocalBackend:
         self.name = name
 
     @classmethod
-    def load(cls, path: str | Path | None = None, *, device: str = "cpu", dtype: str = "float32",
-             mtp: bool = True, max_batch: int = 8, max_seq_len: int | None = None,
-             compile: bool = False, prefix_cache_mb: float | None = None) -> LocalBackend:
+    def load(cls, path: str | Path | None = None, options: LocalOptions = LocalOptions()) -> LocalBackend:
         """Load (or reuse, when solver and critic share a checkpoint) the engine for `path`."""
         import torch
 
@@ -39,31 +61,31 @@ class LocalBackend:
         from duet.errors import DuetError
         from duet.model.embedded import EMBEDDED_DIR, default_model_path
 
-        torch_dtype = getattr(torch, _DTYPE_ALIASES.get(dtype, dtype), None)
+        o = options
+        torch_dtype = getattr(torch, _DTYPE_ALIASES.get(o.dtype, o.dtype), None)
         if not isinstance(torch_dtype, torch.dtype) or not torch_dtype.is_floating_point:
-            raise BackendError(f"dtype {dtype!r} is not supported; use float32, bfloat16 or float16")
+            raise BackendError(f"dtype {o.dtype!r} is not supported; use float32, bfloat16 or float16")
         try:
             directory = Path(path).expanduser() if path else default_model_path()
-            key = (str(directory.resolve()), device, torch_dtype, mtp, max_batch, max_seq_len, compile,
-                   prefix_cache_mb)
+            key = (str(directory.resolve()), *astuple(replace(o, dtype=str(torch_dtype))))  # bf16 = bfloat16
             with _ENGINES_LOCK:
                 if key not in _ENGINES:
-                    _ENGINES[key] = Engine.load(directory, device=device, dtype=torch_dtype, use_mtp=mtp,
-                                                max_batch=max_batch, max_seq_len=max_seq_len, compile=compile,
-                                                prefix_cache_mb=prefix_cache_mb)
+                    _ENGINES[key] = Engine.load(directory, device=o.device, dtype=torch_dtype, use_mtp=o.mtp,
+                                                max_batch=o.max_batch, max_seq_len=o.max_seq_len, compile=o.compile,
+                                                prefix_cache_mb=o.prefix_cache_mb)
         except DuetError as e:
             raise BackendError(str(e)) from None
         embedded = directory.resolve() == EMBEDDED_DIR.resolve()  # its folder is just "model"
         return cls(_ENGINES[key], name="local:embedded" if embedded else f"local:{directory.name}")
 
-    def complete(self, messages: Sequence[Message], *, stop: Sequence[str] = (), max_tokens: int = 512,
-                 temperature: float = 0.0, seed: int | None = None, on_text: TextCallback | None = None,
-                 cancel: threading.Event | None = None) -> Completion:
+    def complete(self, messages: Sequence[Message], request: Request = Request(), *,
+                 on_text: TextCallback | None = None, cancel: threading.Event | None = None) -> Completion:
         from duet.engine import SamplingParams
 
         try:
             prompt = self.engine.encode_chat(messages)
-            params = SamplingParams(max_new_tokens=max_tokens, temperature=temperature, seed=seed, stop=list(stop))
+            params = SamplingParams(max_new_tokens=request.max_tokens, temperature=request.temperature,
+                                    seed=request.seed, stop=list(request.stop), logprobs=request.logprobs)
             r = self.engine.submit(prompt, params, on_text=on_text, cancel=cancel)
         except ValueError as e:  # the prompt does not fit the context, bad sampling values
             error = ContextFullError if any(h in str(e) for h in CONTEXT_FULL_HINTS) else BackendError
@@ -71,15 +93,13 @@ class LocalBackend:
         if r.finish_reason == "error":
             raise BackendError(f"{self.name}: generation failed ({r.error})")
         return Completion(text=r.text, finish_reason=r.finish_reason, stop_string=r.stop_string,
-                          prompt_tokens=r.prompt_tokens, completion_tokens=r.completion_tokens, seconds=r.seconds)
+                          prompt_tokens=r.prompt_tokens, completion_tokens=r.completion_tokens, seconds=r.seconds,
+                          top_logprobs=r.top_logprobs)
 
 
 _DTYPE_ALIASES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
 
 
 def from_spec(argument: str, **options: Any) -> LocalBackend:
-    """`local:<dir>` (empty: the embedded default model). Options: device, dtype, mtp, max_batch, max_seq_len,
-    compile, prefix_cache_mb (the prefix cache's budget in MiB; 0: none; unset: the engine's default)."""
-    known = {k: v for k, v in options.items()
-             if k in ("device", "dtype", "mtp", "max_batch", "max_seq_len", "compile", "prefix_cache_mb")}
-    return LocalBackend.load(argument or None, **known)
+    """`local:<dir>` (empty: the embedded default model); options: :class:`LocalOptions`."""
+    return LocalBackend.load(argument or None, LocalOptions(**options))

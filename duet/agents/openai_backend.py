@@ -5,6 +5,10 @@ Standard library only (``http.client``). What it sends::
     {"model": ..., "messages": [...], "stream": true, "stream_options": {"include_usage": true},
      "max_tokens": N, "temperature": T, "stop": [...], "seed": S}
 
+plus ``"logprobs": true, "top_logprobs": k`` when the request asks for ``k > 0`` alternatives per token
+(read from each choice's ``logprobs.content[*].top_logprobs`` into ``Completion.top_logprobs``; a
+server that sends none gives ``None``),
+
 plus, when the last message is a partial assistant reply to continue (the solver's tool loop),
 ``"continue_final_message": true, "add_generation_prompt": false``: vLLM and SGLang accept these
 chat-template options and render the partial reply without closing the turn. (OpenAI's own API
@@ -37,6 +41,7 @@ import socket
 import threading
 import time
 from collections.abc import Sequence
+from dataclasses import asdict, dataclass
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -46,9 +51,11 @@ from duet.agents.backends import (
     Completion,
     ContextFullError,
     Message,
+    Request,
     StreamCutter,
     TextCallback,
     is_continuation,
+    option,
 )
 
 THINK_OPEN, THINK_CLOSE = "<think>", "</think>"
@@ -114,6 +121,16 @@ class ThinkSplitter:
             out.append(("reasoning" if self.inside else "text", text))
 
 
+@dataclass(frozen=True)
+class OpenAIOptions:
+    """The OpenAI backend's options (``timeout``: seconds for the connection and each streamed chunk; duet's
+    commands pass the ``server_timeout`` setting; ``extra_body``: fields added to each request)."""
+
+    timeout: float = option("seconds", 60.0, setting="server_timeout", answers=False)
+    api_key: str | None = option("text", None, answers=False)  # None: $DUET_API_KEY, else $OPENAI_API_KEY
+    extra_body: dict[str, Any] | None = option("object", None)
+
+
 class OpenAIBackend:
     """Chat completions from an OpenAI-compatible server. ``model=None``: the server's first model."""
 
@@ -147,11 +164,8 @@ class OpenAIBackend:
     def complete(
         self,
         messages: Sequence[Message],
+        request: Request = Request(),
         *,
-        stop: Sequence[str] = (),
-        max_tokens: int = 512,
-        temperature: float = 0.0,
-        seed: int | None = None,
         on_text: TextCallback | None = None,
         cancel: threading.Event | None = None,
     ) -> Completion:
@@ -162,20 +176,23 @@ class OpenAIBackend:
             "messages": [{"role": m["role"], "content": m["content"]} for m in messages],
             "stream": True,
             "stream_options": {"include_usage": True},
-            "max_tokens": max_tokens,
-            "temperature": temperature,
+            "max_tokens": request.max_tokens,
+            "temperature": request.temperature,
         }
-        if stop:
-            body["stop"] = list(stop)
-        if seed is not None:
-            body["seed"] = seed
+        if request.stop:
+            body["stop"] = list(request.stop)
+        if request.seed is not None:
+            body["seed"] = request.seed
+        if request.logprobs > 0:
+            body["logprobs"] = True
+            body["top_logprobs"] = request.logprobs
         if is_continuation(messages):
             body["continue_final_message"] = True
             body["add_generation_prompt"] = False
         body.update(self.extra_body)
         conn, response = self._request("POST", "/chat/completions", body)
         try:
-            completion = self._read_stream(response, stop, on_text, cancel)
+            completion = self._read_stream(response, request.stop, on_text, cancel)
         finally:
             conn.close()
         if not completion.prompt_tokens:
@@ -295,6 +312,7 @@ class _StreamState:
         self.usage: dict[str, Any] = {}
         self.pieces = 0
         self.cancelled = False
+        self.top_logprobs: list[dict[str, float]] = []
 
     def chunk(self, obj: Any, where: str) -> bool:
         """Take one parsed chunk; True when a stop string matched (reading should end)."""
@@ -310,6 +328,7 @@ class _StreamState:
             if thought:
                 self.reasoning += thought
                 self.pieces += 1
+            self._logprobs(choice.get("logprobs"))
             content = delta.get("content")
             if content:
                 self.pieces += 1
@@ -319,6 +338,19 @@ class _StreamState:
                 self.finish = choice["finish_reason"]
                 self.matched = choice.get("stop_reason", choice.get("matched_stop"))
         return False
+
+    def _logprobs(self, logprobs: Any) -> None:
+        """``{"content": [{"token", "logprob", "top_logprobs": [{"token", "logprob"}, ...]}, ...]}``: one
+        dict of alternatives per token (the token itself added when the server left it out)."""
+        entries = logprobs.get("content") if isinstance(logprobs, dict) else None
+        for entry in entries if isinstance(entries, list) else []:
+            if not isinstance(entry, dict):
+                continue
+            top = {str(alt["token"]): float(alt["logprob"]) for alt in entry.get("top_logprobs") or []
+                   if isinstance(alt, dict) and "token" in alt and alt.get("logprob") is not None}
+            if "token" in entry and entry.get("logprob") is not None:
+                top.setdefault(str(entry["token"]), float(entry["logprob"]))
+            self.top_logprobs.append(top)
 
     def _content(self, parts: list[tuple[str, str]]) -> bool:
         for kind, text in parts:
@@ -354,6 +386,7 @@ class _StreamState:
             stop_string=stop_string,
             prompt_tokens=int(self.usage.get("prompt_tokens") or 0),
             completion_tokens=int(self.usage.get("completion_tokens") or self.pieces),
+            top_logprobs=self.top_logprobs or None,
         )
 
 
@@ -384,4 +417,4 @@ def from_spec(argument: str, **options: Any) -> OpenAIBackend:
     url, _, model = argument.partition("#")
     if not url:
         raise BackendError("openai backend needs a URL: openai:http://host:8000/v1#<model>")
-    return OpenAIBackend(url, model or None, **options)
+    return OpenAIBackend(url, model or None, **asdict(OpenAIOptions(**options)))

@@ -16,7 +16,7 @@ from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from typing import Protocol
 
-from duet.agents.backends import Backend, BackendError, ContextFullError, Message, one_line
+from duet.agents.backends import Backend, BackendError, ContextFullError, Message, Request, one_line
 from duet.agents.events import Emitter, EventCallback, log
 from duet.agents.protocol import (
     NO_CODE,
@@ -146,14 +146,11 @@ class _TurnLoop:
         budget_bound = budget_left is not None and budget_left < turn_left
         if allowed <= 0:
             return self._finish("token_budget" if budget_bound else "length")
-        request = self.messages + ([{"role": "assistant", "content": self.text}] if self.text else [])
+        messages = self.messages + ([{"role": "assistant", "content": self.text}] if self.text else [])
         try:
             done = self.backend.complete(
-                request,
-                stop=[STOP],
-                max_tokens=allowed,
-                temperature=opts.temperature,
-                seed=opts.seed,
+                messages,
+                Request(stop=(STOP,), max_tokens=allowed, temperature=opts.temperature, seed=opts.seed),
                 on_text=self.emit.delta,
                 cancel=opts.cancel,
             )

@@ -23,7 +23,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from typing import Any
 
-from duet.agents.backends import Backend, BackendError
+from duet.agents.backends import Backend, BackendError, Request
 from duet.agents.protocol import AGREE, parse_verdict
 from duet.agents.transcript import Turn
 from duet.agents.turn import TurnOptions, run_turn
@@ -32,6 +32,7 @@ from duet.prompts import Prompts
 
 VERDICT_PREFIX = "VERDICT:"
 TOP_LOGPROBS = 5  # alternatives asked for at the verdict's first token
+VERDICT_REQUEST = Request(stop=("\n",), max_tokens=4, temperature=0.0, logprobs=TOP_LOGPROBS)
 
 
 @dataclass
@@ -61,8 +62,7 @@ class Verifier:
 
     def score(self, question: str, solution: str, cancel: threading.Event | None = None) -> Score:
         """P(correct) of ``solution``; raises BackendError when the backend fails."""
-        completion = self.backend.complete(self.messages(question, solution), stop=["\n"], max_tokens=4,
-                                           temperature=0.0, logprobs=TOP_LOGPROBS, cancel=cancel)
+        completion = self.backend.complete(self.messages(question, solution), VERDICT_REQUEST, cancel=cancel)
         first = (completion.top_logprobs or [None])[0]
         if first:
             agree = sum(math.exp(lp) for tok, lp in first.items() if tok.strip().upper().startswith("A"))

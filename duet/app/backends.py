@@ -94,21 +94,26 @@ def backend_specs(settings: Settings, replies: str | None = None) -> Specs:
 
 
 def backend_options(spec: str, settings: Settings) -> dict[str, Any]:
-    """Keyword options for ``make_backend(spec, ...)``: runtime options for local, timeouts for servers."""
+    """Keyword options for ``make_backend(spec, ...)``: those its option schema says a setting supplies (the local
+    runtime's device, dtype, mtp, compile; a server's timeout), and a scripted backend's from its replies file."""
+    from duet.agents.backends import option_kinds, option_settings, options_schema
+
     kind, _, argument = spec.partition(":")
-    if kind == "local":
-        mtp = settings.mtp if settings.sources.get("mtp", "default") != "default" else "auto"
-        return {"device": settings.device, "dtype": settings.dtype, "mtp": mtp, "compile": settings.compile}
-    if kind == "openai":
-        return {"timeout": settings.server_timeout}
+    schema = options_schema(kind)
+    if schema is None:
+        return {}
+    options = {}
+    for name, (setting, unset) in option_settings(schema).items():
+        given = settings.sources.get(setting, "default") != "default"
+        options[name] = getattr(settings, setting) if given or unset is None else unset
     if kind == "scripted":
         try:
             data = json.loads(Path(argument).read_text(encoding="utf-8"))
         except (OSError, ValueError):
             return {}  # make_backend reports the problem in one line
-        if isinstance(data, dict):
-            return {k: float(data[k]) for k in ("delay", "timeout") if isinstance(data.get(k), (int, float))}
-    return {}
+        if isinstance(data, dict):  # its replies file may hold the options (delay, timeout) too
+            options.update({k: float(data[k]) for k in option_kinds(schema) if isinstance(data.get(k), (int, float))})
+    return options
 
 
 def check_device(device: str, where: str = "--device") -> str:

@@ -43,7 +43,7 @@ from torch import Tensor
 
 from duet.engine.detokenize import TextStream
 from duet.engine.prefix_cache import PrefixCache
-from duet.engine.sampling import SamplingParams, accept_draft, draft_token, sample
+from duet.engine.sampling import SamplingParams, accept_draft, draft_token, sample, top_logprobs
 from duet.errors import CheckpointError
 from duet.model import CacheView, KVCache, Transformer, load_model
 
@@ -67,6 +67,8 @@ class GenerationResult:
     first_token_seconds: float = 0.0  # time to first token: queueing plus prefill
     error: str | None = None  # what went wrong when finish_reason is "error"
     cached_tokens: int = 0  # prompt tokens whose prefill the prefix cache saved
+    top_logprobs: list[dict[str, float]] | None = None  # per token of token_ids with params.logprobs > 0:
+    # token text -> log-probability of the target model's top-k there (temperature 1), the emitted token included
 
 
 @dataclass
@@ -89,6 +91,7 @@ class _Request:
     finish_reason: str | None = None
     error: str | None = None
     cached: int = 0  # prompt positions taken from the prefix cache
+    top_logprobs: list[dict[str, float]] = field(default_factory=list)  # per token of `out`, with params.logprobs
 
 
 @dataclass
@@ -333,14 +336,15 @@ class Engine:
         ids = torch.tensor([req.prompt[r:]], device=self.device)
         h = self.model.hidden(ids, self._view(slice(i, i + 1), [r]))
         req.forward_passes += 1
-        first = sample(self.model.logits(h[0, -1]), req.params, req.generator) if req.max_new > 0 else None
+        logits = self.model.logits(h[0, -1:])
+        first = sample(logits[0], req.params, req.generator) if req.max_new > 0 else None
         req.first_token_at = time.perf_counter()
         row = _Row(req, length=n, last=first if first is not None else 0, mtp_len=r,
                    tokens=req.prompt + ([first] if first is not None else []))
         self._active.append(row)
         if first is None:
             req.finish_reason = "length"
-        elif not self._emit(row, [first]) and self.use_mtp:
+        elif not self._emit(row, [first], logits) and self.use_mtp:
             next_ids = torch.tensor([req.prompt[r + 1:] + [first]], device=self.device)
             logits, hidden = self.model.mtp_logits(0, h, next_ids, self._view(slice(i, i + 1), [r]))
             row.mtp_len = n
@@ -358,12 +362,12 @@ class Engine:
         active = self._active
         tokens = torch.tensor([[row.last] for row in active], device=self.device)
         _, logits = self._forward(tokens, [row.length for row in active])
-        for row, token in zip(active, self._sample_rows(active, logits[:, 0]), strict=True):
+        for i, (row, token) in enumerate(zip(active, self._sample_rows(active, logits[:, 0]), strict=True)):
             row.req.forward_passes += 1
             row.length += 1
             row.last = token
             row.tokens.append(token)
-            self._emit(row, [token])
+            self._emit(row, [token], logits[i])
 
     def _forward(self, tokens: Tensor, start: list[int]) -> tuple[Tensor, Tensor]:
         """S new tokens per active row: tokens [A, S] at positions start.. -> (hidden [A, S, D], logits [A, S, V])."""
@@ -434,7 +438,7 @@ class Engine:
             # padding whose cache entries are overwritten next step before anyone reads them.
             next_ids.append(emitted + [emitted[-1]] * (k + 1 - len(emitted)))
             accepted.append(len(emitted) - 1)
-            self._emit(row, emitted)
+            self._emit(row, emitted, logits[i])
         logits, hidden = self._mtp_forward(h, torch.tensor(next_ids, device=self.device), start, rows)
         pick = torch.tensor(accepted, device=self.device)
         at = torch.arange(len(active), device=self.device)
@@ -460,14 +464,21 @@ class Engine:
         for i, row in enumerate(rows):
             row.drafts, row.draft_logits = drafts[i], dists[i]
 
-    def _emit(self, row: _Row, tokens: list[int]) -> bool:
-        """Hand new tokens to the request; returns True when it finished."""
+    def _emit(self, row: _Row, tokens: list[int], logits: Tensor) -> bool:
+        """Hand new tokens to the request; returns True when it finished. `logits` [>= len(tokens), V]: the main
+        model's logits that each token was chosen from (read for the request's top log-probabilities)."""
         req = row.req
-        for t in tokens:
+        for j, t in enumerate(tokens):
             if req.params.stop_at_eos and t in self.eos_ids:
                 req.finish_reason = "eos"
                 break
             req.out.append(t)
+            if req.params.logprobs:
+                top = top_logprobs(logits[j], req.params.logprobs, t)
+                alternatives: dict[str, float] = {}
+                for token_id, logprob in top:  # tokens that decode alike keep the likeliest
+                    alternatives.setdefault(self.tokenizer.decode([token_id]), logprob)
+                req.top_logprobs.append(alternatives)
             delta, stopped = req.stream.add([t])
             if delta and req.on_text:
                 req.on_text(delta)
@@ -512,6 +523,7 @@ class Engine:
             forward_passes=req.forward_passes, drafted=req.drafted, accepted=req.accepted,
             seconds=time.perf_counter() - req.started, error=req.error, cached_tokens=req.cached,
             first_token_seconds=(req.first_token_at or time.perf_counter()) - req.started,
+            top_logprobs=req.top_logprobs if req.params.logprobs else None,
         )
         req.done.set()
 

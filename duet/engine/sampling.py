@@ -23,6 +23,7 @@ class SamplingParams:
     seed: int | None = None
     stop: list[str] = field(default_factory=list)
     stop_at_eos: bool = True
+    logprobs: int = 0  # record the top-k log-probabilities of every emitted token (GenerationResult.top_logprobs)
 
     def __post_init__(self) -> None:
         if self.max_new_tokens < 0:
@@ -33,6 +34,8 @@ class SamplingParams:
             raise ValueError(f"top_p={self.top_p} must be in (0, 1]")
         if self.top_k < 0:
             raise ValueError(f"top_k={self.top_k} must be >= 0")
+        if self.logprobs < 0:
+            raise ValueError(f"logprobs={self.logprobs} must be >= 0")
 
     @property
     def greedy(self) -> bool:
@@ -85,6 +88,18 @@ def accept_draft(target_logits: Tensor, draft_logits: Tensor, draft: int, params
     if total <= 0:  # p == q up to rounding: any sample from p is exact
         residual, total = p, p.sum()
     return False, int(torch.multinomial(residual / total, 1, generator=generator))
+
+
+def top_logprobs(logits: Tensor, k: int, chosen: int) -> list[tuple[int, float]]:
+    """The `k` most likely tokens of one position's logits [vocab] and their log-probabilities, at temperature 1
+    (the model's own distribution, whatever the request samples with), most likely first; `chosen` (the emitted
+    token) is added at the end when it is not among them."""
+    logp = logits.float().log_softmax(dim=-1)
+    values, ids = logp.topk(min(k, logp.shape[-1]))
+    top = list(zip(ids.tolist(), values.tolist(), strict=True))
+    if all(i != chosen for i, _ in top):
+        top.append((chosen, float(logp[chosen])))
+    return top
 
 
 def draft_token(draft_logits: Tensor, params: SamplingParams, generator: torch.Generator | None) -> int:

@@ -8,31 +8,47 @@ import math
 from collections.abc import Callable
 from typing import Any
 
-from duet.agents.backends import Backend, ScriptedBackend, make_backend
+from duet.agents.backends import Backend, ScriptedBackend, backend_kinds, make_backend, option_kinds, options_schema
 from duet.app.errors import UsageProblem
 
-BACKEND_OPTIONS: dict[str, dict[str, str]] = {
-    "local": {"device": "text", "dtype": "text", "mtp": "bool", "compile": "bool", "max_batch": "count",
-              "max_seq_len": "count", "prefix_cache_mb": "MiB or 0"},
-    "openai": {"timeout": "seconds", "api_key": "text", "extra_body": "object"},
-    "scripted": {"delay": "seconds or 0", "timeout": "seconds"},
-}
-"""The ``--backend-option`` / ``-O`` keys each backend kind takes, and the kind of value (see _option_value).
-A backend kind registered elsewhere (not listed) gets every option as given."""
+
+def allowed_options(kind: str) -> dict[str, str] | None:
+    """``{option: kind of value}`` that backend ``kind`` takes (its option schema, see
+    ``duet.agents.backends.option``); None for a kind without one (its options pass through unchecked)."""
+    schema = options_schema(kind)
+    return None if schema is None else option_kinds(schema)
+
+
+def _schemas() -> dict[str, type]:
+    """The option schema of every registered backend kind that has one."""
+    return {k: schema for k in backend_kinds() if (schema := options_schema(k)) is not None}
+
+
+def options_help() -> str:
+    """The keys of every backend kind, for ``--backend-option``'s help: ``local: device, ...; openai: ...``."""
+    hints = {"object": " (JSON)", "MiB or 0": " (MiB, 0: off)"}
+    return "; ".join(f"{kind}: " + ", ".join(f"{name}{hints.get(k, '')}" for name, k in option_kinds(schema).items())
+                     for kind, schema in _schemas().items())
+
+
+def not_answer_affecting() -> set[str]:
+    """Backend options that change speed or failures, not answers (``option(..., answers=False)``)."""
+    return {f.name for schema in _schemas().values() for f in dataclasses.fields(schema) if not f.metadata["answers"]}
 
 
 def parse_backend_options(items: list[str], specs: list[str | None] | None = None) -> dict[str, Any]:
     """``["delay=0.5", "api_key=x"]`` -> ``{"delay": 0.5, "api_key": "x"}``, checked against the backends of
-    ``specs`` (the solver's and the critic's; None: any kind of :data:`BACKEND_OPTIONS`).
+    ``specs`` (the solver's and the critic's; None: any registered kind with an option schema).
 
     A key no backend of the run takes, or a value of the wrong kind, is a UsageProblem (exit 2) naming the key
     and the keys allowed. Text options take the value as written; the others read it as JSON.
     """
-    kinds = sorted({backend_kind(s) for s in specs if s}) if specs else sorted(BACKEND_OPTIONS)
-    if any(kind not in BACKEND_OPTIONS for kind in kinds):
-        allowed = None  # a backend registered elsewhere: its options pass through unchecked
+    kinds = sorted({backend_kind(s) for s in specs if s}) if specs else list(_schemas())
+    schemas = [allowed_options(k) for k in kinds]
+    if any(schema is None for schema in schemas):
+        allowed = None  # a backend registered without a schema: its options pass through unchecked
     else:
-        allowed = {key: kind for k in kinds for key, kind in BACKEND_OPTIONS[k].items()}
+        allowed = {key: kind for schema in schemas for key, kind in schema.items()}
     options: dict[str, Any] = {}
     for item in items:
         key, sep, value = item.partition("=")
@@ -47,7 +63,8 @@ def parse_backend_options(items: list[str], specs: list[str | None] | None = Non
 
 
 def _option_value(key: str, text: str, kind: str | None) -> Any:
-    """``text`` as an option value of ``kind`` (None: JSON if it parses, else the text)."""
+    """``text`` as an option value of ``kind`` (``duet.agents.backends.OPTION_KINDS``; None: JSON if it parses,
+    else the text)."""
     if kind == "text":
         if not text.strip():
             raise UsageProblem(f"--backend-option {key}: empty value")
@@ -85,7 +102,7 @@ def _option_value(key: str, text: str, kind: str | None) -> Any:
 
 def options_for_backend(spec: str, options: dict[str, Any]) -> dict[str, Any]:
     """The ``--backend-option`` values the backend of ``spec`` takes (the solver's and the critic's may differ)."""
-    known = BACKEND_OPTIONS.get(backend_kind(spec))
+    known = allowed_options(backend_kind(spec))
     return dict(options) if known is None else {k: v for k, v in options.items() if k in known}
 
 

@@ -25,6 +25,8 @@ import click
 import typer
 from typer.core import TyperGroup
 
+from duet.evaluation.backend_options import options_help
+
 
 class _DefaultRunGroup(TyperGroup):
     """A group whose unknown first argument is the DATA of the ``run`` subcommand."""
@@ -106,10 +108,8 @@ def run_command(
                              "--compile on a CPU].",
                              show_default=False),
     backend_option: list[str] = typer.Option(None, "--backend-option", "-O", metavar="KEY=VALUE",
-                                             help="Backend option (repeatable), e.g. -O timeout=120. local: "
-                                             "device, dtype, mtp, compile, max_batch, max_seq_len, "
-                                             "prefix_cache_mb (MiB, 0: off); openai: "
-                                             "timeout, api_key, extra_body (JSON); scripted: delay, timeout.",
+                                             help="Backend option (repeatable), e.g. -O timeout=120. "
+                                             f"{options_help()}.",
                                              show_default=False),
     # the data
     question_field: str = typer.Option(None, "--question-field", metavar="NAME",

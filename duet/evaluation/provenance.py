@@ -11,11 +11,9 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+from duet.evaluation.backend_options import not_answer_affecting
 from duet.evaluation.datasets import Dataset
 from duet.evaluation.run_types import EvalOptions
-
-NOT_ANSWER_AFFECTING = ("max_batch", "compile", "prefix_cache_mb", "timeout", "delay", "api_key")
-"""Backend options left out of the fingerprint: they change speed or failures, not answers."""
 
 
 def model_identity(spec: str) -> dict[str, Any]:
@@ -101,7 +99,8 @@ def fingerprint(
     dialogue = opts.dialogue.to_dict()
     dialogue.pop("prompt_dir", None)
     dialogue.pop("seed", None)
-    backend_options = {who: {k: v for k, v in sorted(o.items()) if k not in NOT_ANSWER_AFFECTING}
+    ignored = not_answer_affecting()  # speed or failures, not answers
+    backend_options = {who: {k: v for k, v in sorted(o.items()) if k not in ignored}
                        for who, o in options.items() if o is not None}
     return {
         "data_sha256": data.sha256,
