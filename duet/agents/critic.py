@@ -22,6 +22,12 @@ the solver's answer (the solver's own solution counting as one vote), the critic
 one of those solutions: a small solver copies a worked solution far more often than it finds the
 answer from a number alone. This comes before the number check. When two or more own solutions agree
 with the solver, it agrees, unless the number check objects. Otherwise the model's check decides.
+
+With the verifier on (``verify=True``, a :class:`Judgement` per dialogue), the verifier's score takes the
+place of the model's check: at or above the threshold the critic agrees; below, the answers of the
+solver's sampled alternatives vote, weighted by their scores, and when another answer wins the critic
+disagrees, showing its best-scored solution (worded as the own solutions are, which the embedded model is
+trained to follow). The number check still comes first.
 """
 
 from __future__ import annotations
@@ -200,7 +206,7 @@ class Critic:
         return turn
 
 
-    def _judge(self, judgement: Judgement, question: str, solution: str, claimed: str, round: int,
+    def _judge(self, judgement: Judgement, question: str, solution: str, claimed: str, round_no: int,
                options: TurnOptions) -> tuple[Turn, Verdict] | None:
         """The verifier's check: agree when the solution scores at least the threshold; else the answers of the
         sampled alternatives vote, weighted by their scores. None when the backend could not score it, or the
@@ -212,7 +218,7 @@ class Critic:
         except BackendError:
             return None
         judgement.scored.append((claimed, score.p))
-        turn = Turn("critic", round, "verify", self.backend.name, messages, prompt_tokens=score.prompt_tokens,
+        turn = Turn("critic", round_no, "verify", self.backend.name, messages, prompt_tokens=score.prompt_tokens,
                     seconds=score.seconds, score=score.to_dict())
         if score.p >= judgement.threshold:
             verdict = Verdict(AGREE, f"the verifier gives this answer P(correct) = {score.p:.2f}.")

@@ -23,10 +23,18 @@ With ``critic_solves`` (see :mod:`duet.agents.critic`) the critic's own solution
 dialogue, beside the solver's first turn, and are recorded in the transcript before its first check
 (``task="own_solution"``); every check of the dialogue compares with the same ones.
 
-The final answer is the agreed answer; without agreement, the solver's last answer (from its latest
-turn that gave one), or None. When the critic disagrees without a reason (or gives no verdict) the
-solver revises with a generic one. The critic's reason, plus its own answer when it has one, is what
-the solver sees.
+With ``verify`` (on by default for model backends, see :mod:`duet.agents.verifier`) the critic first
+scores the solver's answer with its verifier; at or above ``verify_threshold`` it agrees. Below, the
+solver samples ``samples`` alternatives (once per dialogue, each in its own sandbox, decoded together),
+the verifier scores them, and the answers vote weighted by score: when another answer wins, the critic
+disagrees and shows that answer's best-scored solution, which the solver's revision can follow. The
+samples are recorded in the transcript (``task="sample"``) with their scores; the critic's turn holds its
+score and the vote.
+
+The final answer is the agreed answer; without agreement, the verifier-weighted vote when samples were
+drawn, else the solver's last answer (from its latest turn that gave one), or None. When the critic
+disagrees without a reason (or gives no verdict) the solver revises with a generic one. The critic's
+reason, plus its own answer when it has one, is what the solver sees.
 """
 
 from __future__ import annotations

@@ -1,0 +1,135 @@
+"""The verifier in the dialogue and in `duet eval`'s verifier@k: scores, sampled alternatives, the weighted vote.
+
+A fake model answers solver requests by seed (greedy: a wrong solution; samples: right or wrong as scripted)
+and verdict requests with log-probabilities that favour right answers; code runs in the real sandbox.
+"""
+
+from __future__ import annotations
+
+import math
+import threading
+
+from duet.agents.backends import Completion, Request
+from duet.agents.dialogue import DialogueConfig, run_dialogue
+from duet.agents.verifier import VERDICT_PREFIX, weighted_vote
+from duet.evaluation.datasets import Problem
+from duet.evaluation.modes import Context, parse_mode, run_problem
+from duet.prompts import load_prompts
+
+QUESTION = "A baker has 23 loaves and bakes 4 trays of 12 more. How many loaves does he have?"
+RIGHT = "Multiply, then add.\n```python\nprint(23 + 4 * 12)\n```\n```output\n71\n```\nSo \\boxed{71}."
+WRONG = "Add them.\n```python\nprint(23 + 12)\n```\n```output\n35\n```\nSo \\boxed{35}."
+
+
+class FakeModel:
+    """A model: greedy solves wrongly unless told; sample i (seed base + 1 + i) follows ``samples``; the verifier
+    gives P(AGREE) 0.9 to a solution ending in 71 and 0.2 to any other; revisions copy the critique's solution."""
+
+    name = "fake-model"
+    model_backed = True
+    concurrent = False
+
+    def __init__(self, greedy: str = WRONG, samples: tuple[str, ...] = (RIGHT, RIGHT, WRONG), seed: int = 5,
+                 logprobs: bool = True) -> None:
+        self.greedy, self.samples, self.seed, self.logprobs = greedy, samples, seed, logprobs
+        self.lock = threading.Lock()
+        self.verdicts = 0
+
+    def complete(self, messages, request=Request(), *, on_text=None, cancel=None) -> Completion:
+        last = messages[-1]
+        if last["role"] == "assistant" and last["content"] == VERDICT_PREFIX:
+            with self.lock:
+                self.verdicts += 1
+            p = 0.9 if "\\boxed{71}" in messages[1]["content"] else 0.2
+            first = {" AG": math.log(p), " DIS": math.log(1 - p)} if self.logprobs else None
+            return Completion(" AGREE" if p > 0.5 else " DISAGREE", top_logprobs=[first] if first else None)
+        if last["role"] == "assistant":  # a continuation after the output block: the rest of the reply
+            reply = next(r for r in (RIGHT, WRONG) if last["content"].startswith(r.split("\n")[0]))
+            return Completion(reply.split("```\n", 2)[-1], finish_reason="eos")
+        if last["role"] == "user" and "My solution:" in last["content"]:
+            reply = RIGHT  # the revision writes out the shown solution
+        elif request.temperature == 0:
+            reply = self.greedy
+        else:
+            reply = self.samples[(request.seed or 0) - self.seed - 1]
+        head, sep, _ = reply.partition("```output")
+        return Completion(head, finish_reason="stop" if sep else "eos", stop_string="```output" if sep else None)
+
+
+def config(**kw) -> DialogueConfig:
+    return DialogueConfig(verify=True, samples=3, seed=5, sandbox_timeout=10, number_check=False, **kw)
+
+
+def test_a_right_answer_scoring_high_is_agreed_at_once_without_samples():
+    model = FakeModel(greedy=RIGHT)
+    result = run_dialogue(QUESTION, model, config=config())
+    assert result.agreed and result.answer == "71" and result.rounds == 1
+    (check,) = result.critic_turns
+    assert check.task == "verify" and check.score == {"p": 0.9, "method": "logprobs"} and check.votes is None
+    assert model.verdicts == 1 and not [t for t in result.turns if t.task == "sample"]
+
+
+def test_a_low_score_samples_alternatives_whose_weighted_vote_corrects_the_solver():
+    events = []
+    model = FakeModel()
+    result = run_dialogue(QUESTION, model, config=config(), on_event=events.append)
+    first, second = result.critic_turns
+    assert first.task == "verify" and first.verdict == "disagree" and first.score["p"] == 0.2
+    # the solver's 35 (0.2) and one sampled 35 (0.2) against two sampled 71s (0.9 each)
+    assert [(v["answer"], v["count"]) for v in first.votes] == [("71", 2), ("35", 2)]
+    assert first.votes[0]["weight"] == 1.8 and first.answer == "71"
+    assert "got 71 in 2 of 3 tries, not 35. My solution:" in first.reason and "23 + 4 * 12" in first.reason
+    assert second.verdict == "agree" and result.agreed and result.answer == "71" and result.rounds == 2
+    samples = [t for t in result.turns if t.task == "sample"]
+    assert [t.answer for t in samples] == ["71", "71", "35"] and all(t.score for t in samples)
+    verdicts = [e for e in events if e.kind == "verdict"]
+    assert [e.data["score"] for e in verdicts] == [0.2, 0.9]
+    assert model.verdicts == 5  # the solver's two solutions and the three samples
+
+
+def test_without_agreement_the_weighted_vote_answers():
+    model = FakeModel()
+    result = run_dialogue(QUESTION, model, config=config(max_rounds=1))
+    assert not result.agreed and result.stop_reason == "max_rounds" and result.answer == "71"
+
+
+def test_the_weights_decide_not_the_counts():
+    result = run_dialogue(QUESTION, FakeModel(samples=(WRONG, WRONG, RIGHT)), config=config())
+    assert result.critic_turns[0].votes[0]["answer"] == "71" and result.answer == "71"  # 0.9 beats 3 x 0.2
+    same = run_dialogue(QUESTION, FakeModel(samples=(WRONG, WRONG, WRONG)), config=config())
+    (check,) = same.critic_turns  # every sample agrees with the solver: the vote keeps its answer
+    assert check.verdict == "agree" and same.answer == "35" and same.agreed
+
+
+def test_without_logprobs_the_verdict_text_is_the_score_and_the_transcript_says_so():
+    result = run_dialogue(QUESTION, FakeModel(greedy=RIGHT, logprobs=False), config=config())
+    assert result.critic_turns[0].score == {"p": 1.0, "method": "text"}
+
+
+def test_weighted_vote_groups_equivalent_answers():
+    winner, groups = weighted_vote(["1/2", "0.5", "3", None], [0.3, 0.3, 0.5, 0.9])
+    assert winner == "1/2" and groups[0]["weight"] == 0.6 and groups[0]["count"] == 2
+
+
+def test_eval_verifier_at_k_records_greedy_majority_weighted_and_pass_at_k():
+    model = FakeModel()
+    ctx = Context(solver=lambda: model, critic=lambda: None, config=config(), prompts=load_prompts(), seed=0)
+    mode = parse_mode("verifier@3")
+    # the eval derives each sample's seed from the problem; make the fake's samples follow any seed
+    model.samples = (RIGHT,) * 1
+    model.complete_samples = True
+    original = model.complete
+
+    def complete(messages, request=Request(), **kw):
+        if request.temperature > 0 and messages[-1]["role"] == "user":
+            request = Request(stop=request.stop, max_tokens=request.max_tokens, temperature=request.temperature,
+                              seed=model.seed + 1)
+        return original(messages, request, **kw)
+
+    model.complete = complete
+    record, transcript = run_problem(Problem("p1", QUESTION, "71", 1), mode, ctx)
+    assert record["first_prediction"] == "35" and record["first_correct"] is False and record["first_score"] == 0.2
+    assert record["pass_at_k"] is True and record["prediction"] == "71" and record["correct"] is True
+    assert record["majority_correct"] is True  # three 71s against one 35
+    assert [s["p"] for s in record["samples"]] == [0.2, 0.9, 0.9, 0.9]
+    assert transcript["scores"][0]["method"] == "logprobs"
