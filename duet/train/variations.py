@@ -168,12 +168,13 @@ def surface(story: Story, rng: random.Random) -> Story | None:
         if v != int(v):
             continue
         n, choice = int(v), rng.random()
-        if re.search(rf"\b{m} dollars\b", text) and choice < 0.5:
+        money = re.search(rf"\${m}\b", text) is not None  # "$5": money keeps its digits
+        if re.search(rf"\b{m} dollars\b", text) and not money and choice < 0.5:
             text = re.sub(rf"\b{m} dollars\b", f"${m}", text)
-            spelled[m] = f"${n:,}"
+            spelled[m] = f"{n:,}"
         elif n >= 1000:
             spelled[m] = f"{n:,}"
-        elif number_words(n) and choice < 0.7:
+        elif number_words(n) and not money and choice < 0.7:
             spelled[m] = number_words(n) or ""
     if not spelled:
         return None
