@@ -14,6 +14,7 @@ from typing import Annotated, Any, Optional
 import typer
 
 from duet import __version__
+from duet.app.flags import REPL_FLAGS, SOLVE_FLAGS, Replies, setting_flags
 from duet.bench import bench_command
 from duet.evaluation.cli import eval_app
 from duet.train.cli import train_command
@@ -56,71 +57,9 @@ def _root(
 
 
 # ------------------------------------------------------------------------------------------- options
-# Every option defaults to None ("not given"), so duet.app.settings can tell a flag from the env and the
-# config file. The names match the config keys.
+# The settings' flags are declared once, in duet.app.flags (shared with `duet eval`).
 
-Model = Annotated[Optional[str], typer.Option("--model", "-m", metavar="DIR",
-                  help="Solver checkpoint directory [default: the embedded model].")]
-Backend = Annotated[Optional[str], typer.Option("--backend", metavar="KIND",
-                    help="local, openai (with --base-url), or scripted:FILE [default: local].")]
-BaseUrl = Annotated[Optional[str], typer.Option("--base-url", metavar="URL",
-                    help="OpenAI-compatible server, e.g. http://127.0.0.1:8000/v1 (implies --backend openai).")]
-ModelName = Annotated[Optional[str], typer.Option("--model-name", metavar="NAME",
-                      help="Model name on the server [default: the first it lists].")]
-Replies = Annotated[Optional[str], typer.Option("--replies", metavar="FILE",
-                    help="Scripted replies (JSON) for demos and tests (implies --backend scripted).")]
-CriticModel = Annotated[Optional[str], typer.Option("--critic-model", metavar="DIR",
-                        help="Critic checkpoint directory [default: the solver's model].")]
-CriticBackend = Annotated[Optional[str], typer.Option("--critic-backend", metavar="KIND",
-                          help="Critic backend [default: the solver's].")]
-CriticBaseUrl = Annotated[Optional[str], typer.Option("--critic-base-url", metavar="URL",
-                          help="Critic's OpenAI-compatible server.")]
-CriticModelName = Annotated[Optional[str], typer.Option("--critic-model-name", metavar="NAME",
-                            help="Critic's model name on the server.")]
-Critic = Annotated[Optional[bool], typer.Option("--critic/--no-critic",
-                   help="Run the critic, or the solver alone [default: critic].", show_default=False)]
-NumberCheck = Annotated[Optional[bool], typer.Option("--number-check/--no-number-check",
-                        help="The critic first rejects code numbers the problem never gives [default: on].",
-                        show_default=False)]
-CriticSolves = Annotated[Optional[int], typer.Option("--critic-solves", metavar="N",
-                         help="Times the critic solves the problem itself (sampled) before its model check; "
-                              "0: never [default: 0].")]
-MaxRounds = Annotated[Optional[int], typer.Option("--max-rounds", metavar="N",
-                      help="Solver turns the critic checks before giving up [default: 3].")]
-MaxTokens = Annotated[Optional[int], typer.Option("--max-tokens", metavar="N",
-                      help="Generated tokens per turn [default: 1024].")]
-MaxSteps = Annotated[Optional[int], typer.Option("--max-steps", metavar="N",
-                     help="Code cells per turn [default: 8].")]
-Temperature = Annotated[Optional[float], typer.Option("--temperature", "-t", metavar="T",
-                        help="Sampling temperature; 0 is greedy [default: 0].")]
-Seed = Annotated[Optional[int], typer.Option("--seed", metavar="N", help="Sampling seed, 0 to 2**63-1 [default: 0].")]
-Device = Annotated[Optional[str], typer.Option("--device", metavar="DEV",
-                   help="Local runtime device: auto, cpu, cuda, cuda:N, mps [default: auto].")]
-Dtype = Annotated[Optional[str], typer.Option("--dtype", metavar="TYPE",
-                  help="Local runtime dtype: auto, float32, bfloat16, float16 [default: auto].")]
-Mtp = Annotated[Optional[bool], typer.Option("--mtp/--no-mtp",
-                help="Speculative decoding with the model's MTP modules [default: on, off with --compile on "
-                     "a CPU].", show_default=False)]
-Compile = Annotated[Optional[bool], typer.Option("--compile/--no-compile",
-                    help="Compile the local runtime's decode steps with torch.compile: a slow first start "
-                         "(cached on disk afterwards), faster decoding [default: off].", show_default=False)]
-Timeout = Annotated[Optional[float], typer.Option("--timeout", metavar="SECONDS",
-                    help="Sandbox time limit per code cell, up to 86400 [default: 5].")]
-Memory = Annotated[Optional[int], typer.Option("--memory", metavar="MB",
-                   help="Sandbox memory limit [default: 1024].")]
-Sandbox = Annotated[Optional[str], typer.Option("--sandbox", metavar="LEVEL",
-                    help="Sandbox isolation: auto, bwrap, landlock, rlimits, or none (explicit opt-out) "
-                         "[default: auto].")]
-Log = Annotated[Optional[bool], typer.Option("--log/--no-log",
-                help="Log the exchange to the local database [default: on].", show_default=False)]
 Json = Annotated[bool, typer.Option("--json", help="Print one JSON object on stdout.")]
-
-
-def _flags(values: dict[str, Any]) -> dict[str, Any]:
-    """The settings given on the command line: the parameters named like a key of duet.app.settings.KEYS."""
-    from duet.app.settings import KEY_BY_NAME
-
-    return {k: v for k, v in values.items() if k in KEY_BY_NAME}
 
 
 def _boundary(run: Callable[[], Any]) -> Any:
@@ -147,6 +86,7 @@ def _fail(message: str, code: int) -> None:
 
 
 @app.command(epilog=EXIT_CODES, context_settings={"allow_extra_args": True})  # extra words: see run_solve
+@setting_flags(SOLVE_FLAGS)
 def solve(
     ctx: typer.Context,
     question: Annotated[Optional[str], typer.Argument(
@@ -155,31 +95,9 @@ def solve(
                     help="Read the question from FILE ('-': stdin).")] = None,
     as_json: Json = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="Print only the answer.")] = False,
-    model: Model = None,
-    critic_model: CriticModel = None,
-    backend: Backend = None,
-    base_url: BaseUrl = None,
-    model_name: ModelName = None,
-    critic_backend: CriticBackend = None,
-    critic_base_url: CriticBaseUrl = None,
-    critic_model_name: CriticModelName = None,
     replies: Replies = None,
-    critic: Critic = None,
-    number_check: NumberCheck = None,
-    critic_solves: CriticSolves = None,
-    max_rounds: MaxRounds = None,
-    max_tokens: MaxTokens = None,
-    max_steps: MaxSteps = None,
-    temperature: Temperature = None,
-    seed: Seed = None,
-    device: Device = None,
-    dtype: Dtype = None,
-    mtp: Mtp = None,
-    compile: Compile = None,
-    timeout: Timeout = None,
-    memory: Memory = None,
-    sandbox: Sandbox = None,
-    log: Log = None,
+    *,
+    flags: dict[str, Any],  # the settings' flags, from setting_flags
 ) -> None:
     """Solve one question: the solver works step by step with code, the critic checks.
 
@@ -188,7 +106,6 @@ def solve(
     exit_code: the schema is in the README and in duet/ui/solve.py). The exchange is logged
     (`duet logs`) unless --no-log.
     """
-    flags = _flags(locals())
 
     def run() -> int:
         from duet.ui.solve import run_solve
@@ -203,36 +120,8 @@ def solve(
 
 
 @app.command()
-def repl(
-    model: Model = None,
-    critic_model: CriticModel = None,
-    backend: Backend = None,
-    base_url: BaseUrl = None,
-    model_name: ModelName = None,
-    critic_backend: CriticBackend = None,
-    critic_base_url: CriticBaseUrl = None,
-    critic_model_name: CriticModelName = None,
-    replies: Replies = None,
-    critic: Critic = None,
-    number_check: NumberCheck = None,
-    critic_solves: CriticSolves = None,
-    max_rounds: MaxRounds = None,
-    max_tokens: MaxTokens = None,
-    max_steps: MaxSteps = None,
-    temperature: Temperature = None,
-    seed: Seed = None,
-    device: Device = None,
-    dtype: Dtype = None,
-    mtp: Mtp = None,
-    compile: Compile = None,
-    timeout: Timeout = None,
-    memory: Memory = None,
-    sandbox: Sandbox = None,
-    log: Log = None,
-    followups: Annotated[Optional[bool], typer.Option(
-        "--followups/--no-followups", help="Questions follow up on the earlier ones [default: on, but off with "
-        "the embedded model, trained on single problems].", show_default=False)] = None,
-) -> None:
+@setting_flags(REPL_FLAGS)
+def repl(replies: Replies = None, *, flags: dict[str, Any]) -> None:
     """Talk with the agents: follow-ups keep the context (with the embedded model each question starts afresh);
     /help lists the commands.
 
@@ -242,7 +131,6 @@ def repl(
     Ctrl-D leaves. End a line with \\ or open a \"\"\" block for multi-line input
     (pasting works too).
     """
-    flags = _flags(locals())
 
     def run() -> int:
         from duet.ui.repl import run_repl

@@ -25,7 +25,16 @@ import click
 import typer
 from typer.core import TyperGroup
 
+from duet.app.flags import EVAL_FLAGS, Replies, setting_flags
 from duet.evaluation.backend_options import options_help
+
+EVAL_HELP = {
+    "backend": "Solver backend: local, openai (with --base-url), scripted:FILE, or a full spec (local:DIR, "
+               "openai:URL#MODEL) [default: local].",
+    "temperature": "Sampling temperature of the dialogue modes [default: 0].",
+    "seed": "Seed of --shuffle and of sampling (per problem and sample) [default: 0].",
+}
+"""Where a setting means more in `duet eval` than its help says."""
 
 
 class _DefaultRunGroup(TyperGroup):
@@ -68,6 +77,7 @@ def _consoles() -> tuple[Any, Any]:
 
 
 @eval_app.command("run")
+@setting_flags(EVAL_FLAGS, help=EVAL_HELP, aliases={"timeout": ("--sandbox-timeout",), "memory": ("--sandbox-memory",)})
 def run_command(
     data: Path = typer.Argument(..., metavar="DATA",
                                 help="JSONL (GSM8K style), JSON array (SVAMP style) or CSV (MAWPS style).",
@@ -78,35 +88,7 @@ def run_command(
     modes: str = typer.Option("solver+critic", "--modes", metavar="LIST",
                               help="Comma-separated: solver+critic, solver-only, "
                               "no-code, no-code+critic, self-consistency@K."),
-    # the model, as for `duet solve` (flags > DUET_* variables > the config file)
-    model: str = typer.Option(None, "--model", "-m", metavar="DIR", help="Solver checkpoint directory "
-                              "[default: the embedded model].", show_default=False),
-    backend: str = typer.Option(None, "--backend", metavar="KIND", help="local, openai (with --base-url), "
-                                "scripted:FILE, or a full spec (local:DIR, openai:URL#MODEL) [default: local].",
-                                show_default=False),
-    base_url: str = typer.Option(None, "--base-url", metavar="URL", help="OpenAI-compatible server "
-                                 "(implies --backend openai).", show_default=False),
-    model_name: str = typer.Option(None, "--model-name", metavar="NAME", help="Model name on the server.",
-                                   show_default=False),
-    replies: str = typer.Option(None, "--replies", metavar="FILE", help="Scripted replies (JSON) for --backend "
-                                "scripted.", show_default=False),
-    critic_model: str = typer.Option(None, "--critic-model", metavar="DIR", help="Critic checkpoint directory "
-                                     "[default: the solver's model].", show_default=False),
-    critic_backend: str = typer.Option(None, "--critic-backend", metavar="KIND", help="Critic backend "
-                                       "[default: the solver's].", show_default=False),
-    critic_base_url: str = typer.Option(None, "--critic-base-url", metavar="URL", show_default=False,
-                                        help="Critic's OpenAI-compatible server."),
-    critic_model_name: str = typer.Option(None, "--critic-model-name", metavar="NAME", show_default=False,
-                                          help="Critic's model name on the server."),
-    device: str = typer.Option(None, "--device", metavar="DEV", help="Local runtime device: auto, cpu, cuda, "
-                               "cuda:N [default: auto].", show_default=False),
-    dtype: str = typer.Option(None, "--dtype", metavar="TYPE", help="Local runtime dtype: auto, float32, "
-                              "bfloat16, float16 [default: auto].", show_default=False),
-    compile: bool = typer.Option(None, "--compile/--no-compile", show_default=False,
-                                 help="Compile the local runtime's decode steps (torch.compile) [default: off]."),
-    mtp: bool = typer.Option(None, "--mtp/--no-mtp", help="MTP speculative decoding [default: on, off with "
-                             "--compile on a CPU].",
-                             show_default=False),
+    # the model, the dialogue and the sandbox as for `duet solve`: the settings' flags (FLAGS, after these)
     backend_option: list[str] = typer.Option(None, "--backend-option", "-O", metavar="KEY=VALUE",
                                              help="Backend option (repeatable), e.g. -O timeout=120. "
                                              f"{options_help()}.",
@@ -136,33 +118,10 @@ def run_command(
                                     help="Problems in flight at once [default: 8, "
                                     "16 for openai]. On the local runtime: the engine's batch size.",
                                     show_default=False),
-    max_rounds: int = typer.Option(None, "--max-rounds", metavar="N", help="Solver turns the critic checks "
-                                   "[default: 3].", show_default=False),
-    number_check: bool = typer.Option(None, "--number-check/--no-number-check", show_default=False,
-                                      help="The critic first rejects code numbers the problem never gives "
-                                      "[default: on]."),
-    critic_solves: int = typer.Option(None, "--critic-solves", metavar="N", show_default=False,
-                                      help="Times the critic solves the problem itself (sampled) before its "
-                                      "model check; 0: never [default: 0]."),
-    max_steps: int = typer.Option(None, "--max-steps", metavar="N", help="Code cells per turn [default: 8].",
-                                  show_default=False),
-    max_tokens: int = typer.Option(None, "--max-tokens", metavar="N", help="Generated tokens per turn "
-                                   "[default: 1024].", show_default=False),
     token_budget: int = typer.Option(None, "--token-budget", metavar="N", help="Generated tokens per dialogue "
                                      "[default: none].", show_default=False),
-    temperature: float = typer.Option(None, "--temperature", "-t", metavar="T", help="Sampling temperature of "
-                                      "the dialogue modes [default: 0].", show_default=False),
-    seed: int = typer.Option(None, "--seed", metavar="N", help="Seed of --shuffle and of sampling (per problem "
-                             "and sample) [default: 0].", show_default=False),
     sc_temperature: float = typer.Option(0.7, "--sc-temperature", metavar="T",
                                          help="Temperature of self-consistency samples."),
-    timeout: float = typer.Option(None, "--timeout", "--sandbox-timeout", metavar="SECONDS", show_default=False,
-                                  help="Sandbox time limit per code cell [default: 5]."),
-    memory: int = typer.Option(None, "--memory", "--sandbox-memory", metavar="MB", show_default=False,
-                               help="Sandbox memory limit [default: 1024]."),
-    sandbox: str = typer.Option(None, "--sandbox", metavar="LEVEL",
-                                help="Sandbox isolation: auto, bwrap, landlock, rlimits, or none (explicit "
-                                "opt-out) [default: auto].", show_default=False),
     sandbox_isolation: str = typer.Option(None, "--sandbox-isolation", metavar="LEVEL", hidden=True,
                                           help="The old name of --sandbox.", show_default=False),
     prompt_dir: Path = typer.Option(None, "--prompt-dir", metavar="DIR",
@@ -171,6 +130,9 @@ def run_command(
     retry_errors: bool = typer.Option(False, "--retry-errors", help="On resume, run again the problems that "
                                       "ended in a backend, sandbox or evaluation error."),
     no_progress: bool = typer.Option(False, "--no-progress", help="No progress bar (a line every ~10% instead)."),
+    replies: Replies = None,
+    *,
+    flags: dict[str, Any],  # the settings' flags, from setting_flags
 ) -> None:
     """Run (or resume) an evaluation of DATA; prints a summary table per mode."""
     from duet.agents.backends import BackendError
@@ -183,16 +145,11 @@ def run_command(
     from duet.evaluation.runner import run_eval
 
     stdout, stderr = _consoles()
+    sandbox = flags["sandbox"]
     if sandbox is not None and sandbox_isolation is not None and sandbox != sandbox_isolation:
         raise _fail(f"--sandbox {sandbox} and --sandbox-isolation {sandbox_isolation} (its old name) disagree; "
                     "give --sandbox only", UsageProblem.exit_code)
-    flags = {"model": model, "backend": backend, "base_url": base_url, "model_name": model_name,
-             "critic_model": critic_model, "critic_backend": critic_backend, "critic_base_url": critic_base_url,
-             "critic_model_name": critic_model_name, "number_check": number_check, "critic_solves": critic_solves,
-             "max_rounds": max_rounds,
-             "max_tokens": max_tokens, "max_steps": max_steps, "temperature": temperature, "seed": seed,
-             "device": device, "dtype": dtype, "mtp": mtp, "compile": compile, "timeout": timeout, "memory": memory,
-             "sandbox": sandbox if sandbox is not None else sandbox_isolation}
+    flags = {**flags, "sandbox": sandbox if sandbox is not None else sandbox_isolation}
     try:
         from duet.app.backends import backend_options, backend_specs, dialogue_config
         from duet.app.settings import load_settings
