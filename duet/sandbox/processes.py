@@ -202,6 +202,44 @@ def descendants(root: int) -> list[int]:
     return found
 
 
+def _state(pid: int) -> str | None:
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            stat = f.read()
+    except OSError:
+        return None
+    return chr(stat[stat.rfind(b")") + 2])
+
+
+def descendants_with_state(root: int) -> list[tuple[int, str]]:
+    """Live descendants of `root` and their /proc state letter, found by walking the children files
+    of every thread (cost grows with the session, not the machine); a /proc scan where those are missing."""
+    if not os.path.exists(f"/proc/{root}/task/{root}/children"):
+        return [(pid, _state(pid) or "X") for pid in descendants(root)]
+    found: list[tuple[int, str]] = []
+    seen, frontier = {root}, [root]
+    while frontier:
+        parent = frontier.pop()
+        try:
+            tids = os.listdir(f"/proc/{parent}/task")
+        except OSError:
+            continue
+        for tid in tids:
+            try:
+                with open(f"/proc/{parent}/task/{tid}/children", "rb") as f:
+                    children = [int(c) for c in f.read().split()]
+            except (OSError, ValueError):
+                continue
+            for child in children:
+                if child not in seen:
+                    seen.add(child)
+                    state = _state(child)
+                    if state is not None:
+                        found.append((child, state))
+                        frontier.append(child)
+    return found
+
+
 def remove_if_empty(path: str | None) -> None:
     """rmdir: succeeds only once no session's work dir is left in it, so it is safe to race."""
     if path:
