@@ -193,7 +193,7 @@ def test_bad_configuration_is_refused_clearly():
 
 def test_describe_isolation_and_chosen_layer_agree():
     layers = describe_isolation()
-    assert [layer["name"] for layer in layers] == ["rlimits", "bwrap", "landlock", "seccomp"]
+    assert [layer["name"] for layer in layers] == ["rlimits", "memory", "bwrap", "landlock", "seccomp"]
     for layer in layers:
         assert set(layer) == {"name", "available", "used", "detail"} and "\n" not in layer["detail"]
         assert not layer["used"] or layer["available"]
@@ -202,7 +202,7 @@ def test_describe_isolation_and_chosen_layer_agree():
     with Sandbox() as sb:
         assert sb.isolation == chosen
         sb.start()
-        used = {layer["name"] for layer in layers if layer["used"]} - {"rlimits"}
+        used = {layer["name"] for layer in layers if layer["used"]} - {"rlimits", "memory"}
         assert set(sb.layers) - {"process"} == used
 
 

@@ -189,6 +189,10 @@ class Relay:
 
     def _freeze(self) -> bool:
         """Stop every process of the session; True when all of them are stopped."""
+        self.frozen = True
+        if not iso.IS_LINUX:  # no /proc (macOS): the worker's process group (W called setsid)
+            processes.ignore_errors(os.killpg, self.pid, signal.SIGSTOP)
+            return True
         if self.plan["pidns"]:
             processes.ignore_errors(os.kill, -1, signal.SIGSTOP)  # PID 1: the namespace, atomically
         deadline = time.monotonic() + FREEZE_TIMEOUT_S
@@ -210,6 +214,9 @@ class Relay:
         if not self.frozen:
             return
         self.frozen = False
+        if not iso.IS_LINUX:
+            processes.ignore_errors(os.killpg, self.pid, signal.SIGCONT)
+            return
         if self.plan["pidns"]:
             processes.ignore_errors(os.kill, -1, signal.SIGCONT)
             return

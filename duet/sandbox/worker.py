@@ -16,7 +16,7 @@ bwrap mode, else C; see relay.py), never to W: S forwards each run to W over a p
 checks W's result, stops every process of the session, and only then reports to the host, so the
 output pipes hold the run's complete output and nothing of the session runs between runs. Whoever
 reaps W (C, or I in bwrap mode) writes one JSON line describing how W ended on the status pipe;
-the host treats EOF on that pipe as "the session is gone". As root, when the host could make one,
+the host treats EOF on that pipe as "the session is gone". Where the host could make one,
 C first joins the session's own memory cgroup, so every process and memfd of it counts.
 
 Standard library only: inside bubblewrap the duet package is not importable, only the modules in
