@@ -17,6 +17,7 @@ from duet import __version__
 from duet.app.flags import REPL_FLAGS, SOLVE_FLAGS, Replies, setting_flags
 from duet.bench import bench_command
 from duet.evaluation.cli import eval_app
+from duet.terminal import safe_text
 from duet.train.cli import train_command
 
 app = typer.Typer(
@@ -78,7 +79,7 @@ def _boundary(run: Callable[[], Any]) -> Any:
 
 
 def _fail(message: str, code: int) -> None:
-    print(f"error: {' '.join(message.split())}", file=sys.stderr)
+    print(f"error: {safe_text(' '.join(message.split()))}", file=sys.stderr)
     raise typer.Exit(code)
 
 
@@ -156,7 +157,7 @@ def config_command(as_json: Json = False) -> None:
         errors: list = []
         code = show_config(as_json=as_json, errors=errors)
         for error in errors:
-            print(f"error: {error}", file=sys.stderr)
+            print(f"error: {safe_text(error)}", file=sys.stderr)
         return code or (errors[0].exit_code if errors else 0)
 
     _boundary(run)
@@ -277,10 +278,10 @@ def main(argv: Optional[list] = None) -> None:
             from duet.ui.solve import print_failure  # `solve --json` always prints its one JSON object
 
             print_failure(message, error.exit_code)
-        print(f"error: {message}", file=sys.stderr)
+        print(f"error: {safe_text(message)}", file=sys.stderr)
         sys.exit(error.exit_code)
     except exceptions.ClickException as error:
-        print(f"error: {' '.join(error.format_message().split())}", file=sys.stderr)
+        print(f"error: {safe_text(' '.join(error.format_message().split()))}", file=sys.stderr)
         sys.exit(error.exit_code)
     except (typer.Abort, KeyboardInterrupt):
         print("interrupted", file=sys.stderr)
@@ -294,7 +295,7 @@ def main(argv: Optional[list] = None) -> None:
         from duet.app.errors import describe
 
         message, code = describe(error)  # also a user error from a mounted command that does not catch its own
-        print(f"error: {message}", file=sys.stderr)
+        print(f"error: {safe_text(message)}", file=sys.stderr)
         sys.exit(code)
     sys.exit(code if isinstance(code, int) else 0)
 

@@ -4,7 +4,7 @@
 
 An arrow means "may import from". A package may import from its own package and from any layer
 below; packages that share a layer (evaluation, bench, train) do not import each other. The leaves
-(sandbox, answers, prompts, stops, errors and the `duet` package's own __init__) may be imported from
+(sandbox, answers, prompts, stops, errors, terminal and the `duet` package's own __init__) may be imported from
 anywhere and import nothing from duet but `duet.errors`. A `__main__.py` is an entry point, like cli.
 Imports inside functions count the same as those at the top of a module.
 """
@@ -28,7 +28,7 @@ LAYERS: list[tuple[str, ...]] = [  # lowest first
     ("ui",),
     ("cli",),
 ]
-LEAVES = ("sandbox", "answers", "prompts", "stops", "errors", "")  # "" is duet/__init__.py itself
+LEAVES = ("sandbox", "answers", "prompts", "stops", "errors", "terminal", "")  # "" is duet/__init__.py itself
 LEAF_MAY_IMPORT = ("errors",)
 RANK = {name: rank for rank, names in enumerate(LAYERS) for name in names}
 ENTRY_RANK = len(LAYERS)

@@ -414,3 +414,25 @@ def test_keys_typed_during_a_response_wait_for_the_next_prompt(tmp_path):
     assert term.finish() == 0
     questions = [r[0] for r in db(tmp_path).execute("SELECT question FROM exchanges ORDER BY id")]
     assert questions == ["first?", "second?"]
+
+
+def test_escape_sequences_from_the_model_and_its_code_never_reach_the_terminal(tmp_path):
+    """Issue 19, attack 5: a clipboard write (OSC 52), a window title and a screen clear, once in the
+    model's own text and once printed by the code it runs, reach the terminal only made visible."""
+    attack = "\x1b]52;c;cHduZWQ=\x07\x1b]0;PWNED\x07\x1b[2J"
+    reply = (f"Let me see {attack.replace('PWNED', 'MODELTITLE')} this.\n```python\nprint({attack!r})\n```\n"
+             "```output\n(placeholder)\n```\nSo \\boxed{7}.")
+    verdict = f"VERDICT: DISAGREE: {attack.replace('PWNED', 'CRITIC')}\n\\boxed{{7}}"
+    backend = scripted(tmp_path, reply, verdict, "Still \\boxed{7}.", "VERDICT: AGREE\n\\boxed{7}")
+    project = str(Path(__file__).resolve().parents[1])  # this checkout's duet, not an installed one
+    term = Terminal(tmp_path, "--backend", backend, env=environment(tmp_path, PYTHONPATH=project))
+    term.expect("duet> ")
+    term.ask("What is 7?")
+    term.child.sendline("/quit")
+    term.finish()
+    raw = term.raw
+    for title in ("PWNED", "MODELTITLE", "CRITIC"):
+        assert f"^[]0;{title}" in raw, title  # shown, as text
+        assert f"\x1b]0;{title}" not in raw
+    assert "\x1b]52" not in raw and "\x1b[2J" not in raw
+    assert "\x07" not in raw and "cHduZWQ=\x07" not in raw

@@ -193,7 +193,7 @@ def test_bad_configuration_is_refused_clearly():
 
 def test_describe_isolation_and_chosen_layer_agree():
     layers = describe_isolation()
-    assert [layer["name"] for layer in layers] == ["rlimits", "bwrap", "landlock", "seccomp"]
+    assert [layer["name"] for layer in layers] == ["rlimits", "memory", "bwrap", "landlock", "seccomp"]
     for layer in layers:
         assert set(layer) == {"name", "available", "used", "detail"} and "\n" not in layer["detail"]
         assert not layer["used"] or layer["available"]
@@ -202,7 +202,7 @@ def test_describe_isolation_and_chosen_layer_agree():
     with Sandbox() as sb:
         assert sb.isolation == chosen
         sb.start()
-        used = {layer["name"] for layer in layers if layer["used"]} - {"rlimits"}
+        used = {layer["name"] for layer in layers if layer["used"]} - {"rlimits", "memory"}
         assert set(sb.layers) - {"process"} == used
 
 
@@ -726,3 +726,238 @@ def test_a_forked_host_process_gets_its_own_sessions():
         _, status = os.waitpid(pid, 0)
         assert os.waitstatus_to_exitcode(status) == 0
         assert sb.run("owner").stdout == "'parent'\n"
+
+
+# ---------------------------------------------------------------------------------------------------
+# Issue 19: what got through the red-team of the default sandbox, each attack run for real.
+
+STEAL_NONCE = (
+    "import json, os, struct, sys\n"
+    "f = sys._getframe()\n"
+    "while f is not None and f.f_code.co_name != 'serve':\n"
+    "    f = f.f_back\n"
+    "nonce = f.f_locals['request']['run']\n"  # what the worker's serve loop was sent for this run
+    "def send(frame):\n"
+    "    b = json.dumps(frame).encode()\n"
+    "    os.write(3, struct.pack('!I', len(b)) + b)\n"
+)
+
+
+def _name_this_process(marker: str) -> str:
+    return ("import ctypes\n"
+            f"ctypes.CDLL(None).prctl(15, ctypes.c_char_p({marker.encode()!r}), 0, 0, 0)\n")
+
+
+def _state_and_cpu(pid: int) -> tuple[str, int]:
+    with open(f"/proc/{pid}/stat", "rb") as f:
+        fields = f.read().rsplit(b")", 1)[1].split()
+    return fields[0].decode(), int(fields[11]) + int(fields[12])
+
+
+def _assert_frozen(marker: str, at_least: int = 1) -> None:
+    """Every process named `marker` is stopped and burns no CPU for half a second."""
+    pids = processes_with(marker)
+    assert len(pids) >= at_least, pids
+    before = {pid: _state_and_cpu(pid) for pid in pids}
+    time.sleep(0.5)
+    for pid, (state, cpu) in before.items():
+        assert state in "TtZ", (pid, state)
+        assert _state_and_cpu(pid)[1] == cpu, pid
+
+
+@needs_proc
+@pytest.mark.parametrize("mode", ALL_MODES)
+def test_a_cell_that_forges_its_result_is_stopped_when_it_claims_to_be_done(mode):
+    """Attack 1. The cell steals the nonce its worker was sent, raises its own CPU soft limit,
+    reports success on fd 3 and keeps computing. The host's channel and nonce live in the relay,
+    which no cell reaches; the forged report only ends the run early, and the relay stops every
+    process of the session before the host hears of it. The cell stays stopped until the next
+    run, which the host's wall clock then ends (the CPU soft limit it raised does not matter)."""
+    marker = f"forge{uuid.uuid4().hex[:8]}"
+    code = STEAL_NONCE + _name_this_process(marker) + (
+        "import resource\n"
+        "soft, hard = resource.getrlimit(resource.RLIMIT_CPU)\n"
+        "resource.setrlimit(resource.RLIMIT_CPU, (hard, hard))\n"
+        "print('forged', flush=True)\n"
+        "send({'run': nonce, 'ok': True, 'error': None, 'kind': None, 'truncated': [False, False],"
+        " 'session_ends': False})\n"
+        "while True:\n    pass\n"
+    )
+    with Sandbox(timeout=3, isolation=mode) as sb:
+        r = sb.run(code)
+        assert r.stdout == "forged\n" and r.seconds < 3, r
+        _assert_frozen(marker)
+        r = sb.run("print('next')")  # the stopped loop continues, and the deadline ends it
+        assert r.error == "timed out after 3 s" and r.stdout == "", r
+        assert processes_with(marker) == []
+        assert_recovers(sb, state_lost=True)
+
+
+BAD_FRAMES = {
+    "sentinels-5": "{'run': nonce, 'ok': True, 'error': None, 'kind': None, 'truncated': [False, False],"
+                   " 'session_ends': False, 'sentinels': 5}",
+    "truncated-7": "{'run': nonce, 'ok': True, 'error': None, 'kind': None, 'truncated': 7, 'session_ends': False}",
+    "ok-string": "{'run': nonce, 'ok': 'yes', 'error': None, 'kind': None, 'truncated': [False, False],"
+                 " 'session_ends': False}",
+    "error-list": "{'run': nonce, 'ok': False, 'error': ['x'], 'kind': None, 'truncated': [False, False],"
+                  " 'session_ends': False}",
+}
+
+
+@pytest.mark.parametrize("frame", BAD_FRAMES.values(), ids=BAD_FRAMES.keys())
+@pytest.mark.parametrize("mode", [RLIMITS, BWRAP])
+def test_a_forged_frame_with_wrong_types_is_a_clean_protocol_error(mode, frame):
+    """Attack 2. A frame with the right nonce and wrong types is refused by the relay, field by
+    field; the host gets a protocol error for that run, never an exception."""
+    with Sandbox(timeout=5, isolation=mode) as sb:
+        r = sb.run(STEAL_NONCE + f"send({frame})\nimport time\ntime.sleep(1)")
+        assert (r.ok, r.error) == (False, "the session broke the sandbox protocol")
+        assert_recovers(sb, state_lost=True)
+
+
+def test_the_host_checks_every_reply_field_by_type():
+    """Attack 2, the host's own check (defence in depth behind the relay's)."""
+    from duet.sandbox.session import _checked_reply
+
+    good = {"run": "n", "ok": True, "error": None, "kind": None, "truncated": [False, False], "session_ends": False}
+    assert _checked_reply(dict(good)) == good
+    for field, bad in (("truncated", 7), ("truncated", [1, 2]), ("ok", "yes"), ("error", 5), ("session_ends", None)):
+        assert _checked_reply({**good, field: bad}) == {"broken": True}, field
+    assert _checked_reply({**good, "sentinels": 5}) == {"broken": True}
+
+
+from duet.sandbox import cgroups as sandbox_cgroups  # noqa: E402
+
+HAS_MEMORY_CGROUP, MEMORY_BOUND = sandbox_cgroups.describe_memory_bound()
+needs_memory_cgroup = pytest.mark.skipif(not HAS_MEMORY_CGROUP, reason=MEMORY_BOUND)
+
+
+@needs_memory_cgroup
+@pytest.mark.parametrize("mode", CONFINED_MODES)
+def test_memory_limit_bounds_the_whole_session_not_each_process(mode):
+    """Attack 3a. Five forked children of 700 MB each under memory_mb=1024: the session's memory
+    cgroup lets at most one of them live (RLIMIT_AS alone allowed all five, 3.5 GB)."""
+    code = (
+        "import os, time\nkids = []\n"
+        "for i in range(5):\n"
+        "    pid = os.fork()\n"
+        "    if pid == 0:\n"
+        "        b = bytearray(700 << 20)\n"
+        "        for j in range(0, len(b), 4096):\n            b[j] = 1\n"
+        "        time.sleep(2)\n        os._exit(0)\n"
+        "    kids.append(pid)\n"
+        "print(sum(os.waitpid(k, 0)[1] == 0 for k in kids))\n"
+    )
+    with Sandbox(timeout=30, memory_mb=1024, isolation=mode) as sb:
+        r = sb.run(code)
+        if r.ok:
+            assert int(r.stdout) <= 1, r
+        else:  # the kernel may pick the worker itself
+            assert r.error.startswith("memory limit 1024 MB exceeded"), r
+        assert_recovers(sb, state_lost=not r.ok)
+
+
+@needs_memory_cgroup
+@pytest.mark.parametrize("mode", CONFINED_MODES)
+def test_memfd_pages_count_against_the_session_memory_limit(mode):
+    """Attack 3b. memfd_create memory counts against no address space; it counts in the cgroup."""
+    code = (
+        "import os\nheld, fds, chunk = 0, [], b'x' * (16 << 20)\n"
+        "while held < (2 << 30):\n"
+        "    fds.append(os.memfd_create('m'))\n"
+        "    for _ in range(4):\n"
+        "        os.write(fds[-1], chunk)\n        held += len(chunk)\n"
+        "    print(held >> 20, flush=True)\n"
+    )
+    with Sandbox(timeout=30, memory_mb=512, isolation=mode) as sb:
+        r = sb.run(code)
+        assert not r.ok and r.error.startswith("memory limit 512 MB exceeded"), r
+        assert max(int(n) for n in r.stdout.split()) <= 512
+        assert_recovers(sb, state_lost=True)
+
+
+@needs_proc
+@pytest.mark.parametrize("mode", ALL_MODES)
+def test_nothing_of_the_session_runs_between_runs(mode):
+    """Attack 4. A daemon thread that keeps forking busy children outlives the post-run sweep; the
+    relay stops all of them when the run ends, and the notebook state is still there after."""
+    marker = f"busy{uuid.uuid4().hex[:8]}"
+    code = (
+        "import os, threading, time\n"
+        "def spawn():\n"
+        "    while True:\n"
+        "        if os.fork() == 0:\n"
+        "            import ctypes\n"
+        f"            ctypes.CDLL(None).prctl(15, ctypes.c_char_p({marker.encode()!r}), 0, 0, 0)\n"
+        "            while True:\n                pass\n"
+        "        time.sleep(0.05)\n"
+        "threading.Thread(target=spawn, daemon=True).start()\n"
+        "time.sleep(0.3)\nx = 41\n"
+    ) + _name_this_process(marker + "w")  # the worker too (its daemon thread is inside it)
+    with Sandbox(timeout=5, isolation=mode) as sb:
+        r = sb.run(code)
+        assert r.ok, r
+        time.sleep(0.3)
+        _assert_frozen(marker)
+        r = sb.run("x + 1")
+        assert (r.ok, r.stdout) == (True, "42\n"), r
+    deadline = time.monotonic() + 5
+    while processes_with(marker) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert processes_with(marker) == []
+
+
+@pytest.fixture
+def root_only_files(home_secret):
+    """0600 root-owned files: one in /root, one in a directory anyone may traverse, and /etc/shadow."""
+    import tempfile
+
+    path, secret = home_secret
+    path.chmod(0o600)
+    open_dir = Path(tempfile.mkdtemp(prefix="duet-open-", dir="/var/tmp"))
+    open_dir.chmod(0o755)
+    exposed = open_dir / "key"
+    exposed.write_text(secret)
+    exposed.chmod(0o600)
+    try:
+        yield [str(path), str(exposed), "/etc/shadow"], secret
+    finally:
+        exposed.unlink()
+        open_dir.rmdir()
+
+
+@pytest.mark.skipif(not IS_ROOT, reason="about running as root")
+@pytest.mark.parametrize("mode, skip", [
+    pytest.param("rlimits", (), id="rlimits"),
+    pytest.param("landlock", ("landlock",), id="landlock-without-landlock", marks=needs_seccomp),
+    pytest.param("landlock", (), id="landlock", marks=needs_landlock),
+    pytest.param("bwrap", (), id="bwrap", marks=needs_bwrap),
+])
+def test_as_root_no_capability_survives_and_root_only_files_stay_unreadable(mode, skip, root_only_files,
+                                                                            tcp_listener):
+    """Attack 6. At every level the session's uid holds no capability (bounding set included) and
+    has no_new_privs, so 0600 root files are unreadable; without bwrap, root's sessions also get a
+    private network namespace and /root is an empty directory holding only the interpreter."""
+    paths, secret = root_only_files
+    port = tcp_listener.getsockname()[1]
+    code = (
+        "import socket\n"
+        f"for p in {paths!r}:\n"
+        "    try:\n        print(open(p).read())\n    except OSError as e:\n        print(type(e).__name__)\n"
+        "print(''.join(l for l in open('/proc/self/status') if l.startswith(('Cap', 'NoNewPrivs'))))\n"
+        f"try:\n    socket.create_connection(('127.0.0.1', {port}), timeout=2)\n    print('connected')\n"
+        "except OSError as e:\n    print('refused')\n"
+    )
+    with Sandbox(timeout=10, isolation=mode, skip_layers=skip) as sb:
+        r = sb.run(code)
+        assert r.ok, r
+        assert secret not in r.stdout and "root:" not in r.stdout, r.stdout
+        lines = r.stdout.split("\n")
+        assert set(lines[:3]) <= {"PermissionError", "FileNotFoundError"}, lines
+        caps = dict(line.split(":\t") for line in lines[3:9])
+        assert all(caps[f"Cap{k}"] == "0000000000000000" for k in ("Inh", "Prm", "Eff", "Bnd", "Amb")), caps
+        assert caps["NoNewPrivs"] == "1"
+        assert lines[-2] == "refused"
+        assert sb.session_info["kept_caps"] == []
+        with pytest.raises(BlockingIOError):
+            tcp_listener.accept()

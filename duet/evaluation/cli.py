@@ -27,6 +27,7 @@ from typer.core import TyperGroup
 
 from duet.app.flags import EVAL_FLAGS, Replies, setting_flags
 from duet.evaluation.backend_options import options_help
+from duet.terminal import safe_text
 
 EVAL_HELP = {
     "backend": "Solver backend: local, openai (with --base-url), scripted:FILE, or a full spec (local:DIR, "
@@ -64,15 +65,15 @@ eval_app = typer.Typer(
 
 
 def _fail(message: str, code: int = 1) -> typer.Exit:
-    typer.echo(f"error: {' '.join(message.split())}", err=True)
+    typer.echo(f"error: {safe_text(' '.join(message.split()))}", err=True)
     return typer.Exit(code)
 
 
 def _consoles() -> tuple[Any, Any]:
-    from rich.console import Console
+    from duet.terminal import SafeConsole
 
-    out = Console(width=None if sys.stdout.isatty() else 160)
-    err = Console(stderr=True)
+    out = SafeConsole(width=None if sys.stdout.isatty() else 160)
+    err = SafeConsole(stderr=True)
     return out, err
 
 
@@ -156,7 +157,7 @@ def run_command(
 
         settings = load_settings(flags)
         for warning in settings.warnings:
-            typer.echo(f"warning: {warning}", err=True)
+            typer.echo(f"warning: {safe_text(warning)}", err=True)
         specs = backend_specs(settings, replies)
         extra = parse_backend_options(backend_option or [], [specs.solver, specs.critic])
         options = EvalOptions(
@@ -172,7 +173,7 @@ def run_command(
         )
         _check_numbers(options)
         live = stderr.is_terminal and not no_progress
-        outcome = run_eval(options, say=lambda line: typer.echo(line, err=True), live=live, console=stderr)
+        outcome = run_eval(options, say=lambda line: typer.echo(safe_text(line), err=True), live=live, console=stderr)
     except (DuetError, BackendError) as error:
         raise _fail(str(error), getattr(error, "exit_code", 1)) from None
     if outcome.aborted is not None:

@@ -24,6 +24,15 @@ layers, each detected at run time (describe_isolation() says what this machine o
    outside the session; a seccomp filter refuses inet sockets, ptrace, mount, unshare, setns, bpf,
    io_uring and signals to the session's ancestors. This holds where namespaces are unavailable.
 4. Elsewhere (macOS) only layer 1 applies, and the memory limit is not enforced there.
+
+Across layers: the host's control socket goes to a relay process that never runs a cell (relay.py):
+it checks the worker's result field by field and stops every process of the session (SIGSTOP)
+before it reports, so nothing of a session runs between runs and a cell cannot end its run early
+and keep going. memory_mb bounds the whole session (every process, memfd and tmpfs page) where
+the host can make a memory cgroup (cgroups.py; v2 memory.max, else v1), else each process only.
+As root, no capability survives into a session at any level, and without bwrap each session also
+gets a private network namespace and a mount view where /root (any directory its uid cannot
+enter on the way to the interpreter) holds only the interpreter.
    ``isolation="none"`` keeps the separate process, deadline and output caps, and nothing else.
 
 Speed: sessions are forked from a per-process fork server (one per isolation mode, started on
@@ -34,9 +43,11 @@ A run that kills its session (timeout, crash, ``os._exit``) reports why; the nex
 fresh session and says, with ``state_lost=True`` and a note on stderr, that earlier state is gone.
 Each Sandbox is thread-safe (runs are serialised); separate Sandboxes run in parallel.
 
-Modules. The host side: session.py (Sandbox, RunResult) and servers.py (isolation probing, fork servers).
+Modules. The host side: session.py (Sandbox, RunResult), servers.py (isolation probing, fork servers)
+and cgroups.py (the per-session memory cgroup).
 The sandboxed side, standard library only: worker.py (fork server and session supervisor),
-confine.py, repl.py and processes.py (the worker process), isolation.py (kernel primitives).
+relay.py (the session's relay), confine.py, repl.py and processes.py (the worker process),
+isolation.py (kernel primitives).
 Both sides: framing.py (the frames on the control sockets) and limits.py (every fixed limit).
 """
 

@@ -107,14 +107,18 @@ def _confine(plan: dict, workdir: str, protected: list[int]) -> dict:
     if plan["pidns"]:
         applied["layers"].append("bwrap")
     if plan["drop_uid"]:
-        # The interpreter may live under a home directory only root can traverse (pyenv in /root):
-        # then keep CAP_DAC_READ_SEARCH, with Landlock confining what may actually be read.
-        keep = [] if plan["pidns"] or _world_readable(plan["read_paths"]) else [iso.CAP_DAC_READ_SEARCH]
-        iso.switch_user(plan["uid"], plan["gid"], keep)
+        # No capability survives: without bwrap, C already replaced directories on the way to the
+        # interpreter that the session's uid cannot traverse (pyenv in /root) by a private view.
+        iso.switch_user(plan["uid"], plan["gid"])
         applied["uid"] = plan["uid"]
-        applied["kept_caps"] = ["CAP_DAC_READ_SEARCH"] if keep else []
+        if not plan["pidns"] and not _world_readable(plan["read_paths"]):
+            raise iso.IsolationError(errno.EACCES, "the interpreter is not readable by an unprivileged uid here "
+                                                   "(as root, install Python where other users can read it)")
     elif plan["userns"]:
         iso.drop_capabilities()
+    elif iso.IS_LINUX:
+        iso.clear_capabilities()  # a user without privilege may still hold ambient or inherited ones
+    applied["kept_caps"] = []
     if iso.IS_LINUX:
         iso.prctl(iso.PR_SET_DUMPABLE, 0)
         iso.set_no_new_privs()

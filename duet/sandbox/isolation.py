@@ -245,6 +245,22 @@ def drop_capabilities(keep: Iterable[int] = ()) -> None:
     _set_capabilities(keep)
 
 
+def clear_capabilities() -> None:
+    """Without CAP_SETPCAP (an unprivileged user): empty the ambient, effective, permitted and
+    inheritable sets; the bounding set cannot be changed, and no_new_privs keeps file capabilities
+    from refilling the others."""
+    try:
+        prctl(PR_CAP_AMBIENT, PR_CAP_AMBIENT_CLEAR_ALL)
+    except IsolationError:
+        pass  # kernel without ambient capabilities
+    _capset(0)
+    try:
+        drop_capabilities()
+    except IsolationError as e:
+        if e.errno != errno.EPERM:
+            raise
+
+
 def switch_user(uid: int, gid: int, keep_caps: Iterable[int] = ()) -> None:
     """As real root: become `uid`/`gid` with no supplementary groups, keeping only `keep_caps`."""
     keep = set(keep_caps)

@@ -16,7 +16,8 @@ MIN_MEMORY_MB, MIN_DISK_MB, MIN_MAX_PROCESSES, MIN_MAX_OPEN_FILES = 32, 1, 2, 16
 SERVER_START_TIMEOUT_S = 60.0  # importing sympy on a loaded machine can take seconds
 SESSION_START_TIMEOUT_S = 30.0
 KILL_GRACE_S = 3.0  # how long a session supervisor gets to clean up before SIGKILL
-SESSION_CPU_BUDGET_S = 3600  # hard RLIMIT_CPU per session; the per-run soft limit is re-armed each run
+SESSION_CPU_BUDGET_S = 3600  # hard RLIMIT_CPU per session; the per-run soft limit is a courtesy the cell can
+# raise: runs are bounded by the host's wall-clock deadline and the relay's stop between runs
 CLEANUP_ALARM_S = 20  # a supervisor's cleanup after its worker must never hang the session's end
 
 MAX_FRAME_BYTES = 1 << 20  # the largest control frame the host accepts from an (untrusted) worker

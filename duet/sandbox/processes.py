@@ -11,6 +11,7 @@ import resource
 import select
 import signal
 import sys
+import time
 
 if __package__:
     from . import isolation as iso
@@ -132,8 +133,22 @@ def exit_report(wait_status: int | None, usage: object, reason: str) -> dict:
 def kill_descendants(plan: dict, *, self_is_worker: bool = False) -> None:
     """SIGKILL every process this session started (except the caller), then reap them all.
 
-    The caller is a subreaper (C or W), so every orphan of the session ends up as its child.
+    The caller is a subreaper (C or W), so every orphan of the session ends up as its child. The
+    worker's own threads may keep forking while it sweeps: then it gives up after a short while,
+    and the relay stops whatever is left when the run ends.
     """
+    deadline = time.monotonic() + 0.2
+    while True:
+        _kill_session(plan, self_is_worker)
+        if not self_is_worker:
+            reap(block=True)
+            return
+        if not reap(block=False) or time.monotonic() > deadline:
+            return
+        time.sleep(0.001)
+
+
+def _kill_session(plan: dict, self_is_worker: bool) -> None:
     how = plan["sweep"]
     if how == "kill-all" and plan["drop_uid"] and not self_is_worker:
         helper = os.fork()  # C stays root (to remove the work dir); a helper takes the session's uid
@@ -149,7 +164,7 @@ def kill_descendants(plan: dict, *, self_is_worker: bool = False) -> None:
         ignore_errors(os.kill, -1, signal.SIGKILL)
     elif how == "proc-scan":
         for _ in range(100):
-            pids = descendants(os.getpid())
+            pids = [pid for pid, _state in descendants_with_state(os.getpid())]
             if not pids:
                 break
             for pid in pids:
@@ -158,7 +173,6 @@ def kill_descendants(plan: dict, *, self_is_worker: bool = False) -> None:
     elif not self_is_worker:  # no /proc (macOS): the worker's process group is what we can reach
         if plan.get("worker_pid"):
             ignore_errors(os.killpg, plan["worker_pid"], signal.SIGKILL)  # W called setsid: pgid == pid
-    reap(block=True)
 
 
 def ignore_errors(fn, *args) -> None:
@@ -168,16 +182,17 @@ def ignore_errors(fn, *args) -> None:
         pass
 
 
-def reap(block: bool) -> None:
+def reap(block: bool) -> bool:
+    """Reap exited children; True when some child is still running (only without `block`)."""
     while True:
         try:
             pid, _ = os.waitpid(-1, 0 if block else os.WNOHANG)
         except ChildProcessError:
-            return
+            return False
         except InterruptedError:
             continue
         if pid == 0:
-            return
+            return True
 
 
 def descendants(root: int) -> list[int]:
@@ -199,6 +214,44 @@ def descendants(root: int) -> list[int]:
         children = [pid for pid, ppid in parents.items() if ppid == parent]
         found += children
         frontier += children
+    return found
+
+
+def _state(pid: int) -> str | None:
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            stat = f.read()
+    except OSError:
+        return None
+    return chr(stat[stat.rfind(b")") + 2])
+
+
+def descendants_with_state(root: int) -> list[tuple[int, str]]:
+    """Live descendants of `root` and their /proc state letter, found by walking the children files
+    of every thread (cost grows with the session, not the machine); a /proc scan where those are missing."""
+    if not os.path.exists(f"/proc/{root}/task/{root}/children"):
+        return [(pid, _state(pid) or "X") for pid in descendants(root)]
+    found: list[tuple[int, str]] = []
+    seen, frontier = {root}, [root]
+    while frontier:
+        parent = frontier.pop()
+        try:
+            tids = os.listdir(f"/proc/{parent}/task")
+        except OSError:
+            continue
+        for tid in tids:
+            try:
+                with open(f"/proc/{parent}/task/{tid}/children", "rb") as f:
+                    children = [int(c) for c in f.read().split()]
+            except (OSError, ValueError):
+                continue
+            for child in children:
+                if child not in seen:
+                    seen.add(child)
+                    state = _state(child)
+                    if state is not None:
+                        found.append((child, state))
+                        frontier.append(child)
     return found
 
 

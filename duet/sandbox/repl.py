@@ -1,4 +1,4 @@
-"""The REPL in process W: runs each cell with capped output and a CPU limit, reports on the control socket.
+"""The REPL in process W: runs each cell with capped output and a CPU limit, reports to the relay (fd 3).
 
 Runs on the sandboxed side; standard library only.
 """
@@ -143,9 +143,7 @@ class Repl:
                 _hard_exit(0)
             reply = self.run(str(request.get("code", "")), float(request.get("timeout", 5)))
             self._after_run()
-            nonce = str(request.get("sentinel", ""))
-            reply["run"] = nonce
-            reply["sentinels"] = [self._write_all(fd, b"\x00" + nonce.encode() + b"\x00") for fd in (1, 2)]
+            reply["run"] = str(request.get("run", ""))  # the relay's nonce for this run (not the host's)
             try:
                 framing.send_frame(limits.CTRL_FD, reply)
             except (OSError, TypeError, ValueError):
@@ -241,15 +239,6 @@ class Repl:
                 os.dup2(saved, fd)  # the cell may have closed or redirected 1/2
             except OSError:
                 pass
-
-    @staticmethod
-    def _write_all(fd: int, data: bytes) -> bool:
-        try:
-            while data:
-                data = data[os.write(fd, data):]
-            return True
-        except OSError:
-            return False
 
 
 def _last_line(exc: BaseException) -> str:

@@ -109,9 +109,11 @@ def describe_isolation() -> list[dict]:
     abi = info["landlock_abi"]
     stacked = chosen in ("bwrap", "landlock")
     if info["linux"]:
-        process = "separate -I process, empty env, temp work dir, rlimits, deadline, group kill, 64 KB output caps"
+        process = ("separate -I process, empty env, temp work dir, rlimits, deadline, 64 KB output caps, "
+                   "every process of the session stopped between runs")
         if info["root"]:
-            process += "; as root each session gets its own unprivileged uid"
+            process += ("; as root each session gets its own unprivileged uid with no capability, a private "
+                        "network namespace, and /root (or any dir that uid cannot enter) hidden")
         else:
             process += "; alone it does not stop reading your files or signalling your processes"
     elif info["posix"]:
@@ -131,8 +133,12 @@ def describe_isolation() -> list[dict]:
         seccomp = "BPF filter: no inet sockets, ptrace, mount, unshare, setns, bpf, io_uring; ancestors unsignalable"
     else:
         seccomp = "not available (needs Linux on x86_64 or aarch64)"
+    from duet.sandbox import cgroups
+
+    has_cgroup, memory = cgroups.describe_memory_bound() if info["linux"] else (False, "per process only (rlimits)")
     return [
         {"name": "rlimits", "available": info["posix"], "used": chosen != "none", "detail": process},
+        {"name": "memory", "available": has_cgroup, "used": has_cgroup and chosen != "none", "detail": memory},
         {"name": "bwrap", "available": info["bwrap"], "used": chosen == "bwrap", "detail": info["bwrap_detail"]},
         {"name": "landlock", "available": abi > 0, "used": stacked and abi > 0, "detail": landlock},
         {"name": "seccomp", "available": info["seccomp"], "used": stacked and info["seccomp"], "detail": seccomp},

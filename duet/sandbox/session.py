@@ -20,7 +20,7 @@ import threading
 import time
 from collections.abc import Collection
 
-from duet.sandbox import framing, limits, processes
+from duet.sandbox import cgroups, framing, limits, processes
 from duet.sandbox.servers import SandboxError, _ForkServer, _get_server, _resolve
 
 SKIPPABLE_LAYERS = ("landlock", "seccomp", "uid")
@@ -55,38 +55,26 @@ def _one_line(value: object) -> str | None:
 
 
 class _Collector:
-    """One output stream of one run: keeps the first `limit` bytes, counts the rest, finds the sentinel."""
+    """One output stream of one run: keeps the first `limit` bytes and counts the rest.
 
-    def __init__(self, limit: int, sentinel: bytes) -> None:
-        self.limit, self.sentinel = limit, sentinel
+    No end marker is needed: the relay reports a run only after every process of the session is
+    stopped, so once the reply is in, what the pipe holds is all of the run's output.
+    """
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
         self.kept = bytearray()
         self.total = 0
-        self.tail = b""  # bytes that could be the start of the sentinel
-        self.done = False
         self.eof = False
 
     def feed(self, data: bytes) -> None:
-        if self.done:
-            return
-        buf = self.tail + data
-        end = buf.find(self.sentinel)
-        if end >= 0:
-            self._keep(buf[:end])
-            self.tail, self.done = b"", True
-            return
-        hold = min(len(buf), len(self.sentinel) - 1)
-        self._keep(buf[:len(buf) - hold])
-        self.tail = buf[len(buf) - hold:]
+        self._keep(data)
 
     def _keep(self, data: bytes) -> None:
         self.total += len(data)
         room = self.limit - len(self.kept)
         if room > 0:
             self.kept += data[:room]
-
-    def finish(self) -> None:
-        self._keep(self.tail)
-        self.tail = b""
 
     @property
     def truncated(self) -> bool:
@@ -101,8 +89,9 @@ class _Collector:
 class _Session:
     """The host's handles on one live session: its sockets and pipes, and a pidfd of its supervisor."""
 
-    def __init__(self, server: _ForkServer, request: dict) -> None:
+    def __init__(self, server: _ForkServer, request: dict, cgroup: cgroups.SessionCgroup | None = None) -> None:
         self.server = server
+        self.cgroup = cgroup
         ctrl, ctrl_child = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         out_r, out_w = os.pipe()
         err_r, err_w = os.pipe()
@@ -114,13 +103,19 @@ class _Session:
         self.gone = False
         self.closed = False
         self.hello: dict = {}
+        fds = [ctrl_child.fileno(), out_w, err_w, status_w]
+        if cgroup is not None:
+            request = {**request, "cgroup": True}
+            fds.append(cgroup.procs_fd)
         try:
-            self.pid, self.pidfd = server.spawn(request, [ctrl_child.fileno(), out_w, err_w, status_w])
+            self.pid, self.pidfd = server.spawn(request, fds)
         except BaseException:
             self.close_fds()
             raise
         finally:
             ctrl_child.close()
+            if cgroup is not None:
+                cgroup.close_fd()
             for fd in (out_w, err_w, status_w):
                 os.close(fd)
         for fd in (out_r, err_r, status_r):
@@ -195,8 +190,19 @@ class _Session:
             processes.remove_tree(workdir)  # the supervisor normally did this; it may have been SIGKILLed
         if base and not self.server.alive():
             processes.remove_if_empty(base)
+        self.remove_cgroup()
+
+    def remove_cgroup(self) -> None:
+        if self.cgroup is not None:
+            for _ in range(50):  # the last processes may still be exiting
+                self.cgroup.remove()
+                if not os.path.isdir(self.cgroup.path):
+                    break
+                time.sleep(0.01)
 
     def close_fds(self) -> None:
+        if self.cgroup is not None and self.gone:
+            self.cgroup.remove()
         self.closed = True
         self.ctrl.close()
         for fd in (self.out, self.err, self.status, self.pidfd):
@@ -213,6 +219,21 @@ def _readable(fds: list[int], timeout: float) -> list[int]:
     for fd in fds:
         poller.register(fd, select.POLLIN)
     return [fd for fd, _ in poller.poll(max(0.0, timeout) * 1000)]
+
+
+def _checked_reply(frame: dict) -> dict:
+    """The relay's reply to a run, checked by type: a reply or {"broken": ...}; never raises TypeError later."""
+    if set(frame) == {"run", "broken"}:
+        return {"broken": True}
+    fields = {"run", "ok", "error", "kind", "truncated", "session_ends"}
+    truncated = frame.get("truncated")
+    if (set(frame) != fields or not isinstance(frame["ok"], bool)
+            or not (frame["error"] is None or isinstance(frame["error"], str))
+            or not (frame["kind"] is None or isinstance(frame["kind"], str))
+            or not (isinstance(truncated, list) and len(truncated) == 2 and all(isinstance(t, bool) for t in truncated))
+            or not isinstance(frame["session_ends"], bool)):
+        return {"broken": True}
+    return frame
 
 
 def _format_size(limit: int) -> str:
@@ -351,9 +372,12 @@ class Sandbox:
         last_error: Exception | None = None
         for attempt in range(2):  # a dead or wedged fork server is replaced once
             server = _get_server(self.isolation)
+            cgroup = cgroups.create(self.memory_mb) if self.isolation != "none" else None
             try:
-                session = _Session(server, request)
+                session = _Session(server, request, cgroup)
             except (OSError, ValueError, SandboxError) as e:
+                if cgroup is not None:
+                    cgroup.remove()
                 last_error = e
                 if attempt == 0:
                     _get_server(self.isolation, replace=server)
@@ -441,17 +465,18 @@ class Sandbox:
         """Send one run, drain both output pipes while waiting, enforce the deadline.
 
         Returns the result and whether the session is over (died, or ended itself after a MemoryError).
+        The reply comes from the session's relay, which the code cannot reach; it is still checked
+        field by field, and anything malformed ends the session as a protocol error.
         """
-        sentinel = secrets.token_hex(16)
-        marker = b"\x00" + sentinel.encode() + b"\x00"
-        out = _Collector(self.output_limit, marker)
-        err = _Collector(self.output_limit, marker)
+        nonce = secrets.token_hex(16)
+        out = _Collector(self.output_limit)
+        err = _Collector(self.output_limit)
         frames = framing.FrameBuffer()
         reply: dict | None = None
         timed_out = broken = False
         start = time.monotonic()
         deadline = start + self.timeout
-        request = framing.encode_frame({"op": "run", "code": code, "timeout": self.timeout, "sentinel": sentinel})
+        request = framing.encode_frame({"op": "run", "code": code, "timeout": self.timeout, "run": nonce})
         try:
             session.ctrl.settimeout(self.timeout)
             session.ctrl.sendall(request)
@@ -463,11 +488,7 @@ class Sandbox:
             sel.register(session.err, selectors.EVENT_READ, err)
             sel.register(session.ctrl.fileno(), selectors.EVENT_READ, "ctrl")
             sel.register(session.status, selectors.EVENT_READ, "status")
-            while True:
-                if reply is not None:
-                    wanted = reply.get("sentinels", [False, False])
-                    if all(c.done or c.eof or not w for c, w in zip((out, err), wanted, strict=False)):
-                        break
+            while reply is None and not broken:
                 if session.gone or session.report is not None:
                     break
                 left = deadline - time.monotonic()
@@ -488,39 +509,53 @@ class Sandbox:
                             chunk = b""
                         if not chunk:
                             sel.unregister(session.ctrl.fileno())
-                            session.wait_gone(limits.KILL_GRACE_S)  # the worker is exiting: collect its report
+                            session.wait_gone(limits.KILL_GRACE_S)  # the session is ending: collect its report
                             continue
                         try:
-                            # only the reply to *this* run counts (the cell itself can write to fd 3)
-                            reply = next((f for f in frames.feed(chunk) if f.get("run") == sentinel), reply)
+                            for frame in frames.feed(chunk):
+                                if frame.get("run") == nonce:
+                                    reply = _checked_reply(frame)
                         except framing.ProtocolError:
                             broken = True
                     else:
                         self._drain(key.fd, key.data, sel)
-                if broken:
-                    reply = None
-                    break
+        if reply is not None and "broken" in reply:
+            reply, broken = None, True
+        if reply is not None:
+            for fd, collector in ((session.out, out), (session.err, err)):
+                self._drain_available(fd, collector)  # the session is stopped: this is all of it
         seconds = time.monotonic() - start
         died = timed_out or reply is None
         if died:
             session.terminate()  # kills and reaps everything the session started
             for fd, collector in ((session.out, out), (session.err, err)):
                 self._drain_rest(fd, collector)
-        for collector in (out, err):
-            collector.finish()
         truncated = out.truncated or err.truncated or any((reply or {}).get("truncated", []))
         if died:
             error = "the session broke the sandbox protocol" if broken else self._death_reason(session, timed_out)
             ok = False
         else:
             assert reply is not None
-            ok = bool(reply.get("ok"))
-            error = _one_line(reply.get("error"))
+            ok = reply["ok"]
+            error = _one_line(reply["error"])
             if error is None and truncated:
                 error = f"output truncated at {_format_size(self.output_limit)}"
         result = RunResult(stdout=out.text(), stderr=err.text(), error=error, ok=ok, seconds=seconds,
                            truncated=truncated)
         return result, died or bool((reply or {}).get("session_ends"))
+
+    @staticmethod
+    def _drain_available(fd: int, collector: _Collector) -> None:
+        """Read what is in the pipe now, without waiting (its writers are stopped or gone)."""
+        while not collector.eof:
+            try:
+                chunk = os.read(fd, 1 << 16)
+            except (BlockingIOError, InterruptedError):
+                return
+            if not chunk:
+                collector.eof = True
+                return
+            collector.feed(chunk)
 
     @staticmethod
     def _drain(fd: int, collector: _Collector, sel: selectors.BaseSelector) -> None:
@@ -565,7 +600,8 @@ class Sandbox:
         sig, cpu, rss = report.get("signal"), report.get("cpu") or 0.0, report.get("maxrss_mb") or 0.0
         if sig == getattr(signal, "SIGXCPU", None) or (sig == signal.SIGKILL and cpu >= limits.SESSION_CPU_BUDGET_S):
             return f"timed out after {self.timeout:g} s (CPU time limit)"
-        if sig is not None and rss >= 0.75 * self.memory_mb:
+        oom = sig == signal.SIGKILL and session.cgroup is not None and session.cgroup.oom_killed()
+        if sig is not None and (rss >= 0.75 * self.memory_mb or oom):
             return f"memory limit {self.memory_mb} MB exceeded ({_signal_name(sig)})"
         if sig is not None:
             return f"session crashed: {_signal_name(sig)}"

@@ -11,10 +11,13 @@ asks for, forks this chain (the host holds a pidfd of C and talks to W over its 
                   └ I  (bwrap mode only) PID 1 of the session's private PID namespace
                       └ W  the worker: limits, privileges dropped, Landlock, seccomp, then a REPL
 
-W runs model-written code; C and I never do. W reports every run on its control socket and writes
-a per-run sentinel on stdout/stderr so the host knows the output of that run is complete. Whoever
+W runs model-written code; C and I never do. The host's control socket goes to the relay S (I in
+bwrap mode, else C; see relay.py), never to W: S forwards each run to W over a private socket,
+checks W's result, stops every process of the session, and only then reports to the host, so the
+output pipes hold the run's complete output and nothing of the session runs between runs. Whoever
 reaps W (C, or I in bwrap mode) writes one JSON line describing how W ended on the status pipe;
-the host treats EOF on that pipe as "the session is gone".
+the host treats EOF on that pipe as "the session is gone". Where the host could make one,
+C first joins the session's own memory cgroup, so every process and memfd of it counts.
 
 Standard library only: inside bubblewrap the duet package is not importable, only the modules in
 WORKER_MODULES are bound into /opt/duet-sandbox.
@@ -31,10 +34,10 @@ import socket
 import sys
 import tempfile
 
-WORKER_MODULES = ("worker", "confine", "framing", "isolation", "limits", "processes", "repl")
+WORKER_MODULES = ("worker", "confine", "framing", "isolation", "limits", "processes", "relay", "repl")
 
 if __package__:
-    from . import confine, framing, limits, processes
+    from . import confine, framing, limits, processes, relay
     from . import isolation as iso
 else:  # run as a script: import the sibling files, then stop exposing this directory to user code
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -43,6 +46,7 @@ else:  # run as a script: import the sibling files, then stop exposing this dire
     import isolation as iso
     import limits
     import processes
+    import relay
 
     sys.path.pop(0)
 
@@ -81,7 +85,8 @@ def serve(options: dict) -> None:
             processes.remove_if_empty(options.get("base_dir"))  # else the last session supervisor removes it
             os._exit(0)
         request, fds = got
-        if not isinstance(request, dict) or request.get("op") != "spawn" or len(fds) != 4:
+        # ctrl, out, err, status, and the session's cgroup.procs when the host made it a cgroup
+        if not isinstance(request, dict) or request.get("op") != "spawn" or len(fds) != 4 + bool(request.get("cgroup")):
             for fd in fds:
                 os.close(fd)
             framing.send_frame(channel_fd, {"error": "bad request"})
@@ -200,9 +205,14 @@ def _session_plan(options: dict, env: dict, request: dict, session_uid: int) -> 
 
 def _session_supervisor(options: dict, env: dict, request: dict, fds: list[int], session_uid: int) -> None:
     """Process C. Owns the session: sets up its namespaces or work dir, reaps W, cleans up, exits."""
-    ctrl, out, err, status = fds
+    ctrl, out, err, status = fds[:4]
     code = 0
     try:
+        if len(fds) > 4:  # join the session's cgroup (memory bound) before anything else is forked
+            try:
+                os.write(fds[4], b"0")
+            finally:
+                os.close(fds[4])
         os.setsid()
         signal.signal(signal.SIGCHLD, signal.SIG_DFL)
         signal.signal(signal.SIGINT, signal.SIG_IGN)
@@ -221,6 +231,8 @@ def _session_supervisor(options: dict, env: dict, request: dict, fds: list[int],
             if plan["drop_uid"]:
                 os.chown(workdir, plan["uid"], plan["gid"])
         else:
+            if plan["drop_uid"]:
+                enter_root_session_namespaces()
             workdir = tempfile.mkdtemp(prefix="s-", dir=plan["base_dir"])
             if plan["drop_uid"]:
                 os.chown(workdir, plan["uid"], plan["gid"])
@@ -229,6 +241,7 @@ def _session_supervisor(options: dict, env: dict, request: dict, fds: list[int],
                 # reaches only our descendants (W nests its stricter domain inside this one).
                 iso.restrict_landlock([], [], abi=plan["landlock_abi"], filesystem=False, deny_tcp=False)
         plan["workdir"] = workdir
+        relay_end, worker_end = _socketpair() if not plan["pidns"] else (-1, -1)
         child = processes.fork_tied()
         if child == 0:
             signal.set_wakeup_fd(-1)
@@ -237,12 +250,17 @@ def _session_supervisor(options: dict, env: dict, request: dict, fds: list[int],
             if plan["pidns"]:
                 _session_init(plan, ctrl, out, err, status)
             else:
-                confine.run_worker(plan, ctrl, out, err, status)
+                os.close(relay_end)
+                os.close(ctrl)  # W never holds the host's control socket: the relay (we) does
+                confine.run_worker(plan, worker_end, out, err, status)
             os._exit(limits.EXIT_SETUP_FAILED)  # not reached
         plan["worker_pid"] = child
-        for fd in (ctrl, out, err):
+        for fd in (out, err) + ((worker_end,) if not plan["pidns"] else (ctrl,)):
             os.close(fd)
-        wait_status, usage, reason = processes.watch_child(child, status, terminate)
+        if plan["pidns"]:  # I relays; we only wait for it (and kill it when told to)
+            wait_status, usage, reason = processes.watch_child(child, status, terminate)
+        else:
+            wait_status, usage, reason = relay.Relay(plan, child, ctrl, relay_end, status, terminate).serve()
         if not plan["pidns"]:  # (with a PID namespace, I reports and the kernel does the cleanup)
             signal.alarm(limits.CLEANUP_ALARM_S)
             processes.kill_descendants(plan)
@@ -255,6 +273,12 @@ def _session_supervisor(options: dict, env: dict, request: dict, fds: list[int],
         code = limits.EXIT_SETUP_FAILED
     os._exit(code)
 
+
+
+def _socketpair() -> tuple[int, int]:
+    """The private channel between the relay and W (W's fd 3): a Unix socket pair, as raw fds."""
+    a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    return a.detach(), b.detach()
 
 
 def enter_session_namespaces(plan: dict) -> None:
@@ -287,6 +311,38 @@ def enter_session_namespaces(plan: dict) -> None:
                   f"size={max(1, disk_mb // 4)}m,mode=0700,{owner}")
 
 
+def enter_root_session_namespaces() -> None:
+    """As root without bubblewrap (the rlimits and landlock levels): a private network namespace
+    (no interface but a loopback that is down) and a private mount view in which each directory
+    an unprivileged uid could not traverse on the way to the interpreter (/root, for pyenv) is an
+    empty tmpfs holding only the interpreter. The session's uid then holds no capability at all."""
+    iso.unshare(iso.CLONE_NEWNS | iso.CLONE_NEWNET)
+    iso.mount("none", "/", None, iso.MS_REC | iso.MS_PRIVATE)
+    roots = python_roots()
+    hidden: dict[str, list[str]] = {}
+    for root in roots:
+        path, top = root, None
+        while path not in ("/", ""):
+            try:
+                if not os.stat(path).st_mode & 0o001:
+                    top = path  # keep going: the outermost one is covered
+            except OSError:
+                break
+            path = os.path.dirname(path)
+        if top is not None and top != root:
+            hidden.setdefault(top, []).append(root)
+    for top in sorted(hidden, key=len):
+        if any(top.startswith(other.rstrip("/") + "/") for other in hidden if other != top):
+            continue  # inside a directory already replaced
+        inside = [r for t, rs in hidden.items() if t == top or t.startswith(top.rstrip("/") + "/") for r in rs]
+        keep = [(root, os.open(root, os.O_PATH | os.O_CLOEXEC)) for root in inside]
+        iso.mount("tmpfs", top, "tmpfs", iso.MS_NOSUID | iso.MS_NODEV, "size=1m,nr_inodes=1024,mode=0755")
+        for root, fd in keep:
+            os.makedirs(root, mode=0o755, exist_ok=True)
+            iso.mount(f"/proc/self/fd/{fd}", root, None, iso.MS_BIND | iso.MS_REC)
+            os.close(fd)
+
+
 def _session_init(plan: dict, ctrl: int, out: int, err: int, status: int) -> None:
     """Process I: PID 1 of the session's namespace. Its exit makes the kernel kill everything in it.
 
@@ -296,12 +352,15 @@ def _session_init(plan: dict, ctrl: int, out: int, err: int, status: int) -> Non
         for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGUSR1, signal.SIGUSR2):
             signal.signal(sig, signal.SIG_DFL)  # PID 1 ignores default-action signals from inside
         iso.mount("proc", "/proc", "proc", iso.MS_NOSUID | iso.MS_NODEV | iso.MS_NOEXEC)
+        relay_end, worker_end = _socketpair()
         child = processes.fork_tied()
         if child == 0:
-            confine.run_worker(plan, ctrl, out, err, status)
-        for fd in (ctrl, out, err):
+            os.close(relay_end)
+            os.close(ctrl)  # W never holds the host's control socket: the relay (I) does
+            confine.run_worker(plan, worker_end, out, err, status)
+        for fd in (out, err, worker_end):
             os.close(fd)
-        wait_status, usage, reason = processes.watch_child(child, status)
+        wait_status, usage, reason = relay.Relay(plan, child, ctrl, relay_end, status).serve()
         processes.write_status(status, processes.exit_report(wait_status, usage, reason))
     except BaseException as e:  # noqa: BLE001
         processes.write_status(status, {"error": f"session init: {type(e).__name__}: {e}"})

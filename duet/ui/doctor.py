@@ -157,11 +157,12 @@ def _count(db: Path) -> str:
 
 def run_doctor(as_json: bool = False) -> int:
     """Print the report; exit code 1 when torch or the sandbox is broken."""
-    from rich.console import Console
     from rich.status import Status
 
-    console = Console(highlight=False)
-    status = Status("checking ...", console=Console(stderr=True)) if sys.stderr.isatty() and not as_json else None
+    from duet.terminal import SafeConsole
+
+    console = SafeConsole(highlight=False)
+    status = Status("checking ...", console=SafeConsole(stderr=True)) if sys.stderr.isatty() and not as_json else None
     if status is not None:
         status.start()
     try:

@@ -26,6 +26,8 @@ from rich.spinner import Spinner
 from rich.syntax import Syntax
 from rich.text import Text
 
+from duet.terminal import safe_text
+
 AGENT_STYLE = {"solver": "cyan", "critic": "magenta"}
 TASK_LABEL = {"solve": "solving", "revise": "revising", "follow_up": "follow-up", "critique": "checking",
               "number_check": "checking the numbers", "own_solutions": "comparing with its own solutions",
@@ -210,7 +212,7 @@ class PlainRenderer:
 
     def write(self, text: str) -> None:
         if text:
-            self.stream.write(text)
+            self.stream.write(safe_text(text))  # model and sandbox text: no escape sequences
             self.at_line_start = text.endswith("\n")
 
     def line(self, text: str) -> None:

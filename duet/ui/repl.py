@@ -453,14 +453,13 @@ class Repl:
 
 def run_repl(flags: dict[str, Any], replies: str | None = None) -> int:
     """The whole command; returns the exit code."""
-    from rich.console import Console
-
     from duet.app.backends import build_backend
+    from duet.terminal import SafeConsole
     from duet.ui.render import PlainRenderer, RichRenderer
     from duet.ui.solve import loading_status, open_backends
 
     settings, specs, solver, critic = open_backends(flags, replies)
-    console = Console(highlight=False)
+    console = SafeConsole(highlight=False)
     renderer = RichRenderer(console) if console.is_terminal else PlainRenderer(sys.stdout)
     conversation = Conversation(settings, solver, critic, on_event=renderer,
                                 followups=followups_for(settings, specs.solver))

@@ -44,6 +44,7 @@ from typing import Any
 from duet.app.errors import UsageProblem
 from duet.app.settings import Settings, load_settings, log_path
 from duet.app.store import Store, StoreError
+from duet.terminal import safe_text
 
 EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_NO_AGREEMENT, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
 
@@ -88,7 +89,7 @@ def read_question(question: str | None, file: str | None) -> str:
 
 def warn(message: str) -> None:
     """A one-line warning on stderr."""
-    print(f"warning: {message}", file=sys.stderr)
+    print(f"warning: {safe_text(message)}", file=sys.stderr)
 
 
 def loading_status(settings: Settings, specs: Any) -> Any:
@@ -97,10 +98,10 @@ def loading_status(settings: Settings, specs: Any) -> Any:
 
     if not sys.stderr.isatty() or not any(s and s.startswith("local:") for s in (specs.solver, specs.critic)):
         return contextlib.nullcontext()
-    from rich.console import Console
+    from duet.terminal import SafeConsole
 
     name = specs.solver.partition(":")[2] or "the embedded model"
-    return Console(stderr=True).status(f"loading {name} ...", spinner="dots")
+    return SafeConsole(stderr=True).status(f"loading {name} ...", spinner="dots")
 
 
 def open_backends(flags: dict[str, Any], replies: str | None) -> tuple[Settings, Any, Any, Any]:
@@ -122,14 +123,14 @@ def make_renderer(mode: str) -> Any:
 
     if mode == "human":
         if sys.stdout.isatty():
-            from rich.console import Console
+            from duet.terminal import SafeConsole
 
-            return render.RichRenderer(Console(highlight=False))
+            return render.RichRenderer(SafeConsole(highlight=False))
         return render.PlainRenderer(sys.stdout)
     if sys.stderr.isatty():
-        from rich.console import Console
+        from duet.terminal import SafeConsole
 
-        return render.ProgressRenderer(Console(stderr=True))
+        return render.ProgressRenderer(SafeConsole(stderr=True))
     return render.NullRenderer()
 
 
@@ -204,10 +205,10 @@ def run_solve(question: str | None, file: str | None, *, as_json: bool, quiet: b
     if mode == "json":
         print_json({**result.to_dict(), "exit_code": code, "log_id": log_id})
     elif mode == "quiet" and result.answer is not None:
-        sys.stdout.write(result.answer + "\n")
+        sys.stdout.write(safe_text(result.answer) + "\n")
     sys.stdout.flush()
     if code == EXIT_ERROR:
-        print(f"error: {result.error or result.stop_reason}", file=sys.stderr)
+        print(f"error: {safe_text(result.error or result.stop_reason)}", file=sys.stderr)
     elif code == EXIT_INTERRUPTED:
         print("interrupted", file=sys.stderr)
     return code

@@ -11,12 +11,13 @@ from rich.text import Text
 
 from duet.app.errors import UsageProblem
 from duet.app.settings import clipboard_path, data_dir, history_path, load_settings, log_path
+from duet.terminal import safe_text
 
 
 def _console() -> Any:
-    from rich.console import Console
+    from duet.terminal import SafeConsole
 
-    return Console(highlight=False, markup=False)  # questions and paths are printed as they are
+    return SafeConsole(highlight=False, markup=False)  # questions and paths are printed as they are
 
 
 def _print_json(data: Any) -> None:
@@ -164,7 +165,7 @@ def show_log(exchange_id: int, as_json: bool = False) -> int:
         console.print(head, style="bold")
         console.print(Markdown(text))
     else:
-        sys.stdout.write(head + "\n\n" + text)
+        sys.stdout.write(safe_text(head + "\n\n" + text))
     return 0
 
 
