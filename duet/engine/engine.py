@@ -336,8 +336,8 @@ class Engine:
         ids = torch.tensor([req.prompt[r:]], device=self.device)
         h = self.model.hidden(ids, self._view(slice(i, i + 1), [r]))
         req.forward_passes += 1
-        logits = self.model.logits(h[0, -1:])
-        first = sample(logits[0], req.params, req.generator) if req.max_new > 0 else None
+        logits = self.model.logits(h[0, -1:]) if req.max_new > 0 else None  # [1, V]
+        first = sample(logits[0], req.params, req.generator) if logits is not None else None
         req.first_token_at = time.perf_counter()
         row = _Row(req, length=n, last=first if first is not None else 0, mtp_len=r,
                    tokens=req.prompt + ([first] if first is not None else []))
