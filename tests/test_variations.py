@@ -133,3 +133,17 @@ def test_the_challenge_split_is_built_from_dev_rows_only_and_is_reproducible():
     assert set(kinds) == set(VARIATIONS) and min(kinds.values()) >= 60 and len(rows) >= 500
     train_texts = {normalised(r.question) for r in real.mawps_train}
     assert not any(normalised(r["question"]) in train_texts for r in rows)
+
+
+@needs_data
+def test_the_dev_file_marks_the_rows_whose_story_a_training_row_also_tells():
+    from duet.train.data import is_dev, load_mawps
+
+    rows = load_mawps(SHARED_DATA / "mawps_asdiv_a" / "train.csv")
+    told = {normalised(r.question) for r in rows if not is_dev("mawps", r.index)}
+    by_id = {f"mawps-{r.index}": r for r in rows}
+    dev = [json.loads(line) for line in (REPO / "data" / "dev" / "mawps_asdiv_a_dev.jsonl").read_text().splitlines()]
+    kinds = {r["kind"] for r in dev}
+    assert kinds == {"held_out", "story_in_training"}
+    for r in dev:
+        assert (normalised(by_id[r["id"]].question) in told) == (r["kind"] == "story_in_training")

@@ -443,6 +443,7 @@ def mawps_problem(row: MawpsRow, rng: random.Random | None) -> Problem | None:
     if rng is None:
         if abs(float(problem.gold or "nan") - row.answer) > 1e-6 * max(1, abs(row.answer)):
             return None
+        problem.gold = number_text(row.answer)  # the dataset's answer, as the dataset writes it
     else:
         problem.gold = None
     return problem
@@ -711,6 +712,9 @@ class Sources:
     mawps_dev: list[MawpsRow]
     gsm8k_dev: list[dict]
     attempts: list[Attempt] = field(default_factory=list)  # the model's own solutions (`--onpolicy`)
+    # dev rows whose story a non-dev row also tells (other numbers): not held out from a model trained on
+    # every non-dev row, as the embedded model's first phases were; write_dev marks them
+    told_in_training: set[str] = field(default_factory=set)
 
     @classmethod
     def load(cls, data_dir: Path, attempts: Path | None = None) -> Sources:
@@ -733,17 +737,22 @@ class Sources:
             gsm8k_dev=[{"id": f"gsm8k-{i}", **row} for i, row in enumerate(gsm_rows) if is_dev("gsm8k", i)],
             attempts=[a for a in (load_attempts(attempts) if attempts else [])
                       if normalised(a.problem.question) not in dev_texts],
+            told_in_training={normalised(r.question) for r in mawps if not is_dev("mawps", r.index)},
         )
 
     def write_dev(self, out_dir: Path) -> dict[str, Path]:
-        """Dev files in `duet eval` formats: MAWPS rows with their original numbers, and GSM8K rows."""
+        """Dev files in `duet eval` formats: MAWPS rows with their original numbers, and GSM8K rows. A MAWPS
+        row's ``kind`` says whether a training row tells the same story (``story_in_training``) or not
+        (``held_out``), so `duet eval` reports the two apart."""
         out_dir.mkdir(parents=True, exist_ok=True)
         paths = {"mawps": out_dir / "mawps_asdiv_a_dev.jsonl", "gsm8k": out_dir / "gsm8k_dev.jsonl"}
         with open(paths["mawps"], "w") as f:
             for row in self.mawps_dev:
                 p = mawps_problem(row, None)
                 if p:
-                    f.write(json.dumps({"id": p.id, "question": p.question, "answer": f"#### {p.gold}"}) + "\n")
+                    kind = "story_in_training" if normalised(row.question) in self.told_in_training else "held_out"
+                    f.write(json.dumps({"id": p.id, "kind": kind, "question": p.question,
+                                        "answer": f"#### {p.gold}"}) + "\n")
         with open(paths["gsm8k"], "w") as f:
             for row in self.gsm8k_dev:
                 f.write(json.dumps(row) + "\n")
