@@ -26,6 +26,7 @@ with the solver, it agrees, unless the number check objects. Otherwise the model
 
 from __future__ import annotations
 
+import builtins
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import replace
 
@@ -221,7 +222,7 @@ class Critic:
         else:
             judgement.sampled()
             winner, votes = judgement.vote()
-            turn.votes = [{**v, "weight": round(v["weight"], 4)} for v in votes]
+            turn.votes = [{**v, "weight": builtins.round(v["weight"], 4)} for v in votes]  # `round` is the round here
             if winner is None or equivalent(winner, claimed):
                 verdict = Verdict(AGREE, f"the verifier gives this answer P(correct) = {score.p:.2f}, and the "
                                          f"sampled solutions' weighted vote also chooses {claimed}.")
