@@ -16,6 +16,7 @@ import typer
 from duet import __version__
 from duet.bench import bench_command
 from duet.evaluation.cli import eval_app
+from duet.serve.cli import serve_command
 from duet.train.cli import train_command
 
 app = typer.Typer(
@@ -363,6 +364,7 @@ def doctor(as_json: Json = False) -> None:
 app.add_typer(eval_app, name="eval")
 app.command("train")(train_command)
 app.command("bench")(bench_command)
+app.command("serve")(serve_command)
 
 
 # ------------------------------------------------------------------------------------------- main
