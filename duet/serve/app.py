@@ -3,9 +3,9 @@
 ``POST /v1/chat/completions`` takes ``messages``, ``max_tokens`` (or ``max_completion_tokens``), ``temperature``
 (default 1, as OpenAI's), ``top_p``, ``top_k`` (vLLM), ``seed``, ``stop`` (a string or a list), ``n``,
 ``logprobs``/``top_logprobs``, ``ignore_eos`` (vLLM), ``stream`` (Server-Sent Events,
-``stream_options.include_usage``), and vLLM's chat-template options ``add_generation_prompt`` / ``continue_final_message``. Each choice has vLLM's
-``stop_reason``: the stop string that ended it (None otherwise). Unsupported sampling options (penalties,
-logit_bias, tools, JSON mode) are refused with a 400 rather than ignored.
+``stream_options.include_usage``), and vLLM's chat-template options ``add_generation_prompt`` /
+``continue_final_message``. Each choice has vLLM's ``stop_reason``: the stop string that ended it (None
+otherwise). Unsupported options (penalties, logit_bias, tools, JSON mode) are refused with a 400, not ignored.
 
 The models are the checkpoint (its id: the checkpoint directory's name, ``embedded`` for the embedded model),
 ``duet`` (the solver-critic dialogue on the last user message: the answer and a short explanation in the
