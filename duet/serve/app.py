@@ -391,7 +391,14 @@ def create_app(service: Service, *, api_key: str | None = None) -> FastAPI:
                             yield chunk([{"index": i, "delta": {"role": "assistant", "content": ""},
                                           "logprobs": None, "finish_reason": None}])
                     while (item := await queue.get()) is not None:
-                        yield chunk([delta(*item)])
+                        # whatever else arrived meanwhile goes out in the same event (one per choice)
+                        pieces: dict[int, str] = {item[0]: item[1]}
+                        more = item
+                        while not queue.empty() and (more := queue.get_nowait()) is not None:
+                            pieces[more[0]] = pieces.get(more[0], "") + more[1]
+                        yield chunk([delta(i, text) for i, text in pieces.items()])
+                        if more is None:
+                            break
                     try:
                         results = task.result()
                     except Exception as error:  # after the 200 went out: the error as one more event
