@@ -17,6 +17,7 @@ from duet import __version__
 from duet.app.flags import REPL_FLAGS, SOLVE_FLAGS, Replies, setting_flags
 from duet.bench import bench_command
 from duet.evaluation.cli import eval_app
+from duet.serve.cli import serve_command
 from duet.terminal import safe_text
 from duet.train.cli import train_command
 
@@ -252,6 +253,7 @@ def doctor(as_json: Json = False) -> None:
 app.add_typer(eval_app, name="eval")
 app.command("train")(train_command)
 app.command("bench")(bench_command)
+app.command("serve")(serve_command)
 
 
 # ------------------------------------------------------------------------------------------- main

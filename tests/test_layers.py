@@ -1,6 +1,6 @@
 """The package layers: no module imports from a layer above its own (read from the source with ast).
 
-    cli  ->  ui  ->  evaluation, bench, train  ->  app  ->  agents  ->  engine  ->  model  ->  kernels
+    cli  ->  ui, serve  ->  evaluation, bench, train  ->  app  ->  agents  ->  engine  ->  model  ->  kernels
 
 An arrow means "may import from". A package may import from its own package and from any layer
 below; packages that share a layer (evaluation, bench, train) do not import each other. The leaves
@@ -25,7 +25,7 @@ LAYERS: list[tuple[str, ...]] = [  # lowest first
     ("agents",),
     ("app",),
     ("evaluation", "bench", "train"),
-    ("ui",),
+    ("ui", "serve"),
     ("cli",),
 ]
 LEAVES = ("sandbox", "answers", "prompts", "stops", "errors", "terminal", "")  # "" is duet/__init__.py itself

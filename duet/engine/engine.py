@@ -187,6 +187,11 @@ class Engine:
         without a prefix cache."""
         return None if self._prefix_cache is None else self._prefix_cache.summary()
 
+    def occupancy(self) -> tuple[int, int]:
+        """(requests waiting for a row, requests decoding in the batch) at this moment: a server's metrics."""
+        with self._lock:
+            return len(self._queue), len(self._active)
+
     @classmethod
     def load(cls, path: str | Path, device: str = "cpu", dtype: torch.dtype = torch.float32,
              use_mtp: bool = True, **kwargs) -> Engine:
