@@ -16,7 +16,6 @@
 from __future__ import annotations
 
 import asyncio
-import inspect
 import threading
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -241,45 +240,9 @@ class Service:
         if self._dialogue_backend is None:
             from duet.agents.local_backend import LocalBackend
 
-            self._dialogue_backend = _DialogueBackend(LocalBackend(self.engine, f"local:{self.model_id}"), self)
+            self._dialogue_backend = LocalBackend(self.engine, f"local:{self.model_id}")
         return self._dialogue_backend
 
     def shutdown(self) -> None:
         for pool in (self._pool, self._dialogue_pool, self._scoring):
             pool.shutdown(wait=False, cancel_futures=True)
-
-
-class _DialogueBackend:
-    """The server's `LocalBackend` for the dialogue. The critic's verifier asks ``complete(..., logprobs=K)`` and
-    reads ``Completion.top_logprobs``, which this branch's `LocalBackend` does not offer yet: here the keyword is
-    taken off and the log-probabilities come from the server's scoring pass over the prompt and the reply
-    (exact at the verdict's first token, the one the verifier reads). A backend that takes ``logprobs`` itself
-    is called as it is."""
-
-    concurrent = True
-    model_backed = True
-
-    def __init__(self, inner: Any, service: Service) -> None:
-        self.inner, self.service = inner, service
-        self.name = inner.name
-        params = inspect.signature(inner.complete).parameters.values()
-        self._takes_logprobs = any(p.name == "logprobs" or p.kind is p.VAR_KEYWORD for p in params)
-
-    def complete(self, messages: Any, *args: Any, **kwargs: Any) -> Any:
-        top = 0 if self._takes_logprobs else kwargs.pop("logprobs", 0) or 0
-        completion = self.inner.complete(messages, *args, **kwargs)
-        if top and not getattr(completion, "top_logprobs", None):
-            engine = self.service.engine
-            prompt = engine.encode_chat(messages)
-            tokens = engine.encode(completion.text) or [next(iter(engine.eos_ids), 0)]
-            scored = self.service.score(prompt, tokens, top)
-            completion.top_logprobs = [_alternatives(t) for t in scored]
-        return completion
-
-
-def _alternatives(t: TokenLogprob) -> dict[str, float]:
-    """token text -> log-probability of the top ones and the emitted one (tokens that decode alike: the likeliest)."""
-    out: dict[str, float] = {}
-    for text, logprob in [*t.top, (t.token, t.logprob)]:
-        out.setdefault(text, logprob)
-    return out
