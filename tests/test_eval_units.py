@@ -451,3 +451,13 @@ def test_auroc_is_the_pairwise_ordering_probability():
     assert auroc([0.3], [True]) is None
     bins = calibration_bins([0.05, 0.15, 0.95, 1.0], [False, True, True, True])
     assert [b["n"] for b in bins] == [1, 1, 2] and bins[-1]["accuracy"] == 1.0
+
+
+def test_report_plots_are_written_as_png(tmp_path):
+    from duet.evaluation.plots import write_plots
+
+    records = [{"id": str(i), "mode": "solver+critic", "correct": i % 3 == 0, "first_correct": i % 2 == 0,
+                "first_score": (i % 10) / 10, "kind": "inverse" if i % 2 else "compare"} for i in range(40)]
+    paths = write_plots({"solver+critic": records}, tmp_path / "plots")
+    assert [p.name for p in paths] == ["calibration.png", "accuracy.png"]
+    assert all(p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" for p in paths)

@@ -46,12 +46,7 @@ def write_plots(systems: dict[str, list[dict[str, Any]]], out_dir: Path) -> list
         ax.set_xlim(0, 1)
         ax.set_ylim(0, 1)
         ax.set_title("Verifier calibration (reliability diagram)")
-        ax.legend(fontsize="small")
-        path = out_dir / "calibration.png"
-        fig.tight_layout()
-        fig.savefig(path, dpi=120)
-        plt.close(fig)
-        written.append(path)
+        written.append(_save(plt, fig, ax, out_dir / "calibration.png"))
     kinds = sorted({str(r["kind"]) for records in systems.values() for r in records if r.get("kind")})
     groups = kinds or ["all"]
     fig, ax = plt.subplots(figsize=(max(6, 1.4 * len(groups) * max(1, len(systems)) / 2), 4.5))
@@ -66,10 +61,13 @@ def write_plots(systems: dict[str, list[dict[str, Any]]], out_dir: Path) -> list
     ax.set_ylabel("accuracy (%)")
     ax.set_ylim(0, 100)
     ax.set_title("Accuracy per mode" + (" and kind" if kinds else ""))
+    written.append(_save(plt, fig, ax, out_dir / "accuracy.png"))
+    return written
+
+
+def _save(plt: Any, fig: Any, ax: Any, path: Path) -> Path:
     ax.legend(fontsize="small")
-    path = out_dir / "accuracy.png"
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
-    written.append(path)
-    return written
+    return path

@@ -106,15 +106,20 @@ def watch_child(pid: int, status: int, terminate: int | None = None) -> tuple[in
             done, wait_status, usage = os.wait4(pid, os.WNOHANG)
             if done:
                 return wait_status, usage, "exited"
-        ignore_errors(os.kill, pid, signal.SIGKILL)
-        try:
-            _, wait_status, usage = os.wait4(pid, 0)
-        except ChildProcessError:
-            return None, None, reason
-        return wait_status, usage, reason
+        return kill_and_reap(pid, reason)
     finally:
         if pidfd is not None:
             os.close(pidfd)
+
+
+def kill_and_reap(pid: int, reason: str) -> tuple[int | None, object, str]:
+    """SIGKILL ``pid`` and wait for it: (wait status, rusage, reason); None, None when it was reaped already."""
+    ignore_errors(os.kill, pid, signal.SIGKILL)
+    try:
+        _, wait_status, usage = os.wait4(pid, 0)
+    except ChildProcessError:
+        return None, None, reason
+    return wait_status, usage, reason
 
 
 def exit_report(wait_status: int | None, usage: object, reason: str) -> dict:

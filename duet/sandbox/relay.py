@@ -107,12 +107,7 @@ class Relay:
                 done, wait_status, usage = os.wait4(self.pid, os.WNOHANG)
                 if done:
                     return wait_status, usage, "exited"
-            processes.ignore_errors(os.kill, self.pid, signal.SIGKILL)
-            try:
-                _, wait_status, usage = os.wait4(self.pid, 0)
-            except ChildProcessError:
-                return None, None, reason
-            return wait_status, usage, reason
+            return processes.kill_and_reap(self.pid, reason)
         finally:
             if pidfd is not None:
                 os.close(pidfd)
