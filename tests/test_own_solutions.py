@@ -128,8 +128,8 @@ def test_off_by_default():
 
 
 def test_training_revisions_word_the_critique_as_the_live_critic_does():
-    """duet.train.data's revision after own solutions has the live dialogue's words (votes aside)."""
-    from duet.train.data import _own_solution_revision
+    """duet.train.conversations' revision after own solutions has the live dialogue's words (votes aside)."""
+    from duet.train.conversations import _own_solution_revision
 
     result, calls = run([WRONG, RIGHT, RIGHT, OTHER, solution("4 * 12"), RIGHT], solves=4)
     live = calls[5].messages[-1]["content"]

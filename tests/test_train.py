@@ -24,18 +24,10 @@ from duet.agents.critic import NO_ANSWER_REASON
 from duet.agents.protocol import extract_final_answer, find_code_blocks, parse_verdict
 from duet.answers import equivalent as answers_match
 from duet.prompts import load_prompts
-from duet.train.data import (
-    MIX,
-    Sources,
-    attempt_conversations,
-    conversations,
-    example_stream,
-    is_dev,
-    load_attempts,
-    mawps_problem,
-    normalised,
-    synthetic_problem,
-)
+from duet.train.conversations import attempt_conversations, conversations
+from duet.train.data import MIX, example_stream
+from duet.train.sources import Sources, is_dev, load_attempts, mawps_problem, normalised
+from duet.train.synthetic import synthetic_problem
 from duet.train.tokenizer import train_tokenizer
 from duet.train.trainer import TrainConfig, TrainError, balance_experts, encode_example, install_model, losses, train
 

@@ -19,8 +19,8 @@ import sympy
 
 from duet.answers import equivalent
 from duet.train.challenge import challenge_rows
-from duet.train.data import Sources, normalised, story_problem
 from duet.train.generator import generated_story
+from duet.train.sources import Sources, normalised, story_problem
 from duet.train.story import Story, evaluate, infix, number_text
 from duet.train.variations import VARIATIONS, inverse, vary
 
@@ -137,7 +137,7 @@ def test_the_challenge_split_is_built_from_dev_rows_only_and_is_reproducible():
 
 @needs_data
 def test_the_dev_file_marks_the_rows_whose_story_a_training_row_also_tells():
-    from duet.train.data import is_dev, load_mawps
+    from duet.train.sources import is_dev, load_mawps
 
     rows = load_mawps(SHARED_DATA / "mawps_asdiv_a" / "train.csv")
     told = {normalised(r.question) for r in rows if not is_dev("mawps", r.index)}

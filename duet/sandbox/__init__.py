@@ -51,6 +51,7 @@ isolation.py (kernel primitives).
 Both sides: framing.py (the frames on the control sockets) and limits.py (every fixed limit).
 """
 
+from duet.sandbox.results import RunResult
 from duet.sandbox.servers import (
     ISOLATION_LEVELS,
     SandboxError,
@@ -59,7 +60,7 @@ from duet.sandbox.servers import (
     describe_isolation,
     shutdown_servers,
 )
-from duet.sandbox.session import RunResult, Sandbox
+from duet.sandbox.session import Sandbox
 
 __all__ = [
     "ISOLATION_LEVELS",

@@ -1,4 +1,5 @@
-"""The host side of a sandbox session: `Sandbox` runs code in it and `RunResult` says what happened.
+"""The host side of a sandbox session: `Sandbox` runs code in it and `RunResult` (duet/sandbox/results.py) says
+what happened.
 
 The layers of isolation and the speed are described in the package docstring (duet/sandbox/__init__.py).
 """
@@ -6,8 +7,6 @@ The layers of isolation and the speed are described in the package docstring (du
 
 from __future__ import annotations
 
-import codecs
-import dataclasses
 import errno
 import json
 import os
@@ -21,68 +20,15 @@ import time
 from collections.abc import Collection
 
 from duet.sandbox import cgroups, framing, limits, processes
+from duet.sandbox.results import OutputCollector, RunResult
 from duet.sandbox.servers import SandboxError, _ForkServer, _get_server, _resolve
 
 SKIPPABLE_LAYERS = ("landlock", "seccomp", "uid")
 
 
-@dataclasses.dataclass
-class RunResult:
-    """The outcome of one Sandbox.run.
-
-    ok is True when the code ran to the end without raising (and its session survived). error is
-    None or one line: the exception's last line ("ZeroDivisionError: division by zero"), "timed
-    out after 5 s", "memory limit 1024 MB exceeded", "session crashed: SIGSEGV (...)", or, when
-    the code succeeded but printed too much, "output truncated at 64 KB" (then ok stays True and
-    truncated is True). seconds is the wall time of the run itself, session start excluded.
-    state_lost is True on the first run of a fresh session that replaced one that died.
-    """
-
-    stdout: str
-    stderr: str
-    error: str | None
-    ok: bool
-    seconds: float
-    state_lost: bool = False
-    truncated: bool = False
-
-
-
-
 def _one_line(value: object) -> str | None:
     """An error string from the worker, made safe to show: one line, bounded length."""
     return None if value is None else limits.one_line(value)
-
-
-class _Collector:
-    """One output stream of one run: keeps the first `limit` bytes and counts the rest.
-
-    No end marker is needed: the relay reports a run only after every process of the session is
-    stopped, so once the reply is in, what the pipe holds is all of the run's output.
-    """
-
-    def __init__(self, limit: int) -> None:
-        self.limit = limit
-        self.kept = bytearray()
-        self.total = 0
-        self.eof = False
-
-    def feed(self, data: bytes) -> None:
-        self._keep(data)
-
-    def _keep(self, data: bytes) -> None:
-        self.total += len(data)
-        room = self.limit - len(self.kept)
-        if room > 0:
-            self.kept += data[:room]
-
-    @property
-    def truncated(self) -> bool:
-        return self.total > self.limit
-
-    def text(self) -> str:
-        decoder = codecs.getincrementaldecoder("utf-8")("replace")
-        return decoder.decode(bytes(self.kept), final=not self.truncated)  # don't show a cut character
 
 
 # -------------------------------------------------------------------------------------------- sessions
@@ -469,8 +415,8 @@ class Sandbox:
         field by field, and anything malformed ends the session as a protocol error.
         """
         nonce = secrets.token_hex(16)
-        out = _Collector(self.output_limit)
-        err = _Collector(self.output_limit)
+        out = OutputCollector(self.output_limit)
+        err = OutputCollector(self.output_limit)
         frames = framing.FrameBuffer()
         reply: dict | None = None
         timed_out = broken = False
@@ -545,7 +491,7 @@ class Sandbox:
         return result, died or bool((reply or {}).get("session_ends"))
 
     @staticmethod
-    def _drain_available(fd: int, collector: _Collector) -> None:
+    def _drain_available(fd: int, collector: OutputCollector) -> None:
         """Read what is in the pipe now, without waiting (its writers are stopped or gone)."""
         while not collector.eof:
             try:
@@ -558,7 +504,7 @@ class Sandbox:
             collector.feed(chunk)
 
     @staticmethod
-    def _drain(fd: int, collector: _Collector, sel: selectors.BaseSelector) -> None:
+    def _drain(fd: int, collector: OutputCollector, sel: selectors.BaseSelector) -> None:
         try:
             chunk = os.read(fd, 1 << 16)
         except BlockingIOError:
@@ -574,7 +520,7 @@ class Sandbox:
             sel.unregister(fd)
 
     @staticmethod
-    def _drain_rest(fd: int, collector: _Collector) -> None:
+    def _drain_rest(fd: int, collector: OutputCollector) -> None:
         """After the session is gone: take what is still in the pipe (bounded; writers are dead)."""
         deadline = time.monotonic() + 1.0
         while not collector.eof and time.monotonic() < deadline:

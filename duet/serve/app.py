@@ -24,37 +24,41 @@ import hmac
 import json
 import threading
 import time
-import uuid
 from collections.abc import AsyncIterator
-from typing import Any, Optional, Union
+from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from duet.engine import SamplingParams
+from duet.serve.request_shapes import (
+    APIError,
+    ChatBody,
+    CompletionBody,
+    RequestBody,
+    chat_role,
+    message_text,
+    refuse_unsupported,
+    usage_requested,
+)
+from duet.serve.response_shapes import (
+    chat_logprobs,
+    dialogue_summary,
+    dialogue_usage,
+    envelope,
+    event_text,
+    explain,
+    finish_reason,
+    new_id,
+    text_logprobs,
+)
 from duet.serve.service import Busy, Service, TokenLogprob
 
 DIALOGUE_MODELS = {"duet": False, "duet:solver-only": True}  # model id -> solver only
 ROUTES = ("/v1/chat/completions", "/v1/completions", "/v1/models", "/health", "/metrics")
-MAX_TOP_LOGPROBS = 20
 POLL_SECONDS = 0.2  # how often a non-streaming request checks whether its client is still there
-
-
-class APIError(Exception):
-    """An error answered in OpenAI's shape."""
-
-    def __init__(self, status: int, message: str, type: str = "invalid_request_error", *,
-                 param: str | None = None, code: str | None = None, headers: dict[str, str] | None = None):
-        super().__init__(" ".join(str(message).split()))
-        self.status, self.type, self.param, self.code, self.headers = status, type, param, code, headers
-
-    def body(self) -> dict[str, Any]:
-        return {"error": {"message": str(self), "type": self.type, "param": self.param, "code": self.code}}
-
-    def response(self) -> JSONResponse:
-        return JSONResponse(self.body(), status_code=self.status, headers=self.headers)
 
 
 class _Stream(StreamingResponse):
@@ -71,53 +75,6 @@ class _Stream(StreamingResponse):
             await super().__call__(scope, receive, send)
         finally:
             self.on_close()
-
-
-# ------------------------------------------------------------------------------------------- request shapes
-
-
-class _Body(BaseModel):
-    model_config = ConfigDict(extra="allow")  # clients send fields we do not use (user, metadata, ...)
-
-    model: Optional[str] = None
-    max_tokens: Optional[int] = Field(None, ge=0)
-    max_completion_tokens: Optional[int] = Field(None, ge=0)
-    temperature: Optional[float] = Field(None, ge=0, le=2)
-    top_p: Optional[float] = Field(None, gt=0, le=1)
-    top_k: Optional[int] = Field(None, ge=-1)
-    seed: Optional[int] = None
-    stop: Union[str, list[str], None] = None
-    n: Optional[int] = Field(None, ge=1)
-    stream: Optional[bool] = False
-    stream_options: Optional[dict[str, Any]] = None
-    frequency_penalty: Optional[float] = None
-    presence_penalty: Optional[float] = None
-    logit_bias: Optional[dict[str, float]] = None
-    ignore_eos: Optional[bool] = False  # vLLM: generate max_tokens even past the end of the turn
-
-
-class ChatMessage(BaseModel):
-    model_config = ConfigDict(extra="allow")
-
-    role: str
-    content: Union[str, list[dict[str, Any]], None] = None
-
-
-class ChatBody(_Body):
-    messages: list[ChatMessage] = Field(min_length=1)
-    logprobs: Optional[bool] = False
-    top_logprobs: Optional[int] = Field(None, ge=0, le=MAX_TOP_LOGPROBS)
-    add_generation_prompt: Optional[bool] = True
-    continue_final_message: Optional[bool] = False
-    tools: Optional[list[Any]] = None
-    response_format: Optional[dict[str, Any]] = None
-
-
-class CompletionBody(_Body):
-    prompt: Union[str, list[str], list[int], list[list[int]]]
-    logprobs: Optional[int] = Field(None, ge=0, le=MAX_TOP_LOGPROBS)
-    echo: Optional[bool] = False
-    suffix: Optional[str] = None
 
 
 # ------------------------------------------------------------------------------------------- the app
@@ -205,11 +162,12 @@ def create_app(service: Service, *, api_key: str | None = None) -> FastAPI:
     async def chat(request: Request) -> Response:
         body: ChatBody = await read_body(request, ChatBody)
         model = body.model or service.model_id
-        messages = [{"role": _role(m.role), "content": _text(m.content, i)} for i, m in enumerate(body.messages)]
+        messages = [{"role": chat_role(m.role), "content": message_text(m.content, i)}
+                    for i, m in enumerate(body.messages)]
         if model in DIALOGUE_MODELS:
             return await _dialogue(request, body, model, messages)
         _check_model(model)
-        _refuse_unsupported(body)
+        refuse_unsupported(body)
         if body.add_generation_prompt and body.continue_final_message:
             raise APIError(400, "add_generation_prompt and continue_final_message cannot both be true",
                            param="continue_final_message")
@@ -229,15 +187,15 @@ def create_app(service: Service, *, api_key: str | None = None) -> FastAPI:
         top = (body.top_logprobs or 0) if body.logprobs else None
         job = _Job(request, [prompt], _params(body), top)
         if body.stream:
-            return job.stream("chat.completion.chunk", model, include_usage=_include_usage(body))
+            return job.stream("chat.completion.chunk", model, include_usage=usage_requested(body))
         results = await job.run()
         choices = []
         for i, (result, logprobs) in enumerate(results):
             choice: dict[str, Any] = {"index": i, "message": {"role": "assistant", "content": result.text},
-                                      "logprobs": None if logprobs is None else {"content": _chat_logprobs(logprobs)},
-                                      "finish_reason": _finish(result), "stop_reason": result.stop_string}
+                                      "logprobs": None if logprobs is None else {"content": chat_logprobs(logprobs)},
+                                      "finish_reason": finish_reason(result), "stop_reason": result.stop_string}
             choices.append(choice)
-        return JSONResponse(_envelope("chatcmpl", "chat.completion", model, choices, job.usage(results)))
+        return JSONResponse(envelope("chatcmpl", "chat.completion", model, choices, job.usage(results)))
 
     @app.post("/v1/completions")
     async def completions(request: Request) -> Response:
@@ -246,17 +204,17 @@ def create_app(service: Service, *, api_key: str | None = None) -> FastAPI:
         if model in DIALOGUE_MODELS:
             raise APIError(400, f"{model} is a chat model (the dialogue); use /v1/chat/completions", param="model")
         _check_model(model)
-        _refuse_unsupported(body)
+        refuse_unsupported(body)
         if body.echo or body.suffix:
             raise APIError(400, "echo and suffix are not supported", param="echo" if body.echo else "suffix")
         prompts = _prompts(body.prompt)
         job = _Job(request, prompts, _params(body), body.logprobs)
         if body.stream:
-            return job.stream("text_completion", model, include_usage=_include_usage(body))
+            return job.stream("text_completion", model, include_usage=usage_requested(body))
         results = await job.run()
-        choices = [{"index": i, "text": r.text, "finish_reason": _finish(r), "stop_reason": r.stop_string,
-                    "logprobs": None if lp is None else _text_logprobs(lp)} for i, (r, lp) in enumerate(results)]
-        return JSONResponse(_envelope("cmpl", "text_completion", model, choices, job.usage(results)))
+        choices = [{"index": i, "text": r.text, "finish_reason": finish_reason(r), "stop_reason": r.stop_string,
+                    "logprobs": None if lp is None else text_logprobs(lp)} for i, (r, lp) in enumerate(results)]
+        return JSONResponse(envelope("cmpl", "text_completion", model, choices, job.usage(results)))
 
     # ------------------------------------------------------------------------------- helpers over the service
 
@@ -266,7 +224,7 @@ def create_app(service: Service, *, api_key: str | None = None) -> FastAPI:
                                 f"{', '.join([service.model_id, *DIALOGUE_MODELS])}",
                            "not_found_error", param="model", code="model_not_found")
 
-    def _params(body: _Body) -> list[SamplingParams]:
+    def _params(body: RequestBody) -> list[SamplingParams]:
         n = body.n or 1
         if n > limits.max_n:
             raise APIError(400, f"n={n} is over the limit of {limits.max_n}", param="n")
@@ -369,7 +327,7 @@ def create_app(service: Service, *, api_key: str | None = None) -> FastAPI:
 
         def stream(self, kind: str, model: str, *, include_usage: bool) -> StreamingResponse:
             chat = kind == "chat.completion.chunk"
-            rid, created = _id("chatcmpl" if chat else "cmpl"), int(time.time())
+            rid, created = new_id("chatcmpl" if chat else "cmpl"), int(time.time())
             count = len(self.prompts) * len(self.params)
 
             def chunk(choices: list[dict], **extra: Any) -> str:
@@ -409,9 +367,9 @@ def create_app(service: Service, *, api_key: str | None = None) -> FastAPI:
                         return
                     for i, (r, lp) in enumerate(results):
                         if lp is not None:
-                            logprobs = {"content": _chat_logprobs(lp)} if chat else _text_logprobs(lp)
+                            logprobs = {"content": chat_logprobs(lp)} if chat else text_logprobs(lp)
                             yield chunk([{**delta(i, ""), "logprobs": logprobs}])
-                        yield chunk([{**delta(i, ""), "finish_reason": _finish(r), "stop_reason": r.stop_string}])
+                        yield chunk([{**delta(i, ""), "finish_reason": finish_reason(r), "stop_reason": r.stop_string}])
                     if include_usage:
                         yield chunk([], usage=self.usage(results))
                     yield "data: [DONE]\n\n"
@@ -435,7 +393,7 @@ def create_app(service: Service, *, api_key: str | None = None) -> FastAPI:
                            headers={"Retry-After": str(limits.retry_after)}) from None
         cancel = threading.Event()
         solver_only = DIALOGUE_MODELS[model]
-        rid, created = _id("chatcmpl"), int(time.time())
+        rid, created = new_id("chatcmpl"), int(time.time())
         if not body.stream:
             task = asyncio.ensure_future(service.dialogue(ticket, question, solver_only=solver_only, cancel=cancel))
             try:
@@ -451,8 +409,8 @@ def create_app(service: Service, *, api_key: str | None = None) -> FastAPI:
             result = task.result()
             choice = {"index": 0, "message": {"role": "assistant", "content": explain(result)},
                       "logprobs": None, "finish_reason": "stop", "stop_reason": None}
-            data = _envelope("chatcmpl", "chat.completion", model, [choice], _dialogue_usage(result), rid=rid)
-            data["duet"] = _summary(result)
+            data = envelope("chatcmpl", "chat.completion", model, [choice], dialogue_usage(result), rid=rid)
+            data["duet"] = dialogue_summary(result)
             data["duet_transcript"] = result.to_dict()
             return JSONResponse(json.loads(json.dumps(data, default=str)))
 
@@ -469,16 +427,16 @@ def create_app(service: Service, *, api_key: str | None = None) -> FastAPI:
             try:
                 yield chunk({"role": "assistant", "content": ""})
                 while (event := await queue.get()) is not None:
-                    text = _event_text(event)
+                    text = event_text(event)
                     if event.kind == "delta":
                         yield chunk({"reasoning_content": text})
                     else:
                         yield chunk({"reasoning_content": text} if text else {}, duet_event=event.to_dict())
                 result = task.result()
                 yield chunk({"content": explain(result)})
-                extra: dict[str, Any] = {"duet": _summary(result), "duet_transcript": result.to_dict()}
-                if _include_usage(body):
-                    extra["usage"] = _dialogue_usage(result)
+                extra: dict[str, Any] = {"duet": dialogue_summary(result), "duet_transcript": result.to_dict()}
+                if usage_requested(body):
+                    extra["usage"] = dialogue_usage(result)
                 yield chunk({}, "stop", **extra)
                 yield "data: [DONE]\n\n"
             finally:
@@ -517,127 +475,3 @@ class _CountRequests:
         finally:
             model = scope.get("state", {}).get("model", "")
             self.service.metrics.request(scope["path"], model, status)
-
-
-# ------------------------------------------------------------------------------------------- formatting
-
-
-def _id(prefix: str) -> str:
-    return f"{prefix}-{uuid.uuid4().hex[:24]}"
-
-
-def _envelope(prefix: str, kind: str, model: str, choices: list, usage: dict, rid: str | None = None) -> dict:
-    return {"id": rid or _id(prefix), "object": kind, "created": int(time.time()), "model": model,
-            "choices": choices, "usage": usage}
-
-
-def _finish(result: Any) -> str:
-    return {"length": "length", "cancelled": "abort"}.get(result.finish_reason, "stop")
-
-
-def _include_usage(body: _Body) -> bool:
-    return bool((body.stream_options or {}).get("include_usage"))
-
-
-def _role(role: str) -> str:
-    if role == "developer":  # OpenAI's newer name for the system message
-        return "system"
-    if role not in ("system", "user", "assistant"):
-        raise APIError(400, f"messages: role {role!r} is not supported (system, user, assistant)", param="messages")
-    return role
-
-
-def _text(content: Any, index: int) -> str:
-    if content is None or isinstance(content, str):
-        return content or ""
-    parts = []
-    for part in content:
-        if part.get("type") != "text" or not isinstance(part.get("text"), str):
-            raise APIError(400, f"messages[{index}]: only text content parts are supported", param="messages")
-        parts.append(part["text"])
-    return "".join(parts)
-
-
-def _refuse_unsupported(body: Any) -> None:
-    for name in ("frequency_penalty", "presence_penalty"):
-        if getattr(body, name, None):
-            raise APIError(400, f"{name} is not supported by duet serve", param=name)
-    if body.logit_bias:
-        raise APIError(400, "logit_bias is not supported by duet serve", param="logit_bias")
-    if getattr(body, "tools", None):
-        raise APIError(400, "tools are not supported by duet serve", param="tools")
-    response_format = getattr(body, "response_format", None)
-    if response_format and response_format.get("type", "text") != "text":
-        raise APIError(400, "response_format other than text is not supported by duet serve",
-                       param="response_format")
-
-
-def _chat_logprobs(logprobs: list[TokenLogprob]) -> list[dict]:
-    def entry(token: str, logprob: float) -> dict:
-        return {"token": token, "logprob": logprob, "bytes": list(token.encode("utf-8"))}
-
-    return [{**entry(t.token, t.logprob), "top_logprobs": [entry(tok, lp) for tok, lp in t.top]} for t in logprobs]
-
-
-def _text_logprobs(logprobs: list[TokenLogprob]) -> dict:
-    offsets, at = [], 0
-    for t in logprobs:
-        offsets.append(at)
-        at += len(t.token)
-    return {"tokens": [t.token for t in logprobs], "token_logprobs": [t.logprob for t in logprobs],
-            "top_logprobs": [dict(t.top) for t in logprobs], "text_offset": offsets}
-
-
-def _event_text(event: Any) -> str:
-    """How a dialogue event reads in the streamed reasoning text."""
-    kind, data = event.kind, event.data
-    if kind == "delta":
-        return event.text
-    if kind == "turn_start":
-        return f"\n\n[{event.agent}, round {event.round}: {data.get('task', '')}]\n"
-    if kind == "output":
-        return f"```output\n{event.text}\n```\n"
-    if kind == "verdict":
-        reason = data.get("reason")
-        return f"\n[critic's verdict: {event.text}{': ' + reason if reason else ''}]\n"
-    if kind == "error":
-        return f"\n[error: {event.text}]\n"
-    return ""
-
-
-EXPLANATION_CHARS = 1500
-
-
-def explain(result: Any) -> str:
-    """The dialogue's reply: the answer, how it was reached, and the solution that gave it."""
-    stop = result.stop_reason
-    if result.answer is None:
-        why = f" ({result.error})" if result.error else ""
-        return f"No answer: the dialogue ended without one ({stop}{why})."
-    if result.agreed:
-        how = f"The critic checked the solver's solution and agreed (round {result.rounds})."
-    elif stop == "no_critic":
-        how = "The solver's answer (solver only, not checked by the critic)."
-    else:
-        how = (f"The critic did not agree ({stop}, after {result.rounds} round{'s' * (result.rounds != 1)}); "
-               "this is the solver's answer, unconfirmed.")
-    solution = next((t.text for t in reversed(result.turns) if t.agent == "solver" and t.answer == result.answer
-                     and t.task != "sample"), None)
-    solution = solution or next((t.text for t in reversed(result.turns) if t.answer == result.answer), "")
-    if len(solution) > EXPLANATION_CHARS:
-        solution = solution[:EXPLANATION_CHARS] + " ..."
-    text = f"The answer is {result.answer}.\n\n{how}"
-    return f"{text}\n\n{solution.strip()}" if solution.strip() else text
-
-
-def _summary(result: Any) -> dict[str, Any]:
-    return {"answer": result.answer, "agreed": result.agreed, "rounds": result.rounds,
-            "stop_reason": result.stop_reason, "error": result.error}
-
-
-def _dialogue_usage(result: Any) -> dict[str, int]:
-    return {"prompt_tokens": result.prompt_tokens, "completion_tokens": result.completion_tokens,
-            "total_tokens": result.prompt_tokens + result.completion_tokens}
-
-
-__all__ = ["APIError", "create_app", "explain"]

@@ -15,7 +15,7 @@ import json
 import random
 from pathlib import Path
 
-from duet.train.data import Sources
+from duet.train.sources import Sources
 from duet.train.story import infix, number_text
 from duet.train.variations import VARIATIONS, vary
 

@@ -1,6 +1,6 @@
 r"""On-policy critic data: the model's own solutions to training problems, right and wrong.
 
-The synthetic wrong solutions in `duet.train.data` (another operation, swapped numbers) are not the
+The synthetic wrong solutions in `duet.train.solutions` (another operation, swapped numbers) are not the
 mistakes the model makes, so a critic trained only on them learns to agree with the model's real
 mistakes. This module collects real ones in three steps, reusing `duet eval` for the generation:
 
@@ -32,7 +32,7 @@ from pathlib import Path
 from duet.answers import equivalent
 from duet.errors import DuetError
 from duet.train.cli import DATA_FILES, unusable_out
-from duet.train.data import Sources, mawps_problem, story_problem
+from duet.train.sources import Sources, mawps_problem, story_problem
 from duet.train.variations import VARIATIONS, vary
 
 

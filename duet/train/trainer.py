@@ -29,7 +29,9 @@ from torch import Tensor
 from duet.errors import DuetError
 from duet.model import ModelArgs, Transformer, count_parameters, load_model, save_model
 from duet.model.model import MoE
-from duet.train.data import MIX, Conversation, Sources, example_stream
+from duet.train.conversations import Conversation
+from duet.train.data import MIX, example_stream
+from duet.train.sources import Sources
 from duet.train.tokenizer import train_tokenizer
 
 
