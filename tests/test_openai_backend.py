@@ -370,7 +370,8 @@ def test_a_full_dialogue_on_the_server(server):
     critic_script = "Check.\n```python\nprint(42 / 7)\n```\n```output\n?\n```\nVERDICT: AGREE\n\\boxed{42}"
     server.respond = scripted_responder(ScriptedBackend([solver_script], match={"Solution:": critic_script}))
     backend = OpenAIBackend(server.url, "served-model")
-    result = run_dialogue("What is 6 times 7?", backend, config=DialogueConfig(max_tokens=200))
+    # the critic checking with its own code (the verifier, on by default for a server, asks only for a verdict)
+    result = run_dialogue("What is 6 times 7?", backend, config=DialogueConfig(max_tokens=200, verify=False))
     assert (result.stop_reason, result.answer, result.agreed) == ("agreed", "42", True)
     assert [s.output for t in result.turns for s in t.steps] == ["42", "6.0"]
     bodies = [r["body"] for r in server.requests]

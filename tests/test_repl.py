@@ -355,7 +355,8 @@ def test_two_ctrl_cs_a_millisecond_apart_never_escape_the_wait():
 
             threading.Thread(target=press_twice, daemon=True).start()
             assert run_cancellable(work, cancel, seen.append) == "wound down"
-            assert seen == [1, 2]
+            # two SIGINTs sent before the first is handled are one pending signal (a busy machine): 1 or 2
+            assert seen in ([1], [1, 2])
         assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # put back
     finally:
         signal.signal(signal.SIGINT, previous)
