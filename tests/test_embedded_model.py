@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -15,6 +16,7 @@ from duet.model import count_parameters, load_model
 from duet.model.embedded import EMBEDDED_DIR, default_model_path
 
 DUET = Path(sys.executable).with_name("duet")
+REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
@@ -65,3 +67,16 @@ def test_duet_solve_runs_on_it_without_flags(tmp_path):
     assert result["solver_model"] == "local:embedded"
     assert result["answer"], "the embedded model gave no answer"
     assert result["turns"][0]["steps"], "the solver wrote no code"
+
+
+def test_make_demos_two_step_question_is_answered_right_and_agreed(tmp_path):
+    """The front door: `make demo` asks a two-step question no training source tells (tests/test_variations.py
+    checks that) and the embedded model must answer it right, with its critic agreeing."""
+    question = re.search(r'duet solve "([^"]+)"', (REPO / "Makefile").read_text()).group(1)
+    env = {**os.environ, "HOME": str(tmp_path), "XDG_CONFIG_HOME": str(tmp_path / "c"),
+           "XDG_DATA_HOME": str(tmp_path / "d")}
+    env.pop("DUET_MODEL", None)
+    r = subprocess.run([str(DUET), "solve", "--json", "--no-log", question], capture_output=True, text=True,
+                       env=env, timeout=300)
+    result = json.loads(r.stdout)
+    assert (r.returncode, result["answer"], result["agreed"]) == (0, "180", True), result["stop_reason"]

@@ -147,3 +147,14 @@ def test_the_dev_file_marks_the_rows_whose_story_a_training_row_also_tells():
     assert kinds == {"held_out", "story_in_training"}
     for r in dev:
         assert (normalised(by_id[r["id"]].question) in told) == (r["kind"] == "story_in_training")
+
+
+@needs_data
+def test_make_demos_question_is_in_no_training_source():
+    question = re.search(r'duet solve "([^"]+)"', (REPO / "Makefile").read_text()).group(1)
+    real = Sources.load(SHARED_DATA)
+    told = {normalised(r.question) for r in real.mawps_train + real.mawps_dev}
+    told |= {normalised(p.question) for p in real.gsm8k_train}
+    rng = random.Random(2)
+    told |= {normalised(s.text) for s in (generated_story(rng) for _ in range(5000)) if s}
+    assert normalised(question) not in told
