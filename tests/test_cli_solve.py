@@ -371,3 +371,11 @@ def test_sandbox_level_is_a_setting_and_none_is_an_explicit_opt_out(home):
     assert json.loads(r.stdout)["config"]["sandbox_isolation"] == "none"
     bad = duet(home, "solve", "--sandbox", "bogus", QUESTION, "--backend", f"scripted:{reply}")
     assert bad.returncode == 2 and "expected one of auto, bwrap, landlock, rlimits, none" in bad.stderr
+
+
+def test_json_output_carries_no_raw_control_characters(home):
+    """Model text reaches --json escaped: a terminal showing the JSON sees no ESC, BEL or C1 byte."""
+    hostile = "Look\x1b]0;PWNED\x07 here\x9b2J. \\boxed{71}"
+    r = duet(home, "solve", "--json", "--no-log", "--no-critic", "--replies", replies(home, hostile), QUESTION)
+    assert not any(c in r.stdout for c in "\x1b\x07\x9b"), r.stdout
+    assert json.loads(r.stdout)["turns"][0]["text"] == hostile  # nothing lost

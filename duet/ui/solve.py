@@ -146,7 +146,7 @@ def failure(message: str, code: int, question: str | None = None) -> dict[str, A
 
 def print_json(data: dict[str, Any]) -> None:
     """``data`` as the one JSON object on stdout."""
-    sys.stdout.write(json.dumps(data, indent=2, ensure_ascii=False, default=str) + "\n")
+    sys.stdout.write(json.dumps(data, indent=2, ensure_ascii=True, default=str) + "\n")
     sys.stdout.flush()
 
 

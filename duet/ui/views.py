@@ -21,7 +21,7 @@ def _console() -> Any:
 
 
 def _print_json(data: Any) -> None:
-    sys.stdout.write(json.dumps(data, indent=2, ensure_ascii=False, default=str) + "\n")
+    sys.stdout.write(json.dumps(data, indent=2, ensure_ascii=True, default=str) + "\n")
 
 
 def _shorten(text: str | None, width: int) -> str:
