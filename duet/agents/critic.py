@@ -32,9 +32,6 @@ trained to follow). The number check still comes first.
 
 from __future__ import annotations
 
-from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import replace
-
 from duet.agents.backends import Backend, BackendError
 from duet.agents.events import Emitter
 from duet.agents.number_check import check_numbers, number_check_reason
@@ -56,44 +53,24 @@ MIN_VOTES = 2  # own solutions that must share an answer before the critic acts 
 class OwnSolutions:
     """The critic's ``k`` own solutions of one problem, started at once (they run while the solver solves).
 
-    Backends that serve requests concurrently (``backend.concurrent``: duet's engine batches them, a server
-    takes them in parallel) get one thread per solution; others (the scripted test backend) solve them in
-    order, on the first ``turns()`` call, so that scripted replies are consumed deterministically.
-    Solution ``i`` is sampled with seed ``seed + 1 + i`` (seed 0 when the dialogue has none): a dialogue
-    is reproducible. Their turns are silent (no events: they would interleave with the solver's stream).
+    They are :class:`~duet.agents.verifier.Samples` without scores: concurrent on a backend that serves
+    requests together, in order otherwise; solution ``i`` is sampled with seed ``seed + 1 + i`` (seed 0
+    when the dialogue has none), so a dialogue is reproducible; their turns are silent.
     """
 
     def __init__(self, backend: Backend, prompts: Prompts, question: str, options: TurnOptions, k: int,
                  temperature: float) -> None:
-        base = options.seed or 0
-        self._jobs = [([{"role": "system", "content": prompts.solver_system},
-                        {"role": "user", "content": prompts.solver_question(question)}],
-                       replace(options, temperature=temperature, seed=base + 1 + i, on_event=None))
-                      for i in range(k)]
-        self.backend = backend
-        self._futures: list[Future] | None = None
-        self._turns: list[Turn] | None = None
-        if getattr(backend, "concurrent", False):
-            pool = ThreadPoolExecutor(max_workers=k, thread_name_prefix="duet-critic-solve")
-            self._futures = [pool.submit(self._solve, *job) for job in self._jobs]
-            pool.shutdown(wait=False)
+        self.samples = Samples(backend, None, prompts, question, options, k, temperature, agent="critic",
+                               task="own_solution")
 
     @property
     def started(self) -> bool:
         """Whether the solutions are running or done (a non-concurrent backend starts them on ``turns()``)."""
-        return self._futures is not None or self._turns is not None
-
-    def _solve(self, messages: list[dict], options: TurnOptions) -> Turn:
-        return run_turn(self.backend, messages, options, agent="critic", round=1, task="own_solution")
+        return self.samples.started
 
     def turns(self) -> list[Turn]:
         """The finished solutions (waits for them)."""
-        if self._turns is None:
-            if self._futures is not None:
-                self._turns = [f.result() for f in self._futures]
-            else:
-                self._turns = [self._solve(*job) for job in self._jobs]
-        return self._turns
+        return [turn for turn, _ in self.samples.results()]
 
     def compare(self, claimed: str) -> tuple[Verdict, str | None] | None:
         """The verdict on the solver's answer ``claimed`` from the own solutions' answers, and the answer they
@@ -101,7 +78,7 @@ class OwnSolutions:
         turns = self.turns()
         best, groups = majority([t.answer for t in turns])
         support = next((g["count"] for g in groups if equivalent(g["answer"], claimed)), 0)
-        votes, k = (groups[0]["count"] if groups else 0), len(self._jobs)
+        votes, k = (groups[0]["count"] if groups else 0), self.samples.k
         # the solver's answer is one more vote for `claimed`: another answer must beat that total, since a
         # greedy solution is right more often than a sampled one
         if best is not None and not equivalent(best, claimed) and votes >= MIN_VOTES and votes > support + 1:

@@ -93,13 +93,17 @@ def weighted_vote(answers: Sequence[str | None], weights: Sequence[float]) -> tu
 
 class Samples:
     """K solver turns on one problem sampled at ``temperature`` (seeds ``seed + 1 + i``), each in its own
-    sandbox, and their scores. On a backend that serves requests concurrently they run in threads, so
-    the engine decodes them in one batch; otherwise in order. Their turns are silent (no live events)."""
+    sandbox, and, with a verifier, their scores. On a backend that serves requests concurrently they start
+    at once in threads, so the engine decodes them in one batch; otherwise in order, on the first
+    ``results()`` call (scripted replies are then consumed deterministically). Their turns are silent (no
+    live events: they would interleave with the solver's stream)."""
 
-    def __init__(self, backend: Backend, verifier: Verifier, prompts: Prompts, question: str,
-                 options: TurnOptions, k: int, temperature: float, *, agent: str = "solver") -> None:
+    def __init__(self, backend: Backend, verifier: Verifier | None, prompts: Prompts, question: str,
+                 options: TurnOptions, k: int, temperature: float, *, agent: str = "solver",
+                 task: str = "sample") -> None:
         base = options.seed or 0
-        self.question, self.verifier, self.backend, self.agent = question, verifier, backend, agent
+        self.question, self.verifier, self.backend = question, verifier, backend
+        self.agent, self.task, self.k = agent, task, k
         self._jobs = [([{"role": "system", "content": prompts.solver_system},
                         {"role": "user", "content": prompts.solver_question(question)}],
                        replace(options, temperature=temperature, seed=base + 1 + i, on_event=None))
@@ -111,15 +115,21 @@ class Samples:
             self._futures = [pool.submit(self._one, *job) for job in self._jobs]
             pool.shutdown(wait=False)
 
+    @property
+    def started(self) -> bool:
+        """Whether the turns are running or done (a non-concurrent backend starts them on ``results()``)."""
+        return self._futures is not None or self._done is not None
+
     def _one(self, messages: list[dict], options: TurnOptions) -> tuple[Turn, Score | None]:
-        turn = run_turn(self.backend, messages, options, agent=self.agent, round=1, task="sample")
+        turn = run_turn(self.backend, messages, options, agent=self.agent, round=1, task=self.task)
         score = None
-        if turn.answer is not None and not options.cancelled():
+        if self.verifier is not None and turn.answer is not None and not options.cancelled():
             try:
                 score = self.verifier.score(self.question, turn.text, options.cancel)
             except BackendError as error:
                 turn.error = turn.error or str(error)
-        turn.score = score.to_dict() if score else None
+        if self.verifier is not None:
+            turn.score = score.to_dict() if score else None
         return turn, score
 
     def results(self) -> list[tuple[Turn, Score | None]]:
