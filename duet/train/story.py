@@ -15,7 +15,7 @@ import re
 from dataclasses import dataclass, replace
 
 _MASK = re.compile(r"\bnumber(\d+)\b")
-_OPS = ("+", "-", "*", "/")
+OPS = ("+", "-", "*", "/")
 
 
 @dataclass(frozen=True)
@@ -73,7 +73,7 @@ def _parse(tokens: tuple[str, ...] | list[str]):
             raise ValueError("the equation ends early")
         tok = tokens[pos]
         pos += 1
-        if tok in _OPS:
+        if tok in OPS:
             return (tok, node(), node())
         return tok
 

@@ -20,15 +20,12 @@ import re
 from collections.abc import Callable
 from dataclasses import replace
 
-from duet.train.story import _OPS, Story, evaluate, is_clean, masks_used, number_text, sentences
+from duet.train.story import OPS, Story, evaluate, is_clean, masks_used, sentences
 
 NAMES = ["Ava", "Ben", "Chen", "Dara", "Eli", "Farah", "Gus", "Hana", "Ivan", "Jade", "Kofi", "Lena", "Mateo",
          "Nia", "Omar", "Priya", "Quinn", "Rosa", "Sam", "Tariq", "Uma", "Vera", "Wes", "Yuki", "Zoe"]
 OTHER_ITEMS = ["pencils", "stamps", "postcards", "buttons", "ribbons", "magnets", "keychains", "puzzles",
                "candles", "erasers", "crayons", "feathers", "pebbles", "bookmarks", "badges"]
-_UNITS = {"dollars", "cents", "hours", "minutes", "seconds", "days", "weeks", "months", "years", "miles",
-          "meters", "feet", "inches", "pounds", "ounces", "km", "kilometers", "grams", "kilograms", "liters",
-          "gallons", "percent", "degrees", "times", "yards", "cups", "quarts", "pints"}
 # things that come in bags, boxes and rows (a "basket of customers" would not do)
 COUNTABLE = {"apples", "books", "marbles", "stickers", "pencils", "cookies", "cards", "shells", "seashells",
              "stamps", "eggs", "flowers", "balloons", "cupcakes", "coins", "muffins", "beads", "rocks", "oranges",
@@ -296,7 +293,7 @@ def _answer_statement(question: str) -> str | None:
 def inverse(story: Story, rng: random.Random) -> Story | None:
     """The story asked for one of its givens (the start, or the change), its original answer stated."""
     split = _question_split(story)
-    if split is None or len(story.equation) != 3 or story.equation[0] not in _OPS:
+    if split is None or len(story.equation) != 3 or story.equation[0] not in OPS:
         return None
     body, question = split
     statement = _answer_statement(question)
@@ -414,5 +411,3 @@ def vary(story: Story, kind: str, rng: random.Random, tries: int = 5) -> Story |
             return varied
     return None
 
-
-__all__ = ["VARIATIONS", "fresh_numbers", "number_text", "resample", "vary"]
