@@ -64,11 +64,11 @@ def test_inverse_asks_for_a_given_and_its_answer_solves_the_original_story():
         varied = inverse(story, random.Random(seed))
         assert varied is not None
         assert "some" in varied.text and "14" in varied.question()
-        unknown = varied.value()
-        # put the answer back where "some" stands: the original equation must give the stated 14
-        restored = [unknown if number_text(unknown) not in varied.question() and v in (26.0, 12.0) and
-                    not re.search(rf"\b{number_text(v)}\b", varied.question()) else v for v in story.numbers]
-        assert evaluate(story.equation, restored) == pytest.approx(14.0)
+        # the given the question now asks for is the one "some" replaced; the answer is exactly that number
+        asked = [v for v in story.numbers if not re.search(rf"\b{number_text(v)}\b", varied.question())]
+        assert len(asked) == 1 and varied.value() == pytest.approx(asked[0])
+        other = 26.0 if asked[0] == 12.0 else 12.0  # and it solves the original story with the stated 14
+        assert evaluate(story.equation, [asked[0], other] if asked[0] == 26.0 else [other, asked[0]]) == 14.0
 
 
 def test_every_variation_keeps_a_gold_that_sympy_agrees_with():
