@@ -9,9 +9,11 @@ from __future__ import annotations
 import math
 import threading
 
-from duet.agents.backends import Completion, Request
+import pytest
+
+from duet.agents.backends import BackendError, Completion, Request
 from duet.agents.dialogue import DialogueConfig, run_dialogue
-from duet.agents.verifier import VERDICT_PREFIX, weighted_vote
+from duet.agents.verifier import VERDICT_PREFIX, ConfidenceHead, weighted_vote
 from duet.evaluation.datasets import Problem
 from duet.evaluation.modes import Context, parse_mode, run_problem
 from duet.prompts import load_prompts
@@ -133,3 +135,47 @@ def test_eval_verifier_at_k_records_greedy_majority_weighted_and_pass_at_k():
     assert record["majority_correct"] is True  # three 71s against one 35
     assert [s["p"] for s in record["samples"]] == [0.2, 0.9, 0.9, 0.9]
     assert transcript["scores"][0]["method"] == "logprobs"
+
+
+class ConfidentModel(FakeModel):
+    """FakeModel whose completions carry token log-probabilities: sure of right solutions, unsure of wrong ones."""
+
+    def complete(self, messages, request=Request(), *, on_text=None, cancel=None) -> Completion:
+        done = super().complete(messages, request, on_text=on_text, cancel=cancel)
+        sure = "71" in done.text or "23 + 4 * 12" in done.text
+        done.token_logprobs = [-0.01 if sure else -0.6] * 5
+        return done
+
+
+def test_with_a_confidence_head_the_score_is_the_solvers_confidence_and_no_verdict_is_asked():
+    model = ConfidentModel()
+    model.verifier_head = ConfidenceHead({"mean": 20.0}, bias=2.0)  # mean -0.01 -> 0.86; -0.6 -> 0.0000…
+    result = run_dialogue(QUESTION, model, config=config())
+    solver = result.turns[0]
+    assert solver.confidence == {"mean": -0.6, "min": -0.6, "tokens": 10}  # both pieces of the reply
+    check = next(t for t in result.turns if t.task == "verify")
+    assert check.score["method"] == "confidence" and check.score["p"] < 0.01
+    samples = [t for t in result.turns if t.task == "sample"]
+    assert [t.score["method"] for t in samples] == ["confidence"] * 3
+    assert result.answer == "71" and model.verdicts == 0  # the head replaced every verdict request
+
+
+def test_a_solution_without_log_probabilities_falls_back_to_the_verdict():
+    model = FakeModel()  # no token_logprobs: Turn.confidence is None
+    model.verifier_head = ConfidenceHead({"mean": 20.0}, bias=2.0)
+    result = run_dialogue(QUESTION, model, config=config())
+    assert result.turns[0].confidence is None
+    check = next(t for t in result.turns if t.task == "verify")
+    assert check.score["method"] == "logprobs" and model.verdicts > 0
+
+
+def test_confidence_head_files(tmp_path):
+    assert ConfidenceHead.load(tmp_path) is None
+    (tmp_path / ConfidenceHead.FILE).write_text('{"weights": {"mean": 2.0, "min": 0.5}, "bias": 1.0}')
+    head = ConfidenceHead.load(tmp_path)
+    assert abs(head.p({"mean": -0.5, "min": -2.0, "tokens": 3}) - 1 / (1 + math.exp(1.0))) < 1e-9
+    for bad in ("{", '{"weights": {"entropy": 1}, "bias": 0}', '{"weights": [], "bias": 0}'):
+        (tmp_path / ConfidenceHead.FILE).write_text(bad)
+        with pytest.raises(BackendError) as e:
+            ConfidenceHead.load(tmp_path)
+        assert "\n" not in str(e.value) and "not a verifier head" in str(e.value) and "fit it again" in str(e.value)

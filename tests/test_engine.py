@@ -147,6 +147,22 @@ def test_top_logprobs_are_the_target_models_with_and_without_mtp_and_prefix_cach
                 assert all(abs(top[t] - ref[t]) < 1e-4 for t in ref)
 
 
+def test_token_logprobs_are_each_emitted_tokens_under_a_full_forward_pass(ckpt, plain):
+    """Every result carries the log-probability of each token it emitted (asked or not, greedy or sampled, with
+    MTP or without): the main model's, as a full forward pass without cache gives it."""
+    sampled = SamplingParams(max_new_tokens=16, temperature=1.3, seed=4, stop_at_eos=False)
+    greedy = SamplingParams(max_new_tokens=16, stop_at_eos=False)
+    for engine in (plain, Engine.load(ckpt, max_batch=3, mtp_depth=2)):
+        for params in (greedy, sampled):
+            for prompt, r in zip(PROMPTS, engine.generate(PROMPTS, params), strict=True):
+                ids = plain.encode(prompt)
+                with torch.no_grad():
+                    logits = plain.model(torch.tensor([ids + r.token_ids]))[0, len(ids) - 1: -1]
+                want = logits.float().log_softmax(-1).gather(-1, torch.tensor(r.token_ids)[:, None])[:, 0]
+                assert len(r.token_logprobs) == len(r.token_ids) == 16
+                assert torch.allclose(torch.tensor(r.token_logprobs), want, atol=1e-4)
+
+
 def test_sampled_tokens_are_in_their_top_logprobs(engine):
     params = SamplingParams(max_new_tokens=20, temperature=1.5, seed=3, stop_at_eos=False, logprobs=1)
     [r] = engine.generate([PROMPTS[1]], params)

@@ -435,7 +435,8 @@ def test_readme_lists_every_mode():
 def test_auroc_is_the_pairwise_ordering_probability():
     import random as _random
 
-    from duet.evaluation.stats import auroc, calibration_bins
+    from duet.agents.verifier import auroc
+    from duet.evaluation.stats import calibration_bins
 
     rng = _random.Random(0)
     for _ in range(20):

@@ -453,7 +453,7 @@ def test_cli_checks_out_data_and_inputs_before_writing(duet_train, tmp_path, dat
 
 
 def test_cli_resumes_only_the_same_run_and_only_forward(duet_train, tmp_path, data_dir):
-    """A saved run (its trainer state, as _save writes it) is checked before anything loads."""
+    """A saved run (its trainer state, as save_checkpoint writes it) is checked before anything loads."""
     out = tmp_path / "run"
     (out / "checkpoint").mkdir(parents=True)
     saved = TrainConfig(data_dir=str(data_dir), out_dir=str(out), steps=3, batch_size=1)  # the CLI's defaults

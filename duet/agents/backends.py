@@ -20,7 +20,9 @@ Contract of ``complete(messages, request, *, on_text, cancel)`` (``request``: a 
   (``cancel`` was set; ``text`` holds what was generated so far).
 * With ``request.logprobs = k > 0``, ``Completion.top_logprobs`` holds, for each generated token in
   order, the log-probabilities of the model's top ``k`` tokens there (text -> log-probability, the
-  sampled token included); ``None`` where the backend cannot give them.
+  sampled token included); ``None`` where the backend cannot give them. ``Completion.token_logprobs``
+  holds each generated token's own log-probability, always where the backend can give it cheaply (the
+  local engine) and on a server when ``request.logprobs > 0``.
 * A reasoning model's thinking (``<think>...</think>`` or a server's ``reasoning_content``) goes to
   ``Completion.reasoning``, never to ``text``.
 * ``on_text`` receives the answer text as it is generated, in order, in pieces whose concatenation is
@@ -114,6 +116,9 @@ class Completion:
     top_logprobs: list[dict[str, float]] | None = None
     """Per generated token, in order: token text -> log-probability of the top ``Request.logprobs``
     alternatives (the sampled token included); None when not asked for or the backend cannot give them."""
+    token_logprobs: list[float] | None = None
+    """Per generated token, in order: its log-probability under the model (temperature 1), however it was
+    sampled; None when the backend cannot give them. The verifier reads the solver's confidence from them."""
 
 
 @runtime_checkable

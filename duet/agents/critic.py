@@ -134,12 +134,14 @@ class Critic:
     def check(
         self, question: str, solution: str, options: TurnOptions, *, round: int, budget: int | None = None,
         questioned: set[str] | None = None, own: OwnSolutions | None = None, judgement: Judgement | None = None,
+        confidence: dict[str, float] | None = None,
     ) -> Turn:
         """Critique ``solution`` to ``question``; the turn carries ``verdict``, ``reason`` and ``answer``.
 
         ``questioned``: numbers the number check already questioned in this dialogue (not questioned
         again); the ones this check questions are added to it. ``own``: the critic's own solutions
-        (from :meth:`own_solutions`), compared before the model is asked.
+        (from :meth:`own_solutions`), compared before the model is asked. ``confidence``: the solution's turn's
+        log-probabilities (``Turn.confidence``), for the verifier's head.
         """
         messages = [
             {"role": "system", "content": self.prompts.critic_system},
@@ -165,7 +167,7 @@ class Critic:
             verdict = compared[0]
             turn = _model_free_turn(round, "own_solutions", messages, "Compare with my own solutions.", verdict)
         elif judgement is not None and claimed is not None and (judged := self._judge(
-                judgement, question, solution, claimed, round, options)) is not None:
+                judgement, question, solution, claimed, round, options, confidence)) is not None:
             turn, verdict = judged
         else:
             turn = run_turn(self.backend, messages, options, agent="critic", round=round, task="critique",
@@ -184,14 +186,14 @@ class Critic:
 
 
     def _judge(self, judgement: Judgement, question: str, solution: str, claimed: str, round_no: int,
-               options: TurnOptions) -> tuple[Turn, Verdict] | None:
+               options: TurnOptions, confidence: dict[str, float] | None) -> tuple[Turn, Verdict] | None:
         """The verifier's check: agree when the solution scores at least the threshold; else the answers of the
         sampled alternatives vote, weighted by their scores. None when the backend could not score it, or the
         score is low and there are no samples to vote (the model's own check then decides)."""
         assert self.verifier is not None
         messages = self.verifier.messages(question, solution)
         try:
-            score = self.verifier.score(question, solution, options.cancel)
+            score = self.verifier.score(question, solution, options.cancel, confidence=confidence)
         except BackendError:
             return None
         judgement.scored.append((claimed, score.p))

@@ -283,7 +283,7 @@ class _Run:
                 check = self.add(
                     critic.check(self.critic_question, turn.text, self.options, round=round_,
                                  budget=self.budget_left(), questioned=self.questioned, own=self.own,
-                                 judgement=self.judgement)
+                                 judgement=self.judgement, confidence=turn.confidence)
                 )
                 if check.verdict == AGREE or equivalent(check.answer, turn.answer):
                     return "agreed", True, round_

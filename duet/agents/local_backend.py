@@ -23,6 +23,7 @@ from duet.agents.backends import (
     TextCallback,
     option,
 )
+from duet.agents.verifier import ConfidenceHead
 
 
 @dataclass(frozen=True)
@@ -51,6 +52,7 @@ class LocalBackend:
     def __init__(self, engine: Any, name: str):
         self.engine = engine
         self.name = name
+        self.verifier_head: ConfidenceHead | None = None  # the model's, beside its weights (verifier.py)
 
     @classmethod
     def load(cls, path: str | Path | None = None, options: LocalOptions = LocalOptions()) -> LocalBackend:
@@ -76,7 +78,9 @@ class LocalBackend:
         except DuetError as e:
             raise BackendError(str(e)) from None
         embedded = directory.resolve() == EMBEDDED_DIR.resolve()  # its folder is just "model"
-        return cls(_ENGINES[key], name="local:embedded" if embedded else f"local:{directory.name}")
+        backend = cls(_ENGINES[key], name="local:embedded" if embedded else f"local:{directory.name}")
+        backend.verifier_head = ConfidenceHead.load(directory)
+        return backend
 
     def complete(self, messages: Sequence[Message], request: Request = Request(), *,
                  on_text: TextCallback | None = None, cancel: threading.Event | None = None) -> Completion:
@@ -94,7 +98,7 @@ class LocalBackend:
             raise BackendError(f"{self.name}: generation failed ({r.error})")
         return Completion(text=r.text, finish_reason=r.finish_reason, stop_string=r.stop_string,
                           prompt_tokens=r.prompt_tokens, completion_tokens=r.completion_tokens, seconds=r.seconds,
-                          top_logprobs=r.top_logprobs)
+                          top_logprobs=r.top_logprobs, token_logprobs=r.token_logprobs)
 
 
 _DTYPE_ALIASES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}

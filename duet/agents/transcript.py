@@ -53,6 +53,9 @@ class Turn:
     reason: str | None = None  # critic: the reason of its verdict (one line; own_solutions adds its solution)
     score: dict[str, Any] | None = None  # verify/sample: the verifier's {"p": P(correct), "method": ...}
     votes: list[dict[str, Any]] | None = None  # verify: the weighted vote, [{"answer", "weight", "count"}, ...]
+    # the log-probabilities the model gave the tokens it wrote: {"mean", "min", "tokens"} (None when the backend
+    # gives none); the verifier's confidence head reads them
+    confidence: dict[str, float] | None = None
     finish: str = "eos"
     error: str | None = None  # one line when the turn failed or was cut short
     prompt_tokens: int = 0

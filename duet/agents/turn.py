@@ -89,8 +89,17 @@ def run_turn(
         except Exception:
             log.warning("closing the sandbox failed", exc_info=True)
     turn.answer = extract_final_answer(turn.text)
+    turn.confidence = confidence(loop.logprobs)
     turn.seconds = time.perf_counter() - started
     return turn
+
+
+def confidence(logprobs: list[float] | None) -> dict[str, float] | None:
+    """{"mean", "min", "tokens"} of the log-probabilities of a turn's generated tokens (None: none given)."""
+    if not logprobs:
+        return None
+    return {"mean": round(sum(logprobs) / len(logprobs), 5), "min": round(min(logprobs), 5),
+            "tokens": len(logprobs)}
 
 
 def end_turn(turn: Turn, options: TurnOptions) -> None:
@@ -123,6 +132,7 @@ class _TurnLoop:
         self.cells = 0
         self.nudged = False
         self.sandbox: SandboxSession | None = None
+        self.logprobs: list[float] | None = []  # of every generated token; None once a completion gave none
 
     def run(self) -> None:
         while self._generate():
@@ -163,6 +173,10 @@ class _TurnLoop:
         turn.prompt_tokens += done.prompt_tokens
         turn.completion_tokens += done.completion_tokens
         turn.reasoning += done.reasoning
+        if self.logprobs is not None and done.token_logprobs is not None:
+            self.logprobs += done.token_logprobs
+        else:
+            self.logprobs = None
         segment = done.text
         self.text += segment
         blocks = find_code_blocks(segment)

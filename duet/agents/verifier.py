@@ -16,11 +16,13 @@ with their scores as weights (:func:`weighted_vote`).
 
 from __future__ import annotations
 
+import json
 import math
 import threading
 from collections.abc import Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, replace
+from pathlib import Path
 from typing import Any
 
 from duet.agents.backends import Backend, BackendError, Request
@@ -40,7 +42,7 @@ class Score:
     """A verifier's judgement of one solution: P(correct), and how it was read."""
 
     p: float
-    method: str  # "logprobs" | "text"
+    method: str  # "confidence" (the head) | "logprobs" (P(AGREE) of the verdict) | "text" (the verdict's word)
     prompt_tokens: int = 0
     seconds: float = 0.0
 
@@ -48,20 +50,65 @@ class Score:
         return {"p": round(self.p, 4), "method": self.method}
 
 
+@dataclass(frozen=True)
+class ConfidenceHead:
+    """P(correct) from how sure the model was of what it wrote: a logistic regression over the mean and the
+    minimum log-probability of the tokens of its solution (``Turn.confidence``), fitted on the model's own
+    solutions to training problems labelled right or wrong (``python -m duet.train.verifier_head``) and
+    stored beside its weights. On the embedded model it separates right from wrong answers far better than
+    the verdict's P(AGREE) (``MODEL_CARD.md``)."""
+
+    weights: dict[str, float]  # feature of Turn.confidence -> weight
+    bias: float
+
+    FILE = "verifier_head.json"
+
+    def p(self, confidence: dict[str, float]) -> float:
+        z = self.bias + sum(w * float(confidence[name]) for name, w in self.weights.items())
+        return 1.0 / (1.0 + math.exp(-max(-60.0, min(60.0, z))))
+
+    @classmethod
+    def load(cls, directory: Path) -> ConfidenceHead | None:
+        """The head stored in model ``directory``; None when it has none. Raises BackendError when the file is
+        not a head (one line that says so)."""
+        path = Path(directory) / cls.FILE
+        if not path.is_file():
+            return None
+        try:
+            data = json.loads(path.read_text())
+            weights = {str(k): float(v) for k, v in data["weights"].items()}
+            if not set(weights) <= {"mean", "min"}:
+                raise ValueError(f"unknown features {sorted(set(weights) - {'mean', 'min'})}")
+            return cls(weights, float(data["bias"]))
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+            raise BackendError(f"{path}: not a verifier head ({type(e).__name__}: {e}); delete it, or fit it "
+                               "again with python -m duet.train.verifier_head") from None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"weights": self.weights, "bias": self.bias}
+
+
 class Verifier:
-    """Scores (problem, solution) pairs with one backend (the critic's)."""
+    """Scores (problem, solution) pairs with one backend (the critic's): with the backend's
+    :class:`ConfidenceHead` when it has one and the solution's turn has log-probabilities, else with the
+    verdict's P(AGREE)."""
 
     def __init__(self, backend: Backend, prompts: Prompts) -> None:
         self.backend = backend
         self.prompts = prompts
+        self.head: ConfidenceHead | None = getattr(backend, "verifier_head", None)
 
     def messages(self, question: str, solution: str) -> list[dict[str, str]]:
         return [{"role": "system", "content": self.prompts.critic_system},
                 {"role": "user", "content": self.prompts.verifier_request(question, solution)},
                 {"role": "assistant", "content": VERDICT_PREFIX}]
 
-    def score(self, question: str, solution: str, cancel: threading.Event | None = None) -> Score:
-        """P(correct) of ``solution``; raises BackendError when the backend fails."""
+    def score(self, question: str, solution: str, cancel: threading.Event | None = None, *,
+              confidence: dict[str, float] | None = None) -> Score:
+        """P(correct) of ``solution`` (``confidence``: its turn's, when known); raises BackendError when the
+        backend fails."""
+        if self.head is not None and confidence:
+            return Score(self.head.p(confidence), "confidence")
         completion = self.backend.complete(self.messages(question, solution), VERDICT_REQUEST, cancel=cancel)
         first = (completion.top_logprobs or [None])[0]
         if first:
@@ -125,7 +172,7 @@ class Samples:
         score = None
         if self.verifier is not None and turn.answer is not None and not options.cancelled():
             try:
-                score = self.verifier.score(self.question, turn.text, options.cancel)
+                score = self.verifier.score(self.question, turn.text, options.cancel, confidence=turn.confidence)
             except BackendError as error:
                 turn.error = turn.error or str(error)
         if self.verifier is not None:
@@ -140,3 +187,26 @@ class Samples:
             else:
                 self._done = [self._one(*job) for job in self._jobs]
         return self._done
+
+
+def auroc(scores: list[float], labels: list[bool]) -> float | None:
+    """Area under the ROC curve: the probability that a random positive scores above a random negative
+    (ties count a half), by the Mann-Whitney rank sum; None without both classes."""
+    positives = sum(1 for y in labels if y)
+    negatives = len(labels) - positives
+    if len(scores) != len(labels):
+        raise ValueError("scores and labels must have the same length")
+    if not positives or not negatives:
+        return None
+    order = sorted(range(len(scores)), key=lambda i: scores[i])
+    ranks = [0.0] * len(scores)
+    i = 0
+    while i < len(order):  # average ranks over ties
+        j = i
+        while j + 1 < len(order) and scores[order[j + 1]] == scores[order[i]]:
+            j += 1
+        for k in range(i, j + 1):
+            ranks[order[k]] = (i + j) / 2 + 1
+        i = j + 1
+    rank_sum = sum(r for r, y in zip(ranks, labels, strict=True) if y)
+    return (rank_sum - positives * (positives + 1) / 2) / (positives * negatives)

@@ -69,6 +69,8 @@ class GenerationResult:
     cached_tokens: int = 0  # prompt tokens whose prefill the prefix cache saved
     top_logprobs: list[dict[str, float]] | None = None  # per token of token_ids with params.logprobs > 0:
     # token text -> log-probability of the target model's top-k there (temperature 1), the emitted token included
+    token_logprobs: list[float] = field(default_factory=list)  # per token of token_ids: its log-probability under
+    # the target model (temperature 1): how sure the model was of what it wrote (the verifier's confidence)
 
 
 @dataclass
@@ -92,6 +94,7 @@ class _Request:
     error: str | None = None
     cached: int = 0  # prompt positions taken from the prefix cache
     top_logprobs: list[dict[str, float]] = field(default_factory=list)  # per token of `out`, with params.logprobs
+    token_logprobs: list[float] = field(default_factory=list)  # per token of `out`
 
 
 @dataclass
@@ -478,6 +481,7 @@ class Engine:
                 req.finish_reason = "eos"
                 break
             req.out.append(t)
+            req.token_logprobs.append(float(logits[j].float().log_softmax(dim=-1)[t]))
             if req.params.logprobs:
                 top = top_logprobs(logits[j], req.params.logprobs, t)
                 alternatives: dict[str, float] = {}
@@ -528,7 +532,7 @@ class Engine:
             forward_passes=req.forward_passes, drafted=req.drafted, accepted=req.accepted,
             seconds=time.perf_counter() - req.started, error=req.error, cached_tokens=req.cached,
             first_token_seconds=(req.first_token_at or time.perf_counter()) - req.started,
-            top_logprobs=req.top_logprobs if req.params.logprobs else None,
+            top_logprobs=req.top_logprobs if req.params.logprobs else None, token_logprobs=req.token_logprobs,
         )
         req.done.set()
 

@@ -192,7 +192,8 @@ def _scores(problem: Problem, results: list[DialogueResult], ctx: Context) -> li
     for r in results:
         turn = r.solver_turns[-1] if r.solver_turns else None
         try:
-            scores.append(verifier.score(problem.question, turn.text, ctx.cancel) if turn and r.answer else None)
+            scores.append(verifier.score(problem.question, turn.text, ctx.cancel, confidence=turn.confidence)
+                          if turn and r.answer else None)
         except BackendError:
             scores.append(None)
     return scores

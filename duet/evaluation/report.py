@@ -35,11 +35,12 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+from duet.agents.verifier import auroc
 from duet.app.errors import UsageProblem
 from duet.errors import DuetError
 from duet.evaluation.modes import FAILED
 from duet.evaluation.results import read_records
-from duet.evaluation.stats import auroc, paired_difference, unpaired_difference, wilson
+from duet.evaluation.stats import paired_difference, unpaired_difference, wilson
 
 
 def _rate(correct: int, n: int) -> dict[str, Any]:

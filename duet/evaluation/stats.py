@@ -109,29 +109,6 @@ def mcnemar_exact(b: int, c: int) -> float:
     return min(1.0, 2 * tail / 2**m)
 
 
-def auroc(scores: list[float], labels: list[bool]) -> float | None:
-    """Area under the ROC curve: the probability that a random positive scores above a random negative
-    (ties count a half), by the Mann-Whitney rank sum; None without both classes."""
-    positives = sum(1 for y in labels if y)
-    negatives = len(labels) - positives
-    if len(scores) != len(labels):
-        raise ValueError("scores and labels must have the same length")
-    if not positives or not negatives:
-        return None
-    order = sorted(range(len(scores)), key=lambda i: scores[i])
-    ranks = [0.0] * len(scores)
-    i = 0
-    while i < len(order):  # average ranks over ties
-        j = i
-        while j + 1 < len(order) and scores[order[j + 1]] == scores[order[i]]:
-            j += 1
-        for k in range(i, j + 1):
-            ranks[order[k]] = (i + j) / 2 + 1
-        i = j + 1
-    rank_sum = sum(r for r, y in zip(ranks, labels, strict=True) if y)
-    return (rank_sum - positives * (positives + 1) / 2) / (positives * negatives)
-
-
 def calibration_bins(scores: list[float], labels: list[bool], bins: int = 10) -> list[dict[str, float]]:
     """Reliability-diagram bins over [0, 1]: each non-empty bin's mean score, accuracy and count."""
     out = []

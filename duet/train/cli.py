@@ -40,7 +40,7 @@ def train_command(
     _check_numbers(("--steps", steps, 1), ("--batch-size", batch_size, 1), ("--seq-len", seq_len, 1),
                    ("--save-every", save_every, 1), ("--threads", threads, 0), ("--lr", lr, None),
                    ("--mtp-lambda", mtp_lambda, 0), ("--bias-gamma", bias_gamma, 0))
-    weights = _parse_mix(mix)
+    weights = parse_mix(mix)
     architecture = _parse_arch(arch)
     if architecture and init_from is not None:
         raise typer.BadParameter("--init-from takes its model's architecture; leave out --arch", param_hint="--arch")
@@ -97,7 +97,7 @@ def unusable_out(path: Path, directory: bool = True) -> str | None:
     return None
 
 
-def _parse_mix(text: str) -> dict[str, float]:
+def parse_mix(text: str) -> dict[str, float]:
     """'synthetic=0.2,mawps=0.7' -> {'synthetic': 0.2, 'mawps': 0.7}, or a one-line error."""
     weights = {}
     for part in filter(None, (p.strip() for p in text.split(","))):

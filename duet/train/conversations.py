@@ -32,7 +32,7 @@ class Conversation:
     kind: str
 
 
-def _solve(prompts: Prompts, question: str, solution: str) -> Conversation:
+def solve_conversation(prompts: Prompts, question: str, solution: str) -> Conversation:
     """The solver's first turn on `question`."""
     return Conversation([{"role": "system", "content": prompts.solver_system},
                          {"role": "user", "content": prompts.solver_question(question)},
@@ -41,7 +41,7 @@ def _solve(prompts: Prompts, question: str, solution: str) -> Conversation:
 
 def _revise(prompts: Prompts, question: str, rejected: str, critique: str, solution: str) -> Conversation:
     """The solver's revision: its rejected turn, the critique as the dialogue words it, then `solution`."""
-    return Conversation(_solve(prompts, question, rejected).messages
+    return Conversation(solve_conversation(prompts, question, rejected).messages
                         + [{"role": "user", "content": prompts.revise_request(critique)},
                            {"role": "assistant", "content": solution}], "revise")
 
@@ -95,7 +95,7 @@ def conversations(problem: Problem, prompts: Prompts, rng: random.Random) -> Ite
     solution, answer = solution_text(problem.cells)
     if answer is None:
         return
-    yield _solve(prompts, problem.question, solution)
+    yield solve_conversation(prompts, problem.question, solution)
     if rng.random() < JUDGE_RATE:  # balanced: a right solution or a wrong one
         if problem.wrong and rng.random() < 0.5:
             wrong_solution, wrong_answer = solution_text(rng.choice(problem.wrong))
@@ -147,7 +147,7 @@ def attempt_conversations(attempt: Attempt, prompts: Prompts,
     elif (revision := _number_check_revision(prompts, problem.question, attempt.solution, reference)):
         yield revision  # the number check rejects it before the critic model sees it
         if not attempt.correct:
-            yield _solve(prompts, problem.question, reference)
+            yield solve_conversation(prompts, problem.question, reference)
         return
     else:
         text, critique = critic_text(problem, attempt.answer)
@@ -160,4 +160,4 @@ def attempt_conversations(attempt: Attempt, prompts: Prompts,
             yield _own_solution_revision(prompts, problem.question, attempt.solution, attempt.answer, reference,
                                          correct, rng)
     yield _revise(prompts, problem.question, attempt.solution, critique, reference)
-    yield _solve(prompts, problem.question, reference)
+    yield solve_conversation(prompts, problem.question, reference)

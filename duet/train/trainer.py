@@ -157,6 +157,12 @@ def losses(model: Transformer, ids: Tensor, mask: Tensor) -> tuple[Tensor, Tenso
     return main, _masked_ce(mtp_logits, targets[:, 1:], tmask[:, 1:])
 
 
+def token_logprobs(model: Transformer, ids: Tensor) -> Tensor:
+    """log p(ids[:, t+1] | ids[:, :t+1]) under ``model`` for a (right-padded) batch ids [B, T]: [B, T-1]."""
+    logits = model.logits(model.hidden(ids[:, :-1])).float()
+    return torch.log_softmax(logits, dim=-1).gather(-1, ids[:, 1:, None]).squeeze(-1)
+
+
 def _masked_ce(logits: Tensor, targets: Tensor, mask: Tensor) -> Tensor:
     loss = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), reduction="none")
     m = mask.flatten().float()
@@ -322,7 +328,7 @@ def train(cfg: TrainConfig, progress: bool = True, log=print) -> Path:
                     if not all_finite(model.state_dict().values()):
                         raise TrainError(f"the weights are no longer finite at step {step + 1}; stopped without "
                                          f"saving (the last checkpoint, if any, is in {ckpt}; try a lower --lr)")
-                    _save(model, tokenizer, opt, cfg, step + 1, out)
+                    save_checkpoint(model, tokenizer, opt, cfg, step + 1, out)
     finally:
         if bar is not None:
             bar.close()
@@ -334,15 +340,17 @@ def all_finite(tensors) -> bool:
     return all(bool(torch.isfinite(t).all()) for t in tensors if t.is_floating_point())
 
 
-def _save(model: Transformer, tokenizer, opt, cfg: TrainConfig, step: int, out: Path) -> None:
-    """Write checkpoint + optimizer state atomically (a kill mid-save keeps the previous one)."""
+def save_checkpoint(model: Transformer, tokenizer, opt, cfg, step: int, out: Path, extra: dict | None = None) -> None:
+    """Write checkpoint + optimizer state (and `extra` run state) atomically (a kill mid-save keeps the
+    previous one). `cfg` is the run's config dataclass."""
     tmp = out / "checkpoint.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     model.eval()
     save_model(model, tmp)
     model.train()
     tokenizer.save_pretrained(tmp)
-    torch.save({"optimizer": opt.state_dict(), "step": step, "config": asdict(cfg)}, tmp / "trainer_state.pt")
+    torch.save({"optimizer": opt.state_dict(), "step": step, "config": asdict(cfg), **(extra or {})},
+               tmp / "trainer_state.pt")
     old = out / "checkpoint.old"
     shutil.rmtree(old, ignore_errors=True)
     if (out / "checkpoint").exists():
