@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 
 from duet.agents.backends import BackendError, ContextFullError, Request, ScriptedBackend, make_backend
-from duet.agents.openai_backend import OpenAIBackend, ThinkSplitter, normalize_base_url
+from duet.agents.openai_backend import OpenAIBackend, ThinkSplitter, forget_servers, normalize_base_url
 from duet.agents.protocol import STOP
 
 USER = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "What is 2+2?"}]
@@ -22,12 +22,31 @@ Responder = Callable[[BaseHTTPRequestHandler, dict[str, Any]], None]
 
 
 class FakeServer:
-    """A tiny OpenAI-compatible server: records requests, answers with ``respond``."""
+    """A tiny OpenAI-compatible server: records requests, answers with ``respond``.
+
+    ``continues`` is how it treats a continuation's ``continue_final_message``: "honours" (vLLM), "ignores"
+    (llama-cpp-python: the turn is closed and a new one opened) or "rejects" (``transformers serve``: HTTP 422).
+    It answers duet's probes (one token asked for) itself, with prompt token counts that show which."""
 
     def __init__(self) -> None:
         self.requests: list[dict[str, Any]] = []
         self.respond: Responder = lambda h, body: sse(h, [content_chunk("hi"), finish_chunk("stop")])
+        self.continues = "honours"
         self.url = ""
+
+    def answer(self, handler: BaseHTTPRequestHandler, body: dict[str, Any]) -> None:
+        if "continue_final_message" in body and self.continues == "rejects":
+            fields = "{'add_generation_prompt', 'continue_final_message'}"
+            return send(handler, 422, json.dumps({"detail": f"Unexpected fields in the request: {fields}"}))
+        if body.get("max_tokens") == 1 and handler.path.endswith("/chat/completions"):
+            kept_open = "continue_final_message" in body and self.continues == "honours"
+            usage = {"prompt_tokens": 10 * len(body["messages"]) - (2 if kept_open else 0), "completion_tokens": 1}
+            return sse(handler, [content_chunk("!"), finish_chunk("length"), {"choices": [], "usage": usage}])
+        self.respond(handler, body)
+
+    def served(self) -> list[dict[str, Any]]:
+        """The requests other than duet's continuation probes."""
+        return [r for r in self.requests if r["body"].get("max_tokens") != 1]
 
 
 class _Quiet(ThreadingHTTPServer):
@@ -56,11 +75,12 @@ def server() -> Iterator[FakeServer]:
         def do_POST(self) -> None:
             body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
             state.requests.append({"path": self.path, "headers": dict(self.headers), "body": body})
-            state.respond(self, body)
+            state.answer(self, body)
 
     httpd = _Quiet(("127.0.0.1", 0), Handler)
     threading.Thread(target=httpd.serve_forever, kwargs={"poll_interval": 0.02}, daemon=True).start()
     state.url = f"http://127.0.0.1:{httpd.server_address[1]}/v1"
+    forget_servers()  # a port of an earlier test's server may come back
     yield state
     httpd.shutdown()
     httpd.server_close()
@@ -80,6 +100,17 @@ def sse(handler: BaseHTTPRequestHandler, chunks: list[Any], *, done: bool = True
         handler.wfile.write(b"data: [DONE]\n\n")
 
 
+def send(handler: BaseHTTPRequestHandler, status: int, text: str, content_type: str = "application/json",
+         headers: dict[str, str] | None = None) -> None:
+    """A whole (non-streamed) reply."""
+    handler.send_response(status)
+    handler.send_header("Content-Type", content_type)
+    for key, value in (headers or {}).items():
+        handler.send_header(key, value)
+    handler.end_headers()
+    handler.wfile.write(text.encode())
+
+
 def content_chunk(text: str = "", reasoning: str | None = None) -> dict[str, Any]:
     delta: dict[str, Any] = {"content": text}
     if reasoning is not None:
@@ -87,8 +118,12 @@ def content_chunk(text: str = "", reasoning: str | None = None) -> dict[str, Any
     return {"choices": [{"index": 0, "delta": delta, "finish_reason": None}]}
 
 
-def finish_chunk(reason: str, stop_reason: Any = None) -> dict[str, Any]:
-    return {"choices": [{"index": 0, "delta": {}, "finish_reason": reason, "stop_reason": stop_reason}]}
+def finish_chunk(reason: str, stop_reason: Any = None, *, says_which: bool = True) -> dict[str, Any]:
+    """The last chunk; ``says_which=False``: without vLLM's ``stop_reason`` field (llama.cpp, transformers)."""
+    choice = {"index": 0, "delta": {}, "finish_reason": reason, "stop_reason": stop_reason}
+    if not says_which:
+        del choice["stop_reason"]
+    return {"choices": [choice]}
 
 
 def scripted_responder(backend: ScriptedBackend) -> Responder:
@@ -146,7 +181,11 @@ def test_continuing_a_partial_assistant_message(server):
     solution = "Step.\n```python\nprint(4)\n```\n```output\n4\n```\n"
     partial = [*USER, {"role": "assistant", "content": solution}]
     OpenAIBackend(server.url, "m1").complete(partial)
-    body = server.requests[0]["body"]
+    OpenAIBackend(server.url, "m1").complete(partial)  # the probe's finding is kept for the process
+    probes = [r["body"] for r in server.requests if r["body"]["max_tokens"] == 1]
+    assert len(probes) == 2 and [("continue_final_message" in b) for b in probes] == [True, False]
+    assert [r["path"] for r in server.served()] == ["/v1/chat/completions"] * 2
+    body = server.served()[0]["body"]
     assert body["continue_final_message"] is True and body["add_generation_prompt"] is False
     assert body["messages"][-1] == partial[-1]
 
@@ -234,7 +273,7 @@ def test_http_error_is_one_line(server):
     server.respond = respond
     with pytest.raises(BackendError) as error:
         OpenAIBackend(server.url, "m").complete(USER)
-    assert str(error.value) == f"{server.url}: HTTP 404: The model `m` does not exist. See docs."
+    assert str(error.value) == f"{server.url}/chat/completions: HTTP 404: The model `m` does not exist. See docs."
 
 
 def test_a_prompt_longer_than_the_servers_context_is_context_full(server):
@@ -266,13 +305,13 @@ def test_timeout_is_one_line(server):
     started = time.perf_counter()
     with pytest.raises(BackendError) as error:
         OpenAIBackend(server.url, "m", timeout=0.2).complete(USER)
-    assert str(error.value) == f"{server.url}: no response within 0.2 s"
+    assert str(error.value) == f"{server.url}/chat/completions: no response within 0.2 s"
     assert time.perf_counter() - started < 1.2
 
 
 def test_stream_cut_short_and_error_chunks(server):
     server.respond = lambda h, body: sse(h, [content_chunk("half")], done=False)
-    with pytest.raises(BackendError, match="closed the stream before finishing"):
+    with pytest.raises(BackendError, match="ended the stream before finishing: the reply is truncated"):
         OpenAIBackend(server.url, "m").complete(USER)
     server.respond = lambda h, body: sse(h, [{"error": {"message": "out of memory"}}])
     with pytest.raises(BackendError, match="out of memory"):
@@ -374,7 +413,7 @@ def test_a_full_dialogue_on_the_server(server):
     result = run_dialogue("What is 6 times 7?", backend, config=DialogueConfig(max_tokens=200, verify=False))
     assert (result.stop_reason, result.answer, result.agreed) == ("agreed", "42", True)
     assert [s.output for t in result.turns for s in t.steps] == ["42", "6.0"]
-    bodies = [r["body"] for r in server.requests]
+    bodies = [r["body"] for r in server.served()]
     assert len(bodies) == 4 and all(b["stop"] == [STOP] for b in bodies)
     assert [b.get("continue_final_message", False) for b in bodies] == [False, True, False, True]
     assert bodies[1]["messages"][-1]["content"].endswith("x\n```\n```output\n42\n```\n")
