@@ -631,3 +631,14 @@ def test_server_text_never_reaches_the_terminal_raw(server):
     with pytest.raises(BackendError) as error:
         OpenAIBackend(server.url, "m").complete(USER)
     assert "\x1b" not in str(error.value) and "\x07" not in str(error.value) and "PWNED" in str(error.value)
+
+
+def test_a_server_that_sends_stop_strings_ends_its_turn_on_an_unnamed_stop(server):
+    # transformers serve: the stop string stays in the text (cut client-side), the finish names no stop
+    server.respond = lambda h, body: sse(h, [content_chunk("```python\nx=1\n```\n```output"),
+                                             finish_chunk("stop", says_which=False)])
+    backend = OpenAIBackend(server.url, "m")
+    assert backend.complete(USER, Request(stop=[STOP])).finish_reason == "stop"
+    server.respond = lambda h, body: sse(h, [content_chunk("```python\nx=1\n"), finish_chunk("stop", says_which=False)])
+    done = backend.complete(USER, Request(stop=[STOP]))
+    assert (done.finish_reason, done.stop_unknown) == ("eos", False)  # it would have sent the stop string

@@ -31,7 +31,8 @@ Reading the stream (Server-Sent Events, ``data: {...}`` lines, ending with ``dat
 * Which stop string matched comes from vLLM's ``stop_reason`` or SGLang's ``matched_stop``. A ``stop``
   finish from a server that has neither field (llama.cpp, which also strips the stop string) may be a
   stop string or the end of the turn: ``finish_reason="eos"`` with ``stop_unknown=True``, which the tool
-  loop resolves by the protocol's rules.
+  loop resolves by the protocol's rules; unless the server was seen to send a stop string in its text
+  (``transformers serve`` does not strip them): then it is the end of the turn.
 * A stream that ends without a ``finish_reason`` (``[DONE]`` or not) is a truncated reply: an error.
 * Token counts come from the final ``usage`` chunk when the server sends one, else are estimated.
 
@@ -163,12 +164,16 @@ CONTINUE_FIELDS = {"continue_final_message": True, "add_generation_prompt": Fals
 _CONTINUES: dict[tuple[str, str], tuple[bool, str]] = {}
 """(API root, model) -> (whether the server continues an assistant message, why not); probed once a process."""
 _PROBE_LOCK = threading.Lock()
+_SENDS_STOPS: set[tuple[str, str]] = set()
+"""(API root, model) of servers seen to send a stop string in the text (``transformers serve``): they do not strip
+them, so their ``stop`` finishes that do not say which stop matched are ends of turn."""
 
 
 def forget_servers() -> None:
     """Forget what the probes learnt about servers (for tests that reuse a port)."""
     with _PROBE_LOCK:
         _CONTINUES.clear()
+        _SENDS_STOPS.clear()
 
 
 class OpenAIBackend:
@@ -232,6 +237,8 @@ class OpenAIBackend:
                 body["logprobs"] = True
                 body["top_logprobs"] = request.logprobs
         completion = self._stream(path, {**body, **self._sampling(request)}, request, on_text, cancel, deadline)
+        if completion.stop_unknown and (self.base_url, model) in _SENDS_STOPS:
+            completion.stop_unknown = False
         if not completion.prompt_tokens:
             completion.prompt_tokens = sum(len(m["content"]) for m in messages) // 4
         completion.seconds = time.perf_counter() - started
@@ -334,6 +341,8 @@ class OpenAIBackend:
                 raise self.http.timeout_error(url, deadline) from error
             except httpx.HTTPError as error:
                 raise self.http.network_error(error, url) from error
+        if state.cutter.stop_string is not None:
+            _SENDS_STOPS.add((self.base_url, str(body.get("model"))))
         return state.completion(url)
 
     def _events(self, response: httpx.Response, url: str, deadline: Deadline) -> Iterator[str]:
