@@ -427,8 +427,8 @@ def test_a_mistyped_subcommand_gets_a_hint(tmp_path):
 def test_backend_options_of_another_kind_are_refused(tmp_path):
     data = jsonl(tmp_path / "d.jsonl", [{"question": "Q?", "answer": "#### 1"}])
     r = duet_eval(data, "--base-url", "http://127.0.0.1:9/v1", "-O", "max_batch=4", cwd=tmp_path)
-    assert r.returncode == 2 and "not an option of the openai backend; use one of: api_key, extra_body, timeout" \
-        in r.stderr
+    keys = "api_key, deadline, extra_body, retries, retry_seconds, timeout, tokenizer"
+    assert r.returncode == 2 and f"not an option of the openai backend; use one of: {keys}" in r.stderr
     r = duet_eval(data, "--base-url", "http://127.0.0.1:9/v1", "-O", "extra_body=[1]", cwd=tmp_path)
     assert r.returncode == 2 and "expected a JSON object" in r.stderr
 

@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 
 from duet.agents.backends import BackendError, ContextFullError, Request, ScriptedBackend, make_backend
-from duet.agents.openai_backend import OpenAIBackend, ThinkSplitter, normalize_base_url
+from duet.agents.openai_backend import OpenAIBackend, ThinkSplitter, forget_servers, normalize_base_url
 from duet.agents.protocol import STOP
 
 USER = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "What is 2+2?"}]
@@ -22,12 +22,31 @@ Responder = Callable[[BaseHTTPRequestHandler, dict[str, Any]], None]
 
 
 class FakeServer:
-    """A tiny OpenAI-compatible server: records requests, answers with ``respond``."""
+    """A tiny OpenAI-compatible server: records requests, answers with ``respond``.
+
+    ``continues`` is how it treats a continuation's ``continue_final_message``: "honours" (vLLM), "ignores"
+    (llama-cpp-python: the turn is closed and a new one opened) or "rejects" (``transformers serve``: HTTP 422).
+    It answers duet's probes (one token asked for) itself, with prompt token counts that show which."""
 
     def __init__(self) -> None:
         self.requests: list[dict[str, Any]] = []
         self.respond: Responder = lambda h, body: sse(h, [content_chunk("hi"), finish_chunk("stop")])
+        self.continues = "honours"
         self.url = ""
+
+    def answer(self, handler: BaseHTTPRequestHandler, body: dict[str, Any]) -> None:
+        if "continue_final_message" in body and self.continues == "rejects":
+            fields = "{'add_generation_prompt', 'continue_final_message'}"
+            return send(handler, 422, json.dumps({"detail": f"Unexpected fields in the request: {fields}"}))
+        if body.get("max_tokens") == 1 and handler.path.endswith("/chat/completions"):
+            kept_open = "continue_final_message" in body and self.continues == "honours"
+            usage = {"prompt_tokens": 10 * len(body["messages"]) - (2 if kept_open else 0), "completion_tokens": 1}
+            return sse(handler, [content_chunk("!"), finish_chunk("length"), {"choices": [], "usage": usage}])
+        self.respond(handler, body)
+
+    def served(self) -> list[dict[str, Any]]:
+        """The requests other than duet's continuation probes."""
+        return [r for r in self.requests if r["body"].get("max_tokens") != 1]
 
 
 class _Quiet(ThreadingHTTPServer):
@@ -56,11 +75,12 @@ def server() -> Iterator[FakeServer]:
         def do_POST(self) -> None:
             body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
             state.requests.append({"path": self.path, "headers": dict(self.headers), "body": body})
-            state.respond(self, body)
+            state.answer(self, body)
 
     httpd = _Quiet(("127.0.0.1", 0), Handler)
     threading.Thread(target=httpd.serve_forever, kwargs={"poll_interval": 0.02}, daemon=True).start()
     state.url = f"http://127.0.0.1:{httpd.server_address[1]}/v1"
+    forget_servers()  # a port of an earlier test's server may come back
     yield state
     httpd.shutdown()
     httpd.server_close()
@@ -80,6 +100,17 @@ def sse(handler: BaseHTTPRequestHandler, chunks: list[Any], *, done: bool = True
         handler.wfile.write(b"data: [DONE]\n\n")
 
 
+def send(handler: BaseHTTPRequestHandler, status: int, text: str, content_type: str = "application/json",
+         headers: dict[str, str] | None = None) -> None:
+    """A whole (non-streamed) reply."""
+    handler.send_response(status)
+    handler.send_header("Content-Type", content_type)
+    for key, value in (headers or {}).items():
+        handler.send_header(key, value)
+    handler.end_headers()
+    handler.wfile.write(text.encode())
+
+
 def content_chunk(text: str = "", reasoning: str | None = None) -> dict[str, Any]:
     delta: dict[str, Any] = {"content": text}
     if reasoning is not None:
@@ -87,8 +118,12 @@ def content_chunk(text: str = "", reasoning: str | None = None) -> dict[str, Any
     return {"choices": [{"index": 0, "delta": delta, "finish_reason": None}]}
 
 
-def finish_chunk(reason: str, stop_reason: Any = None) -> dict[str, Any]:
-    return {"choices": [{"index": 0, "delta": {}, "finish_reason": reason, "stop_reason": stop_reason}]}
+def finish_chunk(reason: str, stop_reason: Any = None, *, says_which: bool = True) -> dict[str, Any]:
+    """The last chunk; ``says_which=False``: without vLLM's ``stop_reason`` field (llama.cpp, transformers)."""
+    choice = {"index": 0, "delta": {}, "finish_reason": reason, "stop_reason": stop_reason}
+    if not says_which:
+        del choice["stop_reason"]
+    return {"choices": [choice]}
 
 
 def scripted_responder(backend: ScriptedBackend) -> Responder:
@@ -146,7 +181,11 @@ def test_continuing_a_partial_assistant_message(server):
     solution = "Step.\n```python\nprint(4)\n```\n```output\n4\n```\n"
     partial = [*USER, {"role": "assistant", "content": solution}]
     OpenAIBackend(server.url, "m1").complete(partial)
-    body = server.requests[0]["body"]
+    OpenAIBackend(server.url, "m1").complete(partial)  # the probe's finding is kept for the process
+    probes = [r["body"] for r in server.requests if r["body"]["max_tokens"] == 1]
+    assert len(probes) == 2 and [("continue_final_message" in b) for b in probes] == [True, False]
+    assert [r["path"] for r in server.served()] == ["/v1/chat/completions"] * 2
+    body = server.served()[0]["body"]
     assert body["continue_final_message"] is True and body["add_generation_prompt"] is False
     assert body["messages"][-1] == partial[-1]
 
@@ -234,7 +273,7 @@ def test_http_error_is_one_line(server):
     server.respond = respond
     with pytest.raises(BackendError) as error:
         OpenAIBackend(server.url, "m").complete(USER)
-    assert str(error.value) == f"{server.url}: HTTP 404: The model `m` does not exist. See docs."
+    assert str(error.value) == f"{server.url}/chat/completions: HTTP 404: The model `m` does not exist. See docs."
 
 
 def test_a_prompt_longer_than_the_servers_context_is_context_full(server):
@@ -266,13 +305,13 @@ def test_timeout_is_one_line(server):
     started = time.perf_counter()
     with pytest.raises(BackendError) as error:
         OpenAIBackend(server.url, "m", timeout=0.2).complete(USER)
-    assert str(error.value) == f"{server.url}: no response within 0.2 s"
+    assert str(error.value) == f"{server.url}/chat/completions: no response within 0.2 s"
     assert time.perf_counter() - started < 1.2
 
 
 def test_stream_cut_short_and_error_chunks(server):
     server.respond = lambda h, body: sse(h, [content_chunk("half")], done=False)
-    with pytest.raises(BackendError, match="closed the stream before finishing"):
+    with pytest.raises(BackendError, match="ended the stream before finishing: the reply is truncated"):
         OpenAIBackend(server.url, "m").complete(USER)
     server.respond = lambda h, body: sse(h, [{"error": {"message": "out of memory"}}])
     with pytest.raises(BackendError, match="out of memory"):
@@ -374,8 +413,232 @@ def test_a_full_dialogue_on_the_server(server):
     result = run_dialogue("What is 6 times 7?", backend, config=DialogueConfig(max_tokens=200, verify=False))
     assert (result.stop_reason, result.answer, result.agreed) == ("agreed", "42", True)
     assert [s.output for t in result.turns for s in t.steps] == ["42", "6.0"]
-    bodies = [r["body"] for r in server.requests]
+    bodies = [r["body"] for r in server.served()]
     assert len(bodies) == 4 and all(b["stop"] == [STOP] for b in bodies)
     assert [b.get("continue_final_message", False) for b in bodies] == [False, True, False, True]
     assert bodies[1]["messages"][-1]["content"].endswith("x\n```\n```output\n42\n```\n")
     assert result.prompt_tokens > 0 and result.completion_tokens > 0
+
+
+# ------------------------------------------------------------------------------ servers that misbehave
+
+
+PARTIAL = [*USER, {"role": "assistant", "content": "Add.\n```python\nprint(2+2)\n```\n```output\n4\n```\n"}]
+
+
+def completions_text(text: str) -> Responder:
+    """A ``/v1/completions`` stream (``choices[].text``) for continuations, chat chunks otherwise."""
+
+    def respond(handler: BaseHTTPRequestHandler, body: dict[str, Any]) -> None:
+        if handler.path.endswith("/completions") and "prompt" in body:
+            chunks = [{"choices": [{"index": 0, "text": text, "finish_reason": None}]},
+                      {"choices": [{"index": 0, "text": "", "finish_reason": "stop"}]}]
+            return sse(handler, chunks)
+        sse(handler, [content_chunk("new turn"), finish_chunk("stop")])
+
+    return respond
+
+
+@pytest.fixture(scope="module")
+def tokenizer_dir(tmp_path_factory) -> str:
+    """duet's tokenizer with its chat template (no model): what ``-O tokenizer=DIR`` names."""
+    from tests.tiny_models import make_tokenizer
+
+    path = tmp_path_factory.mktemp("tokenizer")
+    make_tokenizer().save_pretrained(path)
+    return str(path)
+
+
+@pytest.mark.parametrize("behaviour", ["rejects", "ignores"])
+def test_a_server_that_cannot_continue_gets_the_template_rendered_by_duet(server, tokenizer_dir, behaviour):
+    # transformers serve rejects continue_final_message (HTTP 422); llama-cpp-python ignores it
+    server.continues = behaviour
+    server.respond = completions_text("\\boxed{4}")
+    backend = OpenAIBackend(server.url, "m", tokenizer=tokenizer_dir)
+    done = backend.complete(PARTIAL, Request(stop=[STOP], max_tokens=20))
+    assert (done.text, done.finish_reason) == ("\\boxed{4}", "eos")
+    backend.complete(PARTIAL)
+    backend.complete(USER)
+    probes = [r for r in server.requests if r["body"].get("max_tokens") == 1]
+    assert len(probes) == (1 if behaviour == "rejects" else 2)  # once per server
+    served = server.served()
+    assert [r["path"] for r in served] == ["/v1/completions", "/v1/completions", "/v1/chat/completions"]
+    prompt = served[0]["body"]["prompt"]
+    opening = "<|bos|><|system|>Be brief.<|end|><|user|>What is 2+2?<|end|><|assistant|>"
+    assert prompt == opening + PARTIAL[-1]["content"]
+    assert served[0]["body"]["stop"] == [STOP] and served[0]["body"]["max_tokens"] == 20
+    assert "continue_final_message" not in served[2]["body"]  # a new turn never carries the fields
+
+
+def test_a_server_that_cannot_continue_and_no_template_is_one_line(server, monkeypatch):
+    monkeypatch.delenv("DUET_TOKENIZER", raising=False)
+    server.continues = "rejects"
+    with pytest.raises(BackendError) as error:
+        OpenAIBackend(server.url, "m").complete(PARTIAL)
+    assert str(error.value) == (
+        f"{server.url}/chat/completions cannot continue an assistant message (HTTP 422 to continue_final_message), "
+        "and duet has no chat template to render one for /completions: give the served model's tokenizer "
+        "directory (duet eval -O tokenizer=DIR, or DUET_TOKENIZER=DIR)")
+
+
+def test_done_without_a_finish_reason_is_a_truncated_reply(server):
+    # llama-cpp-python ends an earlier stream this way when a new request arrives
+    server.respond = lambda h, body: sse(h, [content_chunk("half an ans")])
+    with pytest.raises(BackendError) as error:
+        OpenAIBackend(server.url, "m").complete(USER)
+    assert str(error.value) == (f"{server.url}/chat/completions: the server ended the stream with [DONE] and no "
+                                "finish_reason: the reply is truncated")
+
+
+def test_a_stop_finish_that_does_not_say_which_stop(server):
+    server.respond = lambda h, body: sse(h, [content_chunk("x\n```python\nx=1\n```\n"), finish_chunk("stop")])
+    done = OpenAIBackend(server.url, "m").complete(USER, Request(stop=[STOP]))
+    assert (done.finish_reason, done.stop_string, done.stop_unknown) == ("eos", None, False)  # vLLM: end of turn
+    server.respond = lambda h, body: sse(h, [content_chunk("x\n```python\nx=1\n```\n"),
+                                             finish_chunk("stop", says_which=False)])
+    done = OpenAIBackend(server.url, "m").complete(USER, Request(stop=[STOP]))
+    assert (done.finish_reason, done.stop_string, done.stop_unknown) == ("eos", None, True)  # llama.cpp: unknown
+
+
+def llama_cpp_responder(backend: ScriptedBackend) -> Responder:
+    """Serve like llama.cpp: the stop string stripped, the finish ``stop`` without saying which stop matched."""
+
+    def respond(handler: BaseHTTPRequestHandler, body: dict[str, Any]) -> None:
+        done = backend.complete(body["messages"], Request(stop=body.get("stop", []), max_tokens=body["max_tokens"]))
+        sse(handler, [content_chunk(done.text), finish_chunk("stop", says_which=False)])
+
+    return respond
+
+
+def test_a_stripped_stop_string_still_runs_the_code(server):
+    from duet.agents.dialogue import DialogueConfig, run_dialogue
+
+    # a \boxed guess before the code, and the output fence right after it (no closing fence): with the stop
+    # string stripped, the reply looks like the end of the turn; it is the model asking for the output
+    solver = "Maybe \\boxed{5}. Check:\n```python\nprint(2 + 2)\n```output\n?\n```\nSo \\boxed{4}."
+    server.respond = llama_cpp_responder(ScriptedBackend([solver]))
+    backend = OpenAIBackend(server.url, "m")
+    result = run_dialogue("What is 2+2?", backend, config=DialogueConfig(max_tokens=200, critic=False, verify=False))
+    assert [s.output for t in result.turns for s in t.steps] == ["4"]
+    assert result.answer == "4"
+
+
+def refuse(status: int, times: int, headers: dict[str, str], text: str, content_type: str) -> Responder:
+    """Answer ``status`` the first ``times`` requests, then a normal reply."""
+    count = [0]
+
+    def respond(handler: BaseHTTPRequestHandler, body: dict[str, Any]) -> None:
+        count[0] += 1
+        if count[0] <= times:
+            return send(handler, status, text, content_type, headers)
+        sse(handler, [content_chunk("ok"), finish_chunk("stop")])
+
+    return respond
+
+
+@pytest.mark.parametrize("status", [429, 503])
+def test_retry_after_is_honoured(server, status):
+    server.respond = refuse(status, 2, {"Retry-After": "0.3"}, '{"error": {"message": "busy"}}', "application/json")
+    started = time.perf_counter()
+    done = OpenAIBackend(server.url, "m").complete(USER)
+    assert done.text == "ok" and len(server.requests) == 3
+    assert 0.6 <= time.perf_counter() - started < 3
+
+
+def test_retries_are_bounded_in_count_and_time(server):
+    page = "<html><head><title>502 Bad Gateway</title></head><body><center><h1>502</h1></center></body></html>"
+    server.respond = refuse(502, 99, {}, page, "text/html")
+    started = time.perf_counter()
+    with pytest.raises(BackendError) as error:
+        OpenAIBackend(server.url, "m", retries=2).complete(USER)
+    assert time.perf_counter() - started < 3 and len(server.requests) == 3
+    assert str(error.value).startswith(f"{server.url}/chat/completions: HTTP 502: an HTML page titled "
+                                       "'502 Bad Gateway' (gave up after 3 tries, ")
+    server.requests.clear()
+    server.respond = refuse(429, 99, {"Retry-After": "120"}, "slow down", "text/plain")
+    with pytest.raises(BackendError, match=r"HTTP 429: slow down$"):  # a wait past retry_seconds: no retry
+        OpenAIBackend(server.url, "m", retry_seconds=10).complete(USER)
+    assert len(server.requests) == 1
+
+
+def test_a_reset_connection_is_retried(server):
+    count = [0]
+
+    def respond(handler: BaseHTTPRequestHandler, body: dict[str, Any]) -> None:
+        count[0] += 1
+        if count[0] == 1:
+            handler.close_connection = True  # hang up without a reply
+            handler.connection.shutdown(socket.SHUT_RDWR)
+            return
+        sse(handler, [content_chunk("ok"), finish_chunk("stop")])
+
+    server.respond = respond
+    assert OpenAIBackend(server.url, "m").complete(USER).text == "ok" and count[0] == 2
+
+
+def test_keep_alive_comments_do_not_extend_the_wait(server):
+    server.respond = lambda h, body: sse(h, [content_chunk("a")] + [": ping"] * 100, delay=0.05)
+    started = time.perf_counter()
+    with pytest.raises(BackendError) as error:
+        OpenAIBackend(server.url, "m", timeout=0.5).complete(USER)
+    assert str(error.value) == f"{server.url}/chat/completions: no data within 0.5 s (only keep-alive comments)"
+    assert time.perf_counter() - started < 2
+
+
+def test_the_deadline_bounds_a_whole_request(server):
+    server.respond = lambda h, body: sse(h, [content_chunk("")] * 200, delay=0.05)  # data, but no text
+    started = time.perf_counter()
+    with pytest.raises(BackendError) as error:
+        OpenAIBackend(server.url, "m", timeout=5, deadline=1).complete(USER)
+    assert str(error.value) == f"{server.url}/chat/completions: no complete reply within the 1 s deadline"
+    assert time.perf_counter() - started < 2.5
+
+
+def test_a_server_that_ignores_max_tokens_is_cut(server):
+    server.respond = lambda h, body: sse(h, [content_chunk(f"w{i} ") for i in range(5000)], delay=0.001)
+    started = time.perf_counter()
+    done = OpenAIBackend(server.url, "m").complete(USER, Request(max_tokens=5))
+    assert (done.text, done.finish_reason, done.completion_tokens) == ("w0 w1 w2 w3 w4 ", "length", 5)
+    assert time.perf_counter() - started < 3
+
+
+def test_an_html_page_with_status_200_is_not_an_openai_server(server):
+    page = "<!DOCTYPE html><html><head><title>Welcome to nginx!</title></head><body>...</body></html>"
+    server.respond = lambda h, body: send(h, 200, page, "text/html; charset=utf-8")
+    with pytest.raises(BackendError) as error:
+        OpenAIBackend(server.url, "m").complete(USER)
+    assert str(error.value) == (f"{server.url}/chat/completions: not an OpenAI-compatible server (HTTP 200 with "
+                                "an HTML page titled 'Welcome to nginx!')")
+
+
+@pytest.mark.parametrize("status, body", [
+    (400, {"error": {"code": 400, "type": "exceed_context_size_error", "message":
+                     "request (2484 tokens) exceeds the available context size (2048 tokens), try increasing it"}}),
+    (400, {"object": "error", "message": "The decoder prompt (length 2100) is longer than the maximum model length "
+                                         "of 2048. Make sure that `max_model_len` is no smaller than the number of "
+                                         "text tokens."}),  # vLLM
+    (400, {"object": "error", "message": "The input (2100 tokens) is longer than the model's context length "
+                                         "(2048 tokens)."}),  # SGLang
+])
+def test_context_overflow_phrasings(server, status, body):
+    server.respond = lambda h, _: send(h, status, json.dumps(body))
+    with pytest.raises(ContextFullError):
+        OpenAIBackend(server.url, "m").complete(USER)
+
+
+def test_server_text_never_reaches_the_terminal_raw(server):
+    server.respond = lambda h, body: send(h, 500, '{"error": {"message": "bad \\u001b]0;PWNED\\u0007 thing"}}')
+    with pytest.raises(BackendError) as error:
+        OpenAIBackend(server.url, "m").complete(USER)
+    assert "\x1b" not in str(error.value) and "\x07" not in str(error.value) and "PWNED" in str(error.value)
+
+
+def test_a_server_that_sends_stop_strings_ends_its_turn_on_an_unnamed_stop(server):
+    # transformers serve: the stop string stays in the text (cut client-side), the finish names no stop
+    server.respond = lambda h, body: sse(h, [content_chunk("```python\nx=1\n```\n```output"),
+                                             finish_chunk("stop", says_which=False)])
+    backend = OpenAIBackend(server.url, "m")
+    assert backend.complete(USER, Request(stop=[STOP])).finish_reason == "stop"
+    server.respond = lambda h, body: sse(h, [content_chunk("```python\nx=1\n"), finish_chunk("stop", says_which=False)])
+    done = backend.complete(USER, Request(stop=[STOP]))
+    assert (done.finish_reason, done.stop_unknown) == ("eos", False)  # it would have sent the stop string

@@ -76,9 +76,24 @@ class ContextFullError(BackendError):
     """The conversation no longer fits the model's context window (it cannot be continued)."""
 
 
-CONTEXT_FULL_HINTS = ("maximum context length", "context length", "context window", "too many tokens",
-                      "the context holds")
-"""Phrases of servers' (vLLM, SGLang, OpenAI) and duet's own errors for a prompt longer than the context."""
+CONTEXT_FULL_HINTS = (
+    "maximum context length",  # vLLM, SGLang, OpenAI
+    "context length",  # SGLang: "is longer than the model's context length"
+    "maximum model length",  # vLLM: "longer than the maximum model length of 2048"
+    "exceeds the available context size",  # llama.cpp: "request (2484 tokens) exceeds the available context size"
+    "exceed_context_size",  # llama.cpp's error type
+    "context window",
+    "too many tokens",
+    "maximum sequence length",  # transformers: "longer than the specified maximum sequence length"
+    "the context holds",  # duet's own runtime
+)
+"""Phrases (lower case) of servers' and duet's own errors for a prompt longer than the model's context."""
+
+
+def is_context_full(message: str) -> bool:
+    """True when an error message says the prompt does not fit the model's context."""
+    lowered = message.lower()
+    return any(hint in lowered for hint in CONTEXT_FULL_HINTS)
 
 
 def one_line(text: str, limit: int = 300) -> str:
@@ -110,6 +125,9 @@ class Completion:
     reasoning: str = ""
     finish_reason: str = "eos"
     stop_string: str | None = None
+    stop_unknown: bool = False
+    """``finish_reason`` is "eos" but may have been a stop string the server stripped without saying which
+    (llama.cpp): the caller resolves it by its own rules."""
     prompt_tokens: int = 0
     completion_tokens: int = 0
     seconds: float = 0.0
@@ -295,7 +313,7 @@ def _safe_search(pattern: str, text: str) -> bool:
 # ---------------------------------------------------------------------------------------------
 # Option schemas
 
-OPTION_KINDS = ("text", "bool", "count", "seconds", "seconds or 0", "MiB or 0", "object")
+OPTION_KINDS = ("text", "bool", "count", "count or 0", "seconds", "seconds or 0", "MiB or 0", "object")
 """The kinds of value a backend option takes: how ``duet eval -O key=value`` reads and checks it."""
 
 

@@ -14,13 +14,13 @@ from pathlib import Path
 from typing import Any
 
 from duet.agents.backends import (
-    CONTEXT_FULL_HINTS,
     BackendError,
     Completion,
     ContextFullError,
     Message,
     Request,
     TextCallback,
+    is_context_full,
     option,
 )
 from duet.agents.verifier import ConfidenceHead
@@ -92,7 +92,7 @@ class LocalBackend:
                                     seed=request.seed, stop=list(request.stop), logprobs=request.logprobs)
             r = self.engine.submit(prompt, params, on_text=on_text, cancel=cancel)
         except ValueError as e:  # the prompt does not fit the context, bad sampling values
-            error = ContextFullError if any(h in str(e) for h in CONTEXT_FULL_HINTS) else BackendError
+            error = ContextFullError if is_context_full(str(e)) else BackendError
             raise error(f"{self.name}: {e}") from None
         if r.finish_reason == "error":
             raise BackendError(f"{self.name}: generation failed ({r.error})")

@@ -1,52 +1,56 @@
-"""A backend for OpenAI-compatible servers (vLLM, SGLang, ...): ``POST /v1/chat/completions``, streamed.
+"""A backend for OpenAI-compatible servers (vLLM, SGLang, llama.cpp, ``transformers serve``, ...), streamed.
 
-Standard library only (``http.client``). What it sends::
+What it sends to ``POST /v1/chat/completions``::
 
     {"model": ..., "messages": [...], "stream": true, "stream_options": {"include_usage": true},
      "max_tokens": N, "temperature": T, "stop": [...], "seed": S}
 
 plus ``"logprobs": true, "top_logprobs": k`` when the request asks for ``k > 0`` alternatives per token
 (read from each choice's ``logprobs.content[*].top_logprobs`` into ``Completion.top_logprobs``; a
-server that sends none gives ``None``),
+server that sends none gives ``None``).
 
-plus, when the last message is a partial assistant reply to continue (the solver's tool loop),
-``"continue_final_message": true, "add_generation_prompt": false``: vLLM and SGLang accept these
-chat-template options and render the partial reply without closing the turn. (OpenAI's own API
-does not support continuing a message.)
+Continuing a partial assistant reply (the solver's tool loop), and only then: vLLM and SGLang take
+``"continue_final_message": true, "add_generation_prompt": false`` and render the partial reply without
+closing the turn. Others do not: ``transformers serve`` answers HTTP 422, llama-cpp-python ignores the
+fields and starts a new reply. So the first continuation on a server (once per process, per server and
+model) asks it twice for one token, with and without those fields: an error status, or as many prompt
+tokens with them as without (the turn was closed and a new one opened: the fields were ignored), means
+it cannot continue. duet then renders the chat template itself (:mod:`duet.agents.chat_template`, the
+``tokenizer`` option) and continues through ``POST /v1/completions`` with that prompt. A server that
+reports no token counts is taken at its word.
 
 Reading the stream (Server-Sent Events, ``data: {...}`` lines, ending with ``data: [DONE]``):
 
-* ``delta.content`` is the answer text; ``delta.reasoning_content`` (vLLM/SGLang reasoning parsers)
-  or ``delta.reasoning`` goes to ``Completion.reasoning``; so do ``<think>...</think>`` spans in the
-  content, and, for R1-style templates that open ``<think>`` in the prompt, everything before a
-  ``</think>`` that was never opened (that text may already have been streamed to ``on_text``; the
-  returned Completion is right).
-* Stop strings are also enforced client-side, so a server that ignores ``stop`` still stops there.
-  Which stop string matched comes from vLLM's ``stop_reason`` or SGLang's ``matched_stop``; a
-  server that reports neither gives ``finish_reason="eos"`` (the tool loop then still runs a code
-  block that ends the text).
+* ``delta.content`` (``text`` from ``/completions``) is the answer text; ``delta.reasoning_content``
+  (vLLM/SGLang reasoning parsers) or ``delta.reasoning`` goes to ``Completion.reasoning``; so do
+  ``<think>...</think>`` spans in the content, and, for R1-style templates that open ``<think>`` in the
+  prompt, everything before a ``</think>`` that was never opened (that text may already have been
+  streamed to ``on_text``; the returned Completion is right).
+* Stop strings and ``max_tokens`` are also enforced client-side (a streamed piece counts as a token), so a
+  server that ignores them still stops there.
+* Which stop string matched comes from vLLM's ``stop_reason`` or SGLang's ``matched_stop``. A ``stop``
+  finish from a server that has neither field (llama.cpp, which also strips the stop string) may be a
+  stop string or the end of the turn: ``finish_reason="eos"`` with ``stop_unknown=True``, which the tool
+  loop resolves by the protocol's rules; unless the server was seen to send a stop string in its text
+  (``transformers serve`` does not strip them): then it is the end of the turn.
+* A stream that ends without a ``finish_reason`` (``[DONE]`` or not) is a truncated reply: an error.
 * Token counts come from the final ``usage`` chunk when the server sends one, else are estimated.
 
-Failures raise BackendError with one line: ``cannot reach http://127.0.0.1:9/v1: connection
-refused``, ``http://host/v1: no response within 60 s``, ``http://host/v1: HTTP 404: <message>``.
-``timeout`` bounds the connection and each wait for the next streamed chunk.
+HTTP, retries, time limits and the one-line errors are in :mod:`duet.agents.openai_http`.
 """
 
 from __future__ import annotations
 
-import http.client
 import json
 import os
-import socket
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
 from duet.agents.backends import (
-    CONTEXT_FULL_HINTS,
     BackendError,
     Completion,
     ContextFullError,
@@ -54,9 +58,25 @@ from duet.agents.backends import (
     Request,
     StreamCutter,
     TextCallback,
+    is_context_full,
     is_continuation,
     option,
 )
+from duet.agents.chat_template import ChatTemplate, template_source
+from duet.agents.openai_http import (
+    Deadline,
+    Http,
+    HttpStatusError,
+    Limits,
+    html_summary,
+    is_html,
+    message_of,
+    read_text,
+)
+from duet.terminal import safe_text
+
+if TYPE_CHECKING:
+    import httpx
 
 THINK_OPEN, THINK_CLOSE = "<think>", "</think>"
 
@@ -123,12 +143,37 @@ class ThinkSplitter:
 
 @dataclass(frozen=True)
 class OpenAIOptions:
-    """The OpenAI backend's options (``timeout``: seconds for the connection and each streamed chunk; duet's
-    commands pass the ``server_timeout`` setting; ``extra_body``: fields added to each request)."""
+    """The OpenAI backend's options (``timeout``: seconds for the connection and each wait for data, duet's
+    commands pass the ``server_timeout`` setting; ``deadline``: seconds for a whole request, streaming
+    included; ``retries``/``retry_seconds``: tries after a 429, 502, 503 or a reset connection, and the waiting
+    they may take in all; ``extra_body``: fields added to each request; ``tokenizer``: the served model's
+    tokenizer or checkpoint directory, for servers that cannot continue a message)."""
 
     timeout: float = option("seconds", 60.0, setting="server_timeout", answers=False)
+    deadline: float = option("seconds", 900.0, answers=False)
+    retries: int = option("count or 0", 4, answers=False)
+    retry_seconds: float = option("seconds or 0", 60.0, answers=False)
     api_key: str | None = option("text", None, answers=False)  # None: $DUET_API_KEY, else $OPENAI_API_KEY
     extra_body: dict[str, Any] | None = option("object", None)
+    tokenizer: str | None = option("text", None)  # None: $DUET_TOKENIZER, else the model name if it is a directory
+
+
+CONTINUE_FIELDS = {"continue_final_message": True, "add_generation_prompt": False}
+"""vLLM's and SGLang's chat-template options that keep the last (assistant) message open."""
+
+_CONTINUES: dict[tuple[str, str], tuple[bool, str]] = {}
+"""(API root, model) -> (whether the server continues an assistant message, why not); probed once a process."""
+_PROBE_LOCK = threading.Lock()
+_SENDS_STOPS: set[tuple[str, str]] = set()
+"""(API root, model) of servers seen to send a stop string in the text (``transformers serve``): they do not strip
+them, so their ``stop`` finishes that do not say which stop matched are ends of turn."""
+
+
+def forget_servers() -> None:
+    """Forget what the probes learnt about servers (for tests that reuse a port)."""
+    with _PROBE_LOCK:
+        _CONTINUES.clear()
+        _SENDS_STOPS.clear()
 
 
 class OpenAIBackend:
@@ -144,17 +189,23 @@ class OpenAIBackend:
         *,
         api_key: str | None = None,
         timeout: float = 60.0,
+        deadline: float = 900.0,
+        retries: int = 4,
+        retry_seconds: float = 60.0,
         extra_body: dict[str, Any] | None = None,
+        tokenizer: str | None = None,
     ) -> None:
         self.base_url = normalize_base_url(base_url)
         self.model = model or None
-        self.api_key = api_key or os.environ.get("DUET_API_KEY") or os.environ.get("OPENAI_API_KEY")
-        self.timeout = timeout
-        self.extra_body = dict(extra_body or {})
         parts = urlsplit(self.base_url)
         if parts.scheme not in ("http", "https") or not parts.hostname:
             raise BackendError(f"not an http(s) URL: {base_url!r}")
-        self._parts = parts
+        key = api_key or os.environ.get("DUET_API_KEY") or os.environ.get("OPENAI_API_KEY")
+        self.limits = Limits(timeout=timeout, deadline=deadline, retries=retries, retry_seconds=retry_seconds)
+        self.http = Http(self.base_url, key, self.limits)
+        self.extra_body = dict(extra_body or {})
+        self.tokenizer = tokenizer
+        self._template: ChatTemplate | None = None
 
     @property
     def name(self) -> str:
@@ -169,11 +220,32 @@ class OpenAIBackend:
         on_text: TextCallback | None = None,
         cancel: threading.Event | None = None,
     ) -> Completion:
-        """Stream a chat completion (see the module docstring for the request and the reading rules)."""
+        """Stream a completion (see the module docstring for the request and the reading rules)."""
         started = time.perf_counter()
+        deadline = Deadline(self.limits.deadline)
+        model = self.model or self.resolve_model()
+        body: dict[str, Any] = {"model": model}
+        if is_continuation(messages) and not self.continues_messages(model, deadline):
+            path = "/completions"
+            body["prompt"] = self.chat_template(model).continuation(messages)
+        else:
+            path = "/chat/completions"
+            body["messages"] = [{"role": m["role"], "content": m["content"]} for m in messages]
+            if is_continuation(messages):
+                body.update(CONTINUE_FIELDS)
+            if request.logprobs > 0:
+                body["logprobs"] = True
+                body["top_logprobs"] = request.logprobs
+        completion = self._stream(path, {**body, **self._sampling(request)}, request, on_text, cancel, deadline)
+        if completion.stop_unknown and (self.base_url, model) in _SENDS_STOPS:
+            completion.stop_unknown = False
+        if not completion.prompt_tokens:
+            completion.prompt_tokens = sum(len(m["content"]) for m in messages) // 4
+        completion.seconds = time.perf_counter() - started
+        return completion
+
+    def _sampling(self, request: Request) -> dict[str, Any]:
         body: dict[str, Any] = {
-            "model": self.model or self.resolve_model(),
-            "messages": [{"role": m["role"], "content": m["content"]} for m in messages],
             "stream": True,
             "stream_options": {"include_usage": True},
             "max_tokens": request.max_tokens,
@@ -183,159 +255,169 @@ class OpenAIBackend:
             body["stop"] = list(request.stop)
         if request.seed is not None:
             body["seed"] = request.seed
-        if request.logprobs > 0:
-            body["logprobs"] = True
-            body["top_logprobs"] = request.logprobs
-        if is_continuation(messages):
-            body["continue_final_message"] = True
-            body["add_generation_prompt"] = False
-        body.update(self.extra_body)
-        conn, response = self._request("POST", "/chat/completions", body)
-        try:
-            completion = self._read_stream(response, request.stop, on_text, cancel)
-        finally:
-            conn.close()
-        if not completion.prompt_tokens:
-            completion.prompt_tokens = sum(len(m["content"]) for m in messages) // 4
-        completion.seconds = time.perf_counter() - started
-        return completion
+        return {**body, **self.extra_body}
 
     def resolve_model(self) -> str:
         """Ask ``GET /v1/models`` for the served model (vLLM and SGLang serve one) and remember it."""
-        conn, response = self._request("GET", "/models", None)
+        with self.http.open("GET", "/models", None, Deadline(self.limits.deadline)) as response:
+            text = read_text(response, 1 << 20)
         try:
-            data = json.loads(self._read_all(response))
-            self.model = str(data["data"][0]["id"])
+            self.model = str(json.loads(text)["data"][0]["id"])
         except (ValueError, KeyError, IndexError, TypeError) as error:
-            raise BackendError(f"{self.base_url}/models: no model listed; name the model with --model-name "
+            raise BackendError(f"{self.http.url('/models')}: no model listed; name the model with --model-name "
                                f"(or <url>#<model> in a backend spec)") from error
-        finally:
-            conn.close()
         return self.model
 
-    # -- HTTP ----------------------------------------------------------------------------------
+    # -- continuing an assistant message -------------------------------------------------------
 
-    def _request(
-        self, method: str, path: str, body: dict[str, Any] | None
-    ) -> tuple[http.client.HTTPConnection, http.client.HTTPResponse]:
-        parts = self._parts
-        cls = http.client.HTTPSConnection if parts.scheme == "https" else http.client.HTTPConnection
-        conn = cls(parts.hostname, parts.port, timeout=self.timeout)
-        headers = {"Accept": "text/event-stream" if body and body.get("stream") else "application/json"}
-        payload = None
-        if body is not None:
-            payload = json.dumps(body).encode("utf-8")
-            headers["Content-Type"] = "application/json"
-        if self.api_key:
-            headers["Authorization"] = f"Bearer {self.api_key}"
+    def continues_messages(self, model: str, deadline: Deadline) -> bool:
+        """Whether the server continues a partial assistant message (probed once per process and server)."""
+        key = (self.base_url, model)
+        with _PROBE_LOCK:
+            if key not in _CONTINUES:
+                _CONTINUES[key] = self._probe(model, deadline)
+        return _CONTINUES[key][0]
+
+    def _probe(self, model: str, deadline: Deadline) -> tuple[bool, str]:
+        """Ask for one token after a partial reply, with the continuation fields and without (see the module
+        docstring); ``(continues, why not)``."""
+        messages = [{"role": "user", "content": "Say hello."}, {"role": "assistant", "content": "Hello"}]
+        body = {"model": model, "messages": messages, **self._sampling(Request(max_tokens=1))}
         try:
-            conn.request(method, parts.path + path, body=payload, headers=headers)
-            response = conn.getresponse()
-        except Exception as error:
-            conn.close()
-            raise self._network_error(error) from error
-        if response.status != 200:
-            detail = _error_message(self._read_all(response, limit=4000)) or response.reason
-            conn.close()
-            full = response.status == 400 and any(h in detail.lower() for h in CONTEXT_FULL_HINTS)
-            raise (ContextFullError if full else BackendError)(f"{self.base_url}: HTTP {response.status}: {detail}")
-        return conn, response
-
-    def _network_error(self, error: BaseException) -> BackendError:
-        if isinstance(error, BackendError):
-            return error
-        if isinstance(error, ConnectionRefusedError):
-            return BackendError(f"cannot reach {self.base_url}: connection refused")
-        if isinstance(error, (socket.timeout, TimeoutError)):
-            return BackendError(f"{self.base_url}: no response within {self.timeout:g} s")
-        if isinstance(error, socket.gaierror):
-            return BackendError(f"cannot reach {self.base_url}: unknown host {self._parts.hostname}")
-        if isinstance(error, http.client.HTTPException):
-            return BackendError(f"{self.base_url}: bad HTTP response ({type(error).__name__}: {error})")
-        if isinstance(error, OSError):
-            return BackendError(f"cannot reach {self.base_url}: {error.strerror or error}")
-        return BackendError(f"{self.base_url}: {type(error).__name__}: {error}")
-
-    def _read_all(self, response: http.client.HTTPResponse, limit: int = 1 << 20) -> str:
+            kept = self._stream("/chat/completions", {**body, **CONTINUE_FIELDS}, Request(max_tokens=1), None,
+                                None, deadline)
+        except HttpStatusError as error:
+            if 400 <= error.status < 500 and not isinstance(error, ContextFullError):
+                return False, f"HTTP {error.status} to continue_final_message"
+            raise
         try:
-            return response.read(limit).decode("utf-8", "replace")
-        except Exception as error:
-            raise self._network_error(error) from error
+            closed = self._stream("/chat/completions", body, Request(max_tokens=1), None, None, deadline)
+        except HttpStatusError:
+            return True, ""  # it took the continuation fields and cannot be compared: taken at its word
+        if kept.prompt_tokens and closed.prompt_tokens and kept.prompt_tokens >= closed.prompt_tokens:
+            return False, "it ignores continue_final_message and starts a new reply"
+        return True, ""
+
+    def chat_template(self, model: str) -> ChatTemplate:
+        """The template to render continuations with; a one-line error naming what to pass when there is none."""
+        if self._template is None:
+            source = template_source(self.tokenizer, model)
+            if source is None:
+                why = _CONTINUES.get((self.base_url, model), (False, "it cannot"))[1]
+                raise BackendError(
+                    f"{self.http.url('/chat/completions')} cannot continue an assistant message ({why}), and duet "
+                    f"has no chat template to render one for /completions: give the served model's tokenizer "
+                    f"directory (duet eval -O tokenizer=DIR, or DUET_TOKENIZER=DIR)")
+            self._template = ChatTemplate(source)
+        return self._template
 
     # -- streaming -----------------------------------------------------------------------------
 
-    def _read_stream(
+    def _stream(
         self,
-        response: http.client.HTTPResponse,
-        stop: Sequence[str],
+        path: str,
+        body: dict[str, Any],
+        request: Request,
         on_text: TextCallback | None,
         cancel: threading.Event | None,
+        deadline: Deadline,
     ) -> Completion:
-        state = _StreamState(stop, on_text)
-        if "json" in (response.getheader("Content-Type") or "") and "event-stream" not in (
-            response.getheader("Content-Type") or ""
-        ):  # the server ignored "stream": one JSON body
-            state.chunk(_json(self._read_all(response), self.base_url), self.base_url)
-            return state.completion(done=True)
-        done = False
-        while not done:
-            if cancel is not None and cancel.is_set():
-                state.cancelled = True
-                break
+        import httpx
+
+        url = self.http.url(path)
+        state = _StreamState(request.stop, request.max_tokens, on_text)
+        with self.http.open("POST", path, body, deadline) as response:
             try:
-                raw = response.readline()
-            except Exception as error:
-                raise self._network_error(error) from error
-            if not raw:
-                break
-            line = raw.decode("utf-8", "replace").strip()
-            if not line.startswith("data:"):
-                continue  # blank separators, ": keep-alive" comments, "event:" lines
-            data = line[5:].strip()
-            if data == "[DONE]":
-                done = True
-            elif state.chunk(_json(data, self.base_url), self.base_url):
-                done = True  # a stop string matched client-side: stop reading
-        return state.completion(done=done)
+                for data in self._events(response, url, deadline):
+                    if cancel is not None and cancel.is_set():
+                        state.cancelled = True
+                        break
+                    if data == "[DONE]":
+                        state.done = True
+                        break
+                    if state.chunk(_json(data, url), url):
+                        break  # a stop string matched, or max_tokens: stop reading
+            except httpx.TimeoutException as error:
+                raise self.http.timeout_error(url, deadline) from error
+            except httpx.HTTPError as error:
+                raise self.http.network_error(error, url) from error
+        if state.cutter.stop_string is not None:
+            _SENDS_STOPS.add((self.base_url, str(body.get("model"))))
+        return state.completion(url)
+
+    def _events(self, response: httpx.Response, url: str, deadline: Deadline) -> Iterator[str]:
+        """The ``data:`` payloads of a reply; a whole JSON body (a server that does not stream) is one."""
+        content_type = response.headers.get("Content-Type", "")
+        if "event-stream" in content_type:
+            lines: Iterator[str] = response.iter_lines()
+        else:
+            text = read_text(response, 1 << 22)
+            if is_html(text, content_type):
+                raise BackendError(f"{url}: not an OpenAI-compatible server (HTTP {response.status_code} with "
+                                   f"{html_summary(text)})")
+            if "json" in content_type or text.lstrip().startswith("{"):
+                yield text
+                return
+            lines = iter(text.splitlines())
+        last_data = time.monotonic()
+        for line in lines:
+            now = time.monotonic()
+            if deadline.passed():
+                raise self.http.timeout_error(url, deadline)
+            if line.startswith("data:"):
+                last_data = now
+                yield line[5:].strip()
+            elif now - last_data > self.limits.timeout:  # keep-alive comments are no progress
+                raise BackendError(f"{url}: no data within {self.limits.timeout:g} s (only keep-alive comments)")
 
 
 class _StreamState:
     """Accumulates one streamed completion."""
 
-    def __init__(self, stop: Sequence[str], on_text: TextCallback | None) -> None:
+    def __init__(self, stop: Sequence[str], max_tokens: int, on_text: TextCallback | None) -> None:
         self.stops = list(stop)
+        self.max_tokens = max_tokens
         self.cutter = StreamCutter(stop, on_text)
         self.think = ThinkSplitter()
         self.reasoning = ""
         self.finish: str | None = None
         self.matched: Any = None
+        self.says_which_stop = False  # the finish chunk has a stop_reason/matched_stop field
         self.usage: dict[str, Any] = {}
         self.pieces = 0
         self.cancelled = False
+        self.done = False
         self.top_logprobs: list[dict[str, float]] = []
 
     def chunk(self, obj: Any, where: str) -> bool:
-        """Take one parsed chunk; True when a stop string matched (reading should end)."""
+        """Take one parsed chunk; True when reading should end (a stop string matched, max_tokens reached)."""
         if not isinstance(obj, dict):
-            raise BackendError(f"{where}: unexpected stream chunk {str(obj)[:80]!r}")
+            raise BackendError(f"{where}: unexpected stream chunk {safe_text(str(obj)[:80])!r}")
         if obj.get("error"):
-            raise BackendError(f"{where}: {_error_message(obj) or 'server error'}")
+            message = safe_text(message_of(obj))[:200] or "server error"
+            raise (ContextFullError if is_context_full(message) else BackendError)(f"{where}: {message}")
         if isinstance(obj.get("usage"), dict):
             self.usage = obj["usage"]
         for choice in obj.get("choices") or []:
+            if not isinstance(choice, dict):
+                continue
             delta = choice.get("delta") or choice.get("message") or {}
             thought = delta.get("reasoning_content") or delta.get("reasoning")
+            content = delta.get("content") if "text" not in choice else choice.get("text")
+            if (thought or content) and self.pieces >= self.max_tokens:
+                self.finish = "length"  # the server ignores max_tokens: cut it here
+                return True
             if thought:
                 self.reasoning += thought
                 self.pieces += 1
             self._logprobs(choice.get("logprobs"))
-            content = delta.get("content")
             if content:
                 self.pieces += 1
                 if self._content(self.think.feed(content)):
                     return True
             if choice.get("finish_reason"):
                 self.finish = choice["finish_reason"]
+                self.says_which_stop = "stop_reason" in choice or "matched_stop" in choice
                 self.matched = choice.get("stop_reason", choice.get("matched_stop"))
         return False
 
@@ -363,27 +445,31 @@ class _StreamState:
                 return True
         return False
 
-    def completion(self, *, done: bool) -> Completion:
+    def completion(self, where: str) -> Completion:
         if self.cutter.stop_string is None:
             self._content(self.think.flush())
         text = self.cutter.finish()
+        unknown = False
         if self.cutter.stop_string is not None:
             finish, stop_string = "stop", self.cutter.stop_string
         elif self.cancelled:
             finish, stop_string = "cancelled", None
         elif self.finish == "length":
             finish, stop_string = "length", None
-        elif self.finish is None and not done:
-            raise BackendError("the server closed the stream before finishing")
+        elif self.finish is None:
+            how = "with [DONE] and no finish_reason" if self.done else "before finishing"
+            raise BackendError(f"{where}: the server ended the stream {how}: the reply is truncated")
         elif isinstance(self.matched, str) and self.matched in self.stops:
             finish, stop_string = "stop", self.matched
         else:
             finish, stop_string = "eos", None
+            unknown = self.finish == "stop" and bool(self.stops) and not self.says_which_stop
         return Completion(
             text=text,
             reasoning=self.reasoning,
             finish_reason=finish,
             stop_string=stop_string,
+            stop_unknown=unknown,
             prompt_tokens=int(self.usage.get("prompt_tokens") or 0),
             completion_tokens=int(self.usage.get("completion_tokens") or self.pieces),
             top_logprobs=self.top_logprobs or None,
@@ -394,22 +480,7 @@ def _json(data: str, where: str) -> Any:
     try:
         return json.loads(data)
     except ValueError as error:
-        raise BackendError(f"{where}: unreadable reply {data[:80]!r}") from error
-
-
-def _error_message(body: Any) -> str:
-    """The message of an OpenAI-style error body (``{"error": {"message": ...}}``), else the text."""
-    if isinstance(body, str):
-        try:
-            body = json.loads(body)
-        except ValueError:
-            return body.strip()[:200]
-    if isinstance(body, dict):
-        error = body.get("error", body)
-        if isinstance(error, dict):
-            return str(error.get("message") or error.get("detail") or error)[:200]
-        return str(error)[:200]
-    return str(body)[:200]
+        raise BackendError(f"{where}: unreadable reply {safe_text(data[:80])!r}") from error
 
 
 def from_spec(argument: str, **options: Any) -> OpenAIBackend:

@@ -31,6 +31,8 @@ So ```` ```python ```` inside a string on a code line is just code. Other fences
   the block is taken as closed; duet writes the missing ```` ``` ```` line before the output block.
 * the model ends its turn (or a server does not report the stop string) right after a closed block,
   with nothing after it and no ``\boxed{}`` yet: the block is run and generation continues.
+* a server that strips the stop string and does not say whether a stop string or the end of the turn
+  ended the text (llama.cpp): text that ends with a code block, closed or not, ended at the stop string.
 * a block still open when the turn ends (EOS or ``max_tokens``) is *not* run (it is likely cut off);
   the turn ends and an ``error`` event says so.
 * the stop string with no code block before it: the output block says ``(no code to run)``.

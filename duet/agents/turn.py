@@ -16,7 +16,7 @@ from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from typing import Protocol
 
-from duet.agents.backends import Backend, BackendError, ContextFullError, Message, Request, one_line
+from duet.agents.backends import Backend, BackendError, Completion, ContextFullError, Message, Request, one_line
 from duet.agents.events import Emitter, EventCallback, log
 from duet.agents.protocol import (
     NO_CODE,
@@ -188,7 +188,8 @@ class _TurnLoop:
             if blocks and not blocks[-1].closed:
                 self.emit("error", "a code block cut off by the token limit was not run", reason="length")
             return self._finish("token_budget" if budget_bound else "length")
-        if done.finish_reason != "stop" and not _trailing_cell(segment, blocks):
+        if done.finish_reason != "stop" and not _trailing_cell(segment, blocks) and not _stripped_stop(done, segment,
+                                                                                                        blocks):
             self._emit_prose(segment)
             if blocks and not blocks[-1].closed:
                 self.emit("error", "unterminated code block at the end of the turn was not run", reason="eos")
@@ -255,6 +256,13 @@ def _trailing_cell(segment: str, blocks: list) -> bool:
         and not segment[blocks[-1].end :].strip()
         and extract_final_answer(segment) is None
     )
+
+
+def _stripped_stop(done: Completion, segment: str, blocks: list) -> bool:
+    """A server ended on a stop string or the end of the turn without saying which (llama.cpp strips the
+    stop string): a piece that ends with a code block, closed or not, ended where the model opened the
+    output fence, as if the stop string had matched."""
+    return done.stop_unknown and bool(blocks) and not segment[blocks[-1].end :].strip()
 
 
 def _step_from_result(step_text: str, code: str, result: RunResult, limit: int) -> Step:

@@ -83,10 +83,11 @@ def _option_value(key: str, text: str, kind: str | None) -> Any:
         if text.strip().lower() in words:
             return words[text.strip().lower()]
         raise UsageProblem(f"--backend-option {key}={text}: expected true or false")
-    if kind == "count":
-        if isinstance(value, int) and not isinstance(value, bool) and value >= 1:
+    if kind in ("count", "count or 0"):
+        least = 0 if kind == "count or 0" else 1
+        if isinstance(value, int) and not isinstance(value, bool) and value >= least:
             return value
-        raise UsageProblem(f"--backend-option {key}={text}: expected a whole number >= 1")
+        raise UsageProblem(f"--backend-option {key}={text}: expected a whole number >= {least}")
     if kind in ("seconds", "seconds or 0", "MiB or 0"):
         number = value if isinstance(value, (int, float)) and not isinstance(value, bool) else None
         if number is None or not math.isfinite(number) or number < 0 or (number == 0 and kind == "seconds"):
