@@ -367,6 +367,7 @@ def test_top_logprobs_are_asked_for_and_read_from_the_stream(server):
     assert body["logprobs"] is True and body["top_logprobs"] == 2 and body["stream"] is True
     assert done.text == "AGREE"
     assert done.top_logprobs == [{"AG": -0.1, "DIS": -2.5}, {"REE": -0.01, "RE": -5.0}]
+    assert done.token_logprobs == [-0.1, -0.01]  # each written token's own, for the verifier's confidence
 
 
 def test_top_logprobs_from_a_non_streaming_reply_and_a_server_without_them(server):

@@ -388,6 +388,7 @@ class _StreamState:
         self.cancelled = False
         self.done = False
         self.top_logprobs: list[dict[str, float]] = []
+        self.token_logprobs: list[float] = []  # each generated token's own log-probability, where given
 
     def chunk(self, obj: Any, where: str) -> bool:
         """Take one parsed chunk; True when reading should end (a stop string matched, max_tokens reached)."""
@@ -432,6 +433,7 @@ class _StreamState:
                    if isinstance(alt, dict) and "token" in alt and alt.get("logprob") is not None}
             if "token" in entry and entry.get("logprob") is not None:
                 top.setdefault(str(entry["token"]), float(entry["logprob"]))
+                self.token_logprobs.append(float(entry["logprob"]))
             self.top_logprobs.append(top)
 
     def _content(self, parts: list[tuple[str, str]]) -> bool:
@@ -473,6 +475,9 @@ class _StreamState:
             prompt_tokens=int(self.usage.get("prompt_tokens") or 0),
             completion_tokens=int(self.usage.get("completion_tokens") or self.pieces),
             top_logprobs=self.top_logprobs or None,
+            # every token's, or none: a partial list would give the verifier a wrong confidence
+            token_logprobs=self.token_logprobs if self.token_logprobs and len(self.token_logprobs) == len(
+                self.top_logprobs) else None,
         )
 
 
