@@ -85,8 +85,29 @@ def test_a_low_score_samples_alternatives_whose_weighted_vote_corrects_the_solve
     samples = [t for t in result.turns if t.task == "sample"]
     assert [t.answer for t in samples] == ["71", "71", "35"] and all(t.score for t in samples)
     verdicts = [e for e in events if e.kind == "verdict"]
-    assert [e.data["score"] for e in verdicts] == [0.2, 0.9]
-    assert model.verdicts == 5  # the solver's two solutions and the three samples
+    # the revision, written after being shown a solution, is judged by the vote, not scored again
+    assert [e.data["score"] for e in verdicts] == [0.2, None] and second.score is None
+    assert second.votes[0]["answer"] == "71" and "the weighted vote chooses 71" in second.text
+    assert model.verdicts == 4  # the solver's first solution and the three samples
+
+
+def test_a_near_tie_does_not_overturn_the_solvers_answer():
+    """Another answer must outweigh the solver's by more than VOTE_MARGIN: 35 (0.2 + 0.2) against 71 (0.45)."""
+    unsure = "I cannot tell."  # a sample without an answer does not vote
+    class Unsure(FakeModel):
+        def complete(self, messages, request=Request(), *, on_text=None, cancel=None) -> Completion:
+            done = super().complete(messages, request, on_text=on_text, cancel=cancel)
+            if done.top_logprobs and "\\boxed{71}" in messages[1]["content"]:
+                done.top_logprobs = [{" AG": math.log(0.45), " DIS": math.log(0.55)}]
+            return done
+
+    result = run_dialogue(QUESTION, Unsure(samples=(RIGHT, WRONG, unsure)), config=config(max_rounds=1))
+    (check,) = result.critic_turns
+    assert [(v["answer"], v["weight"]) for v in check.votes] == [("71", 0.45), ("35", 0.4)]
+    assert check.verdict == "agree" and result.answer == "35"
+    close = run_dialogue(QUESTION, Unsure(samples=(RIGHT, WRONG, RIGHT)), config=config(max_rounds=1))
+    assert close.critic_turns[0].votes[0]["answer"] == "71"  # 0.9 against 0.4: overturned
+    assert close.critic_turns[0].verdict == "disagree"
 
 
 def test_without_agreement_the_weighted_vote_answers():

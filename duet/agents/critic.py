@@ -89,6 +89,11 @@ class OwnSolutions:
         return None
 
 
+# How much more weight another answer needs to overturn the solver's first one: a near tie of noisy scores is
+# no reason to change a right answer (on the dev and challenge splits, 0.1 kept every fix of 0 and broke none).
+VOTE_MARGIN = 0.1
+
+
 class Judgement:
     """The verifier's side of one dialogue: every solution it scored, and the solver's sampled alternatives
     (started the first time an answer scores below the threshold, then reused by every later check)."""
@@ -107,11 +112,17 @@ class Judgement:
         return self.samples.results()
 
     def vote(self) -> tuple[str | None, list[dict]]:
-        """The verifier-weighted vote over the solver's scored answers and the sampled ones."""
+        """The verifier-weighted vote over the solver's scored answers and the sampled ones: the heaviest answer,
+        except that the solver's first answer stands unless another outweighs it by more than VOTE_MARGIN."""
         pairs = list(self.scored)
         if self.samples is not None:
             pairs += [(t.answer, s.p) for t, s in self.samples.results() if t.answer is not None and s]
-        return weighted_vote([a for a, _ in pairs], [p for _, p in pairs])
+        winner, votes = weighted_vote([a for a, _ in pairs], [p for _, p in pairs])
+        if winner is not None and self.scored and not equivalent(winner, first := self.scored[0][0]):
+            held = sum(g["weight"] for g in votes if equivalent(g["answer"], first))
+            if votes[0]["weight"] - held <= VOTE_MARGIN:
+                return first, votes
+        return winner, votes
 
 
 class Critic:
@@ -192,6 +203,10 @@ class Critic:
         score is low and there are no samples to vote (the model's own check then decides)."""
         assert self.verifier is not None
         messages = self.verifier.messages(question, solution)
+        if judgement.samples is not None:
+            # a revision after the vote: the solver wrote it having been shown a solution, so its confidence
+            # says how well it copied, not whether it is right; the vote over first solutions decides
+            return self._by_vote(judgement, messages, claimed, round_no)
         try:
             score = self.verifier.score(question, solution, options.cancel, confidence=confidence)
         except BackendError:
@@ -205,20 +220,33 @@ class Critic:
             return None
         else:
             judgement.sampled()
-            winner, votes = judgement.vote()
-            turn.votes = [{**v, "weight": round(v["weight"], 4)} for v in votes]
-            if winner is None or equivalent(winner, claimed):
-                verdict = Verdict(AGREE, f"the verifier gives this answer P(correct) = {score.p:.2f}, and the "
-                                         f"sampled solutions' weighted vote also chooses {claimed}.")
-            else:
-                best = max(((t, s) for t, s in judgement.sampled() if s and t.answer is not None
-                            and equivalent(t.answer, winner)), key=lambda ts: ts[1].p)[0]
-                # worded as the critic's own solutions are (the embedded model is trained to follow it)
-                verdict = Verdict(DISAGREE, own_solution_reason(winner, votes[0]["count"], judgement.k, claimed,
-                                                                best.text))
-                turn.answer = winner
+            return self._by_vote(judgement, messages, claimed, round_no, turn, score)
         label = "AGREE" if verdict.kind == AGREE else "DISAGREE"
         turn.text = f"{VERDICT_PREFIX} {label} (P(correct) = {score.p:.2f}, read from {score.method})"
+        return turn, verdict
+
+    def _by_vote(self, judgement: Judgement, messages: list[dict], claimed: str, round_no: int,
+                 turn: Turn | None = None, score: Score | None = None) -> tuple[Turn, Verdict]:
+        """Agree when the weighted vote chooses ``claimed``; else disagree, showing the best-scored sampled
+        solution of the vote's answer. ``turn``/``score``: the verifier's scoring of ``claimed``, when it was scored."""
+        turn = turn or Turn("critic", round_no, "verify", self.backend.name, messages)
+        winner, votes = judgement.vote()
+        turn.votes = [{**v, "weight": round(v["weight"], 4)} for v in votes]
+        scored = f"the verifier gives this answer P(correct) = {score.p:.2f}, and " if score else ""
+        if winner is None or equivalent(winner, claimed):
+            verdict = Verdict(AGREE, f"{scored}the weighted vote of the sampled solutions chooses {claimed}.")
+        else:
+            best = max(((t, s) for t, s in judgement.sampled() if s and t.answer is not None
+                        and equivalent(t.answer, winner)), key=lambda ts: ts[1].p, default=None)
+            if best is None:  # the vote kept the solver's first answer, which no sample gave
+                verdict = Verdict(DISAGREE, f"the weighted vote of the solutions chooses {winner}, not {claimed}.")
+            else:  # worded as the critic's own solutions are (the embedded model is trained to follow it)
+                count = next(v["count"] for v in votes if equivalent(v["answer"], winner))
+                verdict = Verdict(DISAGREE, own_solution_reason(winner, count, judgement.k, claimed, best[0].text))
+            turn.answer = winner
+        label = "AGREE" if verdict.kind == AGREE else "DISAGREE"
+        read = f"P(correct) = {score.p:.2f}, read from {score.method}; " if score else ""
+        turn.text = f"{VERDICT_PREFIX} {label} ({read}the weighted vote chooses {winner})"
         return turn, verdict
 
 
