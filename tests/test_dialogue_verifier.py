@@ -200,3 +200,25 @@ def test_confidence_head_files(tmp_path):
         with pytest.raises(BackendError) as e:
             ConfidenceHead.load(tmp_path)
         assert "\n" not in str(e.value) and "not a verifier head" in str(e.value) and "fit it again" in str(e.value)
+
+
+def test_a_first_solution_rejected_before_the_verifier_still_votes():
+    """The number check rejected the solver's first (right) solution; its revision is wrong. The verifier scores
+    the first solution too, so the revision cannot outvote it unseen: the critic disagrees and shows 71."""
+    from duet.agents.critic import Critic, Judgement
+    from duet.agents.dialogue import sandbox_factory_for
+    from duet.agents.transcript import Turn
+    from duet.agents.turn import TurnOptions
+
+    model = ConfidentModel()
+    model.verifier_head = ConfidenceHead({"mean": 20.0}, bias=2.0)
+    critic = Critic(model, number_check=False, verify=True)
+    options = TurnOptions(sandbox_factory_for(config()), seed=5)
+    judgement = Judgement(critic.verifier, model, load_prompts(), QUESTION, options, threshold=0.5, samples=3,
+                          temperature=0.7)
+    judgement.first = Turn("solver", 1, "solve", model.name, [], text=RIGHT, answer="71",
+                           confidence={"mean": -0.01, "min": -0.01, "tokens": 5})
+    check = critic.check(QUESTION, WRONG, options, round=2, judgement=judgement,
+                         confidence={"mean": -0.6, "min": -0.6, "tokens": 5})
+    assert [a for a, _ in judgement.scored] == ["71", "35"]
+    assert check.verdict == "disagree" and check.answer == "71"

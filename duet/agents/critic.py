@@ -104,6 +104,7 @@ class Judgement:
         self.options, self.threshold, self.k, self.temperature = options, threshold, samples, temperature
         self.scored: list[tuple[str, float]] = []  # (answer, P(correct)) of the solver's checked solutions
         self.samples: Samples | None = None
+        self.first: Turn | None = None  # the solver's first solution (the dialogue sets it)
 
     def sampled(self) -> list[tuple[Turn, Score | None]]:
         if self.samples is None:
@@ -207,6 +208,15 @@ class Critic:
             # a revision after the vote: the solver wrote it having been shown a solution, so its confidence
             # says how well it copied, not whether it is right; the vote over first solutions decides
             return self._by_vote(judgement, messages, claimed, round_no)
+        first = judgement.first
+        if not judgement.scored and first is not None and first.answer is not None and first.text != solution:
+            # the first solution was rejected by a model-free check before the verifier saw it: it still votes
+            # (with the score of the context it was written in), so a wrong revision cannot outvote it unseen
+            try:
+                judgement.scored.append((first.answer, self.verifier.score(
+                    question, first.text, options.cancel, confidence=first.confidence).p))
+            except BackendError:
+                pass
         try:
             score = self.verifier.score(question, solution, options.cancel, confidence=confidence)
         except BackendError:

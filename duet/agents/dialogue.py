@@ -262,6 +262,8 @@ class _Run:
                                            self.options, threshold=cfg.verify_threshold, samples=cfg.samples,
                                            temperature=cfg.sample_temperature)
         turn = self.add(solver.solve(self.question, self.options, round=1, budget=self.budget_left()))
+        if self.judgement is not None:
+            self.judgement.first = turn
         while True:
             if turn.answer is not None:
                 self.answer = turn.answer
