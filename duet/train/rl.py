@@ -68,10 +68,10 @@ class RLConfig:
     out_dir: str = "runs/rl"
     init_from: str = "duet/assets/model"
     seed: int = 0
-    iterations: int = 40
-    problems: int = 24  # problems per iteration
-    group: int = 8  # samples per problem
-    temperature: float = 1.0
+    iterations: int = 80
+    problems: int = 48  # problems per iteration
+    group: int = 6  # samples per problem
+    temperature: float = 0.8  # at 1.0 the small model's samples were mostly wrong: few groups had mixed rewards
     lr: float = 1e-4  # constant: the run is short and starts from a trained model
     weight_decay: float = 0.0
     grad_clip: float = 1.0
