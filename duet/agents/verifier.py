@@ -5,9 +5,13 @@ A verifier *judges* instead: the critic model reads the problem and a solution a
 only (``prompts/verifier_user.md``); the probability it gives to AGREE at that point is the solution's
 score, P(correct). The embedded model is trained on such judgements of right and wrong solutions.
 
-Where the backend returns log-probabilities (duet's engine; vLLM and SGLang), the score is
-P(AGREE) / (P(AGREE) + P(DISAGREE)) over the first token of the verdict (``method="logprobs"``); where it
-does not, the verdict text decides: 1.0 for AGREE, 0.0 otherwise (``method="text"``).
+With a :class:`ConfidenceHead` beside the model's weights and a solution whose turn carries the
+log-probabilities of the tokens the solver wrote (``Turn.confidence``), the head gives the score from them
+with no request at all (``method="confidence"``): how sure the model was of its solution measures far
+better than its verdict. Otherwise, where the backend returns log-probabilities (duet's engine; vLLM and
+SGLang), the score is P(AGREE) / (P(AGREE) + P(DISAGREE)) over the first token of the verdict
+(``method="logprobs"``); where it does not, the verdict text decides: 1.0 for AGREE, 0.0 otherwise
+(``method="text"``).
 
 When the solver's answer scores below a threshold, the solver samples K alternatives (decoded together
 with the rest of the batch, each in its own sandbox), the verifier scores each, and the answers vote

@@ -481,9 +481,10 @@ class Engine:
                 req.finish_reason = "eos"
                 break
             req.out.append(t)
-            req.token_logprobs.append(float(logits[j].float().log_softmax(dim=-1)[t]))
+            logp = logits[j].float().log_softmax(dim=-1)  # once: the token's own and, if asked, the top k
+            req.token_logprobs.append(float(logp[t]))
             if req.params.logprobs:
-                top = top_logprobs(logits[j], req.params.logprobs, t)
+                top = top_logprobs(logp, req.params.logprobs, t)
                 alternatives: dict[str, float] = {}
                 for token_id, logprob in top:  # tokens that decode alike keep the likeliest
                     alternatives.setdefault(self.tokenizer.decode([token_id]), logprob)

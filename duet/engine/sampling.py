@@ -90,11 +90,10 @@ def accept_draft(target_logits: Tensor, draft_logits: Tensor, draft: int, params
     return False, int(torch.multinomial(residual / total, 1, generator=generator))
 
 
-def top_logprobs(logits: Tensor, k: int, chosen: int) -> list[tuple[int, float]]:
-    """The `k` most likely tokens of one position's logits [vocab] and their log-probabilities, at temperature 1
-    (the model's own distribution, whatever the request samples with), most likely first; `chosen` (the emitted
-    token) is added at the end when it is not among them."""
-    logp = logits.float().log_softmax(dim=-1)
+def top_logprobs(logp: Tensor, k: int, chosen: int) -> list[tuple[int, float]]:
+    """The `k` most likely tokens of one position's log-probabilities [vocab] (log-softmax of its logits at
+    temperature 1: the model's own distribution, whatever the request samples with), most likely first; `chosen`
+    (the emitted token) is added at the end when it is not among them."""
     values, ids = logp.topk(min(k, logp.shape[-1]))
     top = list(zip(ids.tolist(), values.tolist(), strict=True))
     if all(i != chosen for i, _ in top):
