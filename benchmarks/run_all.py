@@ -23,6 +23,7 @@ def main() -> int:
         [sys.executable, str(HERE / "mtp_acceptance.py")],
         [sys.executable, str(HERE / "mtp_bound.py")],
         [sys.executable, str(HERE / "prefix_cache.py")],
+        [sys.executable, str(HERE / "eval_throughput.py")],
     ]
     try:
         import torch

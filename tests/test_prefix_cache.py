@@ -273,3 +273,37 @@ def test_compiled_decoding_with_the_prefix_cache(ckpt, off):
     again = on.generate(follow, params)
     assert ids(got) == ids(off.generate(p, params)) and ids(again) == ids(off.generate(follow, params))
     assert all(r.cached_tokens >= len(q) - 4 for q, r in zip(p, again, strict=True))
+
+
+def test_requests_arriving_together_prefill_in_one_pass_and_compute_a_shared_prompt_once(ckpt, off):
+    """Three prompts that share a system prompt, admitted at once: the first is prefilled alone and stored,
+    the other two reuse its prompt and are prefilled together (ragged rests, padded): two prefill passes,
+    the same tokens as without the cache, with MTP or without."""
+    for depth in (0, 1):
+        on = cached(ckpt, use_mtp=depth > 0)
+        on.set_prefix_cache(True, clear=True)
+        p = prompts(on)[:3]
+        passes = count_prefills(on)
+        try:
+            got = on.generate(p, GREEDY)
+        finally:
+            del on.model.hidden
+        assert ids(got) == ids(off.generate(p, GREEDY))
+        assert passes == [1, 2]
+        system = len(on.encode(SYSTEM))
+        assert [r.cached_tokens > 0 for r in got] == [False, True, True]
+        assert all(r.cached_tokens >= system - 2 * 4 for r in got[1:])
+
+
+def count_prefills(engine: Engine) -> list[int]:
+    """Make `engine.model.hidden` record the rows of every prefill pass (more tokens than a decoding step)."""
+    passes: list[int] = []
+    hidden = engine.model.hidden
+
+    def counting(tokens, cache=None):
+        if tokens.shape[1] > 1 + engine.mtp_depth:
+            passes.append(tokens.shape[0])
+        return hidden(tokens, cache)
+
+    engine.model.hidden = counting
+    return passes

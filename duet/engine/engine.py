@@ -276,8 +276,8 @@ class Engine:
                 while self._queue and len(self._active) + len(admitted) < self.max_batch:
                     admitted.append(self._queue.popleft())
             try:
-                for req in admitted:
-                    self._admit(req)
+                if admitted:
+                    self._admit(admitted)
                 for row in self._active:
                     if row.req.cancel is not None and row.req.cancel.is_set():
                         row.req.finish_reason = "cancelled"
@@ -332,33 +332,114 @@ class Engine:
     def _view(self, rows: slice, start: list[int]) -> CacheView:
         return CacheView(self.cache, rows, torch.tensor(start, device=self.device), fresh=not any(start))
 
-    def _admit(self, req: _Request) -> None:
-        """Prefill a request alone into the next free row and sample its first token."""
-        i = len(self._active)
-        n = len(req.prompt)
-        self._reserve(n + req.max_new + self._lookahead + 1)
+    def _admit(self, reqs: list[_Request]) -> None:
+        """Prefill newly admitted requests into the next free rows and sample their first tokens.
+
+        Requests are prefilled together, in groups of similar length (`_prefill_groups`). One that shares
+        more of its prompt with an earlier request of the same arrival than with the prefix cache waits for
+        that one's prompt to be stored: 16 dialogues that start at once compute their system prompt once."""
+        pending = reqs
+        while pending:
+            wave, pending = self._next_wave(pending)
+            for group in self._prefill_groups(wave):
+                self._prefill(group)
+
+    def _next_wave(self, reqs: list[_Request]) -> tuple[list[_Request], list[_Request]]:
+        """(the requests to prefill now, those that would reuse at least two more blocks once the earlier
+        ones' prompts are cached)."""
         prefix = self.prefix_cache
-        # the longest cached prefix goes straight into the row; only the rest is computed
-        r = prefix.load(req.prompt, self.cache.kv[:, i], self.cache.pe[:, i]) if prefix is not None else 0
-        req.cached = r
-        ids = torch.tensor([req.prompt[r:]], device=self.device)
-        h = self.model.hidden(ids, self._view(slice(i, i + 1), [r]))
-        req.forward_passes += 1
-        logits = self.model.logits(h[0, -1:]) if req.max_new > 0 else None  # [1, V]
-        first = sample(logits[0], req.params, req.generator) if logits is not None else None
-        req.first_token_at = time.perf_counter()
-        row = _Row(req, length=n, last=first if first is not None else 0, mtp_len=r,
-                   tokens=req.prompt + ([first] if first is not None else []))
-        self._active.append(row)
-        if first is None:
-            req.finish_reason = "length"
-        elif not self._emit(row, [first], logits) and self.use_mtp:
-            next_ids = torch.tensor([req.prompt[r + 1:] + [first]], device=self.device)
-            logits, hidden = self.model.mtp_logits(0, h, next_ids, self._view(slice(i, i + 1), [r]))
-            row.mtp_len = n
-            self._draft([row], slice(i, i + 1), logits[:, -1], hidden[:, -1], [n - 1])
-        if prefix is not None:  # the prompt, for requests that come while this one decodes
-            row.pinned = prefix.store(row.tokens, n, row.mtp_len, self.cache.kv[:, i], self.cache.pe[:, i])
+        if prefix is None or len(reqs) == 1:
+            return reqs, []
+        b = prefix.block_size
+        now: list[_Request] = []
+        later: list[_Request] = []
+        for req in reqs:
+            cached = prefix.reusable(prefix.match(req.prompt)[1], len(req.prompt))
+            shared = max((_shared_blocks(req.prompt, other.prompt, b) for other in now), default=0)
+            (later if shared - cached >= 2 * b else now).append(req)
+        return now, later
+
+    def _prefill_groups(self, reqs: list[_Request]) -> list[list[_Request]]:
+        """The requests in groups to prefill in one forward pass each: sorted by the tokens left to compute
+        after the prefix cache, a group grows while padding to its longest stays under half its work."""
+        prefix = self.prefix_cache
+        todo = []
+        for req in reqs:
+            cached = prefix.reusable(prefix.match(req.prompt)[1], len(req.prompt)) if prefix is not None else 0
+            todo.append((len(req.prompt) - cached, req))
+        todo.sort(key=lambda t: t[0])
+        groups: list[list[_Request]] = []
+        group: list[_Request] = []
+        work = 0
+        for rest, req in todo:
+            if group and (len(group) + 1) * rest > 2 * (work + rest):
+                groups.append(group)
+                group, work = [], 0
+            group.append(req)
+            work += rest
+        return [*groups, group] if group else groups
+
+    def _prefill(self, reqs: list[_Request]) -> None:
+        """Prefill `reqs` into the next free rows in one forward pass (`_prefill_rows`), after copying each
+        one's longest cached prefix into its row."""
+        first_row = len(self._active)
+        self._reserve(max(len(r.prompt) + r.max_new for r in reqs) + self._lookahead + 1)
+        prefix = self.prefix_cache
+        start = []
+        for k, req in enumerate(reqs):
+            i = first_row + k
+            req.cached = prefix.load(req.prompt, self.cache.kv[:, i], self.cache.pe[:, i]) if prefix else 0
+            start.append(req.cached)
+        width = max(len(r.prompt) - c for r, c in zip(reqs, start, strict=True))
+        if max(start) + width <= self.cache.max_seq_len:
+            self._prefill_rows(reqs, start)
+        else:  # padding would run off the cache (a long cached prefix beside a long uncached prompt): one by one
+            for req, c in zip(reqs, start, strict=True):
+                self._prefill_rows([req], [c])
+
+    def _prefill_rows(self, reqs: list[_Request], start: list[int]) -> None:
+        """Compute the prompts of `reqs` from positions `start` on, in the next free rows, in one forward pass
+        (padded to the longest; the padding's cache entries lie past each row's length and are overwritten
+        before they are read); sample each first token and draft with the MTP module."""
+        first_row = len(self._active)
+        prefix = self.prefix_cache
+        width = max(len(r.prompt) - c for r, c in zip(reqs, start, strict=True))
+        rows = slice(first_row, first_row + len(reqs))
+        at = torch.arange(len(reqs), device=self.device)
+        last = torch.tensor([len(r.prompt) - c - 1 for r, c in zip(reqs, start, strict=True)], device=self.device)
+        ids = torch.tensor([_padded(r.prompt[c:], width) for r, c in zip(reqs, start, strict=True)],
+                           device=self.device)
+        h = self.model.hidden(ids, self._view(rows, start))  # [G, W, D]
+        logits = self.model.logits(h[at, last])  # [G, V]
+        drafting = []
+        for k, req in enumerate(reqs):
+            req.forward_passes += 1
+            n = len(req.prompt)
+            first = sample(logits[k], req.params, req.generator) if req.max_new > 0 else None
+            req.first_token_at = time.perf_counter()
+            row = _Row(req, length=n, last=first if first is not None else 0, mtp_len=start[k],
+                       tokens=req.prompt + ([first] if first is not None else []))
+            self._active.append(row)
+            if first is None:
+                req.finish_reason = "length"
+            elif not self._emit(row, [first], logits[k:k + 1]):
+                drafting.append(k)
+        if self.use_mtp and drafting:
+            # the MTP module pairs h_p with token p + 1: each row's prompt shifted by one, then its first token
+            next_ids = torch.tensor([_padded(r.prompt[c + 1:] + [row.last], width) for r, c, row in
+                                     zip(reqs, start, self._active[first_row:], strict=True)], device=self.device)
+            mtp_logits, hidden = self.model.mtp_logits(0, h, next_ids, self._view(rows, start))
+            # every row is drafted for (rows that already finished are retired before the next step)
+            group = self._active[first_row:]
+            for row in group:
+                if len(row.tokens) > row.length:  # it has a first token: the MTP entries reach the prompt's end
+                    row.mtp_len = row.length
+            self._draft(group, rows, mtp_logits[at, last], hidden[at, last], [len(r.prompt) - 1 for r in reqs])
+        if prefix is not None:  # the prompts, for requests that come while these decode
+            for k, row in enumerate(self._active[first_row:]):
+                i = first_row + k
+                row.pinned = prefix.store(row.tokens, row.length, row.mtp_len, self.cache.kv[:, i],
+                                          self.cache.pe[:, i])
 
     def _step(self) -> None:
         live = [row for row in self._active if row.req.finish_reason is None]
@@ -568,6 +649,19 @@ def _compile_steps(model: Transformer, device: torch.device) -> tuple[Callable, 
     if device.type == "cpu":  # the C++ wrapper calls the kernels without a Python frame per op
         options["cpp_wrapper"] = True
     return tuple(torch.compile(f, dynamic=False, fullgraph=True, options=options) for f in (main, mtp))
+
+
+def _padded(ids: list[int], width: int) -> list[int]:
+    """`ids` padded to `width` with its last token (any token would do: padding's outputs are never read)."""
+    return ids + [ids[-1]] * (width - len(ids))
+
+
+def _shared_blocks(a: list[int], b: list[int], block: int) -> int:
+    """Tokens in the whole blocks that `a` and `b` start with alike."""
+    n = 0
+    while n + block <= min(len(a), len(b)) and a[n:n + block] == b[n:n + block]:
+        n += block
+    return n
 
 
 def load_tokenizer(path: str | Path):
