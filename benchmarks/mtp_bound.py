@@ -30,19 +30,7 @@ from pathlib import Path
 
 import typer
 
-
-def weights_read(model) -> tuple[float, float]:
-    """Parameters one token's forward pass reads: (main model, MTP module 0), routed experts counted at
-    num_experts_per_tok / n_routed_experts and the embedding at one row. Works on meta-device models."""
-    a = model.args
-    routed = a.num_experts_per_tok / a.n_routed_experts
-
-    def read(module) -> float:
-        return sum(p.numel() * (routed if ".experts." in f".{name}" else 1) for name, p in module.named_parameters()
-                   if not name.startswith("embed_tokens."))
-
-    main = sum(read(layer) for layer in model.layers) + read(model.norm) + read(model.lm_head) + a.hidden_size
-    return main, read(model.mtp[0]) + a.hidden_size
+from duet.model.plan import activated_parameters as weights_read  # (main, MTP module 0), per token
 
 
 def deepseek_v3_mtp_share() -> float:

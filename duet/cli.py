@@ -20,6 +20,7 @@ from duet.evaluation.cli import eval_app
 from duet.serve.cli import serve_command
 from duet.terminal import safe_text
 from duet.train.cli import train_command
+from duet.ui.plan import plan_command
 
 app = typer.Typer(
     name="duet",
@@ -254,6 +255,7 @@ app.add_typer(eval_app, name="eval")
 app.command("train")(train_command)
 app.command("bench")(bench_command)
 app.command("serve")(serve_command)
+app.command("plan")(plan_command)
 
 
 # ------------------------------------------------------------------------------------------- main

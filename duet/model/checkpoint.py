@@ -41,11 +41,11 @@ _EXPERT = re.compile(r"^(layers\.\d+\.mlp\.experts|mtp\.\d+\.mlp\.experts)\.(gat
 
 
 def load_config(path: str | Path) -> ModelArgs:
-    """Read and validate `config.json` of a checkpoint directory."""
-    directory = _checkpoint_dir(path)
-    config_path = directory / CONFIG_FILE
+    """Read and validate a checkpoint's `config.json`: `path` is the checkpoint directory or the file itself."""
+    given = Path(path).expanduser()
+    config_path = given if given.is_file() else _checkpoint_dir(given) / CONFIG_FILE
     if not config_path.is_file():
-        raise CheckpointError(f"{directory}: no {CONFIG_FILE}; is this a Hugging Face checkpoint directory?")
+        raise CheckpointError(f"{given}: no {CONFIG_FILE}; is this a Hugging Face checkpoint directory?")
     try:
         cfg = json.loads(config_path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
@@ -54,8 +54,8 @@ def load_config(path: str | Path) -> ModelArgs:
         raise CheckpointError(f"{config_path}: expected a JSON object")
     try:
         return ModelArgs.from_hf_config(cfg)
-    except ConfigError as e:
-        raise ConfigError(f"{directory}/{e}") from None
+    except ConfigError as e:  # its message starts "config.json: "; name the file read
+        raise ConfigError(f"{config_path}: {str(e).removeprefix(CONFIG_FILE + ': ')}") from None
 
 
 def load_model(path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
