@@ -5,6 +5,7 @@ from __future__ import annotations
 from fractions import Fraction
 
 from duet.agents.number_check import (
+    cardinal_words,
     check_numbers,
     code_numbers,
     number_check_reason,
@@ -88,6 +89,22 @@ def test_numbers_the_problem_gives_but_the_code_never_uses():
     assert [f.key for f in unused_numbers(grow, solution("print(1.05 ** 2)") + " 1200")] == ["unused 1200"]
     assert unused_numbers(q, "23 + 4 * 12 = 71, so \\boxed{71}.") == []
     assert unused_numbers("On the 3rd day she read 40 pages.", solution("print(40)")) == []  # an ordinal
+
+
+def test_numbers_the_problem_writes_as_words_and_the_code_never_uses():
+    """A cardinal word (two to ninety-nine) counts as given and as needing use; the critique says its value in
+    digits. "one", "half" or "twice" are not amounts a solution must write."""
+    assert cardinal_words("Twenty-one kids, forty children, thirty one cats, ten dogs, one hat") == [
+        (21, "twenty-one"), (40, "forty"), (31, "thirty one"), (10, "ten")]
+    q = "eleven students sit at each table. There are 87 tables. How many students are there?"
+    [found] = check_numbers(q, solution("answer = 87 * 8\nprint(answer)"))  # the embedded model's slip
+    assert (found.key, found.message) == ("unused eleven", "the code never uses eleven (11), which the problem gives")
+    assert check_numbers(q, solution("answer = 87 * 11\nprint(answer)")) == []
+    save = "It takes Mike 247 minutes to walk. A bicycle saves him forty-three minutes. How long does he ride?"
+    assert Fraction(43) in question_numbers(save)
+    assert [f.key for f in check_numbers(save, solution("print(247 - 24)"))] == ["unused forty-three"]
+    assert check_numbers(save, solution("print(247 - 43)")) == []
+    assert unused_numbers("One day she ate half of the 12 pies twice.", solution("print(12 / 2)")) == []
 
 
 def test_unused_numbers_only_when_nothing_else_is_wrong():

@@ -155,8 +155,32 @@ def test_critic_examples_agree_with_right_and_reject_wrong_solutions(sources):
                      "revise_numbers", "revise_own_solution"}
 
 
+def test_dropped_numbers_are_what_the_number_check_calls_unused():
+    """A number the question writes as a word becomes a small number it does not give; or one operand of a
+    product or sum is left out. Either way the check finds the number unused (a question, not an order)."""
+    from duet.agents.number_check import check_numbers
+    from duet.train.solutions import Problem, dropped_cells, solution_text
+
+    rng = random.Random(0)
+    words = Problem("eleven students sit at each of 87 tables. How many students are there?",
+                    [("Multiply.", "answer = 87 * 11\nprint(answer)")], "test", "1")
+    groups = Problem("Sara picked 7 stacks of 84 pears and Sally picked 10 pears. How many pears in all?",
+                     [("Add.", "answer = (7 * 84) + 10\nprint(answer)")], "test", "2")
+    for problem, unused in ((words, "unused eleven"), (groups, None)):
+        for _ in range(10):
+            cells = dropped_cells(problem, rng)
+            text, answer = solution_text(cells)
+            assert answer != solution_text(problem.cells)[1]
+            findings = check_numbers(problem.question, text)
+            assert findings and all(f.key.startswith("unused ") for f in findings)
+            assert unused is None or [f.key for f in findings] == [unused]
+    assert {dropped_cells(groups, rng)[0][1].split("\n")[0] for _ in range(20)} == {
+        "answer = 84 + 10", "answer = 7 + 10"}
+    assert dropped_cells(Problem("Tom has 5 apples.", [("Say.", "answer = 5\nprint(answer)")], "t", "3"), rng) is None
+
+
 def test_number_check_revisions_are_what_the_live_critic_says(sources):
-    """A miscopied number: the rejection is the real number check's words, the fix is the reference."""
+    """A miscopied or left-out number: the rejection is the real number check's words, the fix is the reference."""
     from duet.agents.backends import ScriptedBackend
     from duet.agents.critic import Critic
     from duet.agents.dialogue import DialogueConfig, sandbox_factory_for
@@ -176,11 +200,12 @@ def test_number_check_revisions_are_what_the_live_critic_says(sources):
         assert check.task == "number_check" and request == prompts.revise_request(check.reason)
         wrong_code = [b.code for b in find_code_blocks(rejected)]
         right_code = [b.code for b in find_code_blocks(fixed)]
-        # one number differs, and the answers differ
+        # one number differs, or one operand is left out; and the answers differ
         assert len(wrong_code) == len(right_code)
         diffs = [(w, r) for w, r in zip(wrong_code, right_code, strict=True) if w != r]
         assert len(diffs) == 1
-        assert re.sub(r"[\d.]+", "N", diffs[0][0]) == re.sub(r"[\d.]+", "N", diffs[0][1])
+        shape = [re.sub(r"[\d.]+", "N", code) for code in diffs[0]]
+        assert shape[0] == shape[1] or shape[0].count("N") == shape[1].count("N") - 1
         assert not answers_match(extract_final_answer(rejected), extract_final_answer(fixed))
     assert found >= 5
 

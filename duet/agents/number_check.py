@@ -9,8 +9,10 @@ and finds:
 
 * *ungrounded* numbers: neither in the problem nor common constants;
 * *reused* numbers: ``a - a`` or ``a / a`` (always 0 or 1) where the problem gives ``a`` only once;
-* when neither is found, *unused* numbers: numbers the problem writes in digits that no code block uses
-  (a percentage counts as used in any of its forms). On the dev set, most solutions that left a number
+* when neither is found, *unused* numbers: numbers the problem writes in digits, or as cardinal words from
+  two to ninety-nine (``eleven``, ``forty-three``), that no code block uses (a percentage counts as used in
+  any of its forms). The message gives a word's value in digits, which a small solver can copy where it
+  misreads the word. On the dev set, most solutions that left a number
   unused were wrong (the rest skipped a distractor, such as carrots in a question about
   watermelons); asking about them cut the answers the critic agreed to but were wrong from 62 to 39,
   and the dialogue fixed 4 and broke none.
@@ -45,6 +47,13 @@ NUMBER_WORDS = {
     "twice": 2, "double": 2, "triple": 3, "thrice": 3, "third": 3, "fourth": 4, "fifth": 5,
 }
 
+_UNITS = ["two", "three", "four", "five", "six", "seven", "eight", "nine"]
+_TENS = ["twenty", "thirty", "forty", "fifty", "sixty", "seventy", "eighty", "ninety"]
+_TEENS = ["ten", "eleven", "twelve", "thirteen", "fourteen", "fifteen", "sixteen", "seventeen", "eighteen",
+          "nineteen"]
+# a cardinal from two to ninety-nine: an amount a solution must use (not "one", "half", "third", "twice")
+_CARDINAL = re.compile(rf"\b(?:(?P<tens>{'|'.join(_TENS)})(?:[- ](?P<unit>one|{'|'.join(_UNITS)}))?"
+                       rf"|(?P<word>{'|'.join(_UNITS + _TEENS)}))\b")
 _DIGITS = re.compile(r"\d[\d,]*(?:\.\d+)?|\.\d+")
 _WORDS = re.compile(r"[a-z]+")
 _ORDINAL = re.compile(r"\b(\d+)(?:st|nd|rd|th)\b")
@@ -72,6 +81,20 @@ def question_mentions(question: str) -> list[tuple[Fraction, str]]:
         if question[match.end():match.end() + 1] == "%" or question[match.end():match.end() + 8] == " percent":
             found += [(value / 100, text), (1 + value / 100, text), (1 - value / 100, text)]  # 1.05 ** years
     found += [(Fraction(NUMBER_WORDS[w]), w) for w in _WORDS.findall(question.lower()) if w in NUMBER_WORDS]
+    found += [(Fraction(value), text) for value, text in cardinal_words(question) if value % 10]  # forty-three
+    return found
+
+
+def cardinal_words(question: str) -> list[tuple[int, str]]:
+    """The cardinals from two to ninety-nine the problem writes as words (``forty-three`` -> 43), in order."""
+    found = []
+    for m in _CARDINAL.finditer(question.lower()):
+        if m.group("tens"):
+            value = 10 * (_TENS.index(m.group("tens")) + 2) + (
+                NUMBER_WORDS[m.group("unit")] if m.group("unit") else 0)
+        else:
+            value = NUMBER_WORDS[m.group("word")]
+        found.append((value, m.group()))
     return found
 
 
@@ -107,7 +130,8 @@ def check_numbers(question: str, solution: str) -> list[Finding]:
 
 
 def unused_numbers(question: str, solution: str) -> list[Finding]:
-    """Numbers the problem writes in digits that no code block of ``solution`` uses (none without code)."""
+    """Numbers the problem writes in digits or as cardinal words that no code block of ``solution`` uses (none
+    without code)."""
     blocks = find_code_blocks(solution)
     used = {value for block in blocks for value, _ in code_numbers(block.code)}
     forms: dict[str, set[Fraction]] = {}  # "25" -> {25, 0.25, 1.25, 0.75} for "25%"
@@ -115,8 +139,11 @@ def unused_numbers(question: str, solution: str) -> list[Finding]:
     for value, text in question_mentions(question if blocks else ""):
         if (text[0].isdigit() or text[0] == ".") and text not in ordinals:  # digits, not a word or an ordinal
             forms.setdefault(text, set()).add(value)
-    return [Finding(f"unused {text}", f"the code never uses {text}, which the problem gives")
-            for text, values in forms.items() if not values & used]
+    found = [Finding(f"unused {text}", f"the code never uses {text}, which the problem gives")
+             for text, values in forms.items() if not values & used]
+    words = {text: value for value, text in cardinal_words(question if blocks else "")}
+    return found + [Finding(f"unused {text}", f"the code never uses {text} ({value}), which the problem gives")
+                    for text, value in words.items() if Fraction(value) not in used]
 
 
 def ungrounded_numbers(question: str, solution: str) -> list[Finding]:

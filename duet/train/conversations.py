@@ -4,7 +4,8 @@ Each is rendered through the same prompts (`duet.prompts`) and protocol (`duet.a
 dialogue, with code outputs obtained by running the code: a solver turn; a critic turn on a correct or a
 deliberately wrong solution ending in `VERDICT: AGREE` / `VERDICT: DISAGREE: reason`; the verifier's
 one-line judgement; a revision turn where the solver fixes a rejected solution; a revision after the
-critic's number check (`duet.agents.number_check`) rejected a solution with a miscopied number; and a
+critic's number check (`duet.agents.number_check`) rejected a solution with a miscopied number or one that
+left a number out; and a
 revision after the critic's own solutions. Only the final assistant message is trained on, and within it
 only what the model writes (not the output blocks duet writes).
 """
@@ -18,7 +19,7 @@ from dataclasses import dataclass
 from duet.agents.critic import NO_ANSWER_REASON, own_solution_reason
 from duet.agents.number_check import check_numbers, number_check_reason
 from duet.prompts import Prompts
-from duet.train.solutions import Problem, critic_text, miscopied_cells, solution_text
+from duet.train.solutions import Problem, critic_text, dropped_cells, miscopied_cells, solution_text
 from duet.train.sources import Attempt
 
 
@@ -71,7 +72,8 @@ def _number_check_revision(prompts: Prompts, question: str, rejected: str, solut
     return revision
 
 
-MISCOPY_RATE = 0.5  # of problems that also yield a number-check revision
+MISCOPY_RATE = 0.5  # of problems that also yield a number-check revision of a miscopied number
+DROP_RATE = 0.5  # ... of a number left out (the check's unused finding)
 OWN_SOLUTION_RATE = 0.5  # of wrong solutions that also yield a revision after the critic's own solutions
 
 
@@ -107,6 +109,13 @@ def conversations(problem: Problem, prompts: Prompts, rng: random.Random) -> Ite
         return
     if (rng.random() < MISCOPY_RATE and not check_numbers(problem.question, solution)
             and (cells := miscopied_cells(problem, rng))):
+        rejected, rejected_answer = solution_text(cells)
+        if rejected_answer is not None and rejected_answer != answer:
+            revision = _number_check_revision(prompts, problem.question, rejected, solution)
+            if revision is not None:
+                yield revision
+    if (rng.random() < DROP_RATE and not check_numbers(problem.question, solution)
+            and (cells := dropped_cells(problem, rng))):
         rejected, rejected_answer = solution_text(cells)
         if rejected_answer is not None and rejected_answer != answer:
             revision = _number_check_revision(prompts, problem.question, rejected, solution)

@@ -2,8 +2,9 @@ r"""Training data for the embedded model, written in exactly the protocol the ag
 
 `example_stream` draws a source with the weights `MIX` (`duet train --mix`) for each problem: synthetic
 problems (`duet.train.synthetic`), MAWPS + ASDiv-A rows with fresh numbers, their variations
-(`duet.train.variations`), stories from the generator (`duet.train.generator`), GSM8K, and the model's own
-attempts (`onpolicy`); the real problems and the attempts are loaded and split in `duet.train.sources`.
+(`duet.train.variations`: all kinds, or one kind by its name), stories from the generator
+(`duet.train.generator`), GSM8K, and the model's own attempts (`onpolicy`); the real problems and the
+attempts are loaded and split in `duet.train.sources`.
 Each problem becomes the conversations of `duet.train.conversations`, made of the solutions of
 `duet.train.solutions` (code cells run for their outputs, and deliberately wrong ones).
 
@@ -24,7 +25,8 @@ from duet.train.variations import VARIATIONS, vary
 
 # How often each source is drawn when building the stream (the default; `duet train --mix` changes it).
 MIX = {"synthetic": 0.1, "mawps": 0.3, "variations": 0.3, "stories": 0.25, "gsm8k": 0.05}
-SOURCES = (*MIX, "onpolicy")  # onpolicy: the attempts of `duet train --onpolicy FILE`
+# onpolicy: the attempts of `duet train --onpolicy FILE`; a variation's kind (e.g. surface): only that kind
+SOURCES = (*MIX, "onpolicy", *VARIATIONS)
 
 
 def example_stream(sources: Sources, seed: int, prompts: Prompts | None = None,
@@ -47,8 +49,9 @@ def example_stream(sources: Sources, seed: int, prompts: Prompts | None = None,
             continue
         elif kind == "mawps":
             problem = mawps_problem(rng.choice(sources.mawps_train), rng)
-        elif kind == "variations":
-            story = vary(rng.choice(sources.mawps_train).story(), rng.choice(list(VARIATIONS)), rng)
+        elif kind == "variations" or kind in VARIATIONS:
+            variation = rng.choice(list(VARIATIONS)) if kind == "variations" else kind
+            story = vary(rng.choice(sources.mawps_train).story(), variation, rng)
             problem = story_problem(story, rng, "variations") if story else None
         elif kind == "stories":
             story = generated_story(rng)
