@@ -12,7 +12,7 @@ from safetensors.torch import load_file, save_file
 
 from duet.errors import CheckpointError, ConfigError
 from duet.model import load_model, save_model
-from tests.tiny_models import make_duet_checkpoint, make_hf_checkpoint
+from tests.tiny_models import make_duet_checkpoint, make_hf_checkpoint, quantize_blocks
 
 
 @pytest.fixture(scope="module")
@@ -35,20 +35,6 @@ def _transformers_model(path, **config_overrides):
 # ----------------------------------------------------------------------------- FP8
 
 
-def _quantize_blocks(w: torch.Tensor, block: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Plain per-block e4m3 quantisation, written here independently of duet.kernels."""
-    rows, cols = -(-w.shape[0] // block), -(-w.shape[1] // block)
-    q = torch.empty_like(w, dtype=torch.float8_e4m3fn)
-    scale = torch.empty(rows, cols)
-    for i in range(rows):
-        for j in range(cols):
-            tile = w[i * block:(i + 1) * block, j * block:(j + 1) * block]
-            s = tile.abs().max().clamp(min=1e-12) / 448.0
-            q[i * block:(i + 1) * block, j * block:(j + 1) * block] = (tile / s).to(torch.float8_e4m3fn)
-            scale[i, j] = s
-    return q, scale
-
-
 @torch.no_grad()
 def test_fp8_checkpoint_matches_dequantised_reference(hf_ckpt, tmp_path):
     block = 8  # small blocks so the tiny matrices span several, with partial blocks at the edges
@@ -59,7 +45,7 @@ def test_fp8_checkpoint_matches_dequantised_reference(hf_ckpt, tmp_path):
     fp8_state, deq_state = {}, {}
     for key, w in state.items():
         if key.endswith("_proj.weight") and w.ndim == 2:
-            q, s = _quantize_blocks(w, block)
+            q, s = quantize_blocks(w, block)
             fp8_state[key], fp8_state[key.replace(".weight", ".weight_scale_inv")] = q, s
             deq_state[key] = q.float() * s.repeat_interleave(block, 0)[: w.shape[0]].repeat_interleave(block, 1)[
                 :, : w.shape[1]]

@@ -65,6 +65,44 @@ def make_duet_checkpoint(path: Path, seed: int = 0, n_mtp: int = 1, **overrides)
     return path
 
 
+def quantize_blocks(w: torch.Tensor, block: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Plain per-block e4m3 quantisation of w [M, N], written independently of duet.kernels:
+    (float8_e4m3fn [M, N], float32 scale_inv [ceil(M/block), ceil(N/block)])."""
+    rows, cols = -(-w.shape[0] // block), -(-w.shape[1] // block)
+    q = torch.empty_like(w, dtype=torch.float8_e4m3fn)
+    scale = torch.empty(rows, cols)
+    for i in range(rows):
+        for j in range(cols):
+            tile = w[i * block:(i + 1) * block, j * block:(j + 1) * block]
+            s = tile.abs().max().clamp(min=1e-12) / 448.0
+            q[i * block:(i + 1) * block, j * block:(j + 1) * block] = (tile / s).to(torch.float8_e4m3fn)
+            scale[i, j] = s
+    return q, scale
+
+
+def make_fp8_checkpoint(source: Path, path: Path, block: int = 8) -> Path:
+    """Copy the one-file checkpoint `source` to `path` with every projection matrix (`*_proj.weight`) stored as
+    FP8 with block scales, as DeepSeek's FP8 release stores them (small blocks: tiny matrices span several)."""
+    import json
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    shutil.copytree(source, path)
+    state = {}
+    for key, w in load_file(source / "model.safetensors").items():
+        if key.endswith("_proj.weight") and w.ndim == 2:
+            state[key], state[key.replace(".weight", ".weight_scale_inv")] = quantize_blocks(w, block)
+        else:
+            state[key] = w
+    save_file(state, path / "model.safetensors", metadata={"format": "pt"})
+    cfg = json.loads((path / "config.json").read_text())
+    cfg["quantization_config"] = {"quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic",
+                                  "weight_block_size": [block, block]}
+    (path / "config.json").write_text(json.dumps(cfg))
+    return path
+
+
 CORPUS = [
     "Tom has 12 apples and buys 35 more. How many apples does he have now?",
     "```python\nprint(12 + 35)\n```\n```output\n47\n```\nThe answer is \\boxed{47}.",

@@ -14,13 +14,16 @@ Checkpoint names map onto `duet.model.model.Transformer` names:
     model.norm.weight, lm_head.weight          -> norm.weight, lm_head.weight
 The MTP modules' copies of the embedding and output head (`model.layers.{L+k}.embed_tokens`,
 `.shared_head.head`) are shared with the main model: they are written on save and not read back.
+
+A tensor-parallel rank (`duet.model.parallel`) loads through the same path, reading only its `Part` (rows,
+columns or experts) of each split tensor.
 """
 
 from __future__ import annotations
 
 import json
 import re
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -59,11 +62,13 @@ def load_config(path: str | Path) -> ModelArgs:
 
 
 def load_model(path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
-               mtp: bool = True) -> Transformer:
+               mtp: bool = True, shard: Callable[[Transformer], dict[str, Part]] | None = None) -> Transformer:
     """Load a checkpoint directory into a `Transformer` in eval mode.
 
     `forward(input_ids [B, S])` returns logits [B, S, vocab]. MTP modules are loaded when the
     checkpoint has them (and `mtp` is True). Raises CheckpointError / ConfigError with one line.
+    `shard` (see `duet.model.parallel.load_parallel_model`) turns the model, still on the meta device, into
+    one rank's part of it and returns the `Part` of each split parameter, by name: only that part is read.
     """
     directory = _checkpoint_dir(path)
     args = load_config(directory)
@@ -72,8 +77,9 @@ def load_model(path: str | Path, device: str | torch.device = "cpu", dtype: torc
     n_mtp = _count_mtp_layers(tensors, args) if mtp else 0
     with torch.device("meta"):
         model = Transformer(args, dtype=dtype, n_mtp=n_mtp)
+    parts = shard(model) if shard is not None else {}
     _allocate(model, torch.device(device))
-    _fill(model, tensors, dtype)
+    _fill(model, tensors, dtype, parts)
     model.eval()
     return model
 
@@ -166,6 +172,38 @@ def _split(state: dict[str, Tensor], max_bytes: int) -> list[dict[str, Tensor]]:
 # ----------------------------------------------------------------------------- reading
 
 
+@dataclass(frozen=True)
+class Part:
+    """Rows (dim 0) or columns (dim 1) start:stop of a tensor: what one tensor-parallel rank holds of it.
+
+    For the stacked routed experts [E, ...], dim 0 counts experts: the rank reads experts start:stop.
+    """
+
+    dim: int
+    start: int
+    stop: int
+
+    @property
+    def size(self) -> int:
+        return self.stop - self.start
+
+    def of(self, t: Tensor) -> Tensor:
+        """This part of a full tensor `t` (a view)."""
+        return t.narrow(self.dim, self.start, self.size)
+
+    def index(self) -> tuple[slice, ...]:
+        """This part as an index, for a safetensors slice (which has no `narrow`)."""
+        return (slice(None),) * self.dim + (slice(self.start, self.stop),)
+
+    def widened(self, block: int) -> Part:
+        """The smallest part on `block` boundaries holding this one: FP8 scales cover whole blocks."""
+        return Part(self.dim, self.start // block * block, -(-self.stop // block) * block)
+
+    def in_blocks(self, block: int) -> Part:
+        """This part (on block boundaries) of a block-scaled tensor, as rows or columns of its scales."""
+        return Part(self.dim, self.start // block, -(-self.stop // block))
+
+
 def _checkpoint_dir(path: str | Path) -> Path:
     directory = Path(path).expanduser()
     if not directory.exists():
@@ -216,11 +254,14 @@ class _TensorIndex:
     def keys(self) -> list[str]:
         return list(self.files)
 
-    def get(self, key: str) -> Tensor:
+    def get(self, key: str, part: Part | None = None) -> Tensor:
+        """Tensor `key`, or only its `part` (read from the memory map by `get_slice`; clipped at the tensor's end)."""
         file = self.files.get(key)
         if file is None:
             raise CheckpointError(f"{self.directory}: tensor {key} is missing from the checkpoint")
         try:
+            if part is not None:
+                return self._open(file).get_slice(key)[part.index()]
             return self._open(file).get_tensor(key)
         except (SafetensorError, OSError, ValueError, RuntimeError) as e:
             raise CheckpointError(f"{file}: cannot read tensor {key}: corrupt or truncated file ({e})") from None
@@ -252,14 +293,24 @@ def _count_mtp_layers(tensors: _TensorIndex, args: ModelArgs) -> int:
     return n
 
 
-def _read(tensors: _TensorIndex, key: str, block_size: int | None, dtype: torch.dtype) -> Tensor:
-    """A checkpoint tensor in `dtype`, dequantising FP8 block-scaled weights."""
-    t = tensors.get(key)
+def _read(tensors: _TensorIndex, key: str, block_size: int | None, dtype: torch.dtype,
+          part: Part | None = None) -> Tensor:
+    """A checkpoint tensor, or its `part`, in `dtype`, dequantising FP8 block-scaled weights.
+
+    The part of an FP8 weight is read widened to whole blocks (its scales' rows or columns), dequantised, and
+    cut down to the part: a split point need not fall on a block boundary.
+    """
+    block = block_size or 128
+    scale_key = key.removesuffix(".weight") + ".weight_scale_inv"
+    wide = part.widened(block) if part is not None and scale_key in tensors else part
+    t = tensors.get(key, wide)
     if t.dtype == torch.float8_e4m3fn:
-        scale_key = key.removesuffix(".weight") + ".weight_scale_inv"
         if scale_key not in tensors:
             raise CheckpointError(f"{tensors.directory}: FP8 tensor {key} has no {scale_key}")
-        return kernels.weight_dequant(t, tensors.get(scale_key).float(), block_size or 128, dtype=dtype)
+        scale = tensors.get(scale_key, None if wide is None else wide.in_blocks(block)).float()
+        t = kernels.weight_dequant(t.contiguous(), scale, block, dtype=dtype)
+    if wide != part:
+        t = Part(part.dim, part.start - wide.start, part.stop - wide.start).of(t)
     return t
 
 
@@ -280,25 +331,28 @@ def _allocate(model: nn.Module, device: torch.device) -> None:
                 table[name] = fresh[id(t)]
 
 
-def _fill(model: Transformer, tensors: _TensorIndex, dtype: torch.dtype) -> None:
-    """Copy every checkpoint tensor into the model's freshly allocated parameters and buffers."""
+def _fill(model: Transformer, tensors: _TensorIndex, dtype: torch.dtype, parts: dict[str, Part]) -> None:
+    """Copy every checkpoint tensor (or its part, for the parameters named in `parts`) into the model's freshly
+    allocated parameters and buffers."""
     n_layers = len(model.layers)
     block = model.args.fp8_block_size
     targets = dict(model.named_parameters())
     targets.update(dict(model.named_buffers()))
     with torch.no_grad():
         for name, param in targets.items():  # shared tensors (tied heads) appear once
+            part = parts.get(name)
             expert = _EXPERT.match(name)
             if expert:
                 prefix = checkpoint_name(expert.group(1), n_layers)
+                first = part.start if part is not None else 0  # a rank's experts are first, first + 1, ...
                 for e in range(param.shape[0]):
-                    key = f"{prefix}.{e}.{expert.group(2)}.weight"
+                    key = f"{prefix}.{first + e}.{expert.group(2)}.weight"
                     _copy(param[e], _read(tensors, key, block, dtype), key, tensors)
                 continue
             key = checkpoint_name(name, n_layers)
             if name == "lm_head.weight" and key not in tensors and model.args.tie_word_embeddings:
                 continue
-            _copy(param, _read(tensors, key, block, dtype), key, tensors)
+            _copy(param, _read(tensors, key, block, dtype, part), key, tensors)
 
 
 def _copy(target: Tensor, source: Tensor, key: str, tensors: _TensorIndex) -> None:

@@ -436,6 +436,14 @@ class Transformer(nn.Module):
             buf.zero_()
         return self
 
+    def share_embedding_and_head(self, embed: nn.Module, head: nn.Module) -> None:
+        """Use `embed` and `head` (e.g. their vocabulary-parallel forms, `duet.model.parallel`) in the main model
+        and in every MTP module, which share them."""
+        self.embed_tokens, self.lm_head = embed, head
+        for module in self.mtp:
+            module._embed[0] = embed
+            module.shared_head.head = head
+
     @property
     def n_cache_layers(self) -> int:
         return len(self.layers) + len(self.mtp)
