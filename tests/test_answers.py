@@ -515,3 +515,17 @@ def test_plain_numbers_are_fast() -> None:
 def test_extract_boxed_balances_braces() -> None:
     assert extract_boxed(r"\boxed{1} then \boxed{\frac{3}{4}}") == r"\frac{3}{4}"
     assert extract_boxed(r"\boxed{unclosed") is None
+
+
+def test_numbers_in_words_are_read_as_digits() -> None:
+    from duet.answers.numbers import numbers_as_digits
+
+    assert numbers_as_digits("eleven students sit at each of 87 tables; it saves him forty-three minutes") == (
+        "11 students sit at each of 87 tables; it saves him 43 minutes")
+    assert numbers_as_digits("Twenty one kids, two hundred and five people, a hundred birds, 1,200 dollars, "
+                             "12,345,678 ants") == "21 kids, 205 people, 100 birds, 1200 dollars, 12345678 ants"
+    # left alone: "one", ordinals, fractions, lists and decimals with commas, words that are not numbers
+    unchanged = ("Tom is one of us. On the third day she ate two thirds of a pie and a quarter of a cake; "
+                 "1,2,3 and 3.5 and $5; a dozen eggs, twice as many; the second time.")
+    assert numbers_as_digits(unchanged) == unchanged
+    assert numbers_as_digits("Nine.") == "9."

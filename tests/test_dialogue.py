@@ -500,3 +500,13 @@ def test_a_conversation_that_outgrows_the_context_ends_with_the_answer_so_far():
     assert (result.stop_reason, result.answer, result.agreed) == ("context_full", "73", False)
     assert result.error == "local:model: the prompt has 2063 tokens; the context holds 2048"
     assert result.turns[-1].finish == "context_full"
+
+
+def test_the_agents_read_numbers_in_words_as_digits_and_the_result_keeps_the_question_asked():
+    asked = "A baker has twenty-three loaves and bakes four trays of twelve more. How many loaves?"
+    for on, seen in ((True, "A baker has 23 loaves and bakes 4 trays of 12 more. How many loaves?"), (False, asked)):
+        solver, critic = ScriptedBackend([RIGHT]), ScriptedBackend([AGREE])
+        result = run_dialogue(asked, solver, critic, config(numbers_as_digits=on, number_check=False))
+        assert result.question == asked
+        assert solver.calls[0].messages[1]["content"] == seen
+        assert seen in critic.calls[0].messages[1]["content"]

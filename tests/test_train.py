@@ -156,27 +156,27 @@ def test_critic_examples_agree_with_right_and_reject_wrong_solutions(sources):
 
 
 def test_dropped_numbers_are_what_the_number_check_calls_unused():
-    """A number the question writes as a word becomes a small number it does not give; or one operand of a
-    product or sum is left out. Either way the check finds the number unused (a question, not an order)."""
+    """A given number becomes a small number the question does not give; or one operand of a product or sum is
+    left out. Either way the check finds a number unused (a question, not an order)."""
     from duet.agents.number_check import check_numbers
     from duet.train.solutions import Problem, dropped_cells, solution_text
 
     rng = random.Random(0)
-    words = Problem("eleven students sit at each of 87 tables. How many students are there?",
-                    [("Multiply.", "answer = 87 * 11\nprint(answer)")], "test", "1")
+    tables = Problem("11 students sit at each of 87 tables. How many students are there?",
+                     [("Multiply.", "answer = 87 * 11\nprint(answer)")], "test", "1")
     groups = Problem("Sara picked 7 stacks of 84 pears and Sally picked 10 pears. How many pears in all?",
                      [("Add.", "answer = (7 * 84) + 10\nprint(answer)")], "test", "2")
-    for problem, unused in ((words, "unused eleven"), (groups, None)):
+    for problem in (tables, groups):
         for _ in range(10):
-            cells = dropped_cells(problem, rng)
-            text, answer = solution_text(cells)
+            text, answer = solution_text(dropped_cells(problem, rng))
             assert answer != solution_text(problem.cells)[1]
             findings = check_numbers(problem.question, text)
             assert findings and all(f.key.startswith("unused ") for f in findings)
-            assert unused is None or [f.key for f in findings] == [unused]
-    assert {dropped_cells(groups, rng)[0][1].split("\n")[0] for _ in range(20)} == {
-        "answer = 84 + 10", "answer = 7 + 10"}
-    assert dropped_cells(Problem("Tom has 5 apples.", [("Say.", "answer = 5\nprint(answer)")], "t", "3"), rng) is None
+    assert {dropped_cells(tables, rng)[0][1].split("\n")[0] for _ in range(60)} >= {"answer = 87 * 8",
+                                                                                   "answer = 2 * 11"}
+    assert "answer = 84 + 10" in {dropped_cells(groups, rng)[0][1].split("\n")[0] for _ in range(40)}
+    words = Problem("Tom has five apples.", [("Say.", "answer = 5\nprint(answer)")], "t", "3")
+    assert dropped_cells(words, rng) is None  # nothing the question writes in digits
 
 
 def test_number_check_revisions_are_what_the_live_critic_says(sources):

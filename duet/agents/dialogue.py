@@ -53,6 +53,7 @@ from duet.agents.solver import Solver
 from duet.agents.transcript import DialogueResult, Turn
 from duet.agents.turn import SandboxFactory, TurnOptions
 from duet.answers import equivalent
+from duet.answers.numbers import numbers_as_digits
 from duet.prompts import Prompts, load_prompts
 
 STOP_REASONS = (
@@ -83,6 +84,9 @@ class DialogueConfig:
     seed: int | None = None
     critic: bool = True  # False: solver-only
     number_check: bool = True  # the critic's model-free check of the code's numbers (duet.agents.number_check)
+    # the agents read the question with numbers in words and thousands separators as digits ("nine" -> "9",
+    # duet.answers.numbers_as_digits); the result and the log keep the question as asked
+    numbers_as_digits: bool = True
     critic_solves: int = 0  # the critic's own sampled solutions, compared before its checks (critic.py)
     critic_solve_temperature: float = 0.7
     # the critic's verifier scores answers, and low ones get sampled alternatives (verifier.py); None: on when
@@ -167,9 +171,14 @@ class Dialogue:
             on_event=self.on_event,
             cancel=cancel,
         )
+        asked = question
+        if cfg.numbers_as_digits:
+            question = numbers_as_digits(question)
         self.questions.append(question)
         run = _Run(self, options, question, self._critic_question())
-        return run.result()
+        result = run.result()
+        result.question = asked
+        return result
 
     def _critic_question(self) -> str:
         first, *later = self.questions

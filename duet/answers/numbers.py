@@ -133,3 +133,53 @@ def strip_unit(s: str) -> tuple[str, int] | None:
     elif len(word) == 1 and word not in _SPACED_SINGLE_UNITS:
         return None
     return m.group("head").strip(), _SCALE_WORDS.get(word, 1)
+
+
+# --------------------------------------------------------------------------------------------------------
+# Numbers written in words, and thousands separators, as digits (the text a solver reads)
+# --------------------------------------------------------------------------------------------------------
+
+_WORD_TOKEN = re.compile(r"[A-Za-z]+|\d+(?:[.,]\d+)*|\S")
+_THOUSANDS = re.compile(r"(?<![\d.,])\d{1,3}(?:,\d{3})+(?![\d,]|\.\d)")
+_FRACTION_WORDS = re.compile(r"^(?:halves|thirds?|fourths?|fifths?|sixths?|sevenths?|eighths?|ninths?|tenths?|"
+                             r"quarters?)$", re.I)
+
+
+class _Word:
+    """A token of `text_to_num.find_numbers`' stream."""
+
+    def __init__(self, text: str) -> None:
+        self._text = text
+
+    def text(self) -> str:
+        return self._text
+
+    def nt_separated(self, previous: _Word) -> bool:
+        return False
+
+    def not_a_number_part(self) -> bool:
+        return False
+
+
+def numbers_as_digits(text: str) -> str:
+    """``text`` with its cardinal numbers written in words from two up (``nine`` -> ``9``, ``forty-three`` ->
+    ``43``, ``two hundred and five`` -> ``205``) and its thousands separators (``1,200`` -> ``1200``) as plain
+    digits, everything else unchanged. Left as words: "one" and "zero" (mostly not amounts: "one of them"),
+    ordinals ("the third day") and fractions ("two thirds", "a quarter"). A small model reads and copies digits
+    far better than it reads words (``text2num`` does the parsing)."""
+    from text_to_num import find_numbers
+
+    words = [(m.group(), m.start(), m.end()) for m in _WORD_TOKEN.finditer(text)]
+    out, at = [], 0
+    for found in find_numbers([_Word(w) for w, _, _ in words], "en", 0):
+        first, last = words[found.start], words[found.end - 1]
+        following = words[found.end][0] if found.end < len(words) else ""
+        if found.is_ordinal or found.value < 2 or _FRACTION_WORDS.match(following) or first[0][0].isdigit():
+            continue
+        start = first[1]
+        if found.start > 0 and words[found.start - 1][0].lower() in ("a", "an") and first[0].lower() in (
+                "hundred", "thousand", "million"):
+            start = words[found.start - 1][1]  # "a hundred" -> "100"
+        out += [text[at:start], found.text]
+        at = last[2]
+    return _THOUSANDS.sub(lambda m: m.group().replace(",", ""), "".join([*out, text[at:]]))

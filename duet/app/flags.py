@@ -36,6 +36,7 @@ FLAGS: dict[str, tuple[str, ...]] = {
     "critic_model_name": ("NAME",),
     "critic": ("",),
     "number_check": ("",),
+    "numbers_as_digits": ("",),
     "critic_solves": ("N",),
     "verify": ("",),
     "verify_threshold": ("P",),

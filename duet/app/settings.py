@@ -67,6 +67,8 @@ KEYS: tuple[Key, ...] = (
     Key("critic_model_name", "str", None, "critic's model name on that server"),
     Key("critic", "bool", True, "run the critic (false: solver only)"),
     Key("number_check", "bool", True, "the critic rejects code numbers the problem never gives, before its model"),
+    Key("numbers_as_digits", "bool", True, "the agents read numbers written in words and thousands separators as "
+        "digits (nine -> 9, 1,200 -> 1200)"),
     Key("critic_solves", "int", 0, "times the critic solves the problem itself (sampled) before its number check "
         "and model (0: never)", minimum=0),
     Key("verify", "bool", True, "the critic scores the solver's answer with its verifier (P(correct)); below "

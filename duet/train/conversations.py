@@ -14,10 +14,11 @@ from __future__ import annotations
 
 import random
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from duet.agents.critic import NO_ANSWER_REASON, own_solution_reason
 from duet.agents.number_check import check_numbers, number_check_reason
+from duet.answers.numbers import numbers_as_digits
 from duet.prompts import Prompts
 from duet.train.solutions import Problem, critic_text, dropped_cells, miscopied_cells, solution_text
 from duet.train.sources import Attempt
@@ -34,9 +35,9 @@ class Conversation:
 
 
 def solve_conversation(prompts: Prompts, question: str, solution: str) -> Conversation:
-    """The solver's first turn on `question`."""
+    """The solver's first turn on `question` (read with numbers as digits, as the dialogue does)."""
     return Conversation([{"role": "system", "content": prompts.solver_system},
-                         {"role": "user", "content": prompts.solver_question(question)},
+                         {"role": "user", "content": prompts.solver_question(numbers_as_digits(question))},
                          {"role": "assistant", "content": solution}], "solve")
 
 
@@ -93,7 +94,9 @@ SOLVE_ONLY_RATE = 0.4  # of problems that yield only the solver's turn (solving 
 
 
 def conversations(problem: Problem, prompts: Prompts, rng: random.Random) -> Iterator[Conversation]:
-    """The solver, critic and revision examples that one problem yields."""
+    """The solver, critic and revision examples that one problem yields (its question read with numbers as
+    digits, as the dialogue reads it)."""
+    problem = replace(problem, question=numbers_as_digits(problem.question))
     solution, answer = solution_text(problem.cells)
     if answer is None:
         return
@@ -145,7 +148,7 @@ def attempt_conversations(attempt: Attempt, prompts: Prompts,
                           rng: random.Random | None = None) -> Iterator[Conversation]:
     """A critic turn on the model's own solution; for a wrong one, also the revisions (after the critic model's
     reason and, with `rng`, sometimes after the critic's own solutions) and the reference solve."""
-    problem = attempt.problem
+    problem = replace(attempt.problem, question=numbers_as_digits(attempt.problem.question))
     reference, correct = solution_text(problem.cells)
     if correct is None:
         return

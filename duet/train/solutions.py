@@ -207,19 +207,16 @@ def miscopied_cells(problem: Problem, rng: random.Random) -> list[Cell] | None:
 
 def dropped_cells(problem: Problem, rng: random.Random) -> list[Cell] | None:
     """The reference cells with a number of the question left out, the slips the number check's *unused*
-    finding catches: a number the question writes as a word replaced by a small number it does not give
-    (``87 * 8`` for "eleven students at each of 87 tables"), or one operand of a product or sum dropped
-    (``84 + 10`` for "7 stacks of 84 pears and 10 more"). None when neither applies."""
-    from duet.agents.number_check import cardinal_words
-
-    words = {str(value) for value, _ in cardinal_words(problem.question)}
+    finding catches: a given number replaced by a small one the question does not give (``87 * 8`` for
+    "11 students at each of 87 tables"), or one operand of a product or sum dropped (``84 + 10`` for "7
+    stacks of 84 pears and 10 more"). None when neither applies."""
     spots = [(i, m) for i, (_, code) in enumerate(problem.cells) for m in NUMBER_LITERAL.finditer(code)
-             if m.group() in words]
+             if _gives(problem.question, m.group())]
     pairs = [(i, m) for i, (_, code) in enumerate(problem.cells) for m in _OPERAND_PAIR.finditer(code)
              if _gives(problem.question, m.group(1)) and _gives(problem.question, m.group(3))]
     if spots and (not pairs or rng.random() < 0.5):
         i, m = rng.choice(spots)
-        others = [n for n in range(2, 13) if str(n) != m.group() and not re.search(rf"\b{n}\b", problem.question)]
+        others = [n for n in range(2, 13) if not _gives(problem.question, str(n))]
         if not others:
             return None
         start, end, wrong = m.start(), m.end(), str(rng.choice(others))
