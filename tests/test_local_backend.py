@@ -31,8 +31,12 @@ def test_top_logprobs_pass_through_from_the_engine(backend):
     messages = [{"role": "user", "content": "Tom has 12 apples. How many?"}]
     c = backend.complete(messages, Request(max_tokens=8, logprobs=3))
     [r] = backend.engine.generate([backend.engine.encode_chat(messages)], SamplingParams(max_new_tokens=8, logprobs=3))
-    assert c.top_logprobs == r.top_logprobs and len(c.top_logprobs) == c.completion_tokens
-    assert all(1 <= len(top) <= 3 for top in c.top_logprobs)
+    decode = backend.engine.tokenizer.decode
+    assert len(c.top_logprobs) == c.completion_tokens == len(r.top_logprobs)
+    for by_text, pairs in zip(c.top_logprobs, r.top_logprobs, strict=True):  # by text; alike tokens keep the likeliest
+        texts = {decode([i]) for i, _ in pairs}
+        assert by_text == {text: max(v for i, v in pairs if decode([i]) == text) for text in texts}
+        assert 1 <= len(by_text) <= 3
 
 
 def test_continuation_extends_the_partial_assistant_message(backend):

@@ -100,7 +100,16 @@ class LocalBackend:
             raise BackendError(f"{self.name}: generation failed ({r.error})")
         return Completion(text=r.text, finish_reason=r.finish_reason, stop_string=r.stop_string,
                           prompt_tokens=r.prompt_tokens, completion_tokens=r.completion_tokens, seconds=r.seconds,
-                          top_logprobs=r.top_logprobs, token_logprobs=r.token_logprobs)
+                          top_logprobs=None if r.top_logprobs is None else [self._by_text(t) for t in r.top_logprobs],
+                          token_logprobs=r.token_logprobs)
+
+    def _by_text(self, top: list[tuple[int, float]]) -> dict[str, float]:
+        """The engine's (token id, log-probability) pairs as Completion's token text -> log-probability; tokens
+        that decode alike keep the likeliest."""
+        by_text: dict[str, float] = {}
+        for token, logprob in top:
+            by_text.setdefault(self.engine.tokenizer.decode([token]), logprob)
+        return by_text
 
 
 _DTYPE_ALIASES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}

@@ -67,8 +67,9 @@ class GenerationResult:
     first_token_seconds: float = 0.0  # time to first token: queueing plus prefill
     error: str | None = None  # what went wrong when finish_reason is "error"
     cached_tokens: int = 0  # prompt tokens whose prefill the prefix cache saved
-    top_logprobs: list[dict[str, float]] | None = None  # per token of token_ids with params.logprobs > 0:
-    # token text -> log-probability of the target model's top-k there (temperature 1), the emitted token included
+    top_logprobs: list[list[tuple[int, float]]] | None = None  # per token of token_ids with params.logprobs > 0:
+    # (token id, log-probability) of the target model's top k there (temperature 1), likeliest first, then the
+    # emitted token when it is not among them
     token_logprobs: list[float] = field(default_factory=list)  # per token of token_ids: its log-probability under
     # the target model (temperature 1): how sure the model was of what it wrote (the verifier's confidence)
 
@@ -93,7 +94,7 @@ class _Request:
     finish_reason: str | None = None
     error: str | None = None
     cached: int = 0  # prompt positions taken from the prefix cache
-    top_logprobs: list[dict[str, float]] = field(default_factory=list)  # per token of `out`, with params.logprobs
+    top_logprobs: list[list[tuple[int, float]]] = field(default_factory=list)  # per token of `out`, when asked
     token_logprobs: list[float] = field(default_factory=list)  # per token of `out`
 
 
@@ -565,11 +566,7 @@ class Engine:
             logp = logits[j].float().log_softmax(dim=-1)  # once: the token's own and, if asked, the top k
             req.token_logprobs.append(float(logp[t]))
             if req.params.logprobs:
-                top = top_logprobs(logp, req.params.logprobs, t)
-                alternatives: dict[str, float] = {}
-                for token_id, logprob in top:  # tokens that decode alike keep the likeliest
-                    alternatives.setdefault(self.tokenizer.decode([token_id]), logprob)
-                req.top_logprobs.append(alternatives)
+                req.top_logprobs.append(top_logprobs(logp, req.params.logprobs, t))
             delta, stopped = req.stream.add([t])
             if delta and req.on_text:
                 req.on_text(delta)

@@ -185,7 +185,7 @@ def create_app(service: Service, *, api_key: str | None = None) -> FastAPI:
             raise APIError(400, f"the chat template cannot render these messages: {error}",
                            param="messages") from None
         top = (body.top_logprobs or 0) if body.logprobs else None
-        job = _Job(request, [prompt], _params(body), top)
+        job = _Job(request, [prompt], _params(body, top), top)
         if body.stream:
             return job.stream("chat.completion.chunk", model, include_usage=usage_requested(body))
         results = await job.run()
@@ -208,7 +208,7 @@ def create_app(service: Service, *, api_key: str | None = None) -> FastAPI:
         if body.echo or body.suffix:
             raise APIError(400, "echo and suffix are not supported", param="echo" if body.echo else "suffix")
         prompts = _prompts(body.prompt)
-        job = _Job(request, prompts, _params(body), body.logprobs)
+        job = _Job(request, prompts, _params(body, body.logprobs), body.logprobs)
         if body.stream:
             return job.stream("text_completion", model, include_usage=usage_requested(body))
         results = await job.run()
@@ -224,7 +224,7 @@ def create_app(service: Service, *, api_key: str | None = None) -> FastAPI:
                                 f"{', '.join([service.model_id, *DIALOGUE_MODELS])}",
                            "not_found_error", param="model", code="model_not_found")
 
-    def _params(body: RequestBody) -> list[SamplingParams]:
+    def _params(body: RequestBody, top: int | None = None) -> list[SamplingParams]:
         n = body.n or 1
         if n > limits.max_n:
             raise APIError(400, f"n={n} is over the limit of {limits.max_n}", param="n")
@@ -240,7 +240,8 @@ def create_app(service: Service, *, api_key: str | None = None) -> FastAPI:
             return [SamplingParams(
                 max_new_tokens=limits.default_max_tokens if asked is None else asked, temperature=temperature,
                 top_p=1.0 if body.top_p is None else body.top_p, top_k=max(0, body.top_k or 0),
-                seed=None if body.seed is None else body.seed + i, stop=stop, stop_at_eos=not body.ignore_eos)
+                seed=None if body.seed is None else body.seed + i, stop=stop, stop_at_eos=not body.ignore_eos,
+                logprobs=top or 0)
                 for i in range(n)]
         except ValueError as error:
             raise APIError(400, str(error)) from None
@@ -291,11 +292,11 @@ def create_app(service: Service, *, api_key: str | None = None) -> FastAPI:
                 service.generate(self.ticket, prompt, self.params, self.cancel, shifted(k * n))
                 for k, prompt in enumerate(self.prompts)])
             out = []
-            for prompt, results in zip(self.prompts, batches, strict=True):
+            for results in batches:
                 for r in results:
                     if r.finish_reason == "error":
                         raise APIError(500, f"generation failed: {r.error}", "server_error")
-                    lp = None if self.top is None else await service.logprobs(prompt, r.token_ids, self.top)
+                    lp = None if self.top is None else service.logprobs(r, self.top)
                     out.append((r, lp))
             self.results = [r for r, _ in out]
             return out

@@ -6,9 +6,8 @@
 * Generation: ``Engine.submit`` blocks, so each generation runs in a worker thread; streamed text comes back to
   the event loop with ``call_soon_threadsafe``. Requests from all clients meet in the engine's one batch
   (continuous batching). A ``cancel`` event per request stops its rows at the next decoding step.
-* Log-probabilities: the engine does not record them, so they come from one scoring pass of the main model
-  over prompt + completion (teacher forcing) after the generation: the distribution the tokens were drawn
-  from (temperature 1), MTP or not.
+* Log-probabilities: the engine records them while it decodes (the main model's distribution at temperature 1,
+  MTP or not): each token's own, and the top k asked for.
 * The dialogue as a model: ``run_dialogue`` with the server's engine as the solver's and critic's backend, the
   dialogue config from the server's settings (sandbox limits included; never from a request).
 """
@@ -87,7 +86,6 @@ class Service:
         self._pool = ThreadPoolExecutor(max_workers=self.capacity, thread_name_prefix="duet-serve")
         self._dialogue_pool = ThreadPoolExecutor(max_workers=max(1, self.limits.max_dialogues),
                                                  thread_name_prefix="duet-serve-dialogue")
-        self._scoring = ThreadPoolExecutor(max_workers=1, thread_name_prefix="duet-serve-logprobs")
         self._dialogue_backend: Any = None
 
     # ------------------------------------------------------------------ admission
@@ -164,28 +162,13 @@ class Service:
             cancel.set()
             raise
 
-    async def logprobs(self, prompt: list[int], tokens: list[int], top: int) -> list[TokenLogprob]:
-        """The log-probability of each of `tokens` after `prompt`, and the `top` likeliest there."""
-        if not tokens:
-            return []
-        return await asyncio.get_running_loop().run_in_executor(self._scoring, self.score, prompt, tokens, top)
-
-    def score(self, prompt: list[int], tokens: list[int], top: int) -> list[TokenLogprob]:
-        """Log-probabilities of `tokens` after `prompt` (and the `top` likeliest at each) from one forward pass."""
-        import torch
-
-        engine = self.engine
-        with torch.inference_mode():
-            ids = torch.tensor([prompt + tokens], device=engine.device)
-            h = engine.model.hidden(ids)[0, len(prompt) - 1: len(prompt) - 1 + len(tokens)]
-            logprobs = engine.model.logits(h).float().log_softmax(dim=-1)
-            chosen = logprobs.gather(1, torch.tensor(tokens, device=engine.device)[:, None])[:, 0].tolist()
-            best = logprobs.topk(top, dim=-1) if top else None
-            values = best.values.tolist() if best is not None else [[] for _ in tokens]
-            indices = best.indices.tolist() if best is not None else [[] for _ in tokens]
+    def logprobs(self, result: GenerationResult, top: int) -> list[TokenLogprob]:
+        """The log-probability of each token of `result` and the `top` likeliest there (asked for with
+        `SamplingParams.logprobs = top`)."""
         text = self.token_text
-        return [TokenLogprob(text(t), lp, [(text(i), v) for i, v in zip(ids_, vals, strict=True)])
-                for t, lp, ids_, vals in zip(tokens, chosen, indices, values, strict=True)]
+        alternatives = result.top_logprobs or [[] for _ in result.token_ids]
+        return [TokenLogprob(text(t), lp, [(text(i), v) for i, v in alts[:top]])
+                for t, lp, alts in zip(result.token_ids, result.token_logprobs, alternatives, strict=True)]
 
     def token_text(self, token: int) -> str:
         return self.engine.tokenizer.decode([token])
@@ -244,5 +227,5 @@ class Service:
         return self._dialogue_backend
 
     def shutdown(self) -> None:
-        for pool in (self._pool, self._dialogue_pool, self._scoring):
+        for pool in (self._pool, self._dialogue_pool):
             pool.shutdown(wait=False, cancel_futures=True)
