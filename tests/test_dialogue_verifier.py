@@ -195,11 +195,31 @@ def test_confidence_head_files(tmp_path):
     (tmp_path / ConfidenceHead.FILE).write_text('{"weights": {"mean": 2.0, "min": 0.5}, "bias": 1.0}')
     head = ConfidenceHead.load(tmp_path)
     assert abs(head.p({"mean": -0.5, "min": -2.0, "tokens": 3}) - 1 / (1 + math.exp(1.0))) < 1e-9
+    (tmp_path / ConfidenceHead.FILE).write_text('{"weights": {"mean": 2.0, "unused": -1.5}, "bias": 1.0}')
+    assert ConfidenceHead.load(tmp_path).weights == {"mean": 2.0, "unused": -1.5}
     for bad in ("{", '{"weights": {"entropy": 1}, "bias": 0}', '{"weights": [], "bias": 0}'):
         (tmp_path / ConfidenceHead.FILE).write_text(bad)
         with pytest.raises(BackendError) as e:
             ConfidenceHead.load(tmp_path)
         assert "\n" not in str(e.value) and "not a verifier head" in str(e.value) and "fit it again" in str(e.value)
+
+
+def test_a_head_with_number_features_scores_a_solution_by_what_the_number_check_finds():
+    """Two solutions the model was equally sure of: the one whose code uses a number the problem never gives, or
+    leaves a given one unused, scores lower; a head of confidence alone cannot tell them apart."""
+    from duet.agents.verifier import Verifier
+
+    sure = {"mean": -0.01, "min": -0.05, "tokens": 5}
+    model = ConfidentModel()
+    miscopied = RIGHT.replace("23 + 4", "28 + 4")
+    for head, differs in ((ConfidenceHead({"mean": 20.0, "ungrounded": -3.0, "unused": -1.5}, 2.0), True),
+                          (ConfidenceHead({"mean": 20.0}, 2.0), False)):
+        model.verifier_head = head
+        verifier = Verifier(model, load_prompts())
+        right, wrong = (verifier.score(QUESTION, s, confidence=sure).p for s in (RIGHT, miscopied))
+        assert (right > wrong) if differs else (right == wrong)
+    features = ConfidenceHead({"unused": -1.0}, 0.0).features(QUESTION, miscopied, sure)
+    assert features == {**sure, "ungrounded": 1.0, "unused": 1.0, "reused": 0.0}
 
 
 def test_a_first_solution_rejected_before_the_verifier_still_votes():

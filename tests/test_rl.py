@@ -86,10 +86,12 @@ def test_fitted_head_ranks_right_solutions_first(tmp_path):
     for _ in range(400):
         right = rng.random() < 0.4
         mean = rng.gauss(-0.05 if right else -0.25, 0.08)
-        features.append({"mean": mean, "min": mean * 10 + rng.gauss(0, 1), "tokens": 40})
+        unused = float(rng.random() < (0.2 if right else 0.7))  # the number check's findings: mostly on wrong ones
+        features.append({"mean": mean, "min": mean * 10 + rng.gauss(0, 1), "tokens": 40,
+                         "ungrounded": float(not right and rng.random() < 0.3), "unused": unused, "reused": 0.0})
         labels.append(right)
     head = fit_head(features, labels)
-    assert head.weights["mean"] > 0
+    assert head.weights["mean"] > 0 and head.weights["unused"] < 0 and head.weights["ungrounded"] < 0
     assert auroc([head.p(f) for f in features], labels) > 0.85
     (tmp_path / ConfidenceHead.FILE).write_text(json.dumps(head.to_dict()))
     assert ConfidenceHead.load(tmp_path) == head

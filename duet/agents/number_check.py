@@ -189,6 +189,16 @@ def reused_numbers(question: str, solution: str) -> list[Finding]:
     return found
 
 
+def number_features(question: str, solution: str) -> dict[str, float]:
+    """The number check's findings as features of the verifier's head (``duet.agents.verifier``): whether the
+    code uses a number the problem does not give, how many given numbers it leaves unused, whether it computes
+    ``a - a`` or ``a / a``. On the embedded model's own solutions each one marks a wrong answer far more
+    often than a right one (an unused number can be a distractor, so it counts rather than vetoes)."""
+    return {"ungrounded": float(bool(ungrounded_numbers(question, solution))),
+            "unused": float(len(unused_numbers(question, solution))),
+            "reused": float(bool(reused_numbers(question, solution)))}
+
+
 def number_check_reason(findings: list[Finding]) -> str:
     """The one-line critique of the findings. Unused numbers alone ask a question rather than give an order:
     a number the problem gives may be a distractor, and a solver that can tell should keep its answer."""

@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from duet.agents.backends import Backend, BackendError, Request
+from duet.agents.number_check import number_features
 from duet.agents.protocol import AGREE, parse_verdict
 from duet.agents.transcript import Turn
 from duet.agents.turn import TurnOptions, run_turn
@@ -56,20 +57,30 @@ class Score:
 
 @dataclass(frozen=True)
 class ConfidenceHead:
-    """P(correct) from how sure the model was of what it wrote: a logistic regression over the mean and the
-    minimum log-probability of the tokens of its solution (``Turn.confidence``), fitted on the model's own
-    solutions to training problems labelled right or wrong (``python -m duet.train.verifier_head``) and
-    stored beside its weights. On the embedded model it separates right from wrong answers far better than
-    the verdict's P(AGREE) (``MODEL_CARD.md``)."""
+    """P(correct) from how sure the model was of what it wrote and what the number check finds: a logistic
+    regression over the mean and the minimum log-probability of the tokens of its solution (``Turn.confidence``)
+    and, when fitted with them, the number check's findings (``number_features``: a number the problem does not
+    give, given numbers left unused, ``a - a``). Fitted on the model's own solutions to training problems
+    labelled right or wrong (``python -m duet.train.verifier_head``) and stored beside its weights. On the
+    embedded model it separates right from wrong answers far better than the verdict's P(AGREE), and the
+    number features rank the samples of one problem better than confidence alone (``MODEL_CARD.md``)."""
 
-    weights: dict[str, float]  # feature of Turn.confidence -> weight
+    weights: dict[str, float]  # feature -> weight
     bias: float
 
     FILE = "verifier_head.json"
+    CONFIDENCE = ("mean", "min")  # of Turn.confidence
+    NUMBERS = ("ungrounded", "unused", "reused")  # of number_features
 
-    def p(self, confidence: dict[str, float]) -> float:
-        z = self.bias + sum(w * float(confidence[name]) for name, w in self.weights.items())
+    def p(self, features: dict[str, float]) -> float:
+        z = self.bias + sum(w * float(features[name]) for name, w in self.weights.items())
         return 1.0 / (1.0 + math.exp(-max(-60.0, min(60.0, z))))
+
+    def features(self, question: str, solution: str, confidence: dict[str, float]) -> dict[str, float]:
+        """What the head reads of a solution: its confidence, and its number features when the head uses them."""
+        if set(self.weights) & set(self.NUMBERS):
+            return {**confidence, **number_features(question, solution)}
+        return confidence
 
     @classmethod
     def load(cls, directory: Path) -> ConfidenceHead | None:
@@ -81,8 +92,9 @@ class ConfidenceHead:
         try:
             data = json.loads(path.read_text())
             weights = {str(k): float(v) for k, v in data["weights"].items()}
-            if not set(weights) <= {"mean", "min"}:
-                raise ValueError(f"unknown features {sorted(set(weights) - {'mean', 'min'})}")
+            known = {*cls.CONFIDENCE, *cls.NUMBERS}
+            if not set(weights) <= known:
+                raise ValueError(f"unknown features {sorted(set(weights) - known)}")
             return cls(weights, float(data["bias"]))
         except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
             raise BackendError(f"{path}: not a verifier head ({type(e).__name__}: {e}); delete it, or fit it "
@@ -112,7 +124,7 @@ class Verifier:
         """P(correct) of ``solution`` (``confidence``: its turn's, when known); raises BackendError when the
         backend fails."""
         if self.head is not None and confidence:
-            return Score(self.head.p(confidence), "confidence")
+            return Score(self.head.p(self.head.features(question, solution, confidence)), "confidence")
         completion = self.backend.complete(self.messages(question, solution), VERDICT_REQUEST, cancel=cancel)
         first = (completion.top_logprobs or [None])[0]
         if first:

@@ -3,9 +3,10 @@ r"""Fit the verifier's confidence head (`duet.agents.verifier.ConfidenceHead`) o
 Each labelled solution (`python -m duet.train.onpolicy build`: the model's greedy and sampled solutions to
 training problems, right or wrong by the gold answer) is read by the model again, token by token: the mean
 and the minimum log-probability it gives the tokens it wrote (the step sentences, the code, the answer;
-not the prompt nor the output blocks duet wrote) are the features, exactly those `Turn.confidence` records
-while it generates. A logistic regression on them, balanced between right and wrong, is the head; it is
-written beside the model's weights, where the critic finds it.
+not the prompt nor the output blocks duet wrote) are features, exactly those `Turn.confidence` records
+while it generates; the number check's findings on the solution (`number_features`, with the question read
+as the dialogue reads it) are the others. A logistic regression on them, balanced between right and wrong,
+is the head; it is written beside the model's weights, where the critic finds it.
 
     python -m duet.train.verifier_head --model duet/assets/model \
         --attempts data/training/onpolicy-phase6.jsonl
@@ -20,8 +21,10 @@ from pathlib import Path
 
 import torch
 
+from duet.agents.number_check import number_features
 from duet.agents.turn import confidence
 from duet.agents.verifier import ConfidenceHead, auroc
+from duet.answers.numbers import numbers_as_digits
 from duet.errors import DuetError
 from duet.model import load_model
 from duet.prompts import load_prompts
@@ -29,7 +32,7 @@ from duet.train.conversations import solve_conversation
 from duet.train.sources import load_attempts
 from duet.train.trainer import encode_example, token_logprobs
 
-FEATURES = ("mean", "min")
+FEATURES = (*ConfidenceHead.CONFIDENCE, *ConfidenceHead.NUMBERS)
 
 
 @torch.no_grad()
@@ -82,7 +85,8 @@ def main(argv: list[str] | None = None) -> int:
         attempts = load_attempts(args.attempts)
         tokenizer, model = load_tokenizer(args.model), load_model(args.model, dtype=torch.float32).eval()
         prompts = load_prompts()
-        features = [solution_confidence(model, tokenizer, prompts, a.problem.question, a.solution) for a in attempts]
+        features = [{**solution_confidence(model, tokenizer, prompts, a.problem.question, a.solution),
+                     **number_features(numbers_as_digits(a.problem.question), a.solution)} for a in attempts]
         labels = [a.correct for a in attempts]
         head = fit_head(features, labels)
     except DuetError as e:
