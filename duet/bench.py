@@ -137,6 +137,7 @@ def run_bench(model_path: Path, batches: list[int], contexts: list[int | None], 
     import torch
 
     from duet.engine import Engine, SamplingParams
+    from duet.model.parallel import World  # under torchrun: the ranks the model is split over
 
     dtype = getattr(torch, dtype_name)
     engine = Engine.load(model_path, device=device, dtype=dtype, max_batch=max(batches), threads=threads)
@@ -176,8 +177,8 @@ def run_bench(model_path: Path, batches: list[int], contexts: list[int | None], 
     peak_mb = (torch.cuda.max_memory_allocated() / 2**20 if device.startswith("cuda")
                else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
     report = {"model": str(model_path), "device": device, "dtype": dtype_name, "threads": torch.get_num_threads(),
-              "new_tokens": new_tokens, "repeats": repeats, "peak_memory_mb": round(peak_mb, 1),
-              "rows": [asdict(r) for r in rows]}
+              "ranks": World.current().size, "new_tokens": new_tokens, "repeats": repeats,
+              "peak_memory_mb": round(peak_mb, 1), "rows": [asdict(r) for r in rows]}
     if prefix_cache:
         report["prefix_cache"] = engine.prefix_cache_stats()
     if compile_s is not None:
@@ -191,8 +192,9 @@ def print_table(report: dict) -> None:
 
     repeats = report.get("repeats", 1)
     medians = f", medians of {repeats} round-robin runs" if repeats > 1 else ""
+    ranks = f", {report['ranks']} ranks" if report.get("ranks", 1) > 1 else ""
     table = Table(title=f"duet bench: {report['model']} ({report['device']}, {report['dtype']}, "
-                        f"{report['threads']} threads, {report['new_tokens']} new tokens{medians})")
+                        f"{report['threads']} threads{ranks}, {report['new_tokens']} new tokens{medians})")
     for col in ("config", "batch", "context", "prefill tok/s", "decode tok/s", "vs duet", "MTP acceptance",
                 "tokens/forward", "prefix hit"):
         table.add_column(col, justify="right" if col != "config" else "left")
@@ -216,7 +218,7 @@ def print_table(report: dict) -> None:
         table.add_row(*cells)
     console = Console(width=None if sys.stdout.isatty() else 160)  # a file or pipe gets whole column names
     console.print(table)
-    console.print(f"peak memory: {report['peak_memory_mb']:.0f} MB")
+    console.print(f"peak memory: {report['peak_memory_mb']:.0f} MB" + (" (rank 0's)" if ranks else ""))
     if report.get("prefix_cache"):
         c = report["prefix_cache"]
         console.print(f"prefix cache (the whole run): {c['hit_rate']:.1%} of {c['prompt_tokens']:,} prompt tokens "

@@ -262,10 +262,22 @@ app.command("plan")(plan_command)
 
 
 def main(argv: Optional[list] = None) -> None:
-    """The console script: runs the app with one-line usage errors and no tracebacks for user errors."""
+    """The console script: runs the app with one-line usage errors and no tracebacks for user errors.
+
+    Started by torchrun (`torchrun --nproc-per-node N -m duet ...`, WORLD_SIZE above 1), rank 0 runs the command
+    and the other ranks hold their parts of its local model and follow its engine (`duet.engine.distributed`)."""
     # Idle OpenMP threads sleep instead of spinning (before torch loads): the engine decodes in its own
     # thread, and on a shared machine spinning threads made decoding several times slower.
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    if os.environ.get("WORLD_SIZE", "1").strip() not in ("", "0", "1"):
+        from duet.engine.distributed import launch
+
+        launch(lambda: _run(argv))
+    else:
+        _run(argv)
+
+
+def _run(argv: Optional[list]) -> None:
     exceptions = sys.modules[typer.BadParameter.__module__]  # click's exceptions, wherever typer keeps them
     try:
         code = app(args=argv, prog_name="duet", standalone_mode=False)

@@ -62,6 +62,7 @@ class LocalBackend:
         from duet.engine import Engine
         from duet.errors import DuetError
         from duet.model.embedded import EMBEDDED_DIR, default_model_path
+        from duet.model.parallel import World
         from duet.model.plan import check_fits
 
         o = options
@@ -73,7 +74,8 @@ class LocalBackend:
             key = (str(directory.resolve()), *astuple(replace(o, dtype=str(torch_dtype))))  # bf16 = bfloat16
             with _ENGINES_LOCK:
                 if key not in _ENGINES:
-                    check_fits(directory, o.device, torch_dtype, o.mtp)  # before a weight is read
+                    # before a weight is read; under torchrun each rank holds its part (duet.engine.distributed)
+                    check_fits(directory, o.device, torch_dtype, o.mtp, nproc=World.current().size)
                     _ENGINES[key] = Engine.load(directory, device=o.device, dtype=torch_dtype, use_mtp=o.mtp,
                                                 max_batch=o.max_batch, max_seq_len=o.max_seq_len, compile=o.compile,
                                                 prefix_cache_mb=o.prefix_cache_mb)

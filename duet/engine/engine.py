@@ -21,8 +21,13 @@ into its row and prefills only the rest (continuations, critic turns and revisio
 conversation so far; every request shares its system prompt).
 
 `compile=True` runs decode steps (plain, MTP verification and drafting) through `torch.compile` (see
-`_forward`): a small model's step is bound by per-op overhead, which the compiled graph removes.
+`duet.engine.runner`): a small model's step is bound by per-op overhead, which the compiled graph removes.
 Prefill stays eager.
+
+The engine decides (scheduling, sampling, MTP acceptance, the prefix cache's index); its `Runner` does the tensor
+work those decisions ask for (forward passes, cache copies), one op at a time with plain ints for arguments. Under
+torchrun the model is split over the ranks and rank 0's runner broadcasts each op, which the other ranks replay on
+their parts of the model (`duet.engine.distributed`).
 
 The loop runs in one background thread. `generate` and `submit` may be called from many threads
 at once (the dialogues of `duet eval`): their requests join the same batch.
@@ -41,11 +46,11 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from duet.engine import distributed
 from duet.engine.detokenize import TextStream
-from duet.engine.prefix_cache import PrefixCache
 from duet.engine.sampling import SamplingParams, accept_draft, draft_token, sample, top_logprobs
 from duet.errors import CheckpointError
-from duet.model import CacheView, KVCache, Transformer, load_model
+from duet.model import Transformer
 
 TextCallback = Callable[[int, str], None]  # (request index, new text)
 
@@ -130,11 +135,12 @@ class Engine:
         # 2 threads than with 1 for the embedded model: `duet bench --threads 1` vs `--threads 2`).
         small_on_cpu = self.device.type == "cpu" and sum(p.numel() for p in model.parameters()) < 100_000_000
         self.threads = threads or (1 if small_on_cpu else None)
-        self.cache: KVCache | None = None
         self.compile = compile
-        self._compiled: tuple[Callable, Callable] | None = None  # compiled main and MTP steps, built on first use
+        self.runner = distributed.runner(model, max_batch=max_batch, max_seq_len=self.max_seq_len, compile=compile,
+                                         threads=self.threads, prefix_cache_mb=prefix_cache_mb,
+                                         prefix_block=prefix_block)
         self._active: list[_Row] = []  # rows 0..len-1 of the cache, in order
-        self.prefix_cache = self._make_prefix_cache(prefix_cache_mb, prefix_block)  # None: off
+        self.prefix_cache = self.runner.prefix  # its index; None: off
         self._prefix_cache = self.prefix_cache  # kept while `set_prefix_cache(False)` turns it off
         self.set_mtp_depth(mtp_depth if use_mtp else 0)
         self._queue: deque[_Request] = deque()
@@ -156,26 +162,10 @@ class Engine:
         self.mtp_depth = depth if len(self.model.mtp) > 0 else 0
         if self._prefix_cache is not None and self._prefix_cache.mtp != self.use_mtp:
             # blocks stored without MTP entries cannot serve MTP decoding (nor the reverse: fewer positions)
-            self._prefix_cache.reset(self.use_mtp)
+            self.runner.reset_prefix(self.use_mtp)
         # cache positions a row may write past its last token: the drafts verified with it, then the
         # MTP module's chain, which runs past the accepted tokens (overwritten by the next step)
         self._lookahead = max(1, 2 * self.mtp_depth - 1)
-
-    def _make_prefix_cache(self, mb: float | None, block: int) -> PrefixCache | None:
-        """The prefix cache under a budget of `mb` MiB (None: as many positions as the engine's cache holds
-        at full length, max_batch x max_seq_len, at most 1 GiB; 0: no prefix cache). Its pool grows as it
-        fills, so an unused budget costs nothing."""
-        if mb is not None and mb < 0:
-            raise ValueError(f"prefix_cache_mb={mb} must be >= 0")
-        args = self.model.args
-        n_main, n_mtp = len(self.model.layers), len(self.model.mtp)
-        per_position = (n_main + n_mtp) * (args.kv_lora_rank + args.qk_rope_head_dim) * self.dtype.itemsize
-        budget = (min(self.max_batch * self.max_seq_len * per_position, 1 << 30) if mb is None
-                  else int(mb * 2**20))
-        if budget < block * per_position:  # not one block
-            return None
-        return PrefixCache(n_main, n_mtp, args.kv_lora_rank, args.qk_rope_head_dim, block_size=block,
-                           budget_bytes=budget, mtp=True, device=self.device, dtype=self.dtype)
 
     def set_prefix_cache(self, enabled: bool, clear: bool = False) -> None:
         """Turn the prefix cache off (prefill everything, store nothing) or back on, and/or empty it (`clear`):
@@ -184,7 +174,7 @@ class Engine:
             raise RuntimeError("the prefix cache cannot change while requests are decoding")
         self.prefix_cache = self._prefix_cache if enabled else None
         if clear and self._prefix_cache is not None:
-            self._prefix_cache.reset(self._prefix_cache.mtp)
+            self.runner.reset_prefix(self._prefix_cache.mtp)
 
     def prefix_cache_stats(self) -> dict | None:
         """Hit rate (prompt tokens reused / looked up), tokens reused, blocks and bytes held, evictions; None
@@ -199,8 +189,9 @@ class Engine:
     @classmethod
     def load(cls, path: str | Path, device: str = "cpu", dtype: torch.dtype = torch.float32,
              use_mtp: bool = True, **kwargs) -> Engine:
-        """Model and tokenizer from one checkpoint directory."""
-        model = load_model(path, device=device, dtype=dtype, mtp=use_mtp)
+        """Model and tokenizer from one checkpoint directory (under torchrun, rank 0's part of the model, the
+        other ranks loading theirs: see `duet.engine.distributed`)."""
+        model = distributed.load_model(path, device, dtype, use_mtp)
         return cls(model, load_tokenizer(path), use_mtp=use_mtp, **kwargs)
 
     # ------------------------------------------------------------------ prompts
@@ -261,14 +252,7 @@ class Engine:
     @torch.inference_mode()
     def _run(self) -> None:
         """The decoding loop: admit waiting requests into free rows, step, retire; sleep when idle."""
-        if self.threads:
-            torch.set_num_threads(self.threads)
-        if self.device.type == "cpu":
-            # Tiny activations (softmax tails, SiLU of large negatives) fall into fp32's denormal range, which
-            # x86 computes slowly; flushing them to zero changes nothing a model can see. The compiled steps'
-            # C++ kernels do not flush them themselves: compiled decoding was 1.07-1.43x faster in 4 paired
-            # runs; eager decoding was unchanged. It applies to this thread only.
-            torch.set_flush_denormal(True)
+        self.runner.setup_thread()
         while True:
             with self._lock:
                 while not self._queue and not self._active:
@@ -311,27 +295,6 @@ class Engine:
             generator = torch.Generator(device=self.device).manual_seed(params.seed)
         return _Request(ids, params, TextStream(self.tokenizer, list(params.stop)), generator,
                         max_new=min(params.max_new_tokens, room), on_text=on_text, cancel=cancel)
-
-    def _reserve(self, need_len: int) -> None:
-        """Make sure the cache has `max_batch` rows of at least `need_len` positions, keeping its contents."""
-        c = self.cache
-        if c is not None and c.max_seq_len >= need_len:
-            return
-        length = min(max(need_len, 2 * c.max_seq_len if c else 256), self.max_seq_len + 1)
-        rows = self.max_batch
-        if self.compile:
-            # Full length at once (a grown cache would change the strides of the compiled step's inputs), and
-            # a spare row and tail: the step's views of the cache are then never whole, so their strides keep
-            # one relation to their sizes (torch guards on that relation and would compile again).
-            length, rows = self.max_seq_len + 1 + _LENGTH_STEP, self.max_batch + 1
-        grown = KVCache(self.model.args, self.model.n_cache_layers, rows, length, self.device, self.dtype)
-        if c is not None:
-            grown.kv[:, :, : c.max_seq_len] = c.kv
-            grown.pe[:, :, : c.max_seq_len] = c.pe
-        self.cache = grown
-
-    def _view(self, rows: slice, start: list[int]) -> CacheView:
-        return CacheView(self.cache, rows, torch.tensor(start, device=self.device), fresh=not any(start))
 
     def _admit(self, reqs: list[_Request]) -> None:
         """Prefill newly admitted requests into the next free rows and sample their first tokens.
@@ -384,15 +347,16 @@ class Engine:
         """Prefill `reqs` into the next free rows in one forward pass (`_prefill_rows`), after copying each
         one's longest cached prefix into its row."""
         first_row = len(self._active)
-        self._reserve(max(len(r.prompt) + r.max_new for r in reqs) + self._lookahead + 1)
+        self.runner.reserve(max(len(r.prompt) + r.max_new for r in reqs) + self._lookahead + 1)
         prefix = self.prefix_cache
         start = []
         for k, req in enumerate(reqs):
-            i = first_row + k
-            req.cached = prefix.load(req.prompt, self.cache.kv[:, i], self.cache.pe[:, i]) if prefix else 0
+            req.cached, slots = prefix.lookup(req.prompt) if prefix else (0, [])
+            if req.cached:
+                self.runner.load_prefix(first_row + k, slots, req.cached)
             start.append(req.cached)
         width = max(len(r.prompt) - c for r, c in zip(reqs, start, strict=True))
-        if max(start) + width <= self.cache.max_seq_len:
+        if max(start) + width <= self.runner.cache.max_seq_len:
             self._prefill_rows(reqs, start)
         else:  # padding would run off the cache (a long cached prefix beside a long uncached prompt): one by one
             for req, c in zip(reqs, start, strict=True):
@@ -403,15 +367,10 @@ class Engine:
         (padded to the longest; the padding's cache entries lie past each row's length and are overwritten
         before they are read); sample each first token and draft with the MTP module."""
         first_row = len(self._active)
-        prefix = self.prefix_cache
         width = max(len(r.prompt) - c for r, c in zip(reqs, start, strict=True))
-        rows = slice(first_row, first_row + len(reqs))
-        at = torch.arange(len(reqs), device=self.device)
-        last = torch.tensor([len(r.prompt) - c - 1 for r, c in zip(reqs, start, strict=True)], device=self.device)
-        ids = torch.tensor([_padded(r.prompt[c:], width) for r, c in zip(reqs, start, strict=True)],
-                           device=self.device)
-        h = self.model.hidden(ids, self._view(rows, start))  # [G, W, D]
-        logits = self.model.logits(h[at, last])  # [G, V]
+        last = [len(r.prompt) - c - 1 for r, c in zip(reqs, start, strict=True)]
+        ids = [_padded(r.prompt[c:], width) for r, c in zip(reqs, start, strict=True)]
+        logits = self.runner.prefill(ids, first_row, start, last)  # [G, V]
         drafting = []
         for k, req in enumerate(reqs):
             req.forward_passes += 1
@@ -427,20 +386,18 @@ class Engine:
                 drafting.append(k)
         if self.use_mtp and drafting:
             # the MTP module pairs h_p with token p + 1: each row's prompt shifted by one, then its first token
-            next_ids = torch.tensor([_padded(r.prompt[c + 1:] + [row.last], width) for r, c, row in
-                                     zip(reqs, start, self._active[first_row:], strict=True)], device=self.device)
-            mtp_logits, hidden = self.model.mtp_logits(0, h, next_ids, self._view(rows, start))
+            next_ids = [_padded(r.prompt[c + 1:] + [row.last], width) for r, c, row in
+                        zip(reqs, start, self._active[first_row:], strict=True)]
+            mtp_logits = self.runner.mtp(next_ids, first_row, start, last)
             # every row is drafted for (rows that already finished are retired before the next step)
             group = self._active[first_row:]
             for row in group:
                 if len(row.tokens) > row.length:  # it has a first token: the MTP entries reach the prompt's end
                     row.mtp_len = row.length
-            self._draft(group, rows, mtp_logits[at, last], hidden[at, last], [len(r.prompt) - 1 for r in reqs])
-        if prefix is not None:  # the prompts, for requests that come while these decode
+            self._draft(group, first_row, mtp_logits, [len(r.prompt) - 1 for r in reqs])
+        if self.prefix_cache is not None:  # the prompts, for requests that come while these decode
             for k, row in enumerate(self._active[first_row:]):
-                i = first_row + k
-                row.pinned = prefix.store(row.tokens, row.length, row.mtp_len, self.cache.kv[:, i],
-                                          self.cache.pe[:, i])
+                row.pinned = self._store_prefix(first_row + k, row)
 
     def _step(self) -> None:
         live = [row for row in self._active if row.req.finish_reason is None]
@@ -450,48 +407,13 @@ class Engine:
             self._speculative_step()
             return
         active = self._active
-        tokens = torch.tensor([[row.last] for row in active], device=self.device)
-        _, logits = self._forward(tokens, [row.length for row in active])
+        logits = self.runner.decode([[row.last] for row in active], [row.length for row in active])
         for i, (row, token) in enumerate(zip(active, self._sample_rows(active, logits[:, 0]), strict=True)):
             row.req.forward_passes += 1
             row.length += 1
             row.last = token
             row.tokens.append(token)
             self._emit(row, [token], logits[i])
-
-    def _forward(self, tokens: Tensor, start: list[int]) -> tuple[Tensor, Tensor]:
-        """S new tokens per active row: tokens [A, S] at positions start.. -> (hidden [A, S, D], logits [A, S, V])."""
-        if not self.compile:
-            h = self.model.hidden(tokens, self._view(slice(0, len(start)), start))
-            return h, self.model.logits(h)
-        return self._compiled_call(0, (tokens,), start, tokens.shape[1], slice(0, len(start)))
-
-    def _mtp_forward(self, h: Tensor, next_ids: Tensor, start: list[int], rows: slice) -> tuple[Tensor, Tensor]:
-        """The MTP module on h [A, S, D] and tokens next_ids [A, S] of cache `rows` at positions start.. ->
-        (logits [A, S, V], its hidden [A, S, D])."""
-        if not self.compile:
-            return self.model.mtp_logits(0, h, next_ids, self._view(rows, start))
-        return self._compiled_call(1, (h, next_ids), start, next_ids.shape[1], rows)
-
-    def _compiled_call(self, which: int, inputs: tuple[Tensor, ...], start: list[int], s: int,
-                       rows: slice) -> tuple[Tensor, Tensor]:
-        """Call compiled step `which` (0: main, 1: MTP) over a static `CacheView`: the active rows' cache cut
-        to a multiple of 64 positions past the longest row. The row count and that length are marked
-        dynamic, so each S needs a graph for one row (torch specialises 1), and one or two for more (the
-        MoE's choice between gathering experts and running all of them splits the row counts): a few
-        compiles when a batch size is first seen, none as rows grow."""
-        if self._compiled is None:
-            self._compiled = _compile_steps(self.model, self.device)
-        t = min(-(-(max(start) + s) // _LENGTH_STEP) * _LENGTH_STEP, self.max_seq_len + 1)
-        kv, pe = self.cache.kv[:, rows, :t], self.cache.pe[:, rows, :t]
-        positions = torch.tensor(start, device=self.device)
-        for x in inputs:
-            torch._dynamo.maybe_mark_dynamic(x, 0)
-        torch._dynamo.maybe_mark_dynamic(positions, 0)
-        for x in (kv, pe):
-            torch._dynamo.maybe_mark_dynamic(x, 1)
-            torch._dynamo.maybe_mark_dynamic(x, 2)
-        return self._compiled[which](*inputs, positions, kv, pe)
 
     def _sample_rows(self, rows: list[_Row], logits: Tensor) -> list[int]:
         """The next token of each row from logits [A, V]: one argmax (one device sync) for the greedy rows."""
@@ -502,10 +424,8 @@ class Engine:
     def _speculative_step(self) -> None:
         """Verify every row's drafts in one forward pass, then draft again with the MTP module."""
         active, k = self._active, self.mtp_depth
-        rows = slice(0, len(active))
         start = [r.length for r in active]
-        tokens = torch.tensor([[r.last, *r.drafts] for r in active], device=self.device)
-        h, logits = self._forward(tokens, start)  # [A, k+1, D], [A, k+1, V]
+        logits = self.runner.decode([[r.last, *r.drafts] for r in active], start)  # [A, k+1, V]
         next_ids, accepted = [], []
         for i, row in enumerate(active):
             req = row.req
@@ -529,14 +449,11 @@ class Engine:
             next_ids.append(emitted + [emitted[-1]] * (k + 1 - len(emitted)))
             accepted.append(len(emitted) - 1)
             self._emit(row, emitted, logits[i])
-        logits, hidden = self._mtp_forward(h, torch.tensor(next_ids, device=self.device), start, rows)
-        pick = torch.tensor(accepted, device=self.device)
-        at = torch.arange(len(active), device=self.device)
-        self._draft(active, rows, logits[at, pick], hidden[at, pick], [s + a for s, a in zip(start, accepted,
-                                                                                              strict=True)])
+        logits = self.runner.mtp(next_ids, 0, start, accepted)
+        self._draft(active, 0, logits, [s + a for s, a in zip(start, accepted, strict=True)])
 
-    def _draft(self, rows: list[_Row], where: slice, logits: Tensor, hidden: Tensor, positions: list[int]) -> None:
-        """Draft `mtp_depth` tokens per row from the MTP module's logits [A, V] and hidden state [A, D] at
+    def _draft(self, rows: list[_Row], first_row: int, logits: Tensor, positions: list[int]) -> None:
+        """Draft `mtp_depth` tokens per row (cache rows first_row..) from the MTP module's logits [A, V] at
         `positions` (each row's newest token): the first from them, each next one by running the module
         again on its own hidden state and the token just drafted, one position further on."""
         drafts: list[list[int]] = [[] for _ in rows]
@@ -548,9 +465,7 @@ class Engine:
             if depth + 1 == self.mtp_depth:
                 break
             positions = [p + 1 for p in positions]
-            last = torch.tensor([[d[-1]] for d in drafts], device=self.device)
-            logits, hidden = self._mtp_forward(hidden[:, None], last, positions, where)
-            logits, hidden = logits[:, 0], hidden[:, 0]
+            logits = self.runner.draft([d[-1] for d in drafts], first_row, positions)
         for i, row in enumerate(rows):
             row.drafts, row.draft_logits = drafts[i], dists[i]
 
@@ -585,19 +500,23 @@ class Engine:
             if row.req.finish_reason is None:
                 continue
             if self.prefix_cache is not None:  # its whole verified sequence, before the row is reused
-                path = self.prefix_cache.store(row.tokens, row.length, row.mtp_len, self.cache.kv[:, i],
-                                               self.cache.pe[:, i])
-                self.prefix_cache.release(path)
+                self.prefix_cache.release(self._store_prefix(i, row))
                 self.prefix_cache.release(row.pinned)
             self._finish(row.req)
             last = len(self._active) - 1
             if i != last:
                 moved = self._active[last]
-                n = moved.length + 2
-                self.cache.kv[:, i, :n] = self.cache.kv[:, last, :n]
-                self.cache.pe[:, i, :n] = self.cache.pe[:, last, :n]
+                self.runner.move_row(last, i, moved.length + 2)
                 self._active[i] = moved
             self._active.pop()
+
+    def _store_prefix(self, i: int, row: _Row) -> list:
+        """Store the verified whole blocks of cache row `i` (holding `row`) in the prefix cache; returns their path
+        (one reference each, for `release`)."""
+        path, new = self.prefix_cache.insert(row.tokens, row.length, row.mtp_len)
+        if new:
+            self.runner.store_prefix(i, new)
+        return path
 
     def _finish(self, req: _Request) -> None:
         """Flush the stream, record the result and wake the caller."""
@@ -614,38 +533,6 @@ class Engine:
             top_logprobs=req.top_logprobs if req.params.logprobs else None, token_logprobs=req.token_logprobs,
         )
         req.done.set()
-
-
-_LENGTH_STEP = 64  # the compiled step attends over the cache cut to a multiple of this many positions
-
-
-def _compile_steps(model: Transformer, device: torch.device) -> tuple[Callable, Callable]:
-    """`torch.compile` of the two decode steps, over cache latents kv [L, A, T, R], pe [L, A, T, P] (views of
-    the engine's cache, written in place) at positions [A]:
-    main (tokens [A, S], positions, kv, pe) -> (hidden [A, S, D], logits [A, S, V]);
-    MTP (h [A, S, D], next_ids [A, S], positions, kv, pe) -> (logits [A, S, V], hidden [A, S, D]).
-    The MoE takes its static path under compile and attention masks by position (`CacheView.static`), so
-    the graphs have no host sync and no shape that depends on the data."""
-
-    def view(positions: Tensor, kv: Tensor, pe: Tensor) -> CacheView:
-        return CacheView(KVCache.over(kv, pe), slice(None), positions, static=True)
-
-    def main(tokens: Tensor, positions: Tensor, kv: Tensor, pe: Tensor) -> tuple[Tensor, Tensor]:
-        h = model.hidden(tokens, view(positions, kv, pe))
-        return h, model.logits(h)
-
-    def mtp(h: Tensor, next_ids: Tensor, positions: Tensor, kv: Tensor, pe: Tensor) -> tuple[Tensor, Tensor]:
-        return model.mtp_logits(0, h, next_ids, view(positions, kv, pe))
-
-    # Each engine's model adds graphs for the same code (one row and several, per S and step).
-    torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
-    # Guards on tensors only (shapes, dtypes, strides; the weights are inputs of the graph): checking every
-    # module attribute before each call cost ~0.3 ms, a tenth of a compiled step of a small model. Safe here
-    # because the engine never changes its model; another model of other shapes fails the tensor guards.
-    options: dict = {"guard_filter_fn": torch.compiler.keep_tensor_guards_unsafe}
-    if device.type == "cpu":  # the C++ wrapper calls the kernels without a Python frame per op
-        options["cpp_wrapper"] = True
-    return tuple(torch.compile(f, dynamic=False, fullgraph=True, options=options) for f in (main, mtp))
 
 
 def _padded(ids: list[int], width: int) -> list[int]:

@@ -27,6 +27,12 @@ is full. A lookup or store touches a path leaf first, root last, so a parent is 
 children; leaves go first. Blocks on the path of a row still decoding hold a reference and are never
 evicted (nor are their ancestors, which have children). When nothing can be evicted, storing stops: the
 cache is an optimisation, never a condition for a request to run.
+
+The index (the tree, its order of use, which pool slot holds which block) and the pool's contents are apart:
+`lookup` and `insert` decide, `read` and `write` copy between the pool and a cache row (`load` and `store` do
+both). Under torch.distributed only rank 0 keeps the index, and every rank runs the copies it decides on
+(`duet.engine.runner`), so the index hands out pool slots in a fixed order (never used ones 0, 1, 2, ..., then
+evicted ones) and the pool grows with the highest slot written.
 """
 
 from __future__ import annotations
@@ -82,7 +88,7 @@ class PrefixCache:
         self.capacity = self.budget_bytes // self.block_bytes  # blocks
         self.root = _Block((), None, -1)
         self._lru: OrderedDict[_Block, None] = OrderedDict()  # every block, least recently used first
-        self._free: list[int] = []
+        self._used = 0  # pool slots handed out so far (the never used ones come next, in order)
         self.kv: Tensor | None = None  # [layers, slots, block_size, R]
         self.pe: Tensor | None = None  # [layers, slots, block_size, P]
 
@@ -142,36 +148,46 @@ class PrefixCache:
         """Positions a prompt of n tokens whose first `matched` tokens are cached can take from the cache."""
         return max(0, min(matched - (1 if self.mtp else 0), n - 1))
 
-    def load(self, tokens: list[int], kv: Tensor, pe: Tensor) -> int:
-        """Copy the cached entries of the longest usable prefix of `tokens` into one cache row's latents
-        kv [L, T, R], pe [L, T, P] (all main and MTP layers); returns how many positions were copied."""
+    def lookup(self, tokens: list[int]) -> tuple[int, list[int]]:
+        """(how many positions of `tokens` the cache can supply, the pool slots of the blocks holding them): the
+        index's half of `load`."""
         path, matched = self.match(tokens)
         r = self.reusable(matched, len(tokens))
         self.stats.requests += 1
         self.stats.prompt_tokens += len(tokens)
         if r == 0:
-            return 0
+            return 0, []
         self.stats.hits += 1
         self.stats.reused_tokens += r
-        slots = torch.tensor([blk.slot for blk in path], device=self.device)
-        m, span = self.n_main, len(path) * self.block_size
-        kv_main = self.kv[:m, slots].reshape(m, span, self.rank)
-        pe_main = self.pe[:m, slots].reshape(m, span, self.rope_dim)
-        kv[:m, :r] = kv_main[:, :r]
-        pe[:m, :r] = pe_main[:, :r]
+        return r, [blk.slot for blk in path]
+
+    def read(self, slots: list[int], r: int, kv: Tensor, pe: Tensor) -> None:
+        """Copy the first `r` positions held by the blocks in pool `slots` (a path from the root) into one cache
+        row's latents kv [L, T, R], pe [L, T, P] (all main and MTP layers)."""
+        index = torch.tensor(slots, device=self.device)
+        m, span = self.n_main, len(slots) * self.block_size
+        kv[:m, :r] = self.kv[:m, index].reshape(m, span, self.rank)[:, :r]
+        pe[:m, :r] = self.pe[:m, index].reshape(m, span, self.rope_dim)[:, :r]
         if self.mtp:  # slot j of a block holds position start + j - 1: positions 0..r-1 are flat 1..r
             k = self.n_layers - m
-            kv[m:self.n_layers, :r] = self.kv[m:, slots].reshape(k, span, self.rank)[:, 1:r + 1]
-            pe[m:self.n_layers, :r] = self.pe[m:, slots].reshape(k, span, self.rope_dim)[:, 1:r + 1]
+            kv[m:self.n_layers, :r] = self.kv[m:, index].reshape(k, span, self.rank)[:, 1:r + 1]
+            pe[m:self.n_layers, :r] = self.pe[m:, index].reshape(k, span, self.rope_dim)[:, 1:r + 1]
+
+    def load(self, tokens: list[int], kv: Tensor, pe: Tensor) -> int:
+        """Copy the cached entries of the longest usable prefix of `tokens` into one cache row's latents
+        kv [L, T, R], pe [L, T, P]; returns how many positions were copied (`lookup`, then `read`)."""
+        r, slots = self.lookup(tokens)
+        if r:
+            self.read(slots, r, kv, pe)
         return r
 
     # ------------------------------------------------------------------ insertion and eviction
 
-    def store(self, tokens: list[int], main_len: int, mtp_len: int, kv: Tensor, pe: Tensor) -> list[_Block]:
-        """Cache the whole blocks of `tokens` whose entries are valid in one cache row's latents kv [L, T, R],
-        pe [L, T, P]: main layers below `main_len`, MTP layers below `mtp_len`. Blocks already cached are
-        kept (their entries are the same). Returns the path of blocks, each holding one more reference:
-        pass it to `release` when the row is done."""
+    def insert(self, tokens: list[int], main_len: int, mtp_len: int) -> tuple[list[_Block], list[tuple[int, int]]]:
+        """Index the whole blocks of `tokens` whose entries are valid in one cache row: main layers below
+        `main_len`, MTP layers below `mtp_len`. Blocks already cached are kept (their entries are the same).
+        Returns the path of blocks, each holding one more reference (pass it to `release` when the row is done),
+        and the new blocks, (pool slot, first position) each, whose entries `write` must copy from the row."""
         b = self.block_size
         whole = main_len // b
         if self.mtp:
@@ -188,42 +204,47 @@ class PrefixCache:
                 child = _Block(key, node, slot)
                 node.children[key] = child
                 self._lru[child] = None
-                new.append((child, i * b))
+                new.append((slot, i * b))
             child.refs += 1
             path.append(child)
             node = child
-        if new:
-            self._write(new, kv, pe)
+        self.stats.stored_blocks += len(new)
         self._touch(path)
-        return path
+        return path, new
 
-    def release(self, path: list[_Block]) -> None:
-        for blk in path:
-            blk.refs -= 1
-
-    def _write(self, new: list[tuple[_Block, int]], kv: Tensor, pe: Tensor) -> None:
-        b, m = self.block_size, self.n_main
-        slots = torch.tensor([blk.slot for blk, _ in new], device=self.device)
-        starts = torch.tensor([s for _, s in new], device=self.device)
+    def write(self, blocks: list[tuple[int, int]], kv: Tensor, pe: Tensor) -> None:
+        """Copy the entries of `blocks`, (pool slot, first position) each, from one cache row's latents
+        kv [L, T, R], pe [L, T, P] into the pool, grown (doubling, up to the capacity) to hold the highest slot."""
+        b, m, nb = self.block_size, self.n_main, len(blocks)
+        self._grow(max(slot for slot, _ in blocks) + 1)
+        slots = torch.tensor([slot for slot, _ in blocks], device=self.device)
+        starts = torch.tensor([start for _, start in blocks], device=self.device)
         pos = (starts[:, None] + torch.arange(b, device=self.device)).flatten()
-        nb = len(new)
         self.kv[:m, slots] = kv[:m, pos].view(m, nb, b, self.rank)
         self.pe[:m, slots] = pe[:m, pos].view(m, nb, b, self.rope_dim)
         if self.mtp:  # one position back (the first block's slot 0 stands for position -1: never read)
             k, pos = self.n_layers - m, (pos - 1).clamp(min=0)
             self.kv[m:, slots] = kv[m:self.n_layers, pos].view(k, nb, b, self.rank)
             self.pe[m:, slots] = pe[m:self.n_layers, pos].view(k, nb, b, self.rope_dim)
-        self.stats.stored_blocks += nb
+
+    def store(self, tokens: list[int], main_len: int, mtp_len: int, kv: Tensor, pe: Tensor) -> list[_Block]:
+        """Cache the whole blocks of `tokens` whose entries are valid in one cache row's latents kv [L, T, R],
+        pe [L, T, P] (`insert`, then `write`); returns the path of blocks for `release`."""
+        path, new = self.insert(tokens, main_len, mtp_len)
+        if new:
+            self.write(new, kv, pe)
+        return path
+
+    def release(self, path: list[_Block]) -> None:
+        for blk in path:
+            blk.refs -= 1
 
     def _slot(self) -> int | None:
-        """A free pool slot: a never used one, the pool grown (doubling, up to the capacity), or the least
-        recently used evictable block's. None when every block is in use."""
-        if self._free:
-            return self._free.pop()
-        allocated = 0 if self.kv is None else self.kv.shape[1]
-        if allocated < self.capacity:
-            self._grow(min(self.capacity, max(64, 2 * allocated)))
-            return self._free.pop()
+        """A pool slot for a new block: the next never used one, or the least recently used evictable block's.
+        None when every block is in use."""
+        if self._used < self.capacity:
+            self._used += 1
+            return self._used - 1
         victim = next((blk for blk in self._lru if blk.refs == 0 and not blk.children), None)
         if victim is None:
             return None
@@ -234,14 +255,16 @@ class PrefixCache:
         return victim.slot
 
     def _grow(self, slots: int) -> None:
-        shape = (self.n_layers, slots, self.block_size)
+        """Make the pool hold at least `slots` slots: doubling (from 64), up to the capacity."""
+        old = 0 if self.kv is None else self.kv.shape[1]
+        if slots <= old:
+            return
+        shape = (self.n_layers, min(self.capacity, max(64, 2 * old, slots)), self.block_size)
         kv = torch.zeros(*shape, self.rank, device=self.device, dtype=self.dtype)
         pe = torch.zeros(*shape, self.rope_dim, device=self.device, dtype=self.dtype)
-        old = 0 if self.kv is None else self.kv.shape[1]
         if old:
             kv[:, :old], pe[:, :old] = self.kv, self.pe
         self.kv, self.pe = kv, pe
-        self._free.extend(reversed(range(old, slots)))
 
     def _touch(self, path: list[_Block]) -> None:
         for blk in reversed(path):  # leaf first: a parent always ends up more recent than its children

@@ -239,26 +239,36 @@ def available_memory(device: str | torch.device) -> int | None:
     return int(psutil.virtual_memory().available)
 
 
-def check_fits(path: str | Path, device: str | torch.device, dtype: torch.dtype, mtp: bool = True) -> None:
+def check_fits(path: str | Path, device: str | torch.device, dtype: torch.dtype, mtp: bool = True,
+               nproc: int = 1) -> None:
     """Refuse, before any weight is read, a checkpoint whose weights (dequantised to `dtype`, as the loader
-    does) and margin exceed what `device` has free: CheckpointError with one line saying what to do.
+    does) and margin exceed what `device` has free: CheckpointError with one line saying what to do. Over
+    `nproc` ranks (torchrun), each rank's share is checked against its own device, or against its share of the
+    machine's memory on the CPU, where every rank takes from the same RAM.
 
     The latent cache grows with the sequences, so it is not required up front; `duet plan` reports how many
     tokens of it fit. No check where the free memory is unknown."""
     available = available_memory(device)
     if available is None:
         return
+    if torch.device(device).type == "cpu":
+        available //= nproc
     args = load_config(path)
     name = {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(dtype, "fp32")
-    plan = make_plan(args, dtype=name, device_memory=available, max_seq_len=1,
-                     n_mtp=None if mtp else 0)
+    try:
+        plan = make_plan(args, dtype=name, device_memory=available, max_seq_len=1, n_mtp=None if mtp else 0,
+                         nproc=nproc)
+    except ValueError as e:  # heads or experts that the ranks cannot split
+        raise CheckpointError(f"{path}: {e}") from None
     if plan.weights_fit:
         return
     halve = " --dtype bfloat16 (half the memory)," if name == "fp32" else ""
+    where = f"{device} has {gib(available)} free" + (f" per rank of {nproc}" if nproc > 1 else "")
     raise CheckpointError(
-        f"{path}: its weights need {gib(plan.weight_bytes)} in {name} (+{gib(plan.margin_bytes)} of working "
-        f"margin) but {device} has {gib(available)} free; use{halve} a smaller model, or serve it on several GPUs "
-        f"(`duet plan --model {path} --nproc N` says how many) with vLLM or SGLang and pass --base-url")
+        f"{path}: its weights need {gib(plan.weight_bytes)} in {name}{' per rank' if nproc > 1 else ''} "
+        f"(+{gib(plan.margin_bytes)} of working margin) but {where}; use{halve} a smaller model, or split it over "
+        f"more GPUs (`duet plan --model {path} --nproc N` says how many; then `torchrun --nproc-per-node N -m duet "
+        "...`, or vLLM or SGLang with --base-url)")
 
 
 def gib(n: int) -> str:

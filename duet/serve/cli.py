@@ -67,6 +67,9 @@ def serve_command(
     from duet.app.errors import UsageProblem, describe, is_user_error
 
     try:
+        if os.environ.get("WORLD_SIZE", "1").strip() not in ("", "0", "1"):
+            raise UsageProblem("duet serve does not run under torchrun yet (it scores prompts outside the engine's "
+                               "loop); serve a model split over GPUs with vLLM or SGLang")
         if not is_loopback(host) and not api_key:
             raise UsageProblem(f"--host {host} is not a loopback address: refusing to serve without --api-key KEY "
                                "(or DUET_SERVE_API_KEY)")
