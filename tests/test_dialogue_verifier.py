@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 import threading
+from dataclasses import replace
 
 import pytest
 
@@ -242,3 +243,24 @@ def test_a_first_solution_rejected_before_the_verifier_still_votes():
                          confidence={"mean": -0.6, "min": -0.6, "tokens": 5})
     assert [a for a, _ in judgement.scored] == ["71", "35"]
     assert check.verdict == "disagree" and check.answer == "71"
+
+
+def test_a_solution_kept_after_the_number_check_goes_to_the_verifiers_vote():
+    """The number check questions the solver's number; the solver keeps its solution word for word. Stopping
+    there (a repeated reply) would leave the questioned answer unjudged: the verifier scores it, the samples vote,
+    and the vote's 71 answers."""
+    miscopied = WRONG.replace("23 + 12", "28 + 12").replace("35", "40")
+
+    class Stubborn(FakeModel):
+        def complete(self, messages, request=Request(), *, on_text=None, cancel=None) -> Completion:
+            last = messages[-1]
+            if last["role"] == "user" and "the code uses 28" in last["content"]:  # the number check's question
+                head, _, _ = miscopied.partition("```output")
+                return Completion(head, finish_reason="stop", stop_string="```output")
+            return super().complete(messages, request, on_text=on_text, cancel=cancel)
+
+    result = run_dialogue(QUESTION, Stubborn(greedy=miscopied), config=replace(config(), number_check=True))
+    tasks = [t.task for t in result.turns if t.task != "sample"]
+    assert tasks[:4] == ["solve", "number_check", "revise", "verify"]
+    assert result.answer == "71"
+    assert len([t for t in result.turns if t.task == "sample"]) == 3

@@ -8,7 +8,8 @@ critique, then a new check. It always terminates, with one of :data:`STOP_REASON
 * ``max_rounds``: ``max_rounds`` solver turns were checked without agreement.
 * ``token_budget``: the dialogue generated ``token_budget`` tokens (completion tokens, all turns).
 * ``repeated_reply``: a revision was identical (whitespace aside) to an earlier solution of this
-  dialogue; checking it again cannot change anything.
+  dialogue; checking it again cannot change anything (except once with the verifier on: a solution kept
+  after the number check questioned it goes to the verifier's vote).
 * ``no_answer``: it ended (``max_rounds`` or solver-only) and the solver never gave a ``\boxed{}``
   answer. A solution without an answer is not sent to the critic: the solver is asked to revise.
 * ``context_full``: the conversation outgrew the model's context window (a long revision of a small
@@ -46,7 +47,7 @@ from pathlib import Path
 from typing import Any
 
 from duet.agents.backends import Backend
-from duet.agents.critic import NO_ANSWER_REASON, Critic, Judgement, OwnSolutions, critique_message
+from duet.agents.critic import MODEL_FREE, NO_ANSWER_REASON, Critic, Judgement, OwnSolutions, critique_message
 from duet.agents.events import Emitter, EventCallback
 from duet.agents.protocol import AGREE
 from duet.agents.solver import Solver
@@ -221,6 +222,14 @@ class _Run:
             return turn.finish
         return "interrupted" if self.options.cancelled() else None
 
+    def unjudged(self, turn: Turn) -> bool:
+        """Whether a repeated solution still has the verifier's vote to come: the solver kept a solution that a
+        model-free check (the number check) questioned, and no alternatives were sampled yet. The check does not
+        question the same numbers twice, so the verifier judges it; stopping there would leave the questioned
+        answer standing unjudged."""
+        return (self.judgement is not None and self.judgement.samples is None and turn.answer is not None
+                and len(self.turns) >= 2 and self.turns[-2].model in MODEL_FREE)
+
     def record_own_solutions(self) -> None:
         """Add the critic's own solutions to the transcript (once; waits for them)."""
         if self.own is not None and not self.own_recorded:
@@ -282,9 +291,10 @@ class _Run:
             if self.out_of_budget(turn):
                 return "token_budget", False, round_
             key = " ".join(turn.text.split())
-            if key in self.solutions:
+            if key in self.solutions and not self.unjudged(turn):
                 return "repeated_reply", False, round_
-            self.solutions.append(key)
+            if key not in self.solutions:
+                self.solutions.append(key)
             if critic is None:
                 return "no_critic", False, round_
             if turn.answer is None:
