@@ -265,11 +265,13 @@ def main(argv: Optional[list] = None) -> None:
     """The console script: runs the app with one-line usage errors and no tracebacks for user errors.
 
     Started by torchrun (`torchrun --nproc-per-node N -m duet ...`, WORLD_SIZE above 1), rank 0 runs the command
-    and the other ranks hold their parts of its local model and follow its engine (`duet.engine.distributed`)."""
+    and the other ranks hold their parts of its local model and follow its engine (`duet.engine.distributed`);
+    except `duet train`, data parallel under `accelerate launch` or torchrun: every process runs it."""
     # Idle OpenMP threads sleep instead of spinning (before torch loads): the engine decodes in its own
     # thread, and on a shared machine spinning threads made decoding several times slower.
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-    if os.environ.get("WORLD_SIZE", "1").strip() not in ("", "0", "1"):
+    command = (sys.argv[1:] if argv is None else list(argv))[:1]
+    if os.environ.get("WORLD_SIZE", "1").strip() not in ("", "0", "1") and command != ["train"]:
         from duet.engine.distributed import launch
 
         launch(lambda: _run(argv))

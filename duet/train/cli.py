@@ -36,7 +36,11 @@ def train_command(
                              "--init-from."),
     install: bool = typer.Option(False, "--install", help="Copy the final checkpoint into duet/assets/model."),
 ) -> None:
-    """Train the embedded default model (a small DeepSeek-V3) on tool-integrated reasoning data."""
+    """Train the embedded default model (a small DeepSeek-V3) on tool-integrated reasoning data.
+
+    Data parallel over GPUs and nodes: `accelerate launch --num_processes N -m duet.train ARGS` (or torchrun
+    --nproc-per-node N -m duet.train ARGS; on CPUs with --device cpu); --batch-size is per process.
+    """
     _check_numbers(("--steps", steps, 1), ("--batch-size", batch_size, 1), ("--seq-len", seq_len, 1),
                    ("--save-every", save_every, 1), ("--threads", threads, 0), ("--lr", lr, None),
                    ("--mtp-lambda", mtp_lambda, 0), ("--bias-gamma", bias_gamma, 0))
@@ -69,10 +73,15 @@ def train_command(
                       threads=threads, device=device, bf16=bf16, mix=weights,
                       init_from=str(init_from) if init_from else None, onpolicy=str(onpolicy) if onpolicy else None)
     cfg.model.update(architecture)
-    checkpoint = train(cfg)
-    typer.echo(f"checkpoint: {checkpoint}")
-    if install:
-        typer.echo(f"installed: {install_model(checkpoint)}")
+    checkpoint = train(cfg)  # under `accelerate launch`: in every process, which return together
+    from accelerate import PartialState
+
+    state = PartialState()
+    if state.is_main_process:
+        typer.echo(f"checkpoint: {checkpoint}")
+        if install:
+            typer.echo(f"installed: {install_model(checkpoint)}")
+    state.destroy_process_group()  # launched processes: leave the group before exiting
 
 
 DATA_FILES = ("gsm8k/train.jsonl", "mawps_asdiv_a/train.csv")  # what the trainer reads under --data

@@ -9,17 +9,27 @@ The V3 recipe at small scale:
 
 Batches are packed from the deterministic `example_stream` seeded by (seed, step), so a run resumed
 from its checkpoint sees exactly the data it would have seen, and runs are reproducible.
+
+Data parallel: `accelerate launch [--num_processes N] -m duet.train ...` (or torchrun) runs one trainer per
+process through Hugging Face Accelerate: the model is wrapped in DDP (gradients averaged over the processes),
+bf16 autocast is accelerate's mixed precision, and process r packs its batches from the stream seeded by
+(seed, step, r) (process 0's is the one-process stream), so each step trains on batch_size x N sequences.
+The expert loads are summed over the processes before the routing biases move, so every process keeps the
+same biases; only the main process logs and writes checkpoints. One process is plain torch, as before.
 """
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import itertools
 import json
 import math
 import os
 import shutil
 import time
-from dataclasses import asdict, dataclass, field, fields
+import warnings
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 
 import torch
@@ -65,6 +75,7 @@ class TrainConfig:
     mix: dict = field(default_factory=lambda: dict(MIX))  # how often each data source is drawn
     init_from: str | None = None  # start from this model directory's weights and tokenizer (fresh optimizer)
     onpolicy: str | None = None  # the model's own attempts (duet.train.onpolicy), drawn as mix["onpolicy"]
+    processes: int = 1  # data-parallel processes (set from `accelerate launch`); a step trains batch_size x processes
     model: dict = field(default_factory=lambda: {
         "hidden_size": 256, "num_hidden_layers": 5, "num_attention_heads": 4, "intermediate_size": 640,
         "moe_intermediate_size": 160, "n_routed_experts": 8, "num_experts_per_tok": 2, "n_shared_experts": 1,
@@ -118,9 +129,13 @@ def _subtract(spans: list[tuple[int, int]], cut: tuple[int, int]) -> list[tuple[
     return out
 
 
-def batch_for_step(tokenizer, sources: Sources, cfg: TrainConfig, step: int) -> tuple[Tensor, Tensor]:
-    """Packed [B, T+1] token ids and target mask for `step`, the same on every run and resume."""
-    stream = example_stream(sources, seed=cfg.seed * 1_000_003 + step, mix=cfg.mix)
+PROCESS_STREAM_STRIDE = 1 << 40  # the streams of process r are seeded past every step of process r-1
+
+
+def batch_for_step(tokenizer, sources: Sources, cfg: TrainConfig, step: int, process: int = 0) -> tuple[Tensor, Tensor]:
+    """Packed [B, T+1] token ids and target mask for `step` of data-parallel `process`, the same on every run and
+    resume; each process draws its own stream (process 0's is a one-process run's)."""
+    stream = example_stream(sources, seed=cfg.seed * 1_000_003 + step + process * PROCESS_STREAM_STRIDE, mix=cfg.mix)
     need = cfg.batch_size * (cfg.seq_len + 1)
     ids: list[int] = []
     mask: list[bool] = []
@@ -170,19 +185,25 @@ def _masked_ce(logits: Tensor, targets: Tensor, mask: Tensor) -> Tensor:
 
 
 @torch.no_grad()
-def balance_experts(model: Transformer, gamma: float) -> float:
+def balance_experts(model: Transformer, gamma: float, reduce=None) -> float:
     """Auxiliary-loss-free balancing: nudge each expert's routing bias toward the mean load.
 
+    `reduce` (data parallel) sums the token counts over the processes first, so that every process moves its
+    biases by the same step (each one's own counts would move them apart).
     Returns the worst max/mean expert load over the MoE layers for this step (1.0 is perfect).
     """
+    moes = [m for m in model.modules() if isinstance(m, MoE) and m.last_expert_load is not None]
+    if not moes:
+        return 1.0
+    counts = torch.cat([m.last_expert_load for m in moes])
+    if reduce is not None:
+        counts = reduce(counts)
     worst = 1.0
-    for module in model.modules():
-        if isinstance(module, MoE) and module.last_expert_load is not None:
-            load = module.last_expert_load.float()
-            bias = module.gate.e_score_correction_bias
-            if bias is not None:
-                bias += gamma * torch.sign(load.mean() - load)
-            worst = max(worst, float(load.max() / load.mean().clamp(min=1e-9)))
+    for module, load in zip(moes, counts.float().split([len(m.last_expert_load) for m in moes]), strict=True):
+        bias = module.gate.e_score_correction_bias
+        if bias is not None:
+            bias += gamma * torch.sign(load.mean() - load)
+        worst = max(worst, float(load.max() / load.mean().clamp(min=1e-9)))
     return worst
 
 
@@ -248,6 +269,8 @@ def train(cfg: TrainConfig, progress: bool = True, log=print) -> Path:
     """Train (or resume) into cfg.out_dir; returns the final checkpoint directory.
 
     Everything is read and checked (the data, a saved run's settings, --init-from) before cfg.out_dir is written.
+    Under `accelerate launch` every process runs this (data parallel, see the module's docstring); only the
+    main process logs and writes, and all of them return once the final checkpoint is written.
     """
     from duet.engine.engine import load_tokenizer  # one-line errors for a missing or broken tokenizer
 
@@ -256,6 +279,11 @@ def train(cfg: TrainConfig, progress: bool = True, log=print) -> Path:
     out = Path(cfg.out_dir)
     if out.exists() and not out.is_dir():
         raise TrainError(f"{out}: exists and is not a directory")
+    accelerator = _accelerator(cfg)
+    rank, world, is_main = accelerator.process_index, accelerator.num_processes, accelerator.is_main_process
+    cfg = replace(cfg, processes=world)
+    if not is_main:
+        log, progress = (lambda *_: None), False
     ckpt = out / "checkpoint"
     state_path = ckpt / "trainer_state.pt"
     state = _load_state(cfg, state_path) if state_path.exists() else None
@@ -274,15 +302,18 @@ def train(cfg: TrainConfig, progress: bool = True, log=print) -> Path:
         model = load_model(cfg.init_from, dtype=torch.float32)
         start = 0
         log(f"starting from the weights of {cfg.init_from}")
-    else:
+    else:  # every process trains the same tokenizer (deterministic; checked below)
         sample = itertools.islice(example_stream(sources, seed=cfg.seed + 99, mix=cfg.mix), cfg.tokenizer_sample)
         texts = (m["content"] for c in sample for m in c.messages)
         tokenizer = train_tokenizer(texts, vocab_size=cfg.vocab_size)
         model = build_model(cfg, tokenizer)
         start = 0
-    out.mkdir(parents=True, exist_ok=True)
-    sources.write_dev(out / "dev")
-    device = torch.device(cfg.device if cfg.device != "auto" else "cuda" if torch.cuda.is_available() else "cpu")
+    if world > 1:
+        _check_processes_agree(accelerator, start, tokenizer, out)
+    if is_main:
+        out.mkdir(parents=True, exist_ok=True)
+        sources.write_dev(out / "dev")
+    device = accelerator.device
     model.to(device).train()
     decay = [p for n, p in model.named_parameters() if p.ndim >= 2 and "norm" not in n]
     no_decay = [p for n, p in model.named_parameters() if p.ndim < 2 or "norm" in n]
@@ -290,49 +321,130 @@ def train(cfg: TrainConfig, progress: bool = True, log=print) -> Path:
                              {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr, betas=(0.9, 0.95))
     if state is not None:
         opt.load_state_dict(state["optimizer"])
+    # DDP over the processes (one process: the module itself), its forward under the bf16 autocast
+    with warnings.catch_warnings():  # torch's new name for it, forward_sync_buffers, is unknown to accelerate
+        warnings.filterwarnings("ignore", message="`broadcast_buffers` is deprecated", category=FutureWarning)
+        objective, opt = accelerator.prepare(_Objective(model), opt)
     n_params = count_parameters(model)
-    log(f"device: {device}")
+    if world > 1:
+        log(f"device: {device.type}, {world} processes (data parallel: {cfg.batch_size} x {world} sequences a step)")
+    else:
+        log(f"device: {_one_device(cfg, device)}")
     log(f"model: {n_params / 1e6:.2f}M parameters ({count_parameters(model, include_mtp=False) / 1e6:.2f}M "
         f"without MTP), vocab {len(tokenizer)}")
 
+    reduce_loads = (lambda counts: accelerator.reduce(counts, "sum")) if world > 1 else None
     bar = _Progress(cfg.steps, start) if progress else None
     tokens_done, t0 = 0, time.perf_counter()
     try:
-        with open(out / "train_log.jsonl", "a") as log_file:
+        with open(out / "train_log.jsonl", "a") if is_main else contextlib.nullcontext() as log_file:
             for step in range(start, cfg.steps):
-                ids, mask = (t.to(device) for t in batch_for_step(tokenizer, sources, cfg, step))
+                ids, mask = (t.to(device) for t in batch_for_step(tokenizer, sources, cfg, step, rank))
                 for group in opt.param_groups:
                     group["lr"] = lr_at(step, cfg)
-                with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=cfg.bf16):
-                    main, mtp = losses(model, ids, mask)
+                main, mtp = objective(ids, mask)
                 loss = main + cfg.mtp_lambda * mtp if mtp is not None else main
-                if not torch.isfinite(loss):
-                    raise TrainError(f"the loss became {loss.item()} at step {step + 1}; stopped without saving "
+                # (loss, main, mtp) averaged over the processes: all of them stop together on a non-finite loss
+                seen = torch.stack([loss.detach(), main.detach(), *([mtp.detach()] if mtp is not None else [])])
+                if world > 1:
+                    seen = accelerator.reduce(seen, "mean")
+                total, main_loss, *mtp_loss = seen.tolist()
+                if not math.isfinite(total):
+                    raise TrainError(f"the loss became {total} at step {step + 1}; stopped without saving "
                                      f"(the last checkpoint, if any, is in {ckpt}; try a lower --lr)")
                 opt.zero_grad(set_to_none=True)
-                loss.backward()
-                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+                accelerator.backward(loss)  # DDP averages the gradients over the processes
+                accelerator.clip_grad_norm_(objective.parameters(), cfg.grad_clip)
                 opt.step()
-                load = balance_experts(model, cfg.bias_gamma)
-                tokens_done += ids.numel()
+                load = balance_experts(model, cfg.bias_gamma, reduce=reduce_loads)
+                tokens_done += ids.numel() * world
                 rate = tokens_done / (time.perf_counter() - t0)
-                record = {"step": step + 1, "loss": round(main.item(), 4),
-                          "mtp_loss": round(mtp.item(), 4) if mtp is not None else None,
+                record = {"step": step + 1, "loss": round(main_loss, 4),
+                          "mtp_loss": round(mtp_loss[0], 4) if mtp_loss else None,
                           "lr": round(lr_at(step, cfg), 6), "max_over_mean_load": round(load, 3),
                           "tokens_per_s": round(rate), "time": round(time.time())}
-                log_file.write(json.dumps(record) + "\n")
-                log_file.flush()
+                if log_file is not None:
+                    log_file.write(json.dumps(record) + "\n")
+                    log_file.flush()
                 if bar is not None:
                     bar.update(step + 1, record)
                 if (step + 1) % cfg.save_every == 0 or step + 1 == cfg.steps:
-                    if not all_finite(model.state_dict().values()):
+                    if not all_finite(model.state_dict().values()):  # the same weights on every process
                         raise TrainError(f"the weights are no longer finite at step {step + 1}; stopped without "
                                          f"saving (the last checkpoint, if any, is in {ckpt}; try a lower --lr)")
-                    save_checkpoint(model, tokenizer, opt, cfg, step + 1, out)
+                    if is_main:
+                        save_checkpoint(accelerator.unwrap_model(objective).model, tokenizer, opt, cfg, step + 1, out)
     finally:
         if bar is not None:
             bar.close()
+    accelerator.wait_for_everyone()  # every process returns once the final checkpoint is written
     return ckpt
+
+
+class _Objective(torch.nn.Module):
+    """The training losses as a module's forward: what `accelerator.prepare` wraps (DDP syncs the gradients of
+    what runs through its forward; bf16 autocast wraps it)."""
+
+    def __init__(self, model: Transformer):
+        super().__init__()
+        self.model = model
+
+    def forward(self, ids: Tensor, mask: Tensor) -> tuple[Tensor, Tensor | None]:
+        return losses(self.model, ids, mask)
+
+
+def _accelerator(cfg: TrainConfig):
+    """The `accelerate.Accelerator` of this run: the processes of `accelerate launch` (or torchrun), or this one.
+
+    Mixed precision is accelerate's bf16 autocast (--bf16, the default) or none (--fp32); `accelerate launch
+    --mixed_precision bf16` agrees with the default, fp16 or fp8 (or bf16 with --fp32) is refused (its `no`, also
+    what it sets when not asked, leaves the choice to --bf16/--fp32). --device cpu (or auto without CUDA) trains on
+    CPUs (gloo between processes); cuda:N picks the GPU of a one-process run (launched processes take one each).
+    """
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
+    from accelerate.utils import DistributedDataParallelKwargs
+
+    precision = "bf16" if cfg.bf16 else "no"
+    launched = os.environ.get("ACCELERATE_MIXED_PRECISION", "no").lower()
+    if launched == "bf16" and precision == "no":
+        raise TrainError("accelerate launch asks for mixed precision bf16 and duet train for --fp32; leave out one")
+    if launched not in ("no", "bf16"):
+        raise TrainError(f"accelerate launch asks for mixed precision {launched}; duet train trains with bf16 autocast "
+                         "(the default) or in fp32 (--fp32): launch with --mixed_precision bf16 or no")
+    if AcceleratorState._shared_state and not torch.distributed.is_initialized():
+        # one process that trained before with other settings (accelerate keeps them process-wide): start afresh
+        AcceleratorState._reset_state(reset_partial_state=True)
+    cpu = cfg.device == "cpu" or (cfg.device == "auto" and not torch.cuda.is_available())
+    accelerator = Accelerator(
+        cpu=cpu, mixed_precision=precision,
+        # the routing biases are buffers that each process moves by the same (summed) loads: not broadcast
+        kwargs_handlers=[DistributedDataParallelKwargs(broadcast_buffers=False)])
+    if cfg.device.startswith("cuda:"):
+        if accelerator.num_processes > 1:
+            raise TrainError(f"--device {cfg.device}: each launched process trains on its own GPU; leave --device out "
+                             "(choose GPUs with accelerate launch --gpu_ids)")
+        torch.cuda.set_device(torch.device(cfg.device))
+    return accelerator
+
+
+def _one_device(cfg: TrainConfig, device: torch.device) -> torch.device:
+    """The device a one-process run names in its log (cuda:N as asked)."""
+    return torch.device(cfg.device) if cfg.device.startswith("cuda:") else device
+
+
+def _check_processes_agree(accelerator, start: int, tokenizer, out: Path) -> None:
+    """Refuse processes that would train different runs: a checkpoint only some of them see, or tokenizers that
+    differ."""
+    from accelerate.utils import gather_object
+
+    vocab = hashlib.sha256(tokenizer.backend_tokenizer.to_str().encode()).hexdigest()
+    seen = gather_object([(start, vocab)])
+    if len(set(seen)) > 1:
+        steps = sorted({s for s, _ in seen})
+        why = (f"the processes see {out} at different steps ({', '.join(map(str, steps))}): put --out on a file "
+               "system every node shares") if len(steps) > 1 else "the processes built different tokenizers"
+        raise TrainError(why)
 
 
 def all_finite(tensors) -> bool:
