@@ -7,7 +7,6 @@ from __future__ import annotations
 import json
 import multiprocessing
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -19,6 +18,7 @@ import torch
 
 from duet.engine import Engine, SamplingParams, distributed
 from duet.engine.runner import Runner
+from tests.processes import free_port
 from tests.tiny_models import make_engine_checkpoint
 
 WAIT = 90.0  # seconds a test waits for its ranks (a loaded machine starts Python processes slowly)
@@ -78,12 +78,6 @@ def dies(path: str) -> dict:
 # ----------------------------------------------------------------------------- running ranks
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _rank_main(rank: int, size: int, port: int, out: Path, timeout: float, job, args: tuple,
                fault: tuple[str, int] | None) -> None:
     """One rank as torchrun starts it: rank 0 runs `job(*args)` and saves what it returns; the others follow and
@@ -136,7 +130,7 @@ def launch(out: Path, job, *args, size: int = 2, timeout: float = 30.0, fault: t
     if it still runs). Returns rank 0's result ("result", None if it saved none) and how each follower failed
     ("failed": rank -> one line). Without a fault, every follower must end cleanly."""
     context = multiprocessing.get_context("spawn")
-    port = _free_port()
+    port = free_port()
     ranks = [context.Process(target=_rank_main, args=(r, size, port, out, timeout, job, args, fault))
              for r in range(size)]
     for p in ranks:

@@ -15,6 +15,7 @@ import pytest
 from duet.agents.backends import BackendError, ContextFullError, Request, ScriptedBackend, make_backend
 from duet.agents.openai_backend import OpenAIBackend, ThinkSplitter, forget_servers, normalize_base_url
 from duet.agents.protocol import STOP
+from tests.processes import free_port
 
 USER = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "What is 2+2?"}]
 
@@ -140,12 +141,6 @@ def scripted_responder(backend: ScriptedBackend) -> Responder:
         sse(handler, chunks)
 
     return respond
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def test_streams_text_and_sends_the_request_fields(server, monkeypatch):

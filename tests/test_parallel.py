@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import multiprocessing
 import os
-import socket
 import time
 import traceback
 from pathlib import Path
@@ -20,6 +19,7 @@ from duet.model import CacheView, KVCache, load_config, load_model
 from duet.model.checkpoint import _TensorIndex
 from duet.model.parallel import World, init_from_env, load_parallel_model, parallelize, split
 from duet.model.plan import make_plan, meta_model
+from tests.processes import free_port
 from tests.tiny_models import make_duet_checkpoint, make_fp8_checkpoint
 
 V3_CONFIG = Path(__file__).parent / "data" / "deepseek_v3_config.json"
@@ -68,12 +68,6 @@ def _run(model) -> dict[str, torch.Tensor]:
 # ----------------------------------------------------------------------------- running ranks
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _rank_main(rank: int, size: int, port: int, out: Path, timeout: float, job, args: tuple) -> None:
     """One rank: join the group as torchrun would have it join, run `job(world, *args)`, save what it returns."""
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(size),
@@ -100,7 +94,7 @@ def _launch(size: int, out: Path, job, *args, timeout: float = 30.0, wait: tuple
     """Run `job` on `size` spawned ranks; wait for the ranks in `wait` (default: all), stop the others (the ones
     a test makes hang); return what each rank's job returned (None for a rank that saved nothing)."""
     context = multiprocessing.get_context("spawn")
-    port = _free_port()
+    port = free_port()
     ranks = [context.Process(target=_rank_main, args=(r, size, port, out, timeout, job, args)) for r in range(size)]
     for p in ranks:
         p.start()

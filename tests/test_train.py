@@ -67,7 +67,11 @@ TINY_MODEL = {
 
 @pytest.fixture(scope="module")
 def data_dir(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("data")
+    return write_data_dir(tmp_path_factory.mktemp("data"))
+
+
+def write_data_dir(root: Path) -> Path:
+    """A tiny shared-data folder in `root`: MAWPS_ROWS and GSM8K_ROWS in the layout of ../shared/data."""
     (root / "mawps_asdiv_a").mkdir()
     (root / "gsm8k").mkdir()
     with open(root / "mawps_asdiv_a" / "train.csv", "w", newline="") as f:

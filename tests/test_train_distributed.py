@@ -10,12 +10,10 @@ second launch resumes the run.
 
 from __future__ import annotations
 
-import csv
 import hashlib
 import json
 import math
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -24,7 +22,8 @@ import pytest
 import torch
 
 from duet.train.trainer import TrainConfig, TrainError, batch_for_step, train
-from tests.test_train import GSM8K_ROWS, MAWPS_ROWS, TINY_MODEL
+from tests.processes import free_port
+from tests.test_train import TINY_MODEL, write_data_dir
 
 WAIT = 120  # seconds a launch may take before the test fails (the two runs take about 10 s each here)
 STEPS_FIRST, STEPS = 3, 4
@@ -86,21 +85,7 @@ sys.exit(code)
 @pytest.fixture(scope="module")
 def data_dir(tmp_path_factory) -> Path:
     """The tiny data set of tests/test_train.py."""
-    root = tmp_path_factory.mktemp("data")
-    (root / "mawps_asdiv_a").mkdir()
-    (root / "gsm8k").mkdir()
-    with open(root / "mawps_asdiv_a" / "train.csv", "w", newline="") as f:
-        w = csv.writer(f)
-        w.writerow(["Question", "Numbers", "Equation", "Answer"])
-        w.writerows(MAWPS_ROWS)
-    (root / "gsm8k" / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in GSM8K_ROWS))
-    return root
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    return write_data_dir(tmp_path_factory.mktemp("data"))
 
 
 def _launch(tmp_path: Path, dump: Path, data: Path, out: Path, steps: int) -> tuple[subprocess.CompletedProcess, list]:
@@ -114,7 +99,7 @@ def _launch(tmp_path: Path, dump: Path, data: Path, out: Path, steps: int) -> tu
                PYTHONPATH=str(Path(__file__).resolve().parents[1]))
     command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
                "--num_machines", "1", "--mixed_precision", "bf16", "--dynamo_backend", "no",
-               "--main_process_port", str(_free_port()), str(worker), str(dump),
+               "--main_process_port", str(free_port()), str(worker), str(dump),
                "--data", str(data), "--out", str(out), "--device", "cpu", "--arch", ARCH, "--steps", str(steps),
                "--batch-size", "2", "--seq-len", "256", "--save-every", "2", "--bias-gamma", str(GAMMA),
                "--threads", "1"]

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -21,18 +20,13 @@ import pytest
 
 from duet.agents.backends import Request, make_backend
 from duet.agents.openai_backend import forget_servers
+from tests.processes import free_port
 from tests.tiny_models import make_engine_checkpoint
 
 REPO = Path(__file__).resolve().parent.parent
 START_SECONDS = 90
 
 pytestmark = pytest.mark.slow
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def _up(url: str) -> bool:
@@ -52,7 +46,7 @@ def served(tmp_path_factory) -> Iterator[tuple[str, Path]]:
     if not is_serve_available():
         pytest.skip("transformers serve is not installed (pip install 'transformers[serving]')")
     checkpoint = make_engine_checkpoint(tmp_path_factory.mktemp("served") / "tiny", seed=2)
-    port = _free_port()
+    port = free_port()
     root = f"http://127.0.0.1:{port}"
     log = tmp_path_factory.mktemp("serve-log") / "serve.log"
     command = [sys.executable, "-m", "transformers.cli.transformers", "serve", str(checkpoint), "--host", "127.0.0.1",

@@ -110,20 +110,13 @@ def conversations(problem: Problem, prompts: Prompts, rng: random.Random) -> Ite
             yield _judge(prompts, problem.question, solution, True)
     if rng.random() < SOLVE_ONLY_RATE:
         return
-    if (rng.random() < MISCOPY_RATE and not check_numbers(problem.question, solution)
-            and (cells := miscopied_cells(problem, rng))):
-        rejected, rejected_answer = solution_text(cells)
-        if rejected_answer is not None and rejected_answer != answer:
-            revision = _number_check_revision(prompts, problem.question, rejected, solution)
-            if revision is not None:
-                yield revision
-    if (rng.random() < DROP_RATE and not check_numbers(problem.question, solution)
-            and (cells := dropped_cells(problem, rng))):
-        rejected, rejected_answer = solution_text(cells)
-        if rejected_answer is not None and rejected_answer != answer:
-            revision = _number_check_revision(prompts, problem.question, rejected, solution)
-            if revision is not None:
-                yield revision
+    for rate, slip in ((MISCOPY_RATE, miscopied_cells), (DROP_RATE, dropped_cells)):  # what the number check catches
+        if rng.random() < rate and not check_numbers(problem.question, solution) and (cells := slip(problem, rng)):
+            rejected, rejected_answer = solution_text(cells)
+            if rejected_answer is not None and rejected_answer != answer:
+                revision = _number_check_revision(prompts, problem.question, rejected, solution)
+                if revision is not None:
+                    yield revision
     if rng.random() < 0.5 or not problem.wrong:
         text, _ = critic_text(problem, answer)
         yield _critique(prompts, problem.question, solution, text, "critique_correct")
