@@ -247,8 +247,8 @@ def test_a_first_solution_rejected_before_the_verifier_still_votes():
 
 def test_a_solution_kept_after_the_number_check_goes_to_the_verifiers_vote():
     """The number check questions the solver's number; the solver keeps its solution word for word. Stopping
-    there (a repeated reply) would leave the questioned answer unjudged: the verifier scores it, the samples vote,
-    and the vote's 71 answers."""
+    there (a repeated reply) would leave the questioned answer unjudged, and so would agreeing because it scores
+    high (0.9 here): the samples vote whatever its score, and the vote's 71 answers."""
     miscopied = WRONG.replace("23 + 12", "28 + 12").replace("35", "40")
 
     class Stubborn(FakeModel):
@@ -257,6 +257,10 @@ def test_a_solution_kept_after_the_number_check_goes_to_the_verifiers_vote():
             if last["role"] == "user" and "the code uses 28" in last["content"]:  # the number check's question
                 head, _, _ = miscopied.partition("```output")
                 return Completion(head, finish_reason="stop", stop_string="```output")
+            if last["role"] == "assistant" and "28 + 12" in last["content"]:  # the rest after the output block
+                return Completion(miscopied.split("```\n", 2)[-1], finish_reason="eos")
+            if last["content"] == VERDICT_PREFIX and "\\boxed{40}" in messages[1]["content"]:  # sure of its slip
+                return Completion(" AGREE", top_logprobs=[{" AG": math.log(0.9), " DIS": math.log(0.1)}])
             return super().complete(messages, request, on_text=on_text, cancel=cancel)
 
     result = run_dialogue(QUESTION, Stubborn(greedy=miscopied), config=replace(config(), number_check=True))

@@ -105,6 +105,9 @@ class Judgement:
         self.scored: list[tuple[str, float]] = []  # (answer, P(correct)) of the solver's checked solutions
         self.samples: Samples | None = None
         self.first: Turn | None = None  # the solver's first solution (the dialogue sets it)
+        # the solver kept a solution a model-free check questioned (the dialogue sets it): its score alone does not
+        # settle it; the samples vote whatever it scores
+        self.doubted = False
 
     def sampled(self) -> list[tuple[Turn, Score | None]]:
         if self.samples is None:
@@ -224,7 +227,7 @@ class Critic:
         judgement.scored.append((claimed, score.p))
         turn = Turn("critic", round_no, "verify", self.backend.name, messages, prompt_tokens=score.prompt_tokens,
                     seconds=score.seconds, score=score.to_dict())
-        if score.p >= judgement.threshold:
+        if score.p >= judgement.threshold and not judgement.doubted:
             verdict = Verdict(AGREE, f"the verifier gives this answer P(correct) = {score.p:.2f}.")
         elif judgement.k <= 0:
             return None

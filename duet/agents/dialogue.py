@@ -225,8 +225,8 @@ class _Run:
     def unjudged(self, turn: Turn) -> bool:
         """Whether a repeated solution still has the verifier's vote to come: the solver kept a solution that a
         model-free check (the number check) questioned, and no alternatives were sampled yet. The check does not
-        question the same numbers twice, so the verifier judges it; stopping there would leave the questioned
-        answer standing unjudged."""
+        question the same numbers twice, so the samples vote on it, whatever its score; stopping there would leave
+        the questioned answer standing unjudged."""
         return (self.judgement is not None and self.judgement.samples is None and turn.answer is not None
                 and len(self.turns) >= 2 and self.turns[-2].model in MODEL_FREE)
 
@@ -291,9 +291,11 @@ class _Run:
             if self.out_of_budget(turn):
                 return "token_budget", False, round_
             key = " ".join(turn.text.split())
-            if key in self.solutions and not self.unjudged(turn):
-                return "repeated_reply", False, round_
-            if key not in self.solutions:
+            if key in self.solutions:
+                if not self.unjudged(turn):
+                    return "repeated_reply", False, round_
+                self.judgement.doubted = True  # kept after the number check's question: the samples vote
+            else:
                 self.solutions.append(key)
             if critic is None:
                 return "no_critic", False, round_
