@@ -5,7 +5,6 @@ against the one-process engine; a rank that dies or hangs; and `torchrun -m duet
 from __future__ import annotations
 
 import json
-import multiprocessing
 import os
 import subprocess
 import sys
@@ -18,7 +17,7 @@ import torch
 
 from duet.engine import Engine, SamplingParams, distributed
 from duet.engine.runner import Runner
-from tests.processes import free_port
+from tests.processes import free_port, run_ranks
 from tests.tiny_models import make_engine_checkpoint
 
 WAIT = 90.0  # seconds a test waits for its ranks (a loaded machine starts Python processes slowly)
@@ -129,22 +128,9 @@ def launch(out: Path, job, *args, size: int = 2, timeout: float = 30.0, fault: t
     """Run `job` on rank 0 of `size` spawned ranks, the others following; wait for all but a faulty rank (stopped
     if it still runs). Returns rank 0's result ("result", None if it saved none) and how each follower failed
     ("failed": rank -> one line). Without a fault, every follower must end cleanly."""
-    context = multiprocessing.get_context("spawn")
     port = free_port()
-    ranks = [context.Process(target=_rank_main, args=(r, size, port, out, timeout, job, args, fault))
-             for r in range(size)]
-    for p in ranks:
-        p.start()
-    deadline = time.monotonic() + WAIT
-    for r, p in enumerate(ranks):
-        if fault is None or fault[1] != r:
-            p.join(max(0.0, deadline - time.monotonic()))
-    for p in ranks:
-        if p.is_alive():
-            p.kill()
-        p.join()
-    errors = {r: (out / f"rank{r}.err").read_text() for r in range(size) if (out / f"rank{r}.err").exists()}
-    assert not errors, "\n".join(f"rank {r}:\n{e}" for r, e in errors.items())
+    run_ranks(_rank_main, [(r, size, port, out, timeout, job, args, fault) for r in range(size)],
+              [r for r in range(size) if fault is None or fault[1] != r], WAIT, out)
     failed = {r: (out / f"rank{r}.failed").read_text() for r in range(1, size) if (out / f"rank{r}.failed").exists()}
     assert fault or (not failed and all((out / f"rank{r}.done").exists() for r in range(1, size))), failed
     result = torch.load(out / "rank0.pt") if (out / "rank0.pt").exists() else None

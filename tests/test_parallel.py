@@ -4,7 +4,6 @@ one-process model; the memory each rank holds; and a rank that dies or hangs."""
 
 from __future__ import annotations
 
-import multiprocessing
 import os
 import time
 import traceback
@@ -19,7 +18,7 @@ from duet.model import CacheView, KVCache, load_config, load_model
 from duet.model.checkpoint import _TensorIndex
 from duet.model.parallel import World, init_from_env, load_parallel_model, parallelize, split
 from duet.model.plan import make_plan, meta_model
-from tests.processes import free_port
+from tests.processes import free_port, run_ranks
 from tests.tiny_models import make_duet_checkpoint, make_fp8_checkpoint
 
 V3_CONFIG = Path(__file__).parent / "data" / "deepseek_v3_config.json"
@@ -93,20 +92,9 @@ def _rank_main(rank: int, size: int, port: int, out: Path, timeout: float, job, 
 def _launch(size: int, out: Path, job, *args, timeout: float = 30.0, wait: tuple[int, ...] | None = None) -> list:
     """Run `job` on `size` spawned ranks; wait for the ranks in `wait` (default: all), stop the others (the ones
     a test makes hang); return what each rank's job returned (None for a rank that saved nothing)."""
-    context = multiprocessing.get_context("spawn")
     port = free_port()
-    ranks = [context.Process(target=_rank_main, args=(r, size, port, out, timeout, job, args)) for r in range(size)]
-    for p in ranks:
-        p.start()
-    deadline = time.monotonic() + WAIT
-    for r in range(size) if wait is None else wait:
-        ranks[r].join(max(0.0, deadline - time.monotonic()))
-    for p in ranks:
-        if p.is_alive():
-            p.kill()
-        p.join()
-    errors = {r: (out / f"rank{r}.err").read_text() for r in range(size) if (out / f"rank{r}.err").exists()}
-    assert not errors, "\n".join(f"rank {r}:\n{e}" for r, e in errors.items())
+    run_ranks(_rank_main, [(r, size, port, out, timeout, job, args) for r in range(size)],
+              range(size) if wait is None else wait, WAIT, out)
     return [torch.load(out / f"rank{r}.pt") if (out / f"rank{r}.pt").exists() else None for r in range(size)]
 
 
