@@ -308,30 +308,29 @@ class Engine:
             for group in self._prefill_groups(wave):
                 self._prefill(group)
 
-    def _next_wave(self, reqs: list[_Request]) -> tuple[list[_Request], list[_Request]]:
-        """(the requests to prefill now, those that would reuse at least two more blocks once the earlier
-        ones' prompts are cached)."""
+    def _next_wave(self, reqs: list[_Request]) -> tuple[list[tuple[_Request, int]], list[_Request]]:
+        """(the requests to prefill now, each with the prompt tokens the prefix cache holds for it; those that would
+        reuse at least two more blocks once the earlier ones' prompts are cached)."""
         prefix = self.prefix_cache
-        if prefix is None or len(reqs) == 1:
-            return reqs, []
-        b = prefix.block_size
-        now: list[_Request] = []
+        now: list[tuple[_Request, int]] = []
         later: list[_Request] = []
         for req in reqs:
+            if prefix is None:
+                now.append((req, 0))
+                continue
             cached = prefix.reusable(prefix.match(req.prompt)[1], len(req.prompt))
-            shared = max((_shared_blocks(req.prompt, other.prompt, b) for other in now), default=0)
-            (later if shared - cached >= 2 * b else now).append(req)
+            b = prefix.block_size
+            shared = max((_shared_blocks(req.prompt, other.prompt, b) for other, _ in now), default=0)
+            if shared - cached >= 2 * b:
+                later.append(req)
+            else:
+                now.append((req, cached))
         return now, later
 
-    def _prefill_groups(self, reqs: list[_Request]) -> list[list[_Request]]:
-        """The requests in groups to prefill in one forward pass each: sorted by the tokens left to compute
-        after the prefix cache, a group grows while padding to its longest stays under half its work."""
-        prefix = self.prefix_cache
-        todo = []
-        for req in reqs:
-            cached = prefix.reusable(prefix.match(req.prompt)[1], len(req.prompt)) if prefix is not None else 0
-            todo.append((len(req.prompt) - cached, req))
-        todo.sort(key=lambda t: t[0])
+    def _prefill_groups(self, reqs: list[tuple[_Request, int]]) -> list[list[_Request]]:
+        """The requests (with their cached prompt tokens) in groups to prefill in one forward pass each: sorted by
+        the tokens left to compute, a group grows while padding to its longest stays under half its work."""
+        todo = sorted(((len(req.prompt) - cached, req) for req, cached in reqs), key=lambda t: t[0])
         groups: list[list[_Request]] = []
         group: list[_Request] = []
         work = 0
