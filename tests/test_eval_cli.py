@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 
+from duet.answers.numbers import numbers_as_digits
 from tests.processes import default_sigint
 
 REPO = Path(__file__).resolve().parent.parent
@@ -486,10 +487,11 @@ def gsm8k_rows(n: int) -> list[dict]:
 def test_real_gsm8k_sharded_then_merged(tmp_path):
     rows = gsm8k_rows(12)
     golds = [r["answer"].split("####")[-1].strip().replace(",", "") for r in rows]
-    # right on even rows, wrong on odd rows; questions are matched by their opening words
+    # right on even rows, wrong on odd rows; questions are matched by their opening words as the
+    # dialogue asks them (numbers in words read as digits: "every hundred years" -> "every 100 years")
     match = {"Problem:\n": "VERDICT: AGREE"}
     for i, (row, gold) in enumerate(zip(rows, golds, strict=True)):
-        match[row["question"][:60]] = f"\\boxed{{{gold if i % 2 == 0 else int(float(gold)) + 1}}}"
+        match[numbers_as_digits(row["question"])[:60]] = f"\\boxed{{{gold if i % 2 == 0 else int(float(gold)) + 1}}}"
     replies = scripted(tmp_path / "r.json", match)
     data = SHARED_DATA / "gsm8k" / "train.jsonl"
     for shard in ("1/2", "2/2"):
