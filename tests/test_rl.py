@@ -65,6 +65,21 @@ def test_one_step_moves_probability_toward_the_rewarded_solution(tokenizer):  # 
     assert logp(RIGHT) > before[0] and logp(WRONG) < before[1]
 
 
+def test_the_gradient_is_of_the_question_the_sampling_dialogue_read(tokenizer):  # noqa: F811
+    """The dialogue reads numbers in words as digits when it samples; the policy gradient must condition on
+    that same prompt, or a question in words trains tokens the model never saw."""
+    prompts = load_prompts()
+    model = _tiny_model(tokenizer)
+
+    def loss(question: str) -> float:
+        model.zero_grad()
+        return policy_gradient_step(model, tokenizer, prompts, [({"question": question, "solution": RIGHT}, 1.0)],
+                                    micro_batch=1, device=torch.device("cpu"), bf16=False)[0]
+
+    in_words = "Ann has three pens and buys four more. How many pens does she have?"
+    assert loss(in_words) == loss(QUESTION) != loss(QUESTION.replace("Ann", "Bo"))
+
+
 def test_a_run_samples_scores_steps_saves_and_resumes_only_itself(tmp_path, data_dir):  # noqa: F811
     """One real iteration on a tiny model: `duet eval` samples in a child process, the log and an atomic
     checkpoint are written; a second run into the same folder with other settings is refused."""

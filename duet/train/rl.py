@@ -37,6 +37,7 @@ from pathlib import Path
 
 import torch
 
+from duet.answers.numbers import numbers_as_digits
 from duet.errors import DuetError
 from duet.model import load_model
 from duet.prompts import load_prompts
@@ -154,7 +155,8 @@ def policy_gradient_step(model, tokenizer, prompts, weighted: list[tuple[dict, f
     (backward in micro-batches); returns (the loss, the tokens it covered)."""
     encoded = []
     for attempt, advantage in weighted:
-        conv = solve_conversation(prompts, attempt["question"], attempt["solution"])
+        # the question as the sampling dialogue read it, so the gradient is of the tokens it conditioned on
+        conv = solve_conversation(prompts, numbers_as_digits(attempt["question"]), attempt["solution"])
         ids, mask = encode_example(tokenizer, conv)
         encoded.append((ids, mask, advantage))
     total_tokens = sum(sum(m) for _, m, _ in encoded) or 1
