@@ -268,3 +268,31 @@ def test_a_solution_kept_after_the_number_check_goes_to_the_verifiers_vote():
     assert tasks[:4] == ["solve", "number_check", "revise", "verify"]
     assert result.answer == "71"
     assert len([t for t in result.turns if t.task == "sample"]) == 3
+
+
+def test_the_samples_start_when_the_number_check_questions_and_decode_beside_the_revision():
+    """On a backend that serves requests together, the samples start as soon as the number check questions the
+    first solution: the revision waits here until a sample request has arrived. The revision is right and the
+    verifier agrees with it (0.9), so the samples, recorded, do not vote."""
+    miscopied = WRONG.replace("23 + 12", "28 + 12").replace("35", "40")
+    sampling = threading.Event()
+
+    class Together(FakeModel):
+        concurrent = True
+
+        def complete(self, messages, request=Request(), *, on_text=None, cancel=None) -> Completion:
+            last = messages[-1]
+            if request.temperature > 0:
+                sampling.set()
+            if last["role"] == "user" and "the code uses 28" in last["content"]:  # the revision
+                assert sampling.wait(10), "the samples had not started when the solver revised"
+                head, _, _ = RIGHT.partition("```output")
+                return Completion(head, finish_reason="stop", stop_string="```output")
+            return super().complete(messages, request, on_text=on_text, cancel=cancel)
+
+    result = run_dialogue(QUESTION, Together(greedy=miscopied, samples=(WRONG,) * 3),
+                          config=replace(config(), number_check=True))
+    assert [t.task for t in result.turns if t.task != "sample"] == ["solve", "number_check", "revise", "verify"]
+    check = result.critic_turns[-1]
+    assert check.verdict == "agree" and check.votes is None and result.agreed and result.answer == "71"
+    assert [t.answer for t in result.turns if t.task == "sample"] == ["35"] * 3

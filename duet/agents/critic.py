@@ -103,23 +103,33 @@ class Judgement:
         self.verifier, self.solver, self.prompts, self.question = verifier, solver, prompts, question
         self.options, self.threshold, self.k, self.temperature = options, threshold, samples, temperature
         self.scored: list[tuple[str, float]] = []  # (answer, P(correct)) of the solver's checked solutions
-        self.samples: Samples | None = None
+        self.samples: Samples | None = None  # started by start() or by the first vote
+        self.voted = False  # whether the samples vote: the verifier asked for them
         self.first: Turn | None = None  # the solver's first solution (the dialogue sets it)
         # the solver kept a solution a model-free check questioned (the dialogue sets it): its score alone does not
         # settle it; the samples vote whatever it scores
         self.doubted = False
 
-    def sampled(self) -> list[tuple[Turn, Score | None]]:
-        if self.samples is None:
+    def start(self) -> None:
+        """Start the samples without waiting for them. On a backend that serves requests together they decode
+        beside the solver's revision instead of after it (a dialogue's turns are sequential, the batch is not);
+        they vote only if the verifier later asks for them, so starting early changes no answer."""
+        if self.samples is None and self.k > 0:
             self.samples = Samples(self.solver, self.verifier, self.prompts, self.question, self.options, self.k,
                                    self.temperature)
+
+    def sampled(self) -> list[tuple[Turn, Score | None]]:
+        """The samples with their scores (started now if they were not); from now on they vote."""
+        self.start()
+        assert self.samples is not None, "sampled() needs samples > 0"
+        self.voted = True
         return self.samples.results()
 
     def vote(self) -> tuple[str | None, list[dict]]:
         """The verifier-weighted vote over the solver's scored answers and the sampled ones: the heaviest answer,
         except that the solver's first answer stands unless another outweighs it by more than VOTE_MARGIN."""
         pairs = list(self.scored)
-        if self.samples is not None:
+        if self.voted and self.samples is not None:
             pairs += [(t.answer, s.p) for t, s in self.samples.results() if t.answer is not None and s]
         winner, votes = weighted_vote([a for a, _ in pairs], [p for _, p in pairs])
         if winner is not None and self.scored and not equivalent(winner, first := self.scored[0][0]):
@@ -207,7 +217,7 @@ class Critic:
         score is low and there are no samples to vote (the model's own check then decides)."""
         assert self.verifier is not None
         messages = self.verifier.messages(question, solution)
-        if judgement.samples is not None:
+        if judgement.voted:
             # a revision after the vote: the solver wrote it having been shown a solution, so its confidence
             # says how well it copied, not whether it is right; the vote over first solutions decides
             return self._by_vote(judgement, messages, claimed, round_no)

@@ -30,7 +30,8 @@ solver samples ``samples`` alternatives (once per dialogue, each in its own sand
 the verifier scores them, and the answers vote weighted by score: when another answer wins, the critic
 disagrees and shows that answer's best-scored solution, which the solver's revision can follow. The
 samples are recorded in the transcript (``task="sample"``) with their scores; the critic's turn holds its
-score and the vote.
+score and the vote. They start as soon as a model-free check questions a solution, so that they decode beside
+the solver's revision, but vote only when the verifier asks for them.
 
 The final answer is the agreed answer; without agreement, the verifier-weighted vote when samples were
 drawn, else the solver's last answer (from its latest turn that gave one), or None. When the critic
@@ -227,7 +228,7 @@ class _Run:
         model-free check (the number check) questioned, and no alternatives were sampled yet. The check does not
         question the same numbers twice, so the samples vote on it, whatever its score; stopping there would leave
         the questioned answer standing unjudged."""
-        return (self.judgement is not None and self.judgement.samples is None and turn.answer is not None
+        return (self.judgement is not None and not self.judgement.voted and turn.answer is not None
                 and len(self.turns) >= 2 and self.turns[-2].model in MODEL_FREE)
 
     def record_own_solutions(self) -> None:
@@ -241,9 +242,9 @@ class _Run:
         stop, agreed, rounds = self.loop()
         if self.own is not None and self.own.started:  # ended before any check: wait for what is running
             self.record_own_solutions()
-        if self.judgement is not None and self.judgement.samples is not None:
+        if self.judgement is not None and self.judgement.samples is not None:  # started: they ran, they are recorded
             self.turns.extend(t for t, _ in self.judgement.samples.results())
-            if not agreed and stop not in FAILURES:  # without agreement, the verifier-weighted vote answers
+            if self.judgement.voted and not agreed and stop not in FAILURES:  # the weighted vote answers
                 winner, _ = self.judgement.vote()
                 self.answer = winner or self.answer
         if stop in ("max_rounds", "no_critic") and self.answer is None:
@@ -310,6 +311,8 @@ class _Run:
                 )
                 if check.verdict == AGREE or equivalent(check.answer, turn.answer):
                     return "agreed", True, round_
+                if check.model in MODEL_FREE and self.judgement is not None:
+                    self.judgement.start()  # doubted: the verifier will likely want the samples; draw them now
                 failure = self.failed(check)
                 if failure:
                     return failure, False, round_
