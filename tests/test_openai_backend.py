@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import socket
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -25,25 +27,35 @@ Responder = Callable[[BaseHTTPRequestHandler, dict[str, Any]], None]
 class FakeServer:
     """A tiny OpenAI-compatible server: records requests, answers with ``respond``.
 
-    ``continues`` is how it treats a continuation's ``continue_final_message``: "honours" (vLLM), "ignores"
-    (llama-cpp-python: the turn is closed and a new one opened) or "rejects" (``transformers serve``: HTTP 422).
-    It answers duet's probes (one token asked for) itself, with prompt token counts that show which."""
+    ``continues`` is how it treats a final assistant message: "honours" ``continue_final_message`` (vLLM),
+    "prefills" it with or without the field (llama.cpp), "ignores" the field and closes the turn (llama-cpp-python)
+    or "rejects" the field (``transformers serve``: HTTP 422). It answers duet's probes (one token asked for)
+    itself, counting prompt tokens as a chat template would: a header and an end per message, a character a token.
+    """
 
     def __init__(self) -> None:
         self.requests: list[dict[str, Any]] = []
         self.respond: Responder = lambda h, body: sse(h, [content_chunk("hi"), finish_chunk("stop")])
         self.continues = "honours"
         self.url = ""
+        self.models: list[dict[str, Any]] = [{"id": "served-model"}]
 
     def answer(self, handler: BaseHTTPRequestHandler, body: dict[str, Any]) -> None:
         if "continue_final_message" in body and self.continues == "rejects":
             fields = "{'add_generation_prompt', 'continue_final_message'}"
             return send(handler, 422, json.dumps({"detail": f"Unexpected fields in the request: {fields}"}))
         if body.get("max_tokens") == 1 and handler.path.endswith("/chat/completions"):
-            kept_open = "continue_final_message" in body and self.continues == "honours"
-            usage = {"prompt_tokens": 10 * len(body["messages"]) - (2 if kept_open else 0), "completion_tokens": 1}
-            return sse(handler, [content_chunk("!"), finish_chunk("length"), {"choices": [], "usage": usage}])
+            usage = {"prompt_tokens": self.prompt_tokens(body), "completion_tokens": 1}
+            reply = {"choices": [{"index": 0, "message": {"content": "!"}, "finish_reason": "length"}], "usage": usage}
+            return send(handler, 200, json.dumps(reply))
         self.respond(handler, body)
+
+    def prompt_tokens(self, body: dict[str, Any]) -> int:
+        messages = body["messages"]
+        kept_open = messages[-1]["role"] == "assistant" and (
+            self.continues == "prefills" or (self.continues == "honours" and "continue_final_message" in body))
+        closed = sum(2 + len(m["content"]) for m in messages)
+        return closed - 1 if kept_open else closed + 1  # no end of the open message, or a new header
 
     def served(self) -> list[dict[str, Any]]:
         """The requests other than duet's continuation probes."""
@@ -67,7 +79,7 @@ def server() -> Iterator[FakeServer]:
             pass
 
         def do_GET(self) -> None:
-            payload = json.dumps({"object": "list", "data": [{"id": "served-model"}]}).encode()
+            payload = json.dumps({"object": "list", "data": state.models}).encode()
             self.send_response(200)
             self.send_header("Content-Type", "application/json")
             self.end_headers()
@@ -172,7 +184,9 @@ def test_streams_text_and_sends_the_request_fields(server, monkeypatch):
     assert backend.name == "m1"
 
 
-def test_continuing_a_partial_assistant_message(server):
+@pytest.mark.parametrize("behaviour", ["honours", "prefills"])  # vLLM, SGLang; llama.cpp's llama-server
+def test_continuing_a_partial_assistant_message(server, behaviour):
+    server.continues = behaviour
     solution = "Step.\n```python\nprint(4)\n```\n```output\n4\n```\n"
     partial = [*USER, {"role": "assistant", "content": solution}]
     OpenAIBackend(server.url, "m1").complete(partial)
@@ -466,15 +480,27 @@ def test_a_server_that_cannot_continue_gets_the_template_rendered_by_duet(server
     assert "continue_final_message" not in served[2]["body"]  # a new turn never carries the fields
 
 
-def test_a_server_that_cannot_continue_and_no_template_is_one_line(server, monkeypatch):
+def test_the_template_is_found_from_the_servers_model_list(server, tokenizer_dir, monkeypatch):
+    # vLLM and SGLang list where a model was loaded from (root) beside the name it is served under
     monkeypatch.delenv("DUET_TOKENIZER", raising=False)
     server.continues = "rejects"
+    server.models = [{"id": "other", "root": "/nowhere"}, {"id": "alias", "root": tokenizer_dir}]
+    server.respond = completions_text("\\boxed{4}")
+    assert OpenAIBackend(server.url, "alias").complete(PARTIAL).text == "\\boxed{4}"
+    assert server.served()[0]["body"]["prompt"].endswith("<|assistant|>" + PARTIAL[-1]["content"])
+
+
+def test_a_server_that_cannot_continue_and_no_template_is_one_line(server, monkeypatch):
+    monkeypatch.delenv("DUET_TOKENIZER", raising=False)
+    server.continues = "ignores"
+    server.models = [{"id": "org/not-downloaded", "root": "org/not-downloaded"}]  # never fetched on a guess
     with pytest.raises(BackendError) as error:
-        OpenAIBackend(server.url, "m").complete(PARTIAL)
+        OpenAIBackend(server.url, "org/not-downloaded").complete(PARTIAL)
     assert str(error.value) == (
-        f"{server.url}/chat/completions cannot continue an assistant message (HTTP 422 to continue_final_message), "
-        "and duet has no chat template to render one for /completions: give the served model's tokenizer "
-        "directory (duet eval -O tokenizer=DIR, or DUET_TOKENIZER=DIR)")
+        f"{server.url} cannot continue an assistant message (it ignores continue_final_message and starts a new "
+        "reply); name the served model's tokenizer (-O tokenizer=DIR or Hub id, or DUET_TOKENIZER) so duet renders its "
+        "chat template for /completions (none found for 'org/not-downloaded')")
+    assert not server.served()  # nothing was sent that could have come back as a new reply
 
 
 def test_done_without_a_finish_reason_is_a_truncated_reply(server):
@@ -494,6 +520,10 @@ def test_a_stop_finish_that_does_not_say_which_stop(server):
                                              finish_chunk("stop", says_which=False)])
     done = OpenAIBackend(server.url, "m").complete(USER, Request(stop=[STOP]))
     assert (done.finish_reason, done.stop_string, done.stop_unknown) == ("eos", None, True)  # llama.cpp: unknown
+    named = {"choices": [{"index": 0, "delta": {}, "finish_reason": "stop", "stopping_word": STOP}]}
+    server.respond = lambda h, body: sse(h, [content_chunk("x\n```python\nx=1\n```\n"), named])
+    done = OpenAIBackend(server.url, "m").complete(USER, Request(stop=[STOP]))
+    assert (done.finish_reason, done.stop_string, done.stop_unknown) == ("stop", STOP, False)  # llama.cpp's own field
 
 
 def llama_cpp_responder(backend: ScriptedBackend) -> Responder:
@@ -638,3 +668,85 @@ def test_a_server_that_sends_stop_strings_ends_its_turn_on_an_unnamed_stop(serve
     server.respond = lambda h, body: sse(h, [content_chunk("```python\nx=1\n"), finish_chunk("stop", says_which=False)])
     done = backend.complete(USER, Request(stop=[STOP]))
     assert (done.finish_reason, done.stop_unknown) == ("eos", False)  # it would have sent the stop string
+
+
+# ------------------------------------------------------------------------------ what duet eval records of them
+
+
+def test_duet_eval_records_each_misbehaviour_in_one_line(server, tmp_path):
+    from tests.test_eval_cli import duet_eval, jsonl, records
+
+    page = "<html><head><title>502 Bad Gateway</title></head><body>nginx</body></html>"
+    overflow = {"error": {"code": 400, "type": "exceed_context_size_error",
+                          "message": "request (2484 tokens) exceeds the available context size (2048 tokens)"}}
+    refused: set[str] = set()
+
+    def respond(handler: BaseHTTPRequestHandler, body: dict[str, Any]) -> None:
+        kind = next(k for k in EXPECTED if k in json.dumps(body["messages"]))
+        if kind == "busy" and kind not in refused:  # refused once, then answered
+            refused.add(kind)
+            return send(handler, 429, '{"error": {"message": "busy"}}', headers={"Retry-After": "0.2"})
+        if kind == "busy":
+            return sse(handler, [content_chunk("So \\boxed{4}."), finish_chunk("stop")])
+        if kind == "code":  # its continuation needs a chat template duet cannot find
+            return sse(handler, [content_chunk("```python\nprint(2 + 2)\n```\n"), finish_chunk("stop", STOP)])
+        if kind == "truncated":
+            return sse(handler, [content_chunk("So the ans")])  # [DONE], no finish_reason
+        if kind == "keepalive":
+            return sse(handler, [content_chunk("Thinking")] + [": ping"] * 400, delay=0.05, done=False)
+        if kind == "dawdling":
+            return sse(handler, [content_chunk("")] * 400, delay=0.05, done=False)  # data, never text
+        if kind == "endless":  # max_tokens ignored
+            return sse(handler, [content_chunk("and more ")] * 100_000, delay=0.0005)
+        if kind == "webpage":
+            return send(handler, 200, page.replace("502 Bad Gateway", "Welcome"), "text/html")
+        if kind == "gateway":
+            return send(handler, 502, page, "text/html")
+        if kind == "hangup":
+            handler.close_connection = True
+            return handler.connection.shutdown(socket.SHUT_RDWR)
+        send(handler, 400, json.dumps(overflow))
+
+    server.respond = respond
+    server.continues = "ignores"  # llama-cpp-python
+    data = jsonl(tmp_path / "d.jsonl", [{"question": f"What is {k} two plus two?", "answer": "#### 4"}
+                                        for k in EXPECTED])
+    started = time.monotonic()
+    r = duet_eval(data, "--base-url", server.url, "--model-name", "m", "--modes", "solver-only", "-j", "1",
+                  "--max-tokens", "40", "-O", "timeout=1", "-O", "deadline=4", "-O", "retries=1",
+                  "-O", "retry_seconds=2", "-o", tmp_path / "run", "--no-progress", timeout=90)
+    assert time.monotonic() - started < 60
+    assert r.returncode == 0 and "Traceback" not in r.stderr, r.stderr
+    found = {next(k for k in EXPECTED if k in x["question"]): x for x in records(tmp_path / "run")}
+    for kind, (stop_reason, words) in EXPECTED.items():
+        record = found[kind]
+        assert record["stop_reason"] == stop_reason, (kind, record)
+        if words is None:
+            assert record["error"] is None, (kind, record)
+            continue
+        error = record["error"]
+        assert words in error and server.url in error and "\n" not in error and "<" not in error, (kind, error)
+    assert found["busy"]["prediction"] == "4" and found["endless"]["tokens"]["completion"] == 40
+
+
+EXPECTED = {
+    # the question's word: (the stop reason duet eval records, words of its one-line error)
+    "busy": ("no_critic", None),  # 429 with Retry-After, then an answer
+    "truncated": ("backend_error", "ended the stream with [DONE] and no finish_reason: the reply is truncated"),
+    "keepalive": ("backend_error", "no data within 1 s (only keep-alive comments)"),
+    "dawdling": ("backend_error", "no complete reply within the 4 s deadline"),
+    "endless": ("no_answer", None),  # cut at --max-tokens by duet
+    "webpage": ("backend_error", "not an OpenAI-compatible server (HTTP 200 with an HTML page titled 'Welcome')"),
+    "gateway": ("backend_error", "HTTP 502: an HTML page titled '502 Bad Gateway' (gave up after 2 tries"),
+    "hangup": ("backend_error", "the server closed the connection"),
+    "overflow": ("context_full", "exceeds the available context size"),
+    "code": ("backend_error", "cannot continue an assistant message (it ignores continue_final_message"),
+}
+
+
+def test_the_cli_starts_without_the_http_client():
+    # httpx costs about 0.2 s to import: paid by a run that talks to a server, not by `duet --help`
+    code = ("import sys\nfrom duet.cli import main\nsys.argv = ['duet', 'eval', 'run', '--help']\n"
+            "try:\n    main()\nexcept SystemExit:\n    pass\nassert 'httpx' not in sys.modules, 'httpx was imported'")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0 and "--backend-option" in r.stdout, r.stderr

@@ -4,6 +4,12 @@ Such a server (``transformers serve`` answers HTTP 422 to ``continue_final_messa
 server ignores it) still takes a raw prompt at ``/v1/completions``. duet renders the conversation with the
 model's own template (transformers' ``apply_chat_template(..., continue_final_message=True)``: the partial
 reply stays open) and sends that text.
+
+Where the tokenizer comes from, first found wins: the ``tokenizer`` option, ``$DUET_TOKENIZER`` (both named by
+the user: a directory or a Hugging Face id, downloaded if need be), then what the server says of its model: the
+model's name and vLLM's/SGLang's ``root`` in ``/v1/models`` (``transformers serve`` names a model by its path or
+Hub id). Those are only taken from this machine: a directory, or a Hub id already in the local cache (the server
+downloaded it there), never fetched on a guess.
 """
 
 from __future__ import annotations
@@ -11,56 +17,76 @@ from __future__ import annotations
 import os
 import threading
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from duet.agents.backends import BackendError, Message
 
 
-def template_source(option: str | None, model: str | None) -> str | None:
-    """Where the served model's tokenizer is: the ``tokenizer`` option, else ``$DUET_TOKENIZER``, else the model
-    name when it is a local directory (``transformers serve`` names a model by its path); None: nowhere known."""
-    for candidate in (option, os.environ.get("DUET_TOKENIZER")):
-        if candidate:
-            return candidate
-    if model and Path(model).expanduser().is_dir():
-        return str(Path(model).expanduser())
+@dataclass(frozen=True)
+class Source:
+    """Where a tokenizer may be: a directory or a Hub id; ``named``: the user named it (an error to load it is
+    theirs to see), else a guess from the server's metadata (skipped unless it is on this machine)."""
+
+    where: str
+    named: bool
+
+
+def template_sources(option: str | None, served: Sequence[str]) -> list[Source]:
+    """The places to look, in order: the ``tokenizer`` option, else ``$DUET_TOKENIZER``, else ``served`` (the
+    model's name and paths the server gives for it)."""
+    named = option or os.environ.get("DUET_TOKENIZER")
+    if named:
+        return [Source(_expanded(named), True)]
+    return [Source(_expanded(s), False) for s in dict.fromkeys(s for s in served if s)]
+
+
+def _expanded(where: str) -> str:
+    path = Path(where).expanduser()
+    return str(path) if path.is_dir() else where
+
+
+def load_tokenizer(sources: Sequence[Source]) -> Any | None:
+    """The first of ``sources`` that loads and has a chat template; None when none does."""
+    from transformers import AutoTokenizer
+
+    for source in sources:
+        local = Path(source.where).is_dir()
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(source.where, local_files_only=not (source.named or local))
+        except Exception as error:  # transformers raises OSError, ValueError, and others for a bad directory
+            if source.named:
+                raise BackendError(f"cannot load the tokenizer {source.where!r} to render the chat template: "
+                                   f"{type(error).__name__}: {error}") from error
+            continue
+        if getattr(tokenizer, "chat_template", None):
+            return tokenizer
+        if source.named:
+            raise BackendError(f"the tokenizer {source.where!r} has no chat template")
     return None
 
 
 class ChatTemplate:
-    """A tokenizer's chat template, loaded on first use (once, whichever thread asks first)."""
+    """A tokenizer's chat template (``tokenizer``: a loaded transformers tokenizer); thread-safe."""
 
-    def __init__(self, source: str) -> None:
+    def __init__(self, tokenizer: Any, source: str) -> None:
+        self.tokenizer = tokenizer
         self.source = source
-        self._tokenizer: Any = None
-        self._lock = threading.Lock()
-
-    def tokenizer(self) -> Any:
-        with self._lock:
-            if self._tokenizer is None:
-                from transformers import AutoTokenizer
-
-                try:
-                    self._tokenizer = AutoTokenizer.from_pretrained(self.source)
-                except (OSError, ValueError) as error:
-                    raise BackendError(f"cannot load the tokenizer {self.source!r} to render the chat template: "
-                                       f"{error}") from error
-                if not getattr(self._tokenizer, "chat_template", None):
-                    raise BackendError(f"the tokenizer {self.source!r} has no chat template")
-        return self._tokenizer
+        self._lock = threading.Lock()  # fast tokenizers are not safe to call from many threads at once
 
     def continuation(self, messages: Sequence[Message]) -> str:
         """The prompt text that ends inside the last (assistant) message, ready to be continued."""
-        tok = self.tokenizer()
+        tok = self.tokenizer
         plain = [{"role": m["role"], "content": m["content"]} for m in messages]
-        try:
-            text = tok.apply_chat_template(plain, tokenize=False, continue_final_message=True)
-        except Exception as error:  # jinja's errors have many types
-            raise BackendError(f"the chat template of {self.source!r} failed: {type(error).__name__}: {error}") \
-                from error
-        bos = tok.bos_token
-        # the server tokenizes the prompt with its special tokens: a BOS written by the template would double
-        if bos and text.startswith(bos) and tok("x").input_ids[:1] == [tok.bos_token_id]:
-            text = text[len(bos) :]
+        with self._lock:
+            try:
+                text = tok.apply_chat_template(plain, tokenize=False, continue_final_message=True)
+            except Exception as error:  # jinja's errors have many types
+                raise BackendError(f"the chat template of {self.source!r} failed: {type(error).__name__}: "
+                                   f"{error}") from error
+            bos = tok.bos_token
+            # the server tokenizes the prompt with its special tokens: a BOS written by the template would double
+            if bos and text.startswith(bos) and tok("x").input_ids[:1] == [tok.bos_token_id]:
+                text = text[len(bos) :]
         return str(text)

@@ -11,13 +11,17 @@ server that sends none gives ``None``).
 
 Continuing a partial assistant reply (the solver's tool loop), and only then: vLLM and SGLang take
 ``"continue_final_message": true, "add_generation_prompt": false`` and render the partial reply without
-closing the turn. Others do not: ``transformers serve`` answers HTTP 422, llama-cpp-python ignores the
-fields and starts a new reply. So the first continuation on a server (once per process, per server and
-model) asks it twice for one token, with and without those fields: an error status, or as many prompt
-tokens with them as without (the turn was closed and a new one opened: the fields were ignored), means
-it cannot continue. duet then renders the chat template itself (:mod:`duet.agents.chat_template`, the
-``tokenizer`` option) and continues through ``POST /v1/completions`` with that prompt. A server that
-reports no token counts is taken at its word.
+closing the turn; llama.cpp's ``llama-server`` continues a final assistant message by itself. Others do
+not: ``transformers serve`` answers HTTP 422, llama-cpp-python ignores the fields and starts a new reply.
+So the first continuation on a server (once per process, per server and model) asks it for one token
+twice, not streamed (its usage is then always sent): a new turn, and the same conversation with a
+one-letter partial reply and the fields. An error status means it cannot continue; so does a prompt more
+than one token longer than the new turn's (the letter's one token, plus an end of turn and a new
+header: the turn was closed and another opened). duet then renders the chat template itself
+(:mod:`duet.agents.chat_template`: the ``tokenizer`` option, else the model's name or ``root`` in
+``/v1/models`` where they are on this machine) and continues through ``POST /v1/completions`` with that
+prompt; with no template anywhere, one line says what to pass. A server that reports no token counts is
+taken at its word.
 
 Reading the stream (Server-Sent Events, ``data: {...}`` lines, ending with ``data: [DONE]``):
 
@@ -28,8 +32,9 @@ Reading the stream (Server-Sent Events, ``data: {...}`` lines, ending with ``dat
   streamed to ``on_text``; the returned Completion is right).
 * Stop strings and ``max_tokens`` are also enforced client-side (a streamed piece counts as a token), so a
   server that ignores them still stops there.
-* Which stop string matched comes from vLLM's ``stop_reason`` or SGLang's ``matched_stop``. A ``stop``
-  finish from a server that has neither field (llama.cpp, which also strips the stop string) may be a
+* Which stop string matched comes from vLLM's ``stop_reason``, SGLang's ``matched_stop`` or llama.cpp's
+  ``stopping_word`` where it sends it. A ``stop`` finish from a server that has none of them (llama.cpp's
+  OpenAI endpoints, which also strip the stop string) may be a
   stop string or the end of the turn: ``finish_reason="eos"`` with ``stop_unknown=True``, which the tool
   loop resolves by the protocol's rules; unless the server was seen to send a stop string in its text
   (``transformers serve`` does not strip them): then it is the end of the turn.
@@ -62,7 +67,7 @@ from duet.agents.backends import (
     is_continuation,
     option,
 )
-from duet.agents.chat_template import ChatTemplate, template_source
+from duet.agents.chat_template import ChatTemplate, load_tokenizer, template_sources
 from duet.agents.openai_http import (
     Deadline,
     Http,
@@ -160,6 +165,8 @@ class OpenAIOptions:
 
 CONTINUE_FIELDS = {"continue_final_message": True, "add_generation_prompt": False}
 """vLLM's and SGLang's chat-template options that keep the last (assistant) message open."""
+STOP_FIELDS = ("stop_reason", "matched_stop", "stopping_word")
+"""The fields of a finishing choice that name the stop string that matched (vLLM, SGLang, llama.cpp)."""
 
 _CONTINUES: dict[tuple[str, str], tuple[bool, str]] = {}
 """(API root, model) -> (whether the server continues an assistant message, why not); probed once a process."""
@@ -206,6 +213,7 @@ class OpenAIBackend:
         self.extra_body = dict(extra_body or {})
         self.tokenizer = tokenizer
         self._template: ChatTemplate | None = None
+        self._template_lock = threading.Lock()  # many dialogues may need it first at once (duet eval -j 16)
 
     @property
     def name(self) -> str:
@@ -259,14 +267,22 @@ class OpenAIBackend:
 
     def resolve_model(self) -> str:
         """Ask ``GET /v1/models`` for the served model (vLLM and SGLang serve one) and remember it."""
-        with self.http.open("GET", "/models", None, Deadline(self.limits.deadline)) as response:
+        listed = self.models(self.limits.deadline)
+        if not listed or "id" not in listed[0]:
+            raise BackendError(f"{self.http.url('/models')}: no model listed; name the model with --model-name "
+                               f"(or <url>#<model> in a backend spec)")
+        self.model = str(listed[0]["id"])
+        return self.model
+
+    def models(self, seconds: float) -> list[dict[str, Any]]:
+        """The entries of ``GET /v1/models`` (none for a reply that lists none)."""
+        with self.http.open("GET", "/models", None, Deadline(seconds)) as response:
             text = read_text(response, 1 << 20)
         try:
-            self.model = str(json.loads(text)["data"][0]["id"])
-        except (ValueError, KeyError, IndexError, TypeError) as error:
-            raise BackendError(f"{self.http.url('/models')}: no model listed; name the model with --model-name "
-                               f"(or <url>#<model> in a backend spec)") from error
-        return self.model
+            listed = json.loads(text).get("data")
+        except (ValueError, AttributeError):
+            return []
+        return [m for m in listed if isinstance(m, dict)] if isinstance(listed, list) else []
 
     # -- continuing an assistant message -------------------------------------------------------
 
@@ -279,37 +295,47 @@ class OpenAIBackend:
         return _CONTINUES[key][0]
 
     def _probe(self, model: str, deadline: Deadline) -> tuple[bool, str]:
-        """Ask for one token after a partial reply, with the continuation fields and without (see the module
-        docstring); ``(continues, why not)``."""
-        messages = [{"role": "user", "content": "Say hello."}, {"role": "assistant", "content": "Hello"}]
-        body = {"model": model, "messages": messages, **self._sampling(Request(max_tokens=1))}
+        """Ask for one token after a new turn and after a one-letter partial reply (see the module docstring);
+        ``(continues, why not)``."""
+        one = Request(max_tokens=1)
+        body = {"model": model, **self._sampling(one), "stream": False}
+        del body["stream_options"]  # not streamed: servers send usage with a whole reply, not all in streams
+        user = [{"role": "user", "content": "Say hello."}]
+        partial = {**body, "messages": [*user, {"role": "assistant", "content": "A"}], **CONTINUE_FIELDS}
         try:
-            kept = self._stream("/chat/completions", {**body, **CONTINUE_FIELDS}, Request(max_tokens=1), None,
-                                None, deadline)
+            kept = self._stream("/chat/completions", partial, one, None, None, deadline)
         except HttpStatusError as error:
             if 400 <= error.status < 500 and not isinstance(error, ContextFullError):
                 return False, f"HTTP {error.status} to continue_final_message"
             raise
-        try:
-            closed = self._stream("/chat/completions", body, Request(max_tokens=1), None, None, deadline)
-        except HttpStatusError:
-            return True, ""  # it took the continuation fields and cannot be compared: taken at its word
-        if kept.prompt_tokens and closed.prompt_tokens and kept.prompt_tokens >= closed.prompt_tokens:
+        fresh = self._stream("/chat/completions", {**body, "messages": user}, one, None, None, deadline)
+        if kept.prompt_tokens and fresh.prompt_tokens and kept.prompt_tokens - fresh.prompt_tokens > 1:
             return False, "it ignores continue_final_message and starts a new reply"
         return True, ""
 
     def chat_template(self, model: str) -> ChatTemplate:
         """The template to render continuations with; a one-line error naming what to pass when there is none."""
-        if self._template is None:
-            source = template_source(self.tokenizer, model)
-            if source is None:
-                why = _CONTINUES.get((self.base_url, model), (False, "it cannot"))[1]
-                raise BackendError(
-                    f"{self.http.url('/chat/completions')} cannot continue an assistant message ({why}), and duet "
-                    f"has no chat template to render one for /completions: give the served model's tokenizer "
-                    f"directory (duet eval -O tokenizer=DIR, or DUET_TOKENIZER=DIR)")
-            self._template = ChatTemplate(source)
+        with self._template_lock:
+            if self._template is None:
+                sources = template_sources(self.tokenizer, [model, *self._served_paths(model)])
+                tokenizer = load_tokenizer(sources)
+                if tokenizer is None:
+                    why = _CONTINUES.get((self.base_url, model), (False, "it cannot"))[1]
+                    # the advice before the model's name: a long path is what one_line would cut
+                    raise BackendError(
+                        f"{self.base_url} cannot continue an assistant message ({why}); name the served model's "
+                        f"tokenizer (-O tokenizer=DIR or Hub id, or DUET_TOKENIZER) so duet renders its chat template "
+                        f"for /completions (none found for {model!r})")
+                self._template = ChatTemplate(tokenizer, getattr(tokenizer, "name_or_path", model))
         return self._template
+
+    def _served_paths(self, model: str) -> list[str]:
+        """What ``/v1/models`` says ``model`` was loaded from (vLLM's and SGLang's ``root``); none on a failure."""
+        try:
+            listed = self.models(self.limits.timeout)
+        except BackendError:
+            return []
+        return [m["root"] for m in listed if m.get("id") == model and isinstance(m.get("root"), str)]
 
     # -- streaming -----------------------------------------------------------------------------
 
@@ -418,8 +444,9 @@ class _StreamState:
                     return True
             if choice.get("finish_reason"):
                 self.finish = choice["finish_reason"]
-                self.says_which_stop = "stop_reason" in choice or "matched_stop" in choice
-                self.matched = choice.get("stop_reason", choice.get("matched_stop"))
+                named = [choice[k] for k in STOP_FIELDS if k in choice]
+                self.says_which_stop = bool(named)
+                self.matched = next((m for m in named if m), None)
         return False
 
     def _logprobs(self, logprobs: Any) -> None:
