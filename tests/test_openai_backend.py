@@ -713,7 +713,7 @@ def test_duet_eval_records_each_misbehaviour_in_one_line(server, tmp_path):
                                         for k in EXPECTED])
     started = time.monotonic()
     r = duet_eval(data, "--base-url", server.url, "--model-name", "m", "--modes", "solver-only", "-j", "1",
-                  "--max-tokens", "40", "-O", "timeout=1", "-O", "deadline=4", "-O", "retries=1",
+                  "--max-tokens", "40", "-O", "timeout=1", "-O", "deadline=2", "-O", "retries=1",
                   "-O", "retry_seconds=2", "-o", tmp_path / "run", "--no-progress", timeout=90)
     assert time.monotonic() - started < 60
     assert r.returncode == 0 and "Traceback" not in r.stderr, r.stderr
@@ -734,7 +734,7 @@ EXPECTED = {
     "busy": ("no_critic", None),  # 429 with Retry-After, then an answer
     "truncated": ("backend_error", "ended the stream with [DONE] and no finish_reason: the reply is truncated"),
     "keepalive": ("backend_error", "no data within 1 s (only keep-alive comments)"),
-    "dawdling": ("backend_error", "no complete reply within the 4 s deadline"),
+    "dawdling": ("backend_error", "no complete reply within the 2 s deadline"),
     "endless": ("no_answer", None),  # cut at --max-tokens by duet
     "webpage": ("backend_error", "not an OpenAI-compatible server (HTTP 200 with an HTML page titled 'Welcome')"),
     "gateway": ("backend_error", "HTTP 502: an HTML page titled '502 Bad Gateway' (gave up after 2 tries"),

@@ -1,14 +1,18 @@
 """The OpenAI backend against a real server nobody on the project wrote: ``transformers serve`` (the dev
-install's ``transformers[serving]``), serving a tiny random checkpoint the test makes, on loopback.
+install's ``transformers[serving]``) on loopback, started by the tests, loading the checkpoints the tests
+name: a tiny random one the tests make, and a copy of duet's embedded model.
 
 It answers HTTP 422 to ``continue_final_message``, so every continuation goes through duet's own rendering of
-the chat template and ``/v1/completions``. Greedy decoding must give what duet's own runtime gives.
+the chat template and ``/v1/completions``. Greedy decoding must give what duet's own runtime gives: the same
+tokens, and through ``duet eval`` the same transcripts and predictions.
 """
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -39,7 +43,8 @@ def _up(url: str) -> bool:
 
 @pytest.fixture(scope="module")
 def served(tmp_path_factory) -> Iterator[tuple[str, Path]]:
-    """``(API root, checkpoint directory)`` of a running ``transformers serve``; skipped when it cannot start."""
+    """``(API root, tiny checkpoint directory)`` of a running ``transformers serve``, which loads whichever
+    checkpoint a request names; skipped when it cannot start."""
     pytest.importorskip("fastapi")
     from transformers.utils.import_utils import is_serve_available
 
@@ -49,7 +54,7 @@ def served(tmp_path_factory) -> Iterator[tuple[str, Path]]:
     port = free_port()
     root = f"http://127.0.0.1:{port}"
     log = tmp_path_factory.mktemp("serve-log") / "serve.log"
-    command = [sys.executable, "-m", "transformers.cli.transformers", "serve", str(checkpoint), "--host", "127.0.0.1",
+    command = [sys.executable, "-m", "transformers.cli.transformers", "serve", "--host", "127.0.0.1",
                "--port", str(port), "--device", "cpu", "--dtype", "float32"]
     with open(log, "wb") as out:
         process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT)
@@ -114,3 +119,30 @@ def test_solve_and_eval_through_transformers_serve(served, tmp_path):
     assert r.returncode == 0, r.stderr
     records = [json.loads(line) for line in (tmp_path / "run" / "results.jsonl").read_text().splitlines()]
     assert len(records) == 3 and not [x for x in records if x["stop_reason"] == "backend_error"], records
+
+
+def _benchmark():
+    """benchmarks/openai_servers.py, whose comparison of two runs the test applies."""
+    spec = importlib.util.spec_from_file_location("openai_servers", REPO / "benchmarks" / "openai_servers.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_duet_eval_through_transformers_serve_predicts_what_the_local_runtime_does(served, tmp_path):
+    url, _ = served
+    model = tmp_path / "embedded"  # duet's own model: it writes code, so continuations are exercised
+    shutil.copytree(REPO / "duet" / "assets" / "model", model)
+    rows = (REPO / "data" / "dev" / "mawps_asdiv_a_dev.jsonl").read_text().splitlines()[:4]
+    (tmp_path / "d.jsonl").write_text("\n".join(rows) + "\n")
+    common = ("d.jsonl", "--modes", "solver-only", "-j", "4", "--no-progress", "--max-tokens", "160")
+    there = _duet("eval", *common, "--base-url", url, "--model-name", str(model), "-o", "served", cwd=tmp_path)
+    here = _duet("eval", *common, "--model", str(model), "--device", "cpu", "--no-mtp", "-o", "local", cwd=tmp_path)
+    assert there.returncode == 0 and here.returncode == 0, there.stderr + here.stderr
+    benchmark = _benchmark()
+    report = benchmark.compare(tmp_path / "local", tmp_path / "served", expected=4)
+    assert (report["same_predictions"], report["same_transcripts"], report["differing"]) == (4, 4, []), report
+    assert (report["errors"], report["unrecorded_failures"]) == (0, 0)
+    served_run = benchmark.results(tmp_path / "served").values()
+    assert any("```output" in text for r in served_run for text in r["texts"])  # code ran: continuations
+    assert any(r["correct"] for r in served_run)

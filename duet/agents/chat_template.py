@@ -47,14 +47,29 @@ def _expanded(where: str) -> str:
     return str(path) if path.is_dir() else where
 
 
+def _on_this_machine(where: str) -> bool:
+    """A directory, or a Hub id whose tokenizer is in the local cache."""
+    if Path(where).is_dir():
+        return True
+    from huggingface_hub import try_to_load_from_cache
+
+    try:
+        return isinstance(try_to_load_from_cache(where, "tokenizer_config.json"), str)
+    except Exception:  # not a valid Hub id (a server's alias, a path elsewhere)
+        return False
+
+
 def load_tokenizer(sources: Sequence[Source]) -> Any | None:
     """The first of ``sources`` that loads and has a chat template; None when none does."""
+    sources = [s for s in sources if s.named or _on_this_machine(s.where)]
+    if not sources:
+        return None  # without importing transformers (seconds)
     from transformers import AutoTokenizer
 
     for source in sources:
-        local = Path(source.where).is_dir()
         try:
-            tokenizer = AutoTokenizer.from_pretrained(source.where, local_files_only=not (source.named or local))
+            # a guess is loaded only from this machine; a name the user gave may be downloaded
+            tokenizer = AutoTokenizer.from_pretrained(source.where, local_files_only=not source.named)
         except Exception as error:  # transformers raises OSError, ValueError, and others for a bad directory
             if source.named:
                 raise BackendError(f"cannot load the tokenizer {source.where!r} to render the chat template: "
