@@ -2,14 +2,16 @@
 
     python benchmarks/openai_servers.py transformers [-n 40] [--modes solver-only,solver+critic] [-j 4]
     python benchmarks/openai_servers.py llama.cpp --llama-server b/bin/llama-server --gguf duet.gguf
+    python benchmarks/openai_servers.py llama.cpp --llama-server b/bin/llama-server --convert-with LLAMA_CPP_DIR
     python benchmarks/openai_servers.py url --url http://127.0.0.1:8080/v1    # a server started by hand
 
 The server (``transformers serve`` on the embedded model, llama.cpp's ``llama-server`` on a GGUF conversion of
-it, or any server already running) listens on loopback; `duet eval` runs the first N MAWPS + ASDiv-A dev problems
-through it and on the local runtime (greedy, the same flags), and each problem's prediction, stop reason and turn
-texts are compared. Failures must all be recorded: every problem has a result, and every failed one an error.
-Where the two differ for a reason of the server's (it does not sample, or sends no log-probabilities for the
-critic's verifier), the differing problems are listed with their turns' verification methods.
+it, which ``--convert-with`` makes with the converter of llama.cpp's sources, or any server already running)
+listens on loopback; `duet eval` runs the first N MAWPS + ASDiv-A dev problems through it and on the local
+runtime (greedy, the same flags), and each problem's prediction, stop reason and turn texts are compared.
+Failures must all be recorded: every problem has a result, and every failed one an error. Where the two differ
+for a reason of the server's (it does not sample, or sends no log-probabilities for the critic's verifier), the
+differing problems are listed with their turns' verification methods.
 """
 
 from __future__ import annotations
@@ -29,6 +31,16 @@ REPO = Path(__file__).resolve().parents[1]
 DEV = REPO / "data" / "dev" / "mawps_asdiv_a_dev.jsonl"
 EMBEDDED = REPO / "duet" / "assets" / "model"
 FAILURES = ("backend_error", "sandbox_error", "error", "context_full")
+CONVERT = """import sys
+sys.path[:0] = [sys.argv[1], sys.argv[1] + "/gguf-py"]
+import conversion.base
+# duet's tokenizer (digits one by one, then GPT-2's byte-level regex) is missing from the converter's table of
+# known tokenizers: it is the pre-tokenizer llama.cpp calls "starcoder"
+conversion.base.TextModel.get_vocab_base_pre = lambda self, tokenizer: "starcoder"
+import convert_hf_to_gguf
+sys.argv = ["convert_hf_to_gguf.py", *sys.argv[2:]]
+convert_hf_to_gguf.main()
+"""
 
 
 def results(run: Path) -> dict[tuple[str, str], dict]:
@@ -71,6 +83,15 @@ def duet_eval(out: Path, args: list[str]) -> float:
     return time.monotonic() - started
 
 
+def convert(llama_cpp: Path, out: Path) -> Path:
+    """The embedded model as a GGUF file (f32), by the converter of the llama.cpp source tree ``llama_cpp``."""
+    done = subprocess.run([sys.executable, "-c", CONVERT, str(llama_cpp), str(EMBEDDED), "--outfile", str(out),
+                           "--outtype", "f32"], capture_output=True, text=True)
+    if done.returncode != 0:
+        raise SystemExit(f"convert_hf_to_gguf.py failed: {done.stderr.strip()[-600:]}")
+    return out
+
+
 def start_server(kind: str, port: int, llama_server: Path | None, gguf: Path | None, jobs: int) -> subprocess.Popen:
     if kind == "transformers":
         command = [sys.executable, "-m", "transformers.cli.transformers", "serve", str(EMBEDDED), "--host",
@@ -105,29 +126,33 @@ def main(kind: str = typer.Argument(..., help="transformers, llama.cpp or url"),
          url: str = typer.Option(None, help="With `url`: the server's API root."),
          llama_server: Path = typer.Option(None, help="With llama.cpp: the llama-server binary."),
          gguf: Path = typer.Option(None, help="With llama.cpp: the model's GGUF file."),
+         convert_with: Path = typer.Option(None, help="With llama.cpp: make the GGUF file with the converter of "
+                                                      "this llama.cpp source tree (vendor/llama.cpp in the sdist)."),
          extra: list[str] = typer.Option([], "--eval-arg", help="More duet eval arguments, for both runs."),
          as_json: bool = typer.Option(False, "--json", help="Print the report as JSON.")) -> None:
     common = [str(DEV), "--limit", str(n), "--modes", modes, "-j", str(jobs), *extra]
-    server = None
-    if kind != "url":
-        with socket.socket() as sock:  # a free loopback port
-            sock.bind(("127.0.0.1", 0))
-            port = sock.getsockname()[1]
-        server = start_server(kind, port, llama_server, gguf, jobs)
-        url = f"http://127.0.0.1:{port}/v1"
-    elif not url:
-        raise SystemExit("url needs --url http://host:port/v1")
-    try:
-        if server is not None:
-            wait_up(url.removesuffix("/v1"), server)
-        with tempfile.TemporaryDirectory() as tmp:
+    with tempfile.TemporaryDirectory() as tmp:
+        server = None
+        if kind == "url" and not url:
+            raise SystemExit("url needs --url http://host:port/v1")
+        if kind != "url":
+            if kind == "llama.cpp" and convert_with and not gguf:
+                gguf = convert(convert_with, Path(tmp) / "duet.gguf")
+            with socket.socket() as sock:  # a free loopback port
+                sock.bind(("127.0.0.1", 0))
+                port = sock.getsockname()[1]
+            server = start_server(kind, port, llama_server, gguf, jobs)
+            url = f"http://127.0.0.1:{port}/v1"
+        try:
+            if server is not None:
+                wait_up(url.removesuffix("/v1"), server)
             served_seconds = duet_eval(Path(tmp) / "served", [*common, "--base-url", url])
             local_seconds = duet_eval(Path(tmp) / "local", [*common, "--device", "cpu"])
             report = compare(Path(tmp) / "local", Path(tmp) / "served", n * len(modes.split(",")))
-    finally:
-        if server is not None:
-            server.terminate()
-            server.wait(30)
+        finally:
+            if server is not None:
+                server.terminate()
+                server.wait(30)
     report.update(server=kind, problems=n, modes=modes, jobs=jobs, served_seconds=round(served_seconds, 1),
                   local_seconds=round(local_seconds, 1))
     if as_json:

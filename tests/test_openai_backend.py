@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -10,6 +12,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -750,3 +753,19 @@ def test_the_cli_starts_without_the_http_client():
             "try:\n    main()\nexcept SystemExit:\n    pass\nassert 'httpx' not in sys.modules, 'httpx was imported'")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert r.returncode == 0 and "--backend-option" in r.stdout, r.stderr
+
+
+def test_a_guessed_hub_id_is_taken_from_the_local_cache_only(tokenizer_dir, tmp_path):
+    # transformers serve names a model by its Hub id and downloads it into the cache duet reads too
+    snapshot = tmp_path / "hub" / "models--org--tiny" / "snapshots" / "abc123"
+    shutil.copytree(tokenizer_dir, snapshot)
+    shutil.copy(Path(__file__).parent.parent / "duet" / "assets" / "model" / "config.json", snapshot)  # as on the Hub
+    (tmp_path / "hub" / "models--org--tiny" / "refs").mkdir()
+    (tmp_path / "hub" / "models--org--tiny" / "refs" / "main").write_text("abc123")
+    code = ("from duet.agents.chat_template import load_tokenizer, template_sources as s\n"
+            "assert load_tokenizer(s(None, ['org/tiny'])).chat_template\n"
+            "assert load_tokenizer(s(None, ['org/not-here', 'alias'])) is None")
+    env = {**os.environ, "HF_HUB_CACHE": str(tmp_path / "hub"), "HF_HUB_OFFLINE": "0"}
+    env.pop("DUET_TOKENIZER", None)
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, env=env)
+    assert r.returncode == 0, r.stderr
