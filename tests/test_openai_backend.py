@@ -523,10 +523,14 @@ def test_a_stop_finish_that_does_not_say_which_stop(server):
                                              finish_chunk("stop", says_which=False)])
     done = OpenAIBackend(server.url, "m").complete(USER, Request(stop=[STOP]))
     assert (done.finish_reason, done.stop_string, done.stop_unknown) == ("eos", None, True)  # llama.cpp: unknown
-    named = {"choices": [{"index": 0, "delta": {}, "finish_reason": "stop", "stopping_word": STOP}]}
-    server.respond = lambda h, body: sse(h, [content_chunk("x\n```python\nx=1\n```\n"), named])
+    # llama-server -v: its own fields with the first chunk of the final reply, the stopping word among them
+    verbose = {**content_chunk("x\n```python\nx=1\n```\n"), "__verbose": {"stop_type": "word", "stopping_word": STOP}}
+    server.respond = lambda h, body: sse(h, [verbose, finish_chunk("stop", says_which=False)])
     done = OpenAIBackend(server.url, "m").complete(USER, Request(stop=[STOP]))
-    assert (done.finish_reason, done.stop_string, done.stop_unknown) == ("stop", STOP, False)  # llama.cpp's own field
+    assert (done.finish_reason, done.stop_string, done.stop_unknown) == ("stop", STOP, False)
+    verbose["__verbose"] = {"stop_type": "eos", "stopping_word": ""}
+    done = OpenAIBackend(server.url, "m").complete(USER, Request(stop=[STOP]))
+    assert (done.finish_reason, done.stop_string, done.stop_unknown) == ("eos", None, False)
 
 
 def llama_cpp_responder(backend: ScriptedBackend) -> Responder:

@@ -33,8 +33,8 @@ Reading the stream (Server-Sent Events, ``data: {...}`` lines, ending with ``dat
 * Stop strings and ``max_tokens`` are also enforced client-side (a streamed piece counts as a token), so a
   server that ignores them still stops there.
 * Which stop string matched comes from vLLM's ``stop_reason``, SGLang's ``matched_stop`` or llama.cpp's
-  ``stopping_word`` where it sends it. A ``stop`` finish from a server that has none of them (llama.cpp's
-  OpenAI endpoints, which also strip the stop string) may be a
+  ``stopping_word`` (in ``__verbose``, sent when ``llama-server`` runs with ``-v``). A ``stop`` finish from a
+  server that has none of them (llama.cpp's OpenAI endpoints otherwise, which also strip the stop string) may be a
   stop string or the end of the turn: ``finish_reason="eos"`` with ``stop_unknown=True``, which the tool
   loop resolves by the protocol's rules; unless the server was seen to send a stop string in its text
   (``transformers serve`` does not strip them): then it is the end of the turn.
@@ -444,10 +444,17 @@ class _StreamState:
                     return True
             if choice.get("finish_reason"):
                 self.finish = choice["finish_reason"]
-                named = [choice[k] for k in STOP_FIELDS if k in choice]
-                self.says_which_stop = bool(named)
-                self.matched = next((m for m in named if m), None)
+                self._stop_named(choice)
+        if isinstance(obj.get("__verbose"), dict):  # llama-server -v: its own fields, stopping_word among them
+            self._stop_named(obj["__verbose"])
         return False
+
+    def _stop_named(self, fields: dict[str, Any]) -> None:
+        """Note which stop string matched where ``fields`` say (an empty or null one: none did, the turn ended)."""
+        named = [fields[k] for k in STOP_FIELDS if k in fields]
+        if named:
+            self.says_which_stop = True
+            self.matched = next((m for m in named if m), self.matched)
 
     def _logprobs(self, logprobs: Any) -> None:
         """``{"content": [{"token", "logprob", "top_logprobs": [{"token", "logprob"}, ...]}, ...]}``: one
