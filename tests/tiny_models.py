@@ -80,9 +80,10 @@ def quantize_blocks(w: torch.Tensor, block: int) -> tuple[torch.Tensor, torch.Te
     return q, scale
 
 
-def make_fp8_checkpoint(source: Path, path: Path, block: int = 8) -> Path:
-    """Copy the one-file checkpoint `source` to `path` with every projection matrix (`*_proj.weight`) stored as
-    FP8 with block scales, as DeepSeek's FP8 release stores them (small blocks: tiny matrices span several)."""
+def make_fp8_checkpoint(source: Path, path: Path, block: int = 8, unquantised: tuple[str, ...] = ()) -> Path:
+    """Copy the one-file checkpoint `source` to `path` with every projection matrix (`*_proj.weight`,
+    `kv_a_proj_with_mqa.weight`) stored as FP8 with block scales, as DeepSeek's FP8 release stores them (small blocks:
+    tiny matrices span several), except those whose key contains one of `unquantised` (e.g. "eh_proj")."""
     import json
     import shutil
 
@@ -91,7 +92,8 @@ def make_fp8_checkpoint(source: Path, path: Path, block: int = 8) -> Path:
     shutil.copytree(source, path)
     state = {}
     for key, w in load_file(source / "model.safetensors").items():
-        if key.endswith("_proj.weight") and w.ndim == 2:
+        if key.endswith(("_proj.weight", "_proj_with_mqa.weight")) and w.ndim == 2 and not any(
+                name in key for name in unquantised):
             state[key], state[key.replace(".weight", ".weight_scale_inv")] = quantize_blocks(w, block)
         else:
             state[key] = w

@@ -39,6 +39,7 @@ __all__ = [
     "fused_moe",
     "mla_decode",
     "backend_for",
+    "fp8_native",
     "requested_backend",
     "triton_available",
     "describe",
@@ -117,6 +118,16 @@ def backend_for(tensor: Tensor | None = None, kernel: str | None = None) -> str:
     if on_cuda and _triton_import_error() is None and (kernel not in FP8_KERNELS or _fp8_capable(tensor)):
         return "triton"
     return "torch"
+
+
+def fp8_native(device: str | torch.device) -> bool:
+    """Whether ``act_quant`` and ``fp8_gemm`` run as Triton kernels on ``device``: CUDA with compute capability
+    8.9+ and Triton (unless ``DUET_KERNELS=torch``). Where they do, FP8 weights pay for themselves on the hot path;
+    elsewhere the references dequantise them block by block on every call."""
+    device = torch.device(device)
+    if device.type != "cuda" or requested_backend() == "torch":
+        return False
+    return _triton_import_error() is None and _fp8_capable(torch.empty(0, device=device))
 
 
 def describe() -> str:

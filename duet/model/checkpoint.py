@@ -3,8 +3,9 @@
 A checkpoint directory holds `config.json`, `model.safetensors` or shards listed in
 `model.safetensors.index.json`, and tokenizer files. The model is built on the meta device,
 allocated once, and filled tensor by tensor from memory-mapped safetensors, so the weights never
-sit in memory twice. FP8 weights (float8_e4m3fn with a `weight_scale_inv` per 128x128 block) are
-dequantised block-wise while loading.
+sit in memory twice. FP8 weights (float8_e4m3fn with a `weight_scale_inv` per 128x128 block) either stay FP8 in
+memory, multiplied by FP8 GEMMs (`duet.model.model.Linear`), or are dequantised block-wise while loading to the
+model's dtype: `load_model`'s `fp8_weights` decides (`keeps_fp8`).
 
 Checkpoint names map onto `duet.model.model.Transformer` names:
     model.embed_tokens.weight                  -> embed_tokens.weight
@@ -35,12 +36,14 @@ from torch import Tensor, nn
 from duet import kernels
 from duet.errors import CheckpointError, ConfigError
 from duet.model.config import ModelArgs
-from duet.model.model import Transformer
+from duet.model.model import FP8, FP8_BLOCK, Experts, Linear, Transformer
 
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
-_EXPERT = re.compile(r"^(layers\.\d+\.mlp\.experts|mtp\.\d+\.mlp\.experts)\.(gate_proj|up_proj|down_proj)$")
+# a stacked expert weight or its FP8 block scales, e.g. layers.3.mlp.experts.gate_proj(_scale_inv)
+_EXPERT = re.compile(r"^((?:layers|mtp)\.\d+\.mlp\.experts)\.(gate_proj|up_proj|down_proj)(_scale_inv)?$")
+FP8_WEIGHTS = ("auto", "keep", "dequantise")  # what loading does with an FP8 checkpoint's weights: see `keeps_fp8`
 
 
 def load_config(path: str | Path) -> ModelArgs:
@@ -62,22 +65,29 @@ def load_config(path: str | Path) -> ModelArgs:
 
 
 def load_model(path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
-               mtp: bool = True, shard: Callable[[Transformer], dict[str, Part]] | None = None) -> Transformer:
+               mtp: bool = True, shard: Callable[[Transformer], dict[str, Part]] | None = None,
+               fp8_weights: str = "dequantise") -> Transformer:
     """Load a checkpoint directory into a `Transformer` in eval mode.
 
     `forward(input_ids [B, S])` returns logits [B, S, vocab]. MTP modules are loaded when the
     checkpoint has them (and `mtp` is True). Raises CheckpointError / ConfigError with one line.
     `shard` (see `duet.model.parallel.load_parallel_model`) turns the model, still on the meta device, into
     one rank's part of it and returns the `Part` of each split parameter, by name: only that part is read.
+    `fp8_weights` ("auto", "keep", "dequantise"): whether an FP8 checkpoint's weights stay FP8 (`keeps_fp8`); those
+    the checkpoint stores unquantised (embedding, head, norms, router) are loaded in `dtype` either way. The default
+    dequantises, as training needs; duet's runtime (`duet.engine.Engine.load`) passes the `fp8_weights` setting.
     """
     directory = _checkpoint_dir(path)
     args = load_config(directory)
+    keep_fp8 = keeps_fp8(args, device, fp8_weights)
     tensors = _TensorIndex(directory)
     _check_main_layers(tensors, args)
     n_mtp = _count_mtp_layers(tensors, args) if mtp else 0
     with torch.device("meta"):
         model = Transformer(args, dtype=dtype, n_mtp=n_mtp)
     parts = shard(model) if shard is not None else {}
+    if keep_fp8:
+        parts = _keep_fp8(model, tensors, parts)
     _allocate(model, torch.device(device))
     _fill(model, tensors, dtype, parts)
     model.eval()
@@ -92,7 +102,8 @@ def save_model(model: Transformer, path: str | Path, max_shard_bytes: int = 2 * 
     cfg = args.to_hf_config()
     cfg["num_nextn_predict_layers"] = len(model.mtp)
     cfg["torch_dtype"] = str(model.embed_tokens.weight.dtype).removeprefix("torch.")
-    cfg.pop("quantization_config", None)  # duet saves dequantised weights
+    if not any(p.dtype == FP8 for p in model.parameters()):
+        cfg.pop("quantization_config", None)  # the weights were dequantised at load (or never quantised)
     state = dict(_checkpoint_tensors(model))
     shards = _split(state, max_shard_bytes)
     for stale in [directory / WEIGHTS_FILE, directory / INDEX_FILE, *directory.glob("model-*-of-*.safetensors")]:
@@ -131,6 +142,12 @@ def checkpoint_name(model_name: str, n_layers: int) -> str:
     return f"model.{model_name}"
 
 
+def _expert_key(expert: re.Match, e: int, n_layers: int) -> str:
+    """The checkpoint key of expert `e`'s matrix (or its FP8 scales) in a stacked expert tensor matched by `_EXPERT`."""
+    suffix = "weight_scale_inv" if expert.group(3) else "weight"
+    return f"{checkpoint_name(expert.group(1), n_layers)}.{e}.{expert.group(2)}.{suffix}"
+
+
 def _checkpoint_tensors(model: Transformer) -> Iterator[tuple[str, Tensor]]:
     """(checkpoint key, tensor) for every weight of the model in the HF layout, experts unstacked."""
     n_layers = len(model.layers)
@@ -140,9 +157,8 @@ def _checkpoint_tensors(model: Transformer) -> Iterator[tuple[str, Tensor]]:
     for name, tensor in [*model.named_parameters(), *model.named_buffers()]:
         expert = _EXPERT.match(name)
         if expert:
-            prefix = checkpoint_name(expert.group(1), n_layers)
             for e in range(tensor.shape[0]):
-                yield f"{prefix}.{e}.{expert.group(2)}.weight", _copy_out(tensor[e])
+                yield _expert_key(expert, e, n_layers), _copy_out(tensor[e])
         else:
             yield checkpoint_name(name, n_layers), _copy_out(tensor)
     for k in range(len(model.mtp)):
@@ -254,6 +270,10 @@ class _TensorIndex:
     def keys(self) -> list[str]:
         return list(self.files)
 
+    def shape(self, key: str) -> list[int]:
+        """Tensor `key`'s shape, read from the file's header (no data)."""
+        return self._open(self.files[key]).get_slice(key).get_shape()
+
     def get(self, key: str, part: Part | None = None) -> Tensor:
         """Tensor `key`, or only its `part` (read from the memory map by `get_slice`; clipped at the tensor's end)."""
         file = self.files.get(key)
@@ -314,6 +334,62 @@ def _read(tensors: _TensorIndex, key: str, block_size: int | None, dtype: torch.
     return t
 
 
+def keeps_fp8(args: ModelArgs, device: str | torch.device, fp8_weights: str = "auto") -> bool:
+    """Whether loading a checkpoint with config `args` on `device` keeps its FP8 weights FP8 in memory.
+
+    `fp8_weights`: "keep" always (on a CPU or an older GPU the FP8 GEMMs run as the block-wise dequantising
+    reference: half the memory, slower); "dequantise" never (the weights are dequantised at load to the model's
+    dtype); "auto" where FP8 GEMMs run natively (`kernels.fp8_native`: CUDA with compute capability 8.9+). Only 128x128
+    blocks (DeepSeek's) can stay FP8: "auto" dequantises others, "keep" refuses them. An unquantised checkpoint (no
+    `quantization_config`): False.
+    """
+    if fp8_weights not in FP8_WEIGHTS:
+        raise ValueError(f"fp8_weights={fp8_weights!r}: use one of {', '.join(FP8_WEIGHTS)}")
+    if not args.fp8_block_size or fp8_weights == "dequantise":
+        return False
+    if args.fp8_block_size != FP8_BLOCK:
+        if fp8_weights == "keep":
+            raise CheckpointError(f"FP8 weights in {args.fp8_block_size}x{args.fp8_block_size} blocks cannot stay FP8 "
+                                  f"(fp8_gemm takes {FP8_BLOCK}x{FP8_BLOCK} blocks): use --fp8-weights dequantise")
+        return False
+    return fp8_weights == "keep" or kernels.fp8_native(device)
+
+
+def _keep_fp8(model: Transformer, tensors: _TensorIndex, parts: dict[str, Part]) -> dict[str, Part]:
+    """Make FP8, on the meta device, every linear layer and stacked expert weight that the checkpoint stores in FP8
+    (those with a `weight_scale_inv`), and return `parts` with the parts of their block scales added.
+
+    A tensor-parallel rank's rows or columns of an FP8 weight must start and end on the 128 boundaries of its scale
+    blocks (or at the weight's end): otherwise CheckpointError with one line (dequantising at load takes any split).
+    """
+    n_layers = len(model.layers)
+    parts = dict(parts)
+    for name, module in model.named_modules():
+        if isinstance(module, Linear):
+            key = checkpoint_name(f"{name}.weight", n_layers)
+            if key.removesuffix(".weight") + ".weight_scale_inv" not in tensors:
+                continue
+            part = parts.get(f"{name}.weight")
+            if part is not None:
+                if part.start % FP8_BLOCK or (part.stop % FP8_BLOCK and part.stop != tensors.shape(key)[part.dim]):
+                    where = "rows" if part.dim == 0 else "columns"
+                    raise CheckpointError(
+                        f"{tensors.directory}: this rank's {where} {part.start}:{part.stop} of {key} cut its "
+                        f"{FP8_BLOCK}x{FP8_BLOCK} FP8 scale blocks, so it cannot stay FP8 split over these ranks; use "
+                        "--fp8-weights dequantise (or a number of ranks that splits it on block boundaries)")
+                parts[f"{name}.weight_scale_inv"] = part.in_blocks(FP8_BLOCK)
+            module.keep_fp8_()
+        elif isinstance(module, Experts):
+            first = parts[f"{name}.gate_proj"].start if f"{name}.gate_proj" in parts else 0
+            if f"{checkpoint_name(name, n_layers)}.{first}.gate_proj.weight_scale_inv" not in tensors:
+                continue
+            for projection in Experts.PROJECTIONS:  # whole experts: their scales split as they do
+                if f"{name}.{projection}" in parts:
+                    parts[f"{name}.{projection}_scale_inv"] = parts[f"{name}.{projection}"]
+            module.keep_fp8_()
+    return parts
+
+
 def _allocate(model: nn.Module, device: torch.device) -> None:
     """Give every meta parameter and buffer real, uninitialised storage, keeping tied weights tied.
 
@@ -335,7 +411,6 @@ def _fill(model: Transformer, tensors: _TensorIndex, dtype: torch.dtype, parts: 
     """Copy every checkpoint tensor (or its part, for the parameters named in `parts`) into the model's freshly
     allocated parameters and buffers."""
     n_layers = len(model.layers)
-    block = model.args.fp8_block_size
     targets = dict(model.named_parameters())
     targets.update(dict(model.named_buffers()))
     with torch.no_grad():
@@ -343,19 +418,26 @@ def _fill(model: Transformer, tensors: _TensorIndex, dtype: torch.dtype, parts: 
             part = parts.get(name)
             expert = _EXPERT.match(name)
             if expert:
-                prefix = checkpoint_name(expert.group(1), n_layers)
                 first = part.start if part is not None else 0  # a rank's experts are first, first + 1, ...
                 for e in range(param.shape[0]):
-                    key = f"{prefix}.{first + e}.{expert.group(2)}.weight"
-                    _copy(param[e], _read(tensors, key, block, dtype), key, tensors)
+                    _fill_one(param[e], tensors, _expert_key(expert, first + e, n_layers), model.args, dtype)
                 continue
             key = checkpoint_name(name, n_layers)
             if name == "lm_head.weight" and key not in tensors and model.args.tie_word_embeddings:
                 continue
-            _copy(param, _read(tensors, key, block, dtype, part), key, tensors)
+            _fill_one(param, tensors, key, model.args, dtype, part)
 
 
-def _copy(target: Tensor, source: Tensor, key: str, tensors: _TensorIndex) -> None:
+def _fill_one(target: Tensor, tensors: _TensorIndex, key: str, args: ModelArgs, dtype: torch.dtype,
+              part: Part | None = None) -> None:
+    """Copy checkpoint tensor `key` (or its `part`) into `target`: as stored when `target` is FP8, else in `dtype`
+    (FP8 dequantised)."""
+    if target.dtype == FP8:
+        source = tensors.get(key, part)
+        if source.dtype != FP8:
+            raise CheckpointError(f"{tensors.directory}: tensor {key} is {source.dtype}, not FP8, yet has FP8 scales")
+    else:
+        source = _read(tensors, key, args.fp8_block_size, dtype, part)
     if tuple(source.shape) != tuple(target.shape):
         raise CheckpointError(
             f"{tensors.directory}: tensor {key} has shape {list(source.shape)}, expected {list(target.shape)}"

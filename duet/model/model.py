@@ -6,6 +6,10 @@ MoE, Block, MTPLayer, Transformer. Module and parameter names follow the Hugging
 except the routed experts, which are stacked into `[n_experts, ...]` tensors for grouped
 computation (see `duet.model.checkpoint`).
 
+The projections of attention, MLPs and experts hold either a plain weight or, loaded from an FP8 checkpoint and
+kept FP8 (`Linear.keep_fp8_`), float8_e4m3 weights with a float32 scale per 128x128 block, multiplied by
+`kernels.act_quant` + `kernels.fp8_gemm`, as DeepSeek's inference code does.
+
 Shapes: B batch, S new tokens, T cached tokens, D hidden, H heads, R kv_lora_rank,
 P qk_rope_head_dim, N qk_nope_head_dim, V v_head_dim, E routed experts, k experts per token.
 """
@@ -33,6 +37,63 @@ class RMSNorm(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         return self.weight * F.rms_norm(x.float(), self.weight.shape, eps=self.eps).to(x.dtype)
+
+
+# ----------------------------------------------------------------------------- linear layers
+
+FP8 = torch.float8_e4m3fn
+FP8_BLOCK = 128  # the block of DeepSeek's FP8 checkpoints, and the only one fp8_gemm takes
+
+
+def linear(x: Tensor, weight: Tensor, scale: Tensor | None = None) -> Tensor:
+    """x [..., in] @ weight [out, in].T -> [..., out] in x's dtype.
+
+    With `scale` [ceil(out/128), ceil(in/128)] the weight is FP8: x is quantised to FP8 per token and 128 channels
+    and the block-scaled FP8 GEMM accumulates in fp32 (Triton on CUDA with compute capability 8.9+, elsewhere the
+    reference, which dequantises both operands block by block).
+    """
+    if scale is None:
+        return F.linear(x, weight)
+    x_fp8, x_scale = kernels.act_quant(x, FP8_BLOCK)
+    return kernels.fp8_gemm(x_fp8, x_scale, weight, scale, out_dtype=x.dtype)
+
+
+def _empty_fp8(weight: Tensor) -> tuple[nn.Parameter, Tensor]:
+    """An empty FP8 weight shaped as `weight` [..., out, in], on its device, and its empty float32 block scales
+    [..., ceil(out/128), ceil(in/128)]. No gradients through FP8 weights."""
+    *stack, rows, cols = weight.shape
+    scale = torch.empty(*stack, -(-rows // FP8_BLOCK), -(-cols // FP8_BLOCK), dtype=torch.float32, device=weight.device)
+    return nn.Parameter(torch.empty(weight.shape, dtype=FP8, device=weight.device), requires_grad=False), scale
+
+
+class Linear(nn.Module):
+    """A bias-free linear layer, y = x W^T, whose weight W [out, in] is plain (the model's dtype) or FP8.
+
+    FP8: `weight` float8_e4m3fn [out, in] and `weight_scale_inv` float32 [ceil(out/128), ceil(in/128)] (the
+    checkpoint's names), W = weight * scale per 128x128 block. `forward` picks the path from the weight it holds.
+    """
+
+    def __init__(self, in_features: int, out_features: int, dtype: torch.dtype | None = None,
+                 device: torch.device | str | None = None):
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(out_features, in_features, dtype=dtype, device=device))
+        self.register_buffer("weight_scale_inv", None)  # None: a plain weight (and nothing in the state dict)
+
+    def forward(self, x: Tensor) -> Tensor:
+        """x [..., in] -> [..., out]."""
+        return linear(x, self.weight, self.weight_scale_inv)
+
+    def full_weight(self, dtype: torch.dtype) -> Tensor:
+        """W [out, in]: the plain weight as it is, or the FP8 one dequantised to `dtype` (for the absorbed attention,
+        which multiplies by W's slices per head, as DeepSeek's inference code does)."""
+        if self.weight_scale_inv is None:
+            return self.weight
+        return kernels.weight_dequant(self.weight, self.weight_scale_inv, FP8_BLOCK, dtype)
+
+    def keep_fp8_(self) -> None:
+        """Hold the weight as FP8 with its block scales: empty tensors of those dtypes on the weight's device (the
+        meta device, where the loader calls it before filling them from the checkpoint)."""
+        self.weight, self.weight_scale_inv = _empty_fp8(self.weight)
 
 
 # ----------------------------------------------------------------------------- rotary embedding
@@ -173,15 +234,15 @@ class MLA(nn.Module):
         qk_dim = self.nope_dim + self.rope_dim
         d = args.hidden_size
         if args.q_lora_rank is None:
-            self.q_proj = nn.Linear(d, self.n_heads * qk_dim, bias=False, dtype=dtype)
+            self.q_proj = Linear(d, self.n_heads * qk_dim, dtype)
         else:
-            self.q_a_proj = nn.Linear(d, args.q_lora_rank, bias=False, dtype=dtype)
+            self.q_a_proj = Linear(d, args.q_lora_rank, dtype)
             self.q_a_layernorm = RMSNorm(args.q_lora_rank, args.rms_norm_eps, dtype)
-            self.q_b_proj = nn.Linear(args.q_lora_rank, self.n_heads * qk_dim, bias=False, dtype=dtype)
-        self.kv_a_proj_with_mqa = nn.Linear(d, self.kv_rank + self.rope_dim, bias=False, dtype=dtype)
+            self.q_b_proj = Linear(args.q_lora_rank, self.n_heads * qk_dim, dtype)
+        self.kv_a_proj_with_mqa = Linear(d, self.kv_rank + self.rope_dim, dtype)
         self.kv_a_layernorm = RMSNorm(self.kv_rank, args.rms_norm_eps, dtype)
-        self.kv_b_proj = nn.Linear(self.kv_rank, self.n_heads * (self.nope_dim + self.v_dim), bias=False, dtype=dtype)
-        self.o_proj = nn.Linear(self.n_heads * self.v_dim, d, bias=False, dtype=dtype)
+        self.kv_b_proj = Linear(self.kv_rank, self.n_heads * (self.nope_dim + self.v_dim), dtype)
+        self.o_proj = Linear(self.n_heads * self.v_dim, d, dtype)
 
     def forward(self, x: Tensor, cos: Tensor, sin: Tensor, layer: int, cache: CacheView | None = None) -> Tensor:
         """x [B, S, D], cos/sin [B, S, P/2] -> [B, S, D]. With a cache, attends to the cached prefix too."""
@@ -225,7 +286,7 @@ class MLA(nn.Module):
                   trim: bool = True) -> Tensor:
         """Attention of the S new tokens over latents kv [B, T, R], k_pe [B, T, P] -> [B, S, H, V]
         (`trim=False`: no host sync, see `kernels.mla_decode`)."""
-        w = self.kv_b_proj.weight.view(self.n_heads, self.nope_dim + self.v_dim, self.kv_rank)
+        w = self.kv_b_proj.full_weight(q_nope.dtype).view(self.n_heads, self.nope_dim + self.v_dim, self.kv_rank)
         w_uk, w_uv = w[:, : self.nope_dim], w[:, self.nope_dim :]
         q_latent = torch.einsum("bshn,hnr->bshr", q_nope, w_uk)
         out_latent = kernels.mla_decode(q_latent, q_pe, kv, k_pe, lengths, self.softmax_scale, trim=trim)
@@ -240,9 +301,9 @@ class MLP(nn.Module):
 
     def __init__(self, dim: int, inter_dim: int, dtype: torch.dtype | None = None):
         super().__init__()
-        self.gate_proj = nn.Linear(dim, inter_dim, bias=False, dtype=dtype)
-        self.up_proj = nn.Linear(dim, inter_dim, bias=False, dtype=dtype)
-        self.down_proj = nn.Linear(inter_dim, dim, bias=False, dtype=dtype)
+        self.gate_proj = Linear(dim, inter_dim, dtype)
+        self.up_proj = Linear(dim, inter_dim, dtype)
+        self.down_proj = Linear(inter_dim, dim, dtype)
 
     def forward(self, x: Tensor) -> Tensor:
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
@@ -295,19 +356,56 @@ class Experts(nn.Module):
     """The routed experts' SwiGLU weights stacked per expert, for grouped computation.
 
     gate_proj, up_proj: [E, I, D]; down_proj: [E, D, I] (checkpoints store one [out, in] matrix
-    per expert; the loader stacks them).
+    per expert; the loader stacks them). Kept FP8 (`keep_fp8_`): float8_e4m3fn weights with float32 block scales
+    gate_proj_scale_inv, up_proj_scale_inv [E, ceil(I/128), ceil(D/128)], down_proj_scale_inv [E, ceil(D/128),
+    ceil(I/128)].
     """
 
-    def __init__(self, args: ModelArgs, dtype: torch.dtype | None = None):
+    PROJECTIONS = ("gate_proj", "up_proj", "down_proj")
+
+    def __init__(self, n_experts: int, dim: int, inter_dim: int, dtype: torch.dtype | None = None,
+                 device: torch.device | str | None = None):
         super().__init__()
-        e, i, d = args.n_routed_experts, args.moe_intermediate_size, args.hidden_size
-        self.gate_proj = nn.Parameter(torch.empty(e, i, d, dtype=dtype))
-        self.up_proj = nn.Parameter(torch.empty(e, i, d, dtype=dtype))
-        self.down_proj = nn.Parameter(torch.empty(e, d, i, dtype=dtype))
+        self.gate_proj = nn.Parameter(torch.empty(n_experts, inter_dim, dim, dtype=dtype, device=device))
+        self.up_proj = nn.Parameter(torch.empty(n_experts, inter_dim, dim, dtype=dtype, device=device))
+        self.down_proj = nn.Parameter(torch.empty(n_experts, dim, inter_dim, dtype=dtype, device=device))
+        for name in self.PROJECTIONS:
+            self.register_buffer(f"{name}_scale_inv", None)
 
     def forward(self, x: Tensor, ids: Tensor, weights: Tensor) -> Tensor:
         """x [T, D], ids/weights [T, k] -> [T, D]; tokens are grouped by expert inside the kernel."""
-        return kernels.fused_moe(x, self.gate_proj, self.up_proj, self.down_proj, ids, weights.to(x.dtype))
+        if self.gate_proj_scale_inv is None:
+            return kernels.fused_moe(x, self.gate_proj, self.up_proj, self.down_proj, ids, weights.to(x.dtype))
+        return self._fp8_experts(x, ids, weights)
+
+    def _fp8_experts(self, x: Tensor, ids: Tensor, weights: Tensor) -> Tensor:
+        """`forward` with FP8 weights: `fused_moe` takes no block scales, so each expert that received tokens runs
+        its three FP8 GEMMs on them (as DeepSeek's inference code does), with fused_moe's rounding points."""
+        k = ids.shape[1]
+        flat = ids.flatten()
+        order = flat.argsort(stable=True)  # (token, slot) pairs grouped by expert
+        counts = torch.bincount(flat, minlength=self.gate_proj.shape[0]).tolist()
+        out = torch.zeros(x.shape, dtype=torch.float32, device=x.device)
+        start = 0
+        for e, count in enumerate(counts):
+            if count == 0:
+                continue
+            pairs = order[start:start + count]
+            start += count
+            tokens = pairs // k
+            xs = x[tokens]
+            h = F.silu(linear(xs, self.gate_proj[e], self.gate_proj_scale_inv[e]).float()) \
+                * linear(xs, self.up_proj[e], self.up_proj_scale_inv[e]).float()
+            y = linear(h.to(x.dtype), self.down_proj[e], self.down_proj_scale_inv[e]).float()
+            out.index_add_(0, tokens, y * weights.flatten()[pairs, None].float())
+        return out.to(x.dtype)
+
+    def keep_fp8_(self) -> None:
+        """Hold the experts' weights as FP8 with their block scales (see `Linear.keep_fp8_`)."""
+        for name in self.PROJECTIONS:
+            weight, scale = _empty_fp8(getattr(self, name))
+            setattr(self, name, weight)
+            setattr(self, f"{name}_scale_inv", scale)
 
 
 class MoE(nn.Module):
@@ -316,7 +414,7 @@ class MoE(nn.Module):
     def __init__(self, args: ModelArgs, dtype: torch.dtype | None = None):
         super().__init__()
         self.gate = Gate(args)
-        self.experts = Experts(args, dtype)
+        self.experts = Experts(args.n_routed_experts, args.hidden_size, args.moe_intermediate_size, dtype)
         self.shared_experts = (
             MLP(args.hidden_size, args.moe_intermediate_size * args.n_shared_experts, dtype)
             if args.n_shared_experts else None
@@ -387,7 +485,7 @@ class MTPLayer(Block):
         super().__init__(args, layer_id, dtype)
         self.enorm = RMSNorm(args.hidden_size, args.rms_norm_eps, dtype)
         self.hnorm = RMSNorm(args.hidden_size, args.rms_norm_eps, dtype)
-        self.eh_proj = nn.Linear(2 * args.hidden_size, args.hidden_size, bias=False, dtype=dtype)
+        self.eh_proj = Linear(2 * args.hidden_size, args.hidden_size, dtype)
         self.shared_head = SharedHead(args, head)
         self._embed = [embed]  # a list, so the shared embedding is not registered twice
 

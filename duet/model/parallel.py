@@ -41,10 +41,9 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from duet import kernels
 from duet.errors import DuetError
 from duet.model.checkpoint import Part, load_model
-from duet.model.model import MLA, MLP, Experts, MoE, Transformer
+from duet.model.model import MLA, MLP, Experts, Linear, MoE, Transformer, linear
 
 TORCHRUN_VARIABLES = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
 
@@ -124,37 +123,36 @@ class ParallelEmbedding(nn.Module):
         return self.world.all_reduce(x)
 
 
-class ColumnParallelLinear(nn.Module):
-    """A linear layer split by its outputs: this rank holds rows start:stop of the [out, in] weight.
+class ColumnParallelLinear(Linear):
+    """A linear layer split by its outputs: this rank holds rows start:stop of the [out, in] weight (and, kept FP8,
+    the rows of block scales that cover them: `duet.model.checkpoint` splits FP8 weights on block boundaries only).
 
     x [..., in] -> [..., stop - start], this rank's slice of the outputs (its heads, its part of an MLP's hidden
     layer), with no communication. `unit`: outputs come in whole groups of that many (a head's).
     """
 
-    def __init__(self, linear: nn.Linear, world: World, unit: int = 1):
-        super().__init__()
-        self.part = world.part(linear.weight.shape[0], dim=0, unit=unit)
-        self.weight = _take(self.part, linear.weight)
-
-    def forward(self, x: Tensor) -> Tensor:
-        return F.linear(x, self.weight)
+    def __init__(self, linear: nn.Module, world: World, unit: int = 1):
+        part = world.part(linear.weight.shape[0], dim=0, unit=unit)
+        super().__init__(linear.weight.shape[1], part.size, linear.weight.dtype, device="meta")
+        self.part = part
+        self.weight = _take(part, linear.weight)
 
 
-class RowParallelLinear(nn.Module):
+class RowParallelLinear(Linear):
     """A linear layer split by its inputs: this rank holds columns start:stop of the [out, in] weight.
 
     x [..., stop - start], this rank's slice of the inputs (what a ColumnParallelLinear gave it) -> [..., out],
     the sum of every rank's product, by an all-reduce.
     """
 
-    def __init__(self, linear: nn.Linear, world: World, unit: int = 1):
-        super().__init__()
-        self.world = world
-        self.part = world.part(linear.weight.shape[1], dim=1, unit=unit)
-        self.weight = _take(self.part, linear.weight)
+    def __init__(self, linear: nn.Module, world: World, unit: int = 1):
+        part = world.part(linear.weight.shape[1], dim=1, unit=unit)
+        super().__init__(part.size, linear.weight.shape[0], linear.weight.dtype, device="meta")
+        self.world, self.part = world, part
+        self.weight = _take(part, linear.weight)
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.world.all_reduce(F.linear(x, self.weight))
+        return self.world.all_reduce(super().forward(x))
 
 
 class ParallelHead(ColumnParallelLinear):
@@ -170,7 +168,7 @@ class ParallelHead(ColumnParallelLinear):
         self.widths = [stop - start for start, stop in split(head.weight.shape[0], world.size)]
 
     def forward(self, h: Tensor) -> Tensor:
-        logits = F.linear(h, self.weight)
+        logits = linear(h, self.weight)
         if self.world.size == 1:
             return logits
         padded = F.pad(logits, (0, self.widths[0] - logits.shape[-1]))
@@ -178,9 +176,9 @@ class ParallelHead(ColumnParallelLinear):
         return torch.cat([p[..., :w] for p, w in zip(pieces, self.widths, strict=True)], dim=-1)
 
 
-class ParallelExperts(nn.Module):
+class ParallelExperts(Experts):
     """This rank's routed experts, experts start:stop of E, stacked as `Experts` stacks them:
-    gate_proj, up_proj [E/N, I, D]; down_proj [E/N, D, I].
+    gate_proj, up_proj [E/N, I, D]; down_proj [E/N, D, I] (kept FP8: with their block scales).
 
     x [T, D], ids, weights [T, k] (global expert ids, from the replicated gate) -> [T, D]: the rank runs its
     experts on the (token, expert) pairs routed to them, and an all-reduce adds the ranks' contributions (each
@@ -188,20 +186,19 @@ class ParallelExperts(nn.Module):
     """
 
     def __init__(self, experts: Experts, world: World):
-        super().__init__()
-        self.world = world
-        self.part = world.part(experts.gate_proj.shape[0])
-        self.gate_proj = _take(self.part, experts.gate_proj)
-        self.up_proj = _take(self.part, experts.up_proj)
-        self.down_proj = _take(self.part, experts.down_proj)
+        part = world.part(experts.gate_proj.shape[0])
+        _, inter_dim, dim = experts.gate_proj.shape
+        super().__init__(part.size, dim, inter_dim, experts.gate_proj.dtype, device="meta")
+        self.world, self.part = world, part
+        for name in self.PROJECTIONS:
+            setattr(self, name, _take(part, getattr(experts, name)))
 
     def forward(self, x: Tensor, ids: Tensor, weights: Tensor) -> Tensor:
         local = ids - self.part.start
         token, slot = ((local >= 0) & (local < self.part.size)).nonzero(as_tuple=True)  # this rank's pairs [M]
         y = torch.zeros(x.shape, dtype=torch.float32, device=x.device)
         if len(token):
-            pairs = kernels.fused_moe(x[token], self.gate_proj, self.up_proj, self.down_proj,
-                                      local[token, slot, None], weights[token, slot, None].to(x.dtype))  # [M, D]
+            pairs = super().forward(x[token], local[token, slot, None], weights[token, slot, None])  # [M, D]
             y.index_add_(0, token, pairs.float())
         return self.world.all_reduce(y.to(x.dtype))
 
@@ -213,8 +210,11 @@ def parallelize(model: Transformer, world: World) -> dict[str, Part]:
     """Turn `model` into this rank's part of it, in place (see the module docstring for what is split how).
 
     The loader calls it on the meta device, then fills the parts; a model with weights keeps copies of its rank's
-    slices. Returns the `Part` of every split parameter, by name, for the loader.
+    slices (plain weights only: the loader keeps FP8 weights FP8 after splitting). Returns the `Part` of every split
+    parameter, by name, for the loader.
     """
+    if any(name.endswith("scale_inv") for name, _ in model.named_buffers()):
+        raise ValueError("parallelize a model before its weights are kept FP8 (load_parallel_model does)")
     for block in [*model.layers, *model.mtp]:
         _split_attention(block.self_attn, world)
         if isinstance(block.mlp, MoE):
@@ -285,9 +285,11 @@ def init_from_env(device: str | torch.device | None = None, timeout: float = 300
 
 def load_parallel_model(path: str | Path, device: str | torch.device | None = None,
                         dtype: torch.dtype = torch.float32, mtp: bool = True,
-                        world: World | None = None) -> Transformer:
-    """This rank's part of the checkpoint at `path` (see `duet.model.load_model`), read slice by slice from the
-    memory-mapped safetensors: no rank ever holds the whole model. Every rank of `world` (default: the default
-    process group's) must call it; then every forward pass too, with the same inputs."""
+                        world: World | None = None, fp8_weights: str = "dequantise") -> Transformer:
+    """This rank's part of the checkpoint at `path` (see `duet.model.load_model`, and its `fp8_weights`: FP8 weights
+    kept FP8 are split on their 128x128 scale blocks), read slice by slice from the memory-mapped safetensors: no
+    rank ever holds the whole model. Every rank of `world` (default: the default process group's) must call it;
+    then every forward pass too, with the same inputs."""
     world = world or World.current(device)
-    return load_model(path, device or world.device, dtype, mtp, shard=lambda model: parallelize(model, world))
+    return load_model(path, device or world.device, dtype, mtp, shard=lambda model: parallelize(model, world),
+                      fp8_weights=fp8_weights)

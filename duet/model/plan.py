@@ -15,9 +15,10 @@ Layout over N ranks, as in DeepSeek's reference inference code (`inference/model
 
 Weight dtypes: `fp8` stores the attention, MLP and expert matrices as float8_e4m3 (1 byte) with a float32
 scale per 128x128 block, as DeepSeek's published FP8 checkpoint does; the embedding, output head, norms
-and eh_proj stay bf16 there. The router stays float32 in every plan, as duet's `Gate` keeps it (DeepSeek's
-checkpoint stores it in bf16: 0.2 GB of difference for V3). The cache is kept in the activations' dtype:
-bf16 for fp8 and bf16 weights.
+and eh_proj stay bf16 there (or in the run's dtype: `unquantised`). This is what duet holds when it keeps an FP8
+checkpoint's weights FP8 (`duet.model.checkpoint.keeps_fp8`). The router stays float32 in every plan, as duet's
+`Gate` keeps it (DeepSeek's checkpoint stores it in bf16: 0.2 GB of difference for V3). The cache is kept in the
+activations' dtype: bf16 for fp8 and bf16 weights.
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ import torch
 from torch import Tensor, nn
 
 from duet.errors import CheckpointError
-from duet.model.checkpoint import count_parameters, load_config
+from duet.model.checkpoint import count_parameters, keeps_fp8, load_config
 from duet.model.config import ModelArgs
 from duet.model.model import Transformer
 
@@ -144,17 +145,22 @@ def meta_model(args: ModelArgs, dtype: str = "bf16", n_mtp: int | None = None) -
 
 
 def make_plan(args: ModelArgs, device_memory: int, nproc: int = 1, dtype: str = "bf16",
-              max_batch: int = 1, max_seq_len: int | None = None, n_mtp: int | None = None) -> Plan:
+              max_batch: int = 1, max_seq_len: int | None = None, n_mtp: int | None = None,
+              unquantised: str = "bf16") -> Plan:
     """Plan `args` on `nproc` devices of `device_memory` bytes each, weights in `dtype` (see the module
-    docstring), a latent cache of `max_batch` x `max_seq_len` tokens (default: the model's context), and
-    `n_mtp` MTP modules (default: the config's). ValueError with one line for impossible values."""
+    docstring; with fp8, the other weights and the cache in `unquantised`), a latent cache of `max_batch` x
+    `max_seq_len` tokens (default: the model's context), and `n_mtp` MTP modules (default: the config's).
+    ValueError with one line for impossible values."""
     dtype = weight_dtype(dtype)
+    unquantised = weight_dtype(unquantised) if dtype == "fp8" else dtype
+    if unquantised == "fp8":
+        raise ValueError("the weights FP8 does not cover cannot be fp8")
     if nproc < 1 or max_batch < 1 or device_memory < 1 or (max_seq_len is not None and max_seq_len < 1):
         raise ValueError("nproc, max_batch, max_seq_len and the device memory must be positive")
     for name, n in (("num_attention_heads", args.num_attention_heads), ("n_routed_experts", args.n_routed_experts)):
         if n and n % nproc:
             raise ValueError(f"{nproc} processes cannot split the model's {name}={n} evenly")
-    model = meta_model(args, dtype, n_mtp)
+    model = meta_model(args, unquantised, n_mtp)
     max_seq_len = max_seq_len or args.max_position_embeddings
 
     sizes = {g: [0, 0, 0] for g in _GROUPS}  # parameters, per-rank parameters, per-rank bytes
@@ -170,7 +176,7 @@ def make_plan(args: ModelArgs, device_memory: int, nproc: int = 1, dtype: str = 
     groups = tuple(Group(g, *s) for g, s in sizes.items() if s[2])
 
     weight_bytes = sum(g.rank_bytes for g in groups)
-    per_token = model.n_cache_layers * (args.kv_lora_rank + args.qk_rope_head_dim) * DTYPES[dtype].itemsize
+    per_token = model.n_cache_layers * (args.kv_lora_rank + args.qk_rope_head_dim) * DTYPES[unquantised].itemsize
     margin = int(device_memory * MARGIN)
     room = device_memory - weight_bytes - margin
     main = count_parameters(model, include_mtp=False)
@@ -240,9 +246,10 @@ def available_memory(device: str | torch.device) -> int | None:
 
 
 def check_fits(path: str | Path, device: str | torch.device, dtype: torch.dtype, mtp: bool = True,
-               nproc: int = 1) -> None:
-    """Refuse, before any weight is read, a checkpoint whose weights (dequantised to `dtype`, as the loader
-    does) and margin exceed what `device` has free: CheckpointError with one line saying what to do. Over
+               nproc: int = 1, fp8_weights: str = "auto") -> None:
+    """Refuse, before any weight is read, a checkpoint whose weights (as the loader holds them: dequantised to
+    `dtype`, or FP8 kept FP8 as `fp8_weights` decides, the rest in `dtype`) and margin exceed what `device` has
+    free: CheckpointError with one line saying what to do. Over
     `nproc` ranks (torchrun), each rank's share is checked against its own device, or against its share of the
     machine's memory on the CPU, where every rank takes from the same RAM.
 
@@ -256,8 +263,8 @@ def check_fits(path: str | Path, device: str | torch.device, dtype: torch.dtype,
     args = load_config(path)
     name = {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(dtype, "fp32")
     try:
-        plan = make_plan(args, dtype=name, device_memory=available, max_seq_len=1, n_mtp=None if mtp else 0,
-                         nproc=nproc)
+        plan = make_plan(args, dtype="fp8" if keeps_fp8(args, device, fp8_weights) else name, unquantised=name,
+                         device_memory=available, max_seq_len=1, n_mtp=None if mtp else 0, nproc=nproc)
     except ValueError as e:  # heads or experts that the ranks cannot split
         raise CheckpointError(f"{path}: {e}") from None
     if plan.weights_fit:
@@ -265,7 +272,7 @@ def check_fits(path: str | Path, device: str | torch.device, dtype: torch.dtype,
     halve = " --dtype bfloat16 (half the memory)," if name == "fp32" else ""
     where = f"{device} has {gib(available)} free" + (f" per rank of {nproc}" if nproc > 1 else "")
     raise CheckpointError(
-        f"{path}: its weights need {gib(plan.weight_bytes)} in {name}{' per rank' if nproc > 1 else ''} "
+        f"{path}: its weights need {gib(plan.weight_bytes)} in {plan.dtype}{' per rank' if nproc > 1 else ''} "
         f"(+{gib(plan.margin_bytes)} of working margin) but {where}; use{halve} a smaller model, or split it over "
         f"more GPUs (`duet plan --model {path} --nproc N` says how many; then `torchrun --nproc-per-node N -m duet "
         "...`, or vLLM or SGLang with --base-url)")
