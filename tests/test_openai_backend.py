@@ -773,3 +773,13 @@ def test_a_guessed_hub_id_is_taken_from_the_local_cache_only(tokenizer_dir, tmp_
     env.pop("DUET_TOKENIZER", None)
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, env=env)
     assert r.returncode == 0, r.stderr
+
+
+def test_a_tokenizer_that_cannot_be_loaded_is_one_line_naming_the_server(server, tmp_path):
+    server.continues = "rejects"
+    (tmp_path / "tokenizer_config.json").write_text("{not json")
+    with pytest.raises(BackendError) as error:
+        OpenAIBackend(server.url, "m", tokenizer=str(tmp_path)).complete(PARTIAL)
+    message = str(error.value)
+    assert message.startswith(f"{server.url}: cannot load the tokenizer '{tmp_path}' to render the chat template")
+    assert "\n" not in message

@@ -235,7 +235,10 @@ class OpenAIBackend:
         body: dict[str, Any] = {"model": model}
         if is_continuation(messages) and not self.continues_messages(model, deadline):
             path = "/completions"
-            body["prompt"] = self.chat_template(model).continuation(messages)
+            try:
+                body["prompt"] = self.chat_template(model).continuation(messages)
+            except BackendError as error:  # the tokenizer's or template's failure: say for which server
+                raise BackendError(str(error) if self.base_url in str(error) else f"{self.base_url}: {error}") from error
         else:
             path = "/chat/completions"
             body["messages"] = [{"role": m["role"], "content": m["content"]} for m in messages]
