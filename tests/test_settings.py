@@ -219,7 +219,8 @@ def test_replies_flag_wins_over_a_backend_from_the_environment_or_the_config_fil
 def test_backend_options_and_dialogue_config(env, tmp_path):
     s = load_settings({"device": "cpu", "dtype": "bf16", "mtp": False, "compile": True, "timeout": 2.5,
                        "memory": 256, "max_rounds": 2, "critic": False, "number_check": False}, env)
-    assert backend_options("local:/x", s) == {"device": "cpu", "dtype": "bf16", "mtp": False, "compile": True}
+    assert backend_options("local:/x", s) == {"device": "cpu", "dtype": "bf16", "fp8_weights": "auto", "mtp": False,
+                                              "compile": True}
     assert backend_options("openai:http://h/v1", s) == {"timeout": 60.0}
     replies = tmp_path / "r.json"
     replies.write_text('{"replies": ["a"], "delay": 0.5}')

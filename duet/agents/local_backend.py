@@ -32,6 +32,9 @@ class LocalOptions:
 
     device: str = option("text", "cpu", setting="device")
     dtype: str = option("text", "float32", setting="dtype")  # float32, bfloat16, float16 (fp32, bf16, fp16)
+    # auto, keep, dequantise (duet.model.checkpoint.keeps_fp8). Left out of eval fingerprints: it changes memory and
+    # speed, answers only by FP8 rounding and only for FP8 checkpoints, and "auto" resolves per machine anyway
+    fp8_weights: str = option("text", "auto", setting="fp8_weights", answers=False)
     mtp: bool = option("bool", True, setting="mtp", unset="auto")  # "auto": resolved by duet.app.backends
     compile: bool = option("bool", False, setting="compile", answers=False)
     max_batch: int = option("count", 8, answers=False)
@@ -75,8 +78,10 @@ class LocalBackend:
             with _ENGINES_LOCK:
                 if key not in _ENGINES:
                     # before a weight is read; under torchrun each rank holds its part (duet.engine.distributed)
-                    check_fits(directory, o.device, torch_dtype, o.mtp, nproc=World.current().size)
+                    check_fits(directory, o.device, torch_dtype, o.mtp, nproc=World.current().size,
+                               fp8_weights=o.fp8_weights)
                     _ENGINES[key] = Engine.load(directory, device=o.device, dtype=torch_dtype, use_mtp=o.mtp,
+                                                fp8_weights=o.fp8_weights,
                                                 max_batch=o.max_batch, max_seq_len=o.max_seq_len, compile=o.compile,
                                                 prefix_cache_mb=o.prefix_cache_mb)
         except DuetError as e:

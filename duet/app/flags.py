@@ -49,6 +49,7 @@ FLAGS: dict[str, tuple[str, ...]] = {
     "seed": ("N",),
     "device": ("DEV",),
     "dtype": ("TYPE",),
+    "fp8_weights": ("MODE",),
     "mtp": ("",),
     "compile": ("",),
     "timeout": ("SECONDS",),

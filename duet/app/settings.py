@@ -88,6 +88,9 @@ KEYS: tuple[Key, ...] = (
         choices=("auto", "cpu", "cuda", "cuda:N", "mps")),
     Key("dtype", "str", "auto", "local runtime dtype: auto, float32, bfloat16, float16",
         choices=("auto", "float32", "bfloat16", "float16", "fp32", "bf16", "fp16")),
+    Key("fp8_weights", "str", "auto", "an FP8 checkpoint's weights: keep (FP8 in memory, FP8 matrix products: half "
+        "the memory of bf16), dequantise (to the dtype, at load), or auto: keep on CUDA with compute capability 8.9+, "
+        "else dequantise", choices=("auto", "keep", "dequantise")),
     Key("mtp", "bool", True, "speculative decoding with the model's MTP modules (unset: on, but off when "
         "compiling on a CPU, where it decodes slower)"),
     Key("compile", "bool", False, "compile the local runtime's decode steps (torch.compile: a slow first start, "

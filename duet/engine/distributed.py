@@ -64,16 +64,18 @@ class Leader:
         self._runners = 0
         self._error: str | None = None  # set once the ranks are out of step (or stopped): every op fails
 
-    def load_model(self, path: str | Path, device: str | torch.device, dtype: torch.dtype, mtp: bool) -> Transformer:
+    def load_model(self, path: str | Path, device: str | torch.device, dtype: torch.dtype, mtp: bool,
+                   fp8_weights: str = "auto") -> Transformer:
         """Rank 0's part of the checkpoint at `path`, each other rank loading its own."""
         if torch.device(device).type != self.world.device.type:
             raise DuetError(f"under torchrun every rank runs on its own {self.world.device.type} device, "
                             f"not {device}; drop --device")
         with self._lock:
             self._check()
-            self._send(("load", str(path), dtype, mtp))
+            self._send(("load", str(path), dtype, mtp, fp8_weights))
             try:
-                model = load_parallel_model(path, self.world.device, dtype, mtp, world=self.world)
+                model = load_parallel_model(path, self.world.device, dtype, mtp, world=self.world,
+                                            fp8_weights=fp8_weights)
             except Exception as error:  # the other ranks may have loaded theirs: they no longer match
                 self._error = f"rank 0 could not load {path} ({_one_line(error)})"
                 raise
@@ -151,8 +153,9 @@ class Follower:
             if kind == "stop":
                 return
             if kind == "load":
-                path, dtype, mtp = fields
-                models.append(load_parallel_model(path, self.world.device, dtype, mtp, world=self.world))
+                path, dtype, mtp, fp8_weights = fields
+                models.append(load_parallel_model(path, self.world.device, dtype, mtp, world=self.world,
+                                                  fp8_weights=fp8_weights))
             elif kind == "runner":
                 model, options = fields
                 runners.append(Runner(models[model], **options))
@@ -191,11 +194,13 @@ def join(device: str | None = None, timeout: float = TIMEOUT) -> Leader | Follow
     return _leader
 
 
-def load_model(path: str | Path, device: str | torch.device, dtype: torch.dtype, mtp: bool) -> Transformer:
-    """The model at `path`: all of it, or under torchrun (on rank 0) this rank's part, the others loading theirs."""
+def load_model(path: str | Path, device: str | torch.device, dtype: torch.dtype, mtp: bool,
+               fp8_weights: str = "auto") -> Transformer:
+    """The model at `path`: all of it, or under torchrun (on rank 0) this rank's part, the others loading theirs
+    (`fp8_weights`: see `duet.model.load_model`)."""
     if _leader is None:
-        return load_whole_model(path, device=device, dtype=dtype, mtp=mtp)
-    return _leader.load_model(path, device, dtype, mtp)
+        return load_whole_model(path, device=device, dtype=dtype, mtp=mtp, fp8_weights=fp8_weights)
+    return _leader.load_model(path, device, dtype, mtp, fp8_weights)
 
 
 def runner(model: Transformer, **options: Any) -> Runner:

@@ -188,10 +188,10 @@ class Engine:
 
     @classmethod
     def load(cls, path: str | Path, device: str = "cpu", dtype: torch.dtype = torch.float32,
-             use_mtp: bool = True, **kwargs) -> Engine:
+             use_mtp: bool = True, fp8_weights: str = "auto", **kwargs) -> Engine:
         """Model and tokenizer from one checkpoint directory (under torchrun, rank 0's part of the model, the
-        other ranks loading theirs: see `duet.engine.distributed`)."""
-        model = distributed.load_model(path, device, dtype, use_mtp)
+        other ranks loading theirs: see `duet.engine.distributed`); `fp8_weights`: see `duet.model.load_model`."""
+        model = distributed.load_model(path, device, dtype, use_mtp, fp8_weights)
         return cls(model, load_tokenizer(path), use_mtp=use_mtp, **kwargs)
 
     # ------------------------------------------------------------------ prompts

@@ -111,7 +111,7 @@ def build_server(*, model: str | None, host: str, port: int, api_key: str | None
     dtype = getattr(torch, {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}.get(options["dtype"],
                                                                                          options["dtype"]))
     engine = Engine.load(directory, device=options["device"], dtype=dtype, use_mtp=options["mtp"],
-                         max_batch=max_batch, compile=options["compile"]).start()
+                         fp8_weights=settings.fp8_weights, max_batch=max_batch, compile=options["compile"]).start()
     model_id = "embedded" if directory.resolve() == EMBEDDED_DIR.resolve() else directory.resolve().name
     limits = Limits(max_queue=max_queue, max_tokens=max_tokens_limit,
                     default_max_tokens=min(1024, max_tokens_limit), max_request_bytes=max_request_bytes,
