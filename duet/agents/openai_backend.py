@@ -238,7 +238,8 @@ class OpenAIBackend:
             try:
                 body["prompt"] = self.chat_template(model).continuation(messages)
             except BackendError as error:  # the tokenizer's or template's failure: say for which server
-                raise BackendError(str(error) if self.base_url in str(error) else f"{self.base_url}: {error}") from error
+                text = str(error)
+                raise BackendError(text if self.base_url in text else f"{self.base_url}: {text}") from error
         else:
             path = "/chat/completions"
             body["messages"] = [{"role": m["role"], "content": m["content"]} for m in messages]
