@@ -166,7 +166,7 @@ class OpenAIOptions:
 CONTINUE_FIELDS = {"continue_final_message": True, "add_generation_prompt": False}
 """vLLM's and SGLang's chat-template options that keep the last (assistant) message open."""
 STOP_FIELDS = ("stop_reason", "matched_stop", "stopping_word")
-"""The fields of a finishing choice that name the stop string that matched (vLLM, SGLang, llama.cpp)."""
+"""The fields that name the stop string that matched: a finishing choice's (vLLM, SGLang), llama.cpp's own."""
 
 _CONTINUES: dict[tuple[str, str], tuple[bool, str]] = {}
 """(API root, model) -> (whether the server continues an assistant message, why not); probed once a process."""
