@@ -8,7 +8,11 @@ FP8 GEMM, as DeepSeek's inference does; the dequantised model multiplies the sam
   weights, every FP8 layer's input rounded to e4m3 by this file's own code) the kept model agrees to fp32 noise
   (5e-4 on logits of about 3; 7e-5 measured);
 - against the dequantised model it differs by those roundings compounded over the layers of a random untrained
-  model (0.23 of the logits' norm measured; bound 0.35), each layer within 2^-4 of its output's norm.
+  model (0.23 of the logits' norm measured; bound 0.35), each layer within 2^-4 of its output's norm; greedy tokens
+  part after one or two (a random model's logits have no margin), so generation is compared kept against kept;
+- where the same model sums in another order (two ranks' all-reduce, the Triton GEMM), fp32 noise now and then
+  moves an activation across an e4m3 rounding boundary, and that position's outputs differ by one rounding: those
+  comparisons bound the share of such rows and the relative error, not every element.
 """
 
 from __future__ import annotations
@@ -25,7 +29,7 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
-from duet.errors import CheckpointError
+from duet.errors import CheckpointError, DuetError
 from duet.model import CacheView, KVCache, load_config, load_model, save_model
 from duet.model.checkpoint import keeps_fp8
 from duet.model.model import FP8, Experts, Linear
@@ -199,6 +203,8 @@ def test_greedy_generation_with_kept_fp8_weights(duet_fp8):
     with torch.no_grad():
         first = [int(kept(torch.tensor([p]))[0, -1].argmax()) for p in prompts]
     assert [r.token_ids[0] for r in plain] == first
+    with pytest.raises(DuetError, match="--compile does not run on weights kept FP8 yet.*--fp8-weights dequantise"):
+        Engine(kept, tokenizer, compile=True)
 
 
 # ----------------------------------------------------------------------------- tensor parallel

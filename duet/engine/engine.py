@@ -49,7 +49,7 @@ from torch import Tensor
 from duet.engine import distributed
 from duet.engine.detokenize import TextStream
 from duet.engine.sampling import SamplingParams, accept_draft, draft_token, sample, top_logprobs
-from duet.errors import CheckpointError
+from duet.errors import CheckpointError, DuetError
 from duet.model import Transformer
 
 TextCallback = Callable[[int, str], None]  # (request index, new text)
@@ -136,6 +136,10 @@ class Engine:
         small_on_cpu = self.device.type == "cpu" and sum(p.numel() for p in model.parameters()) < 100_000_000
         self.threads = threads or (1 if small_on_cpu else None)
         self.compile = compile
+        if compile and any(p.dtype == torch.float8_e4m3fn for p in model.parameters()):
+            raise DuetError("--compile does not run on weights kept FP8 yet (the FP8 experts are dispatched from "
+                            "the host, which one compiled graph cannot hold); use --fp8-weights dequantise, or drop "
+                            "--compile")
         self.runner = distributed.runner(model, max_batch=max_batch, max_seq_len=self.max_seq_len, compile=compile,
                                          threads=self.threads, prefix_cache_mb=prefix_cache_mb,
                                          prefix_block=prefix_block)
