@@ -49,7 +49,9 @@ class FakeServer:
             return send(handler, 422, json.dumps({"detail": f"Unexpected fields in the request: {fields}"}))
         if body.get("max_tokens") == 1 and handler.path.endswith("/chat/completions"):
             usage = {"prompt_tokens": self.prompt_tokens(body), "completion_tokens": 1}
-            reply = {"choices": [{"index": 0, "message": {"content": "!"}, "finish_reason": "length"}], "usage": usage}
+            echo = body["messages"][-1]["content"] if self.echoes(body) else ""
+            reply = {"choices": [{"index": 0, "message": {"content": echo + "!"}, "finish_reason": "length"}],
+                     "usage": usage}
             return send(handler, 200, json.dumps(reply))
         self.respond(handler, body)
 
@@ -59,6 +61,10 @@ class FakeServer:
             self.continues == "prefills" or (self.continues == "honours" and "continue_final_message" in body))
         closed = sum(2 + len(m["content"]) for m in messages)
         return closed - 1 if kept_open else closed + 1  # no end of the open message, or a new header
+
+    def echoes(self, body: dict[str, Any]) -> bool:
+        """llama.cpp repeats the partial reply it continues at the start of its own."""
+        return self.continues == "prefills" and body["messages"][-1]["role"] == "assistant"
 
     def served(self) -> list[dict[str, Any]]:
         """The requests other than duet's continuation probes."""
@@ -192,7 +198,15 @@ def test_continuing_a_partial_assistant_message(server, behaviour):
     server.continues = behaviour
     solution = "Step.\n```python\nprint(4)\n```\n```output\n4\n```\n"
     partial = [*USER, {"role": "assistant", "content": solution}]
-    OpenAIBackend(server.url, "m1").complete(partial)
+
+    def respond(handler: BaseHTTPRequestHandler, body: dict[str, Any]) -> None:
+        text = (solution if server.echoes(body) else "") + "So \\boxed{4}."
+        sse(handler, [*map(content_chunk, (text[:9], text[9:30], text[30:])), finish_chunk("stop")])
+
+    server.respond = respond
+    streamed: list[str] = []
+    done = OpenAIBackend(server.url, "m1").complete(partial, Request(stop=[STOP]), on_text=streamed.append)
+    assert (done.text, done.finish_reason, "".join(streamed)) == ("So \\boxed{4}.", "eos", "So \\boxed{4}.")
     OpenAIBackend(server.url, "m1").complete(partial)  # the probe's finding is kept for the process
     probes = [r["body"] for r in server.requests if r["body"]["max_tokens"] == 1]
     assert len(probes) == 2 and [("continue_final_message" in b) for b in probes] == [True, False]
@@ -200,6 +214,17 @@ def test_continuing_a_partial_assistant_message(server, behaviour):
     body = server.served()[0]["body"]
     assert body["continue_final_message"] is True and body["add_generation_prompt"] is False
     assert body["messages"][-1] == partial[-1]
+
+
+def test_a_reply_that_does_not_repeat_the_partial_one_passes_unchanged():
+    from duet.agents.openai_backend import EchoStripper
+
+    stripper = EchoStripper("Step.\n```python\n")
+    assert [stripper.feed(p) for p in ("Step.\n``", "`pyth", "on\nx")] == ["", "", "x"]
+    stripper = EchoStripper("Step.\n```python\n")
+    assert [stripper.feed(p) for p in ("Ste", "ady", " on")] == ["", "Steady", " on"]
+    stripper = EchoStripper("Step.\n")
+    assert (stripper.feed("Step"), stripper.flush()) == ("", "Step")  # ended inside it: not a repeat
 
 
 def test_reasoning_is_kept_apart_from_the_answer(server):

@@ -11,7 +11,8 @@ server that sends none gives ``None``).
 
 Continuing a partial assistant reply (the solver's tool loop), and only then: vLLM and SGLang take
 ``"continue_final_message": true, "add_generation_prompt": false`` and render the partial reply without
-closing the turn; llama.cpp's ``llama-server`` continues a final assistant message by itself. Others do
+closing the turn; llama.cpp's ``llama-server`` continues a final assistant message by itself (and repeats
+it at the start of its reply: the probe sees it, and duet drops the repeat). Others do
 not: ``transformers serve`` answers HTTP 422, llama-cpp-python ignores the fields and starts a new reply.
 So the first continuation on a server (once per process, per server and model) asks it for one token
 twice, not streamed (its usage is then always sent): a new turn, and the same conversation with a
@@ -146,6 +147,33 @@ class ThinkSplitter:
             out.append(("reasoning" if self.inside else "text", text))
 
 
+class EchoStripper:
+    """Drops the partial reply that a server repeats at the start of its continuation (llama.cpp's llama-server);
+    text that turns out not to repeat it passes unchanged. ``feed`` returns what follows the echo."""
+
+    def __init__(self, echo: str) -> None:
+        self.echo = echo
+        self.held = ""
+        self.settled = not echo
+
+    def feed(self, piece: str) -> str:
+        if self.settled:
+            return piece
+        self.held += piece
+        if self.held.startswith(self.echo):
+            self.settled = True
+            return self.held[len(self.echo) :]
+        if self.echo.startswith(self.held):
+            return ""  # so far the echo: hold it
+        self.settled = True
+        return self.held
+
+    def flush(self) -> str:
+        """What is still held (the stream ended inside what looked like the echo)."""
+        held, self.held, self.settled = ("" if self.settled else self.held), "", True
+        return held
+
+
 @dataclass(frozen=True)
 class OpenAIOptions:
     """The OpenAI backend's options (``timeout``: seconds for the connection and each wait for data, duet's
@@ -168,8 +196,18 @@ CONTINUE_FIELDS = {"continue_final_message": True, "add_generation_prompt": Fals
 STOP_FIELDS = ("stop_reason", "matched_stop", "stopping_word")
 """The fields that name the stop string that matched: a finishing choice's (vLLM, SGLang), llama.cpp's own."""
 
-_CONTINUES: dict[tuple[str, str], tuple[bool, str]] = {}
-"""(API root, model) -> (whether the server continues an assistant message, why not); probed once a process."""
+@dataclass(frozen=True)
+class Continuation:
+    """What the probe learnt of a server: whether it continues a final assistant message (``why_not`` if not), and
+    whether its reply repeats that message before the continuation (llama.cpp's ``llama-server`` does)."""
+
+    works: bool
+    why_not: str = ""
+    echoes: bool = False
+
+
+_CONTINUES: dict[tuple[str, str], Continuation] = {}
+"""(API root, model) -> what the server does with a final assistant message; probed once a process."""
 _PROBE_LOCK = threading.Lock()
 _SENDS_STOPS: set[tuple[str, str]] = set()
 """(API root, model) of servers seen to send a stop string in the text (``transformers serve``): they do not strip
@@ -233,7 +271,9 @@ class OpenAIBackend:
         deadline = Deadline(self.limits.deadline)
         model = self.model or self.resolve_model()
         body: dict[str, Any] = {"model": model}
-        if is_continuation(messages) and not self.continues_messages(model, deadline):
+        continuation = self.continuation(model, deadline) if is_continuation(messages) else None
+        echo = ""  # what the server will repeat before its continuation
+        if continuation is not None and not continuation.works:
             path = "/completions"
             try:
                 body["prompt"] = self.chat_template(model).continuation(messages)
@@ -243,12 +283,13 @@ class OpenAIBackend:
         else:
             path = "/chat/completions"
             body["messages"] = [{"role": m["role"], "content": m["content"]} for m in messages]
-            if is_continuation(messages):
+            if continuation is not None:
                 body.update(CONTINUE_FIELDS)
+                echo = messages[-1]["content"] if continuation.echoes else ""
             if request.logprobs > 0:
                 body["logprobs"] = True
                 body["top_logprobs"] = request.logprobs
-        completion = self._stream(path, {**body, **self._sampling(request)}, request, on_text, cancel, deadline)
+        completion = self._stream(path, {**body, **self._sampling(request)}, request, on_text, cancel, deadline, echo)
         if completion.stop_unknown and (self.base_url, model) in _SENDS_STOPS:
             completion.stop_unknown = False
         if not completion.prompt_tokens:
@@ -290,17 +331,16 @@ class OpenAIBackend:
 
     # -- continuing an assistant message -------------------------------------------------------
 
-    def continues_messages(self, model: str, deadline: Deadline) -> bool:
-        """Whether the server continues a partial assistant message (probed once per process and server)."""
+    def continuation(self, model: str, deadline: Deadline) -> Continuation:
+        """What the server does with a partial assistant message (probed once per process and server)."""
         key = (self.base_url, model)
         with _PROBE_LOCK:
             if key not in _CONTINUES:
                 _CONTINUES[key] = self._probe(model, deadline)
-        return _CONTINUES[key][0]
+        return _CONTINUES[key]
 
-    def _probe(self, model: str, deadline: Deadline) -> tuple[bool, str]:
-        """Ask for one token after a new turn and after a one-letter partial reply (see the module docstring);
-        ``(continues, why not)``."""
+    def _probe(self, model: str, deadline: Deadline) -> Continuation:
+        """Ask for one token after a new turn and after a one-letter partial reply (see the module docstring)."""
         one = Request(max_tokens=1)
         body = {"model": model, **self._sampling(one), "stream": False}
         del body["stream_options"]  # not streamed: servers send usage with a whole reply, not all in streams
@@ -310,12 +350,13 @@ class OpenAIBackend:
             kept = self._stream("/chat/completions", partial, one, None, None, deadline)
         except HttpStatusError as error:
             if 400 <= error.status < 500 and not isinstance(error, ContextFullError):
-                return False, f"HTTP {error.status} to continue_final_message"
+                return Continuation(False, f"HTTP {error.status} to continue_final_message")
             raise
         fresh = self._stream("/chat/completions", {**body, "messages": user}, one, None, None, deadline)
         if kept.prompt_tokens and fresh.prompt_tokens and kept.prompt_tokens - fresh.prompt_tokens > 1:
-            return False, "it ignores continue_final_message and starts a new reply"
-        return True, ""
+            return Continuation(False, "it ignores continue_final_message and starts a new reply")
+        # one token asked for: a reply that starts with the partial "A" repeats it (llama.cpp: "A dozen")
+        return Continuation(True, echoes=kept.text.startswith("A"))
 
     def chat_template(self, model: str) -> ChatTemplate:
         """The template to render continuations with; a one-line error naming what to pass when there is none."""
@@ -324,7 +365,7 @@ class OpenAIBackend:
                 sources = template_sources(self.tokenizer, [model, *self._served_paths(model)])
                 tokenizer = load_tokenizer(sources)
                 if tokenizer is None:
-                    why = _CONTINUES.get((self.base_url, model), (False, "it cannot"))[1]
+                    why = _CONTINUES.get((self.base_url, model), Continuation(False, "it cannot")).why_not
                     # the advice before the model's name: a long path is what one_line would cut
                     raise BackendError(
                         f"{self.base_url} cannot continue an assistant message ({why}); name the served model's "
@@ -351,11 +392,12 @@ class OpenAIBackend:
         on_text: TextCallback | None,
         cancel: threading.Event | None,
         deadline: Deadline,
+        echo: str = "",
     ) -> Completion:
         import httpx
 
         url = self.http.url(path)
-        state = _StreamState(request.stop, request.max_tokens, on_text)
+        state = _StreamState(request.stop, request.max_tokens, on_text, echo)
         with self.http.open("POST", path, body, deadline) as response:
             try:
                 for data in self._events(response, url, deadline):
@@ -404,8 +446,9 @@ class OpenAIBackend:
 class _StreamState:
     """Accumulates one streamed completion."""
 
-    def __init__(self, stop: Sequence[str], max_tokens: int, on_text: TextCallback | None) -> None:
+    def __init__(self, stop: Sequence[str], max_tokens: int, on_text: TextCallback | None, echo: str = "") -> None:
         self.stops = list(stop)
+        self.echo = EchoStripper(echo)
         self.max_tokens = max_tokens
         self.cutter = StreamCutter(stop, on_text)
         self.think = ThinkSplitter()
@@ -435,6 +478,7 @@ class _StreamState:
             delta = choice.get("delta") or choice.get("message") or {}
             thought = delta.get("reasoning_content") or delta.get("reasoning")
             content = delta.get("content") if "text" not in choice else choice.get("text")
+            content = self.echo.feed(content) if content else content
             if (thought or content) and self.pieces >= self.max_tokens:
                 self.finish = "length"  # the server ignores max_tokens: cut it here
                 return True
@@ -487,7 +531,7 @@ class _StreamState:
 
     def completion(self, where: str) -> Completion:
         if self.cutter.stop_string is None:
-            self._content(self.think.flush())
+            self._content(self.think.feed(self.echo.flush()) + self.think.flush())
         text = self.cutter.finish()
         unknown = False
         if self.cutter.stop_string is not None:
