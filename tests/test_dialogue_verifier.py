@@ -241,7 +241,7 @@ def test_a_first_solution_rejected_before_the_verifier_still_votes():
                            confidence={"mean": -0.01, "min": -0.01, "tokens": 5})
     check = critic.check(QUESTION, WRONG, options, round=2, judgement=judgement,
                          confidence={"mean": -0.6, "min": -0.6, "tokens": 5})
-    assert [a for a, _ in judgement.scored] == ["71", "35"]
+    assert [a for a, _, _ in judgement.scored] == ["71", "35"]
     assert check.verdict == "disagree" and check.answer == "71"
 
 
@@ -296,3 +296,24 @@ def test_the_samples_start_when_the_number_check_questions_and_decode_beside_the
     check = result.critic_turns[-1]
     assert check.verdict == "agree" and check.votes is None and result.agreed and result.answer == "71"
     assert [t.answer for t in result.turns if t.task == "sample"] == ["35"] * 3
+
+
+def test_the_solutions_the_number_check_finds_least_wrong_with_vote_first():
+    """The verifier is surer of the wrong 23 + 12 (0.6, it leaves 4 unused) than of the right 23 + 4 * 12 (0.3):
+    weighted, two wrong samples and the solver's kept answer outvote the one right sample; with the number
+    check on, only the solutions it finds nothing in vote, and 71 answers."""
+    class SureOfTheSlip(FakeModel):
+        def complete(self, messages, request=Request(), *, on_text=None, cancel=None) -> Completion:
+            done = super().complete(messages, request, on_text=on_text, cancel=cancel)
+            if messages[-1]["content"] == VERDICT_PREFIX:
+                p = 0.3 if "\\boxed{71}" in messages[1]["content"] else 0.6
+                done.top_logprobs = [{" AG": math.log(p), " DIS": math.log(1 - p)}]
+            return done
+
+    samples = (WRONG, RIGHT, WRONG)
+    checked = run_dialogue(QUESTION, SureOfTheSlip(samples=samples), config=replace(config(), number_check=True))
+    vote = next(t for t in checked.critic_turns if t.votes)
+    assert [(v["answer"], v["count"]) for v in vote.votes] == [("71", 1)] and checked.answer == "71"
+    unsure = config(max_rounds=1, verify_threshold=0.7)  # 0.6 would be agreed before any sample
+    unchecked = run_dialogue(QUESTION, SureOfTheSlip(samples=samples), config=unsure)
+    assert unchecked.critic_turns[0].votes[0]["answer"] == "35" and unchecked.answer == "35"

@@ -38,7 +38,7 @@ from duet.agents.number_check import check_numbers, number_check_reason
 from duet.agents.protocol import AGREE, DISAGREE, Verdict, extract_final_answer, parse_verdict
 from duet.agents.transcript import Turn
 from duet.agents.turn import TurnOptions, end_turn, run_turn
-from duet.agents.verifier import VERDICT_PREFIX, Samples, Score, Verifier, weighted_vote
+from duet.agents.verifier import VERDICT_PREFIX, Ballot, Samples, Score, Verifier, doubts, verifier_vote
 from duet.answers import equivalent, majority
 from duet.prompts import Prompts, load_prompts
 
@@ -89,20 +89,16 @@ class OwnSolutions:
         return None
 
 
-# How much more weight another answer needs to overturn the solver's first one: a near tie of noisy scores is
-# no reason to change a right answer (on the dev and challenge splits, 0.1 kept every fix of 0 and broke none).
-VOTE_MARGIN = 0.1
-
-
 class Judgement:
     """The verifier's side of one dialogue: every solution it scored, and the solver's sampled alternatives
     (started the first time an answer scores below the threshold, then reused by every later check)."""
 
     def __init__(self, verifier: Verifier, solver: Backend, prompts: Prompts, question: str, options: TurnOptions,
-                 *, threshold: float, samples: int, temperature: float) -> None:
+                 *, threshold: float, samples: int, temperature: float, by_numbers: bool = False) -> None:
         self.verifier, self.solver, self.prompts, self.question = verifier, solver, prompts, question
         self.options, self.threshold, self.k, self.temperature = options, threshold, samples, temperature
-        self.scored: list[tuple[str, float]] = []  # (answer, P(correct)) of the solver's checked solutions
+        self.by_numbers = by_numbers  # the vote goes first to the solutions the number check finds least wrong with
+        self.scored: list[tuple[str, float, str]] = []  # (answer, P(correct), solution) of the solver's checked ones
         self.samples: Samples | None = None  # started by start() or by the first vote
         self.voted = False  # whether the samples vote: the verifier asked for them
         self.first: Turn | None = None  # the solver's first solution (the dialogue sets it)
@@ -126,17 +122,16 @@ class Judgement:
         return self.samples.results()
 
     def vote(self) -> tuple[str | None, list[dict]]:
-        """The verifier-weighted vote over the solver's scored answers and the sampled ones: the heaviest answer,
-        except that the solver's first answer stands unless another outweighs it by more than VOTE_MARGIN."""
-        pairs = list(self.scored)
+        """The verifier's vote (:func:`~duet.agents.verifier.verifier_vote`) over the solver's scored answers and,
+        once they vote, the sampled ones; with ``by_numbers`` the number check's doubts rank them first."""
+
+        def ballot(answer: str | None, p: float, solution: str) -> Ballot:
+            return Ballot(answer, p, doubts(self.question, solution) if self.by_numbers else 0.0)
+
+        ballots = [ballot(a, p, text) for a, p, text in self.scored]
         if self.voted and self.samples is not None:
-            pairs += [(t.answer, s.p) for t, s in self.samples.results() if t.answer is not None and s]
-        winner, votes = weighted_vote([a for a, _ in pairs], [p for _, p in pairs])
-        if winner is not None and self.scored and not equivalent(winner, first := self.scored[0][0]):
-            held = sum(g["weight"] for g in votes if equivalent(g["answer"], first))
-            if votes[0]["weight"] - held <= VOTE_MARGIN:
-                return first, votes
-        return winner, votes
+            ballots += [ballot(t.answer, s.p, t.text) for t, s in self.samples.results() if t.answer is not None and s]
+        return verifier_vote(ballots)
 
 
 class Critic:
@@ -227,14 +222,14 @@ class Critic:
             # (with the score of the context it was written in), so a wrong revision cannot outvote it unseen
             try:
                 judgement.scored.append((first.answer, self.verifier.score(
-                    question, first.text, options.cancel, confidence=first.confidence).p))
+                    question, first.text, options.cancel, confidence=first.confidence).p, first.text))
             except BackendError:
                 pass
         try:
             score = self.verifier.score(question, solution, options.cancel, confidence=confidence)
         except BackendError:
             return None
-        judgement.scored.append((claimed, score.p))
+        judgement.scored.append((claimed, score.p, solution))
         turn = Turn("critic", round_no, "verify", self.backend.name, messages, prompt_tokens=score.prompt_tokens,
                     seconds=score.seconds, score=score.to_dict())
         if score.p >= judgement.threshold and not judgement.doubted:

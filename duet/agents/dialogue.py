@@ -279,7 +279,7 @@ class _Run:
             if critic.verifier is not None:
                 self.judgement = Judgement(critic.verifier, solver.backend, self.d.prompts, self.question,
                                            self.options, threshold=cfg.verify_threshold, samples=cfg.samples,
-                                           temperature=cfg.sample_temperature)
+                                           temperature=cfg.sample_temperature, by_numbers=cfg.number_check)
         turn = self.add(solver.solve(self.question, self.options, round=1, budget=self.budget_left()))
         if self.judgement is not None:
             self.judgement.first = turn

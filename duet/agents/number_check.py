@@ -8,7 +8,8 @@ the solution's code blocks (with :mod:`ast`, so numbers inside strings and comme
 and finds:
 
 * *ungrounded* numbers: neither in the problem nor common constants;
-* *reused* numbers: ``a - a`` or ``a / a`` (always 0 or 1) where the problem gives ``a`` only once;
+* *reused* numbers: ``a - a`` or ``a / a`` (always 0 or 1) where the problem gives ``a`` only once, or a
+  given number used more times than the problem gives it (``29 * 29``);
 * when neither is found, *unused* numbers: numbers the problem writes in digits, or as cardinal words from
   two to ninety-nine (``eleven``, ``forty-three``), that no code block uses (a percentage counts as used in
   any of its forms). The message gives a word's value in digits, which a small solver can copy where it
@@ -165,7 +166,13 @@ def ungrounded_numbers(question: str, solution: str) -> list[Finding]:
 
 
 def reused_numbers(question: str, solution: str) -> list[Finding]:
-    """``a - a`` and ``a / a`` in the code (literal operands) where the problem gives ``a`` only once."""
+    """Numbers the code uses more often than the problem gives them: ``a - a`` or ``a / a`` (always 0 or 1)
+    where the problem gives ``a`` only once, and any given number written more times in one code block than
+    the problem writes it (``29 * 29`` for "2 students at each of 29 tables", ``11 * (6 + 11)`` for "6 pop and 5
+    country albums of 11 songs"): the slip of a solver that copies one number into another's place. On the
+    embedded model's own solutions a reused number marks a wrong answer in nearly every case (a square's side
+    times itself is the rare right solution it questions). Counted per block: a block that rewrites the code of
+    an earlier one does not reuse its numbers."""
     counts = Counter(value for value, _ in question_mentions(question))
     found: list[Finding] = []
     for block in find_code_blocks(solution):
@@ -173,6 +180,7 @@ def reused_numbers(question: str, solution: str) -> list[Finding]:
             tree = ast.parse(block.code)
         except SyntaxError:
             continue
+        degenerate: set[Fraction] = set()  # a - a, a / a: said as such, not again as a reused number
         for node in ast.walk(tree):
             if not (isinstance(node, ast.BinOp) and isinstance(node.op, (ast.Sub, ast.Div))):
                 continue
@@ -184,16 +192,26 @@ def reused_numbers(question: str, solution: str) -> list[Finding]:
             text = ast.get_source_segment(block.code, left) or repr(left.value)
             op = "-" if isinstance(node.op, ast.Sub) else "/"
             key = f"{text} {op} {text}"
-            if counts[value] < 2 and all(f.key != key for f in found):
+            if counts[value] < 2:
+                degenerate.add(value)
                 found.append(Finding(key, f"the code computes {key}, but the problem gives {text} only once"))
-    return found
+        uses = Counter(value for value, _ in code_numbers(block.code))
+        texts = {value: text for value, text in reversed(code_numbers(block.code))}  # first written form
+        for value, n in uses.items():
+            if counts[value] and n > counts[value] and value not in degenerate:
+                used = "twice" if n == 2 else f"{n} times"
+                given = "only once" if counts[value] == 1 else f"only {counts[value]} times"
+                found.append(Finding(f"{texts[value]} x{n}",
+                                     f"the code uses {texts[value]} {used}, but the problem gives it {given}"))
+    return list({f.key: f for f in found}.values())
 
 
 def number_features(question: str, solution: str) -> dict[str, float]:
     """The number check's findings as features of the verifier's head (``duet.agents.verifier``): whether the
-    code uses a number the problem does not give, how many given numbers it leaves unused, whether it computes
-    ``a - a`` or ``a / a``. On the embedded model's own solutions each one marks a wrong answer far more
-    often than a right one (an unused number can be a distractor, so it counts rather than vetoes)."""
+    code uses a number the problem does not give, how many given numbers it leaves unused, whether it uses a
+    given number more often than the problem does (``a - a``, ``29 * 29``). On the embedded model's own
+    solutions each one marks a wrong answer far more often than a right one (an unused number can be a
+    distractor, so it counts rather than vetoes)."""
     return {"ungrounded": float(bool(ungrounded_numbers(question, solution))),
             "unused": float(len(unused_numbers(question, solution))),
             "reused": float(bool(reused_numbers(question, solution)))}

@@ -12,7 +12,9 @@ mode                     what runs
 ``self-consistency@k``   k solver-only samples at ``--sc-temperature`` with distinct seeds; the answer is
                          the majority over equivalent answers (ties: the answer sampled first)
 ``verifier@k``           the greedy solution and k samples (at ``--sample-temperature``), every one scored
-                         by the critic's verifier; the answer is their verifier-weighted vote. The record
+                         by the critic's verifier; the answer is their vote as the dialogue takes it
+                         (``duet.agents.verifier.verifier_vote``: with the number check on, the
+                         solutions it doubts least vote, weighted by score). The record
                          also holds greedy's, the plain majority's and pass@k's outcomes, and greedy's
                          score: the ceiling and the parts of what the dialogue's verifier can buy
 =======================  ==========================================================================
@@ -37,8 +39,9 @@ from typing import Any
 from duet.agents.backends import Backend, BackendError
 from duet.agents.dialogue import DialogueConfig, run_dialogue
 from duet.agents.transcript import DialogueResult
-from duet.agents.verifier import Score, Verifier, weighted_vote
+from duet.agents.verifier import Ballot, Verifier, doubts, verifier_vote
 from duet.answers import equivalent, majority
+from duet.answers.numbers import numbers_as_digits
 from duet.app.errors import UsageProblem
 from duet.evaluation.datasets import Problem
 from duet.prompts import Prompts, no_code_prompts
@@ -176,31 +179,39 @@ def run_problem(problem: Problem, mode: Mode, ctx: Context) -> tuple[dict[str, A
         if result.stop_reason == "interrupted" or (ctx.cancel is not None and ctx.cancel.is_set()):
             raise Interrupted(problem.id)
         results.append(result)
-    scores = _scores(problem, results, ctx) if mode.verifying else None
-    record = _record(problem, mode, results, scores)
+    ballots = _scores(problem, results, ctx) if mode.verifying else None
+    record = _record(problem, mode, results, ballots)
     transcript = {"version": 1, "id": problem.id, "mode": mode.name, "question": problem.question,
                   "gold": problem.gold, "dialogues": [r.to_dict() for r in results]}
-    if scores is not None:
-        transcript["scores"] = [s.to_dict() if s else None for s in scores]
+    if ballots is not None:
+        transcript["scores"] = [{"p": round(b.p, 4), "method": b.method, "doubts": b.doubts} if b else None
+                                for b in ballots]
     return record, transcript
 
 
-def _scores(problem: Problem, results: list[DialogueResult], ctx: Context) -> list[Score | None]:
-    """The critic's verifier score of each solution (None: no answer, or the backend failed)."""
+def _scores(problem: Problem, results: list[DialogueResult], ctx: Context) -> list[Ballot | None]:
+    """The critic's verifier score of each solution as a ballot of the dialogue's vote, with the number check's
+    doubts when it is on (None: no answer, or the backend failed). The question is read as the dialogue read it."""
     verifier = Verifier(ctx.critic() or ctx.solver(), ctx.prompts)
-    scores: list[Score | None] = []
+    question = numbers_as_digits(problem.question) if ctx.config.numbers_as_digits else problem.question
+    ballots: list[Ballot | None] = []
     for r in results:
         turn = r.solver_turns[-1] if r.solver_turns else None
+        if not (turn and r.answer):
+            ballots.append(None)
+            continue
         try:
-            scores.append(verifier.score(problem.question, turn.text, ctx.cancel, confidence=turn.confidence)
-                          if turn and r.answer else None)
+            score = verifier.score(question, turn.text, ctx.cancel, confidence=turn.confidence)
         except BackendError:
-            scores.append(None)
-    return scores
+            ballots.append(None)
+            continue
+        ballots.append(Ballot(r.answer, score.p, doubts(question, turn.text) if ctx.config.number_check else 0.0,
+                              score.method))
+    return ballots
 
 
 def _record(problem: Problem, mode: Mode, results: list[DialogueResult],
-            scores: list[Score | None] | None = None) -> dict[str, Any]:
+            ballots: list[Ballot | None] | None = None) -> dict[str, Any]:
     tokens = {"prompt": sum(r.prompt_tokens for r in results),
               "completion": sum(r.completion_tokens for r in results)}
     record: dict[str, Any] = {"id": problem.id, "mode": mode.name, "question": problem.question, "gold": problem.gold}
@@ -219,16 +230,16 @@ def _record(problem: Problem, mode: Mode, results: list[DialogueResult],
                       stop_reason=stop, error=errors[0] if errors and prediction is None else None,
                       samples=answers, votes=[{"answer": v["answer"], "count": v["count"]} for v in votes])
     elif mode.verifying:
-        assert scores is not None
+        assert ballots is not None
         answers = [r.answer for r in results]
-        weights = [s.p if s else 0.0 for s in scores]
-        prediction, votes = weighted_vote(answers, weights)
+        weights = [b.p if b else 0.0 for b in ballots]
+        prediction, votes = verifier_vote([b or Ballot(None, 0.0) for b in ballots])
         right = [equivalent(a, problem.gold) for a in answers]
         record.update(prediction=prediction, agreed=None, rounds=1,
                       stop_reason="weighted_vote" if prediction is not None else "no_answer", error=None,
                       first_prediction=answers[0], first_correct=right[0],
-                      first_score=scores[0].p if scores[0] else None,
-                      score_method=next((s.method for s in scores if s), None),
+                      first_score=ballots[0].p if ballots[0] else None,
+                      score_method=next((b.method for b in ballots if b), None),
                       majority_correct=equivalent(majority(answers)[0], problem.gold),
                       pass_at_k=any(right[1:]), samples=[{"answer": a, "p": round(w, 4), "correct": c}
                                                          for a, w, c in zip(answers, weights, right, strict=True)],
