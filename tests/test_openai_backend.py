@@ -470,7 +470,7 @@ def completions_text(text: str) -> Responder:
     def respond(handler: BaseHTTPRequestHandler, body: dict[str, Any]) -> None:
         if handler.path.endswith("/completions") and "prompt" in body:
             chunks = [{"choices": [{"index": 0, "text": text, "finish_reason": None}]},
-                      {"choices": [{"index": 0, "text": "", "finish_reason": "stop"}]}]
+                      {"choices": [{"index": 0, "text": "", "finish_reason": "stop", "stop_reason": None}]}]
             return sse(handler, chunks)
         sse(handler, [content_chunk("new turn"), finish_chunk("stop")])
 
@@ -547,7 +547,9 @@ def test_a_stop_finish_that_does_not_say_which_stop(server):
     server.respond = lambda h, body: sse(h, [content_chunk("x\n```python\nx=1\n```\n"),
                                              finish_chunk("stop", says_which=False)])
     done = OpenAIBackend(server.url, "m").complete(USER, Request(stop=[STOP]))
-    assert (done.finish_reason, done.stop_string, done.stop_unknown) == ("eos", None, True)  # llama.cpp: unknown
+    # llama.cpp: unknown, so duet asked for what comes next (no stop string there: the end of the turn)
+    assert (done.finish_reason, done.stop_string, done.stop_unknown) == ("eos", None, False)
+    assert "stop" not in server.requests[-1]["body"] and server.requests[-1]["body"]["max_tokens"] == 16
     # llama-server -v: its own fields with the first chunk of the final reply, the stopping word among them
     verbose = {**content_chunk("x\n```python\nx=1\n```\n"), "__verbose": {"stop_type": "word", "stopping_word": STOP}}
     server.respond = lambda h, body: sse(h, [verbose, finish_chunk("stop", says_which=False)])
@@ -558,23 +560,54 @@ def test_a_stop_finish_that_does_not_say_which_stop(server):
     assert (done.finish_reason, done.stop_string, done.stop_unknown) == ("eos", None, False)
 
 
-def llama_cpp_responder(backend: ScriptedBackend) -> Responder:
-    """Serve like llama.cpp: the stop string stripped, the finish ``stop`` without saying which stop matched."""
+def llama_cpp_responder(reply: str) -> Responder:
+    """Serve like llama.cpp a model that always writes ``reply``: a partial reply is continued from where it stands
+    in it (and repeated first), the stop string is stripped and a ``stop`` finish does not say which stop matched
+    (at a stop string as at the end); a character counts as a token."""
 
     def respond(handler: BaseHTTPRequestHandler, body: dict[str, Any]) -> None:
-        done = backend.complete(body["messages"], Request(stop=body.get("stop", []), max_tokens=body["max_tokens"]))
-        sse(handler, [content_chunk(done.text), finish_chunk("stop", says_which=False)])
+        last = body["messages"][-1]
+        partial = last["content"] if last["role"] == "assistant" else ""
+        assert reply.startswith(partial), "the partial reply is not the model's own"
+        rest = reply[len(partial) :]
+        at = min([rest.find(stop) for stop in body.get("stop", []) if stop in rest] or [len(rest)])
+        text = rest[: min(at, body["max_tokens"])]
+        finish = "length" if body["max_tokens"] < at else "stop"
+        sse(handler, [content_chunk(partial), content_chunk(text), finish_chunk(finish, says_which=False)])
 
     return respond
+
+
+@pytest.mark.parametrize("reply, first, second", [
+    # the output fence right after the code: the stop string, though the server names none
+    ("Add.\n```python\nprint(2 + 2)\n```\n```output\n4\n```\nSo \\boxed{4}.", "stop", "eos"),
+    # the model's own end of turn after the output
+    ("Add.\n```python\nprint(2 + 2)\n```\n```output\n4\n```\n", "stop", "eos"),
+    # the output fence at once after an output (the model asks to run nothing): the stop string, as duet's runtime
+    ("Add.\n```python\nprint(2 + 2)\n```\n```output\n4\n```\n```output\n?", "stop", "stop"),
+])
+def test_an_unnamed_stop_is_resolved_by_asking_for_what_comes_next(server, reply, first, second):
+    server.continues = "prefills"  # llama.cpp
+    server.respond = llama_cpp_responder(reply)
+    backend, request = OpenAIBackend(server.url, "m"), Request(stop=[STOP], max_tokens=100)
+    done = backend.complete(USER, request)
+    assert (done.text, done.finish_reason, done.stop_unknown) == (reply[: reply.index(STOP)], first, False)
+    partial = [*USER, {"role": "assistant", "content": reply[: reply.index("```\n", reply.index(STOP)) + 4]}]
+    done = backend.complete(partial, request)
+    assert (done.finish_reason, done.stop_string, done.stop_unknown) == (second, STOP if second == "stop" else None,
+                                                                          False)
+    peeks = [r["body"] for r in server.served() if "stop" not in r["body"]]
+    assert len(peeks) == 2 and all(b["max_tokens"] == 16 for b in peeks)  # one follow-up for each unnamed stop
 
 
 def test_a_stripped_stop_string_still_runs_the_code(server):
     from duet.agents.dialogue import DialogueConfig, run_dialogue
 
-    # a \boxed guess before the code, and the output fence right after it (no closing fence): with the stop
-    # string stripped, the reply looks like the end of the turn; it is the model asking for the output
-    solver = "Maybe \\boxed{5}. Check:\n```python\nprint(2 + 2)\n```output\n?\n```\nSo \\boxed{4}."
-    server.respond = llama_cpp_responder(ScriptedBackend([solver]))
+    # a \boxed guess before the code, and the output fence right after it: with the stop string stripped, the
+    # reply looks like the end of the turn; it is the model asking for the output
+    solver = "Maybe \\boxed{5}. Check:\n```python\nprint(2 + 2)\n```\n```output\n4\n```\nSo \\boxed{4}."
+    server.continues = "prefills"
+    server.respond = llama_cpp_responder(solver)
     backend = OpenAIBackend(server.url, "m")
     result = run_dialogue("What is 2+2?", backend, config=DialogueConfig(max_tokens=200, critic=False, verify=False))
     assert [s.output for t in result.turns for s in t.steps] == ["4"]

@@ -36,9 +36,10 @@ Reading the stream (Server-Sent Events, ``data: {...}`` lines, ending with ``dat
 * Which stop string matched comes from vLLM's ``stop_reason``, SGLang's ``matched_stop`` or llama.cpp's
   ``stopping_word`` (in ``__verbose``, sent when ``llama-server`` runs with ``-v``). A ``stop`` finish from a
   server that has none of them (llama.cpp's OpenAI endpoints otherwise, which also strip the stop string) may be a
-  stop string or the end of the turn: ``finish_reason="eos"`` with ``stop_unknown=True``, which the tool
-  loop resolves by the protocol's rules; unless the server was seen to send a stop string in its text
-  (``transformers serve`` does not strip them): then it is the end of the turn.
+  stop string or the end of the turn, unless the server was seen to send a stop string in its text
+  (``transformers serve`` does not strip them): then it is the end of the turn. Otherwise duet asks the server
+  for the next few tokens without stop strings: the stop string is in that output or it is not
+  (:meth:`OpenAIBackend._resolve_stop`).
 * A stream that ends without a ``finish_reason`` (``[DONE]`` or not) is a truncated reply: an error.
 * Token counts come from the final ``usage`` chunk when the server sends one, else are estimated.
 
@@ -193,6 +194,8 @@ class OpenAIOptions:
 
 CONTINUE_FIELDS = {"continue_final_message": True, "add_generation_prompt": False}
 """vLLM's and SGLang's chat-template options that keep the last (assistant) message open."""
+STOP_PEEK_TOKENS = 16
+"""Tokens asked for after a reply that ended on an unnamed stop, to see whether a stop string comes next."""
 STOP_FIELDS = ("stop_reason", "matched_stop", "stopping_word")
 """The fields that name the stop string that matched: a finishing choice's (vLLM, SGLang), llama.cpp's own."""
 
@@ -292,10 +295,26 @@ class OpenAIBackend:
         completion = self._stream(path, {**body, **self._sampling(request)}, request, on_text, cancel, deadline, echo)
         if completion.stop_unknown and (self.base_url, model) in _SENDS_STOPS:
             completion.stop_unknown = False
+        if completion.stop_unknown:
+            self._resolve_stop(messages, request, completion)
         if not completion.prompt_tokens:
             completion.prompt_tokens = sum(len(m["content"]) for m in messages) // 4
         completion.seconds = time.perf_counter() - started
         return completion
+
+    def _resolve_stop(self, messages: Sequence[Message], request: Request, completion: Completion) -> None:
+        """A ``stop`` finish that did not say whether a stop string matched (llama.cpp strips it and names none):
+        ask again from where the reply ended, without stop strings, for a few tokens. The stop string at their
+        start is what ended the reply; nothing (the model's end of turn at once) or other text is the end of the
+        turn. Greedy replies are resolved exactly; sampled ones as the follow-up samples."""
+        history = list(messages[:-1]) if is_continuation(messages) else list(messages)
+        partial = messages[-1]["content"] if is_continuation(messages) else ""
+        peek = Request(max_tokens=STOP_PEEK_TOKENS, temperature=request.temperature, seed=request.seed)
+        after = self.complete([*history, {"role": "assistant", "content": partial + completion.text}], peek)
+        matched = next((stop for stop in request.stop if after.text.startswith(stop)), None)
+        completion.stop_unknown = False
+        if matched is not None:
+            completion.finish_reason, completion.stop_string = "stop", matched
 
     def _sampling(self, request: Request) -> dict[str, Any]:
         body: dict[str, Any] = {
