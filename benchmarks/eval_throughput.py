@@ -1,4 +1,5 @@
-"""What batching buys `duet eval`: problems per minute with `-j 16` against `-j 1`, solver-only and with the critic.
+"""What batching buys `duet eval`: problems per minute with `-j 16` against `-j 1`, solver-only and with the critic,
+and what the critic costs: its problems per minute against solver-only's at the same `-j`.
 
     python benchmarks/eval_throughput.py [--model DIR] [-n 48] [-j 16] [--repeats 1] [--json]
 
@@ -6,7 +7,7 @@ Each configuration is a real `duet eval` run (a child process, the embedded mode
 N MAWPS + ASDiv-A dev problems; problems per minute come from its summary (wall time from the first problem's
 start to the last one's end, so loading the model is not counted), with its prompt tokens and the prefix
 cache's share of them. The configurations run round-robin, `--repeats` times; the figures are medians and the
-ratios (`-j J` over `-j 1`, per mode) come from the same run.
+ratios (`-j J` over `-j 1` per mode, and with the critic over solver-only per `-j`) come from the same run.
 """
 
 from __future__ import annotations
@@ -58,18 +59,21 @@ def main(model: Path = typer.Option(None, help="A checkpoint directory (default:
         runs = measured[(mode, j)]
         ppm = statistics.median(r["problems_per_minute"] for r in runs)
         base = statistics.median(r["problems_per_minute"] for r in measured[(mode, 1)])
+        solo = statistics.median(r["problems_per_minute"] for r in measured[(MODES[0], j)])
         rows.append({"mode": mode, "jobs": j, "problems_per_minute": ppm, "vs_j1": ppm / base,
+                     "vs_solver_only": ppm / solo,
                      "accuracy": runs[0]["accuracy"], "prompt_tokens": runs[0]["prompt_tokens"],
                      "reused_share": runs[0]["reused_share"]})
     if as_json:
         print(json.dumps({"n": n, "repeats": repeats, "rows": rows}, indent=2))
         return
     print(f"duet eval on {n} dev problems, medians of {repeats}")
-    print(f"{'mode':<15}{'-j':>4}{'problems/min':>14}{'vs -j 1':>9}{'accuracy':>10}{'prompt tok':>12}{'reused':>8}")
+    print(f"{'mode':<15}{'-j':>4}{'problems/min':>14}{'vs -j 1':>9}{'vs solver':>11}{'accuracy':>10}"
+          f"{'prompt tok':>12}{'reused':>8}")
     for r in rows:
         reused = f"{r['reused_share']:.0%}" if r["reused_share"] is not None else "-"
         print(f"{r['mode']:<15}{r['jobs']:>4}{r['problems_per_minute']:>14.1f}{r['vs_j1']:>8.2f}x"
-              f"{r['accuracy']:>10.1%}{r['prompt_tokens']:>12,}{reused:>8}")
+              f"{r['vs_solver_only']:>10.0%}{r['accuracy']:>10.1%}{r['prompt_tokens']:>12,}{reused:>8}")
 
 
 if __name__ == "__main__":

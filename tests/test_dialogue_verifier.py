@@ -317,3 +317,30 @@ def test_the_solutions_the_number_check_finds_least_wrong_with_vote_first():
     unsure = config(max_rounds=1, verify_threshold=0.7)  # 0.6 would be agreed before any sample
     unchecked = run_dialogue(QUESTION, SureOfTheSlip(samples=samples), config=unsure)
     assert unchecked.critic_turns[0].votes[0]["answer"] == "35" and unchecked.answer == "35"
+
+
+def test_a_dialogue_the_number_check_questions_to_the_end_is_answered_by_the_samples_vote():
+    """Each solution of the solver uses a number the problem does not give, so the number check questions every
+    one and the dialogue ends at max_rounds without the verifier asking for a vote. The samples, started at the
+    first question, answer it (with the solver's first solution among the ballots), not its last slip."""
+    slips = iter(["28 + 12", "29 + 12", "30 + 12"])
+
+    class Slipping(FakeModel):
+        def complete(self, messages, request=Request(), *, on_text=None, cancel=None) -> Completion:
+            last = messages[-1]
+            if last["role"] == "user" and request.temperature == 0:  # the first solution and each revision
+                code = next(slips)
+                reply = WRONG.replace("23 + 12", code).replace("35", str(eval(code)))
+                head, _, _ = reply.partition("```output")
+                return Completion(head, finish_reason="stop", stop_string="```output")
+            if last["role"] == "assistant" and last["content"].startswith("Add them."):
+                answer = last["content"].split("```output\n")[1].split("\n")[0]
+                return Completion(f"\nSo \\boxed{{{answer}}}.", finish_reason="eos")
+            return super().complete(messages, request, on_text=on_text, cancel=cancel)
+
+    result = run_dialogue(QUESTION, Slipping(samples=(RIGHT, RIGHT, WRONG)),
+                          config=replace(config(), number_check=True, max_rounds=2))
+    assert [t.task for t in result.turns if t.task != "sample"] == ["solve", "number_check", "revise", "number_check"]
+    revision = next(t for t in result.turns if t.task == "revise")
+    assert result.stop_reason == "max_rounds" and revision.answer == "41"
+    assert result.answer == "71" and [t.answer for t in result.turns if t.task == "sample"] == ["71", "71", "35"]

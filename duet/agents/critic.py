@@ -121,6 +121,27 @@ class Judgement:
         self.voted = True
         return self.samples.results()
 
+    def score_first(self) -> None:
+        """Score the solver's first solution if no check has scored a solution yet: rejected by a model-free check
+        before the verifier saw it, it still votes (with the score of the context it was written in), so a wrong
+        revision cannot outvote it unseen."""
+        first = self.first
+        if self.scored or first is None or first.answer is None:
+            return
+        try:
+            p = self.verifier.score(self.question, first.text, self.options.cancel, confidence=first.confidence).p
+        except BackendError:
+            return
+        self.scored.append((first.answer, p, first.text))
+
+    def final_vote(self) -> str | None:
+        """The answer of a dialogue that ended without agreement once samples were drawn (they were started when a
+        model-free check questioned the solver, whether or not a check asked for them since): the vote over them
+        and the solver's scored solutions, its first one included."""
+        self.score_first()
+        self.sampled()
+        return self.vote()[0]
+
     def vote(self) -> tuple[str | None, list[dict]]:
         """The verifier's vote (:func:`~duet.agents.verifier.verifier_vote`) over the solver's scored answers and,
         once they vote, the sampled ones; with ``by_numbers`` the number check's doubts rank them first."""
@@ -216,15 +237,8 @@ class Critic:
             # a revision after the vote: the solver wrote it having been shown a solution, so its confidence
             # says how well it copied, not whether it is right; the vote over first solutions decides
             return self._by_vote(judgement, messages, claimed, round_no)
-        first = judgement.first
-        if not judgement.scored and first is not None and first.answer is not None and first.text != solution:
-            # the first solution was rejected by a model-free check before the verifier saw it: it still votes
-            # (with the score of the context it was written in), so a wrong revision cannot outvote it unseen
-            try:
-                judgement.scored.append((first.answer, self.verifier.score(
-                    question, first.text, options.cancel, confidence=first.confidence).p, first.text))
-            except BackendError:
-                pass
+        if judgement.first is not None and judgement.first.text != solution:
+            judgement.score_first()
         try:
             score = self.verifier.score(question, solution, options.cancel, confidence=confidence)
         except BackendError:

@@ -31,7 +31,8 @@ the verifier scores them, and the answers vote weighted by score: when another a
 disagrees and shows that answer's best-scored solution, which the solver's revision can follow. The
 samples are recorded in the transcript (``task="sample"``) with their scores; the critic's turn holds its
 score and the vote. They start as soon as a model-free check questions a solution, so that they decode beside
-the solver's revision, but vote only when the verifier asks for them.
+the solver's revision; they vote when the verifier asks for them, or at the end of a dialogue that ended
+without agreement.
 
 The final answer is the agreed answer; without agreement, the verifier-weighted vote when samples were
 drawn, else the solver's last answer (from its latest turn that gave one), or None. When the critic
@@ -243,10 +244,9 @@ class _Run:
         if self.own is not None and self.own.started:  # ended before any check: wait for what is running
             self.record_own_solutions()
         if self.judgement is not None and self.judgement.samples is not None:  # started: they ran, they are recorded
+            if not agreed and stop not in FAILURES:  # without agreement, the verifier's vote answers
+                self.answer = self.judgement.final_vote() or self.answer
             self.turns.extend(t for t, _ in self.judgement.samples.results())
-            if self.judgement.voted and not agreed and stop not in FAILURES:  # the weighted vote answers
-                winner, _ = self.judgement.vote()
-                self.answer = winner or self.answer
         if stop in ("max_rounds", "no_critic") and self.answer is None:
             stop = "no_answer"
         cfg = self.d.config
