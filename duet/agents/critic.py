@@ -91,7 +91,8 @@ class OwnSolutions:
 
 class Judgement:
     """The verifier's side of one dialogue: every solution it scored, and the solver's sampled alternatives
-    (started the first time an answer scores below the threshold, then reused by every later check)."""
+    (started when a model-free check questions the solver or an answer scores below the threshold, whichever comes
+    first, then reused by every later check and by the vote that answers a dialogue ending without agreement)."""
 
     def __init__(self, verifier: Verifier, solver: Backend, prompts: Prompts, question: str, options: TurnOptions,
                  *, threshold: float, samples: int, temperature: float, by_numbers: bool = False) -> None:
@@ -108,8 +109,9 @@ class Judgement:
 
     def start(self) -> None:
         """Start the samples without waiting for them. On a backend that serves requests together they decode
-        beside the solver's revision instead of after it (a dialogue's turns are sequential, the batch is not);
-        they vote only if the verifier later asks for them, so starting early changes no answer."""
+        beside the solver's revision instead of after it (a dialogue's turns are sequential, the batch is not).
+        They vote when a check asks for them (:meth:`sampled`) or when the dialogue ends without agreement
+        (:meth:`final_vote`); a revision the verifier agrees with first leaves them unused."""
         if self.samples is None and self.k > 0:
             self.samples = Samples(self.solver, self.verifier, self.prompts, self.question, self.options, self.k,
                                    self.temperature)

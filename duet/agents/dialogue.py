@@ -226,7 +226,7 @@ class _Run:
 
     def unjudged(self, turn: Turn) -> bool:
         """Whether a repeated solution still has the verifier's vote to come: the solver kept a solution that a
-        model-free check (the number check) questioned, and no alternatives were sampled yet. The check does not
+        model-free check (the number check) questioned, and the samples have not voted yet. The check does not
         question the same numbers twice, so the samples vote on it, whatever its score; stopping there would leave
         the questioned answer standing unjudged."""
         return (self.judgement is not None and not self.judgement.voted and turn.answer is not None

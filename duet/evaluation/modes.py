@@ -179,7 +179,7 @@ def run_problem(problem: Problem, mode: Mode, ctx: Context) -> tuple[dict[str, A
         if result.stop_reason == "interrupted" or (ctx.cancel is not None and ctx.cancel.is_set()):
             raise Interrupted(problem.id)
         results.append(result)
-    ballots = _scores(problem, results, ctx) if mode.verifying else None
+    ballots = _ballots(problem, results, ctx) if mode.verifying else None
     record = _record(problem, mode, results, ballots)
     transcript = {"version": 1, "id": problem.id, "mode": mode.name, "question": problem.question,
                   "gold": problem.gold, "dialogues": [r.to_dict() for r in results]}
@@ -189,7 +189,7 @@ def run_problem(problem: Problem, mode: Mode, ctx: Context) -> tuple[dict[str, A
     return record, transcript
 
 
-def _scores(problem: Problem, results: list[DialogueResult], ctx: Context) -> list[Ballot | None]:
+def _ballots(problem: Problem, results: list[DialogueResult], ctx: Context) -> list[Ballot | None]:
     """The critic's verifier score of each solution as a ballot of the dialogue's vote, with the number check's
     doubts when it is on (None: no answer, or the backend failed). The question is read as the dialogue read it."""
     verifier = Verifier(ctx.critic() or ctx.solver(), ctx.prompts)
