@@ -14,10 +14,12 @@ import pytest
 
 from duet.agents.backends import BackendError, Completion, Request
 from duet.agents.dialogue import DialogueConfig, run_dialogue
+from duet.agents.transcript import DialogueResult
 from duet.agents.verifier import VERDICT_PREFIX, ConfidenceHead, weighted_vote
 from duet.evaluation.datasets import Problem
 from duet.evaluation.modes import Context, parse_mode, run_problem
 from duet.prompts import load_prompts
+from duet.ui.render import summary_line
 
 QUESTION = "A baker has 23 loaves and bakes 4 trays of 12 more. How many loaves does he have?"
 RIGHT = "Multiply, then add.\n```python\nprint(23 + 4 * 12)\n```\n```output\n71\n```\nSo \\boxed{71}."
@@ -66,7 +68,7 @@ def config(**kw) -> DialogueConfig:
 def test_a_right_answer_scoring_high_is_agreed_at_once_without_samples():
     model = FakeModel(greedy=RIGHT)
     result = run_dialogue(QUESTION, model, config=config())
-    assert result.agreed and result.answer == "71" and result.rounds == 1
+    assert result.agreed and result.answer == "71" and result.rounds == 1 and result.answered_by == "agreed"
     (check,) = result.critic_turns
     assert check.task == "verify" and check.score == {"p": 0.9, "method": "logprobs"} and check.votes is None
     assert model.verdicts == 1 and not [t for t in result.turns if t.task == "sample"]
@@ -344,3 +346,5 @@ def test_a_dialogue_the_number_check_questions_to_the_end_is_answered_by_the_sam
     revision = next(t for t in result.turns if t.task == "revise")
     assert result.stop_reason == "max_rounds" and revision.answer == "41"
     assert result.answer == "71" and [t.answer for t in result.turns if t.task == "sample"] == ["71", "71", "35"]
+    assert result.answered_by == "vote" and "agreed: no · answer: the samples' vote · 2 rounds" in summary_line(result)
+    assert DialogueResult.from_json(result.to_json()).answered_by == "vote"

@@ -243,9 +243,12 @@ class _Run:
         stop, agreed, rounds = self.loop()
         if self.own is not None and self.own.started:  # ended before any check: wait for what is running
             self.record_own_solutions()
+        answered_by = "agreed" if agreed else "solver"
         if self.judgement is not None and self.judgement.samples is not None:  # started: they ran, they are recorded
             if not agreed and stop not in FAILURES:  # without agreement, the verifier's vote answers
-                self.answer = self.judgement.final_vote() or self.answer
+                voted = self.judgement.final_vote()
+                if voted is not None:
+                    self.answer, answered_by = voted, "vote"
             self.turns.extend(t for t, _ in self.judgement.samples.results())
         if stop in ("max_rounds", "no_critic") and self.answer is None:
             stop = "no_answer"
@@ -264,6 +267,7 @@ class _Run:
             completion_tokens=sum(t.completion_tokens for t in self.turns),
             seconds=time.perf_counter() - self.started,
             config=cfg.to_dict(),
+            answered_by=answered_by if self.answer is not None else None,
         )
         Emitter(self.options.on_event, "dialogue", rounds)(
             "done", stop, answer=result.answer, agreed=agreed, rounds=rounds, error=self.error

@@ -74,9 +74,11 @@ class Turn:
 class DialogueResult:
     """The outcome of a dialogue.
 
-    ``answer`` is the agreed answer; when they never agree, the solver's last answer (the latest
-    solver turn that gave one), or None. ``rounds`` counts solver turns. ``stop_reason`` is one of
-    :data:`duet.agents.dialogue.STOP_REASONS`; ``error`` is a one-line message when it is an error.
+    ``answer`` is the agreed answer; when they never agree, the verifier's vote when the solver's samples
+    were drawn, else the solver's last answer (the latest solver turn that gave one), or None;
+    ``answered_by`` says which: "agreed", "vote", "solver" (None without an answer). ``rounds`` counts solver
+    turns. ``stop_reason`` is one of :data:`duet.agents.dialogue.STOP_REASONS`; ``error`` is a one-line message
+    when it is an error.
     """
 
     question: str
@@ -92,6 +94,7 @@ class DialogueResult:
     completion_tokens: int = 0
     seconds: float = 0.0
     config: dict[str, Any] = field(default_factory=dict)
+    answered_by: str | None = None
 
     @property
     def solver_turns(self) -> list[Turn]:

@@ -42,6 +42,8 @@ def summary_line(result: Any, critic: bool = True) -> str:
         agreed = "critic: off"
     else:
         agreed = "agreed: " + ("yes" if result.agreed else "no")
+        if result.answered_by == "vote":
+            agreed += " · answer: the samples' vote"
     rounds = f"{result.rounds} round" + ("" if result.rounds == 1 else "s")
     tokens = f"{result.completion_tokens} tokens"
     return f"{agreed} · {rounds} · stop: {result.stop_reason} · {tokens} · {result.seconds:.1f} s"
