@@ -300,18 +300,21 @@ def test_the_samples_start_when_the_number_check_questions_and_decode_beside_the
     assert [t.answer for t in result.turns if t.task == "sample"] == ["35"] * 3
 
 
+class SureOfTheSlip(FakeModel):
+    """FakeModel whose verifier is surer of the wrong 35 (0.6) than of the right 71 (0.3)."""
+
+    def complete(self, messages, request=Request(), *, on_text=None, cancel=None) -> Completion:
+        done = super().complete(messages, request, on_text=on_text, cancel=cancel)
+        if messages[-1]["content"] == VERDICT_PREFIX:
+            p = 0.3 if "\\boxed{71}" in messages[1]["content"] else 0.6
+            done.top_logprobs = [{" AG": math.log(p), " DIS": math.log(1 - p)}]
+        return done
+
+
 def test_the_solutions_the_number_check_finds_least_wrong_with_vote_first():
     """The verifier is surer of the wrong 23 + 12 (0.6, it leaves 4 unused) than of the right 23 + 4 * 12 (0.3):
     weighted, two wrong samples and the solver's kept answer outvote the one right sample; with the number
     check on, only the solutions it finds nothing in vote, and 71 answers."""
-    class SureOfTheSlip(FakeModel):
-        def complete(self, messages, request=Request(), *, on_text=None, cancel=None) -> Completion:
-            done = super().complete(messages, request, on_text=on_text, cancel=cancel)
-            if messages[-1]["content"] == VERDICT_PREFIX:
-                p = 0.3 if "\\boxed{71}" in messages[1]["content"] else 0.6
-                done.top_logprobs = [{" AG": math.log(p), " DIS": math.log(1 - p)}]
-            return done
-
     samples = (WRONG, RIGHT, WRONG)
     checked = run_dialogue(QUESTION, SureOfTheSlip(samples=samples), config=replace(config(), number_check=True))
     vote = next(t for t in checked.critic_turns if t.votes)
@@ -348,3 +351,26 @@ def test_a_dialogue_the_number_check_questions_to_the_end_is_answered_by_the_sam
     assert result.answer == "71" and [t.answer for t in result.turns if t.task == "sample"] == ["71", "71", "35"]
     assert result.answered_by == "vote" and "agreed: no · answer: the samples' vote · 2 rounds" in summary_line(result)
     assert DialogueResult.from_json(result.to_json()).answered_by == "vote"
+
+
+def test_eval_verifier_at_k_takes_the_dialogues_vote_with_the_number_checks_doubts():
+    """verifier@1 on a model surer of the slip (35: 0.6, it leaves 4 unused) than of the right sample (71: 0.3):
+    with the number check on, as the dialogue votes, the sample the check finds nothing in answers."""
+    class OneSample(SureOfTheSlip):
+        def complete(self, messages, request=Request(), *, on_text=None, cancel=None) -> Completion:
+            if request.temperature > 0 and messages[-1]["role"] == "user":  # the eval derives its own seeds
+                request = Request(stop=request.stop, max_tokens=request.max_tokens, temperature=request.temperature,
+                                  seed=self.seed + 1)
+            return super().complete(messages, request, on_text=on_text, cancel=cancel)
+
+    def run(number_check: bool) -> tuple[dict, dict]:
+        model = OneSample(samples=(RIGHT,))
+        ctx = Context(solver=lambda: model, critic=lambda: None, config=replace(config(), number_check=number_check),
+                      prompts=load_prompts(), seed=0)
+        return run_problem(Problem("p1", QUESTION, "71", 1), parse_mode("verifier@1"), ctx)
+
+    record, transcript = run(True)
+    assert record["prediction"] == "71" and record["correct"] and record["first_prediction"] == "35"
+    assert [s["doubts"] for s in transcript["scores"]] == [1.0, 0.0]
+    plain, _ = run(False)
+    assert plain["prediction"] == "35"  # weighted alone: 0.6 against 0.3
