@@ -3,6 +3,7 @@ against the local runtime, disconnects, auth, the full queue, limits, a replayed
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import re
@@ -380,3 +381,27 @@ def test_duet_solver_only_streams_the_steps_as_they_happen(embedded):
     assert events[0] == "turn_start" and "code" in events and events[-1] == "done"
     assert content.startswith("The answer is 8.") and "solver only" in content
     assert chunks[-1].model_extra["duet_transcript"]["stop_reason"] == "no_critic"
+
+
+def test_a_generation_cancelled_before_a_worker_takes_it_gives_its_slot_back(engine):
+    """The client left at once: the request's task is cancelled while its job still waits for a worker. The job
+    never runs, so nothing else gives its slot back (it used to stay in flight for good)."""
+    service = Service(engine, "tiny", limits=Limits(max_queue=0))
+    release = threading.Event()
+    blockers = [service._pool.submit(release.wait) for _ in range(service.capacity)]  # every worker busy
+
+    async def leave_at_once() -> None:
+        ticket = service.reserve(1)
+        task = asyncio.ensure_future(service.generate(ticket, engine.encode("Tom has 12 apples."),
+                                                      [SamplingParams(max_new_tokens=4)], threading.Event()))
+        await asyncio.sleep(0.05)  # handed to the pool, no worker free
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        ticket.close()
+
+    asyncio.run(leave_at_once())
+    release.set()
+    for b in blockers:
+        b.result(timeout=10)
+    assert service.in_flight == 0

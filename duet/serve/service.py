@@ -155,7 +155,10 @@ class Service:
         futures = []
         for i, p in enumerate(params):
             ticket.start()
-            futures.append(loop.run_in_executor(self._pool, job, i, p))
+            handed = self._pool.submit(job, i, p)
+            # cancelled before a worker took it (the client left at once), the job never runs to give its slot back
+            handed.add_done_callback(lambda f: ticket.done() if f.cancelled() else None)
+            futures.append(asyncio.wrap_future(handed, loop=loop))
         try:
             return list(await asyncio.gather(*futures))
         except BaseException:  # a failure, or this task was cancelled (the client went away): stop the rest
