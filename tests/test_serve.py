@@ -221,7 +221,20 @@ def test_llm_cli_and_open_webui_request_shapes(served):
         assert any(c["choices"] and c["choices"][0]["finish_reason"] for c in chunks)
 
 
-def test_client_disconnect_cancels_generation(served):
+@pytest.fixture
+def slow_steps(engine, monkeypatch):
+    """Each decoding step of the engine takes 10 ms longer, so a 500-token generation outlasts the time the server
+    needs to see a client go away (the tiny model alone can finish it first, and then there is nothing to cancel)."""
+    step = engine._step
+
+    def slowed() -> None:
+        step()
+        time.sleep(0.01)
+
+    monkeypatch.setattr(engine, "_step", slowed)
+
+
+def test_client_disconnect_cancels_generation(served, slow_steps):
     service = served.service
     before = service.metrics.cancelled
     body = {"model": "tiny", "messages": MESSAGES, "max_tokens": 500, "stream": True, "ignore_eos": True}
@@ -237,7 +250,7 @@ def test_client_disconnect_cancels_generation(served):
     assert service.metrics.completion_tokens < 10_000  # nowhere near 500 tokens per request so far
 
 
-def test_non_streaming_disconnect_cancels_too(served):
+def test_non_streaming_disconnect_cancels_too(served, slow_steps):
     service = served.service
     before = service.metrics.cancelled
     body = {"model": "tiny", "messages": MESSAGES, "max_tokens": 500, "ignore_eos": True}
